@@ -1,0 +1,229 @@
+//! A chain of layers linked by `parentFileNameHint` + `parentCID`, read as one disk.
+//!
+//! Unallocated ranges fall through to the parent; zeroed grains read as zeros and hide
+//! it. The chain is opened top-down with a depth cap, loop detection by file identity
+//! (device + inode, before following any parent) and a CID check per link.
+
+use std::ops::Range;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::disk::{Alloc, Run, VirtualDisk};
+use crate::error::{Error, Result};
+use crate::image::{push_unallocated, resolve_name, Layer, OpenOptions};
+
+/// Deepest chain we open (ESXi allows 32 snapshots per disk; REDO chains are shorter).
+pub const MAX_CHAIN_DEPTH: usize = 255;
+
+/// An opened chain: `layers[0]` is the top (the file named), the last is the base.
+#[derive(Debug)]
+pub struct Chain {
+    /// Layers, top first.
+    pub layers: Vec<Layer>,
+    /// Warnings raised while opening (CID mismatches accepted with `ignore_cid`...).
+    pub warnings: Vec<String>,
+}
+
+fn file_id(path: &Path) -> Result<(u64, u64)> {
+    let m = std::fs::metadata(path).map_err(|e| Error::io("stat", path, 0, e))?;
+    Ok((m.dev(), m.ino()))
+}
+
+impl Chain {
+    /// Open `path` and every parent below it.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Chain> {
+        let mut layers: Vec<Layer> = Vec::new();
+        let mut seen: Vec<((u64, u64), PathBuf)> = Vec::new();
+        let mut warnings = Vec::new();
+        let mut next = path.to_path_buf();
+        loop {
+            let id = file_id(&next)?;
+            if let Some((_, first)) = seen.iter().find(|(i, _)| *i == id) {
+                let names: Vec<String> = seen
+                    .iter()
+                    .map(|(_, p)| format!("`{}`", p.display()))
+                    .collect();
+                return Err(Error::chain(
+                    &next,
+                    format!(
+                        "parent loop: `{}` is already in the chain ({} -> `{}`)",
+                        first.display(),
+                        names.join(" -> "),
+                        next.display()
+                    ),
+                ));
+            }
+            if layers.len() >= MAX_CHAIN_DEPTH {
+                return Err(Error::chain(
+                    &next,
+                    format!("chain deeper than {MAX_CHAIN_DEPTH} layers"),
+                ));
+            }
+            seen.push((id, next.clone()));
+            let layer = Layer::open(&next, opts)?;
+            let parent = match layer.parent_hint() {
+                Some(hint) => {
+                    let dir = match layer.path.parent() {
+                        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                        _ => PathBuf::from("."),
+                    };
+                    let mut notes = Vec::new();
+                    let p = resolve_name(&dir, hint, false, "parent", &layer.path, &mut notes)?;
+                    if !p.exists() {
+                        return Err(Error::chain(
+                            &layer.path,
+                            format!(
+                                "parent `{hint}` not found (looked for `{}` in `{}`)",
+                                p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+                                dir.display()
+                            ),
+                        ));
+                    }
+                    warnings.extend(notes);
+                    Some(p)
+                }
+                None => None,
+            };
+            let child_parent_cid = layer.descriptor.parent_cid();
+            layers.push(layer);
+            let Some(p) = parent else { break };
+            // Check the link once the parent is open.
+            next = p;
+            let _ = child_parent_cid;
+        }
+        // CID checks, child against parent.
+        for w in layers.windows(2) {
+            let (child, parent) = (&w[0], &w[1]);
+            let want = child.descriptor.parent_cid();
+            let have = parent.cid();
+            if want != have {
+                let msg = format!(
+                    "parentCID {} does not match the CID {} of parent `{}`: the parent changed after this child was made",
+                    fmt_cid(want),
+                    fmt_cid(have),
+                    parent.path.display()
+                );
+                if opts.ignore_cid {
+                    warnings.push(format!("`{}`: {msg} (reading anyway: --ignore-cid)", child.path.display()));
+                } else {
+                    return Err(Error::chain(&child.path, format!("{msg} (use --ignore-cid to read anyway)")));
+                }
+            }
+            if child.capacity != parent.capacity {
+                warnings.push(format!(
+                    "`{}` is {} bytes but its parent `{}` is {} bytes",
+                    child.path.display(),
+                    child.capacity,
+                    parent.path.display(),
+                    parent.capacity
+                ));
+            }
+        }
+        Ok(Chain { layers, warnings })
+    }
+
+    /// The top layer.
+    pub fn top(&self) -> &Layer {
+        &self.layers[0]
+    }
+
+    /// The base layer.
+    pub fn base(&self) -> &Layer {
+        self.layers.last().expect("a chain has a layer")
+    }
+
+    fn map_from(&self, depth: usize, range: Range<u64>, out: &mut Vec<Run>) -> Result<()> {
+        let layer = &self.layers[depth];
+        let last = depth + 1 == self.layers.len();
+        let base_depth = (self.layers.len() - 1) as u32;
+        let mut runs = Vec::new();
+        layer.map_into(range.clone(), &mut runs)?;
+        let mut pos = range.start;
+        for r in runs {
+            if r.alloc == Alloc::Unallocated {
+                if last {
+                    push_unallocated(out, r.start, r.len, base_depth);
+                } else {
+                    self.map_from(depth + 1, r.start..r.end(), out)?;
+                }
+            } else {
+                crate::disk::push_run(out, Run { depth: depth as u32, ..r });
+            }
+            pos = r.end();
+        }
+        if pos < range.end {
+            // Past this layer's capacity: nothing here.
+            if last {
+                push_unallocated(out, pos, range.end - pos, base_depth);
+            } else {
+                self.map_from(depth + 1, pos..range.end, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_from(&self, depth: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        let layer = &self.layers[depth];
+        let end = offset + buf.len() as u64;
+        let mut runs = Vec::new();
+        layer.map_into(offset..end, &mut runs)?;
+        let mut pos = offset;
+        let last = depth + 1 == self.layers.len();
+        for r in &runs {
+            let sub = &mut buf[(r.start - offset) as usize..(r.end() - offset) as usize];
+            if r.alloc == Alloc::Unallocated && !last {
+                self.read_from(depth + 1, sub, r.start)?;
+            } else {
+                layer.read_run(r, sub)?;
+            }
+            pos = r.end();
+        }
+        if pos < end {
+            let sub = &mut buf[(pos - offset) as usize..];
+            if last {
+                sub.fill(0);
+            } else {
+                self.read_from(depth + 1, sub, pos)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fmt_cid(c: Option<u32>) -> String {
+    c.map_or("(none)".to_string(), |c| format!("{c:08x}"))
+}
+
+impl VirtualDisk for Chain {
+    fn capacity(&self) -> u64 {
+        self.top().capacity
+    }
+
+    fn granularity(&self) -> u64 {
+        self.layers.iter().map(|l| l.grain_bytes()).max().unwrap_or(512)
+    }
+
+    fn map(&self, range: Range<u64>) -> Result<Vec<Run>> {
+        let end = range.end.min(self.capacity());
+        let mut out = Vec::new();
+        if range.start < end {
+            self.map_from(0, range.start..end, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.capacity())
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "read of {} bytes at {offset:#x} is past the disk's capacity {:#x}",
+                    buf.len(),
+                    self.capacity()
+                ))
+            })?;
+        let _ = end;
+        self.read_from(0, buf, offset)
+    }
+}

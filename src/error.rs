@@ -1,0 +1,152 @@
+//! Error type of the library.
+//!
+//! Every error names the file it is about and, where there is one, the byte offset
+//! (or descriptor line) and what is wrong. The cause of an I/O failure sits in
+//! `#[source]`, not in the message, so `anyhow`'s `{:#}` prints it once.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A broad classification of errors, stable for callers and exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// An operating-system I/O call failed.
+    Io,
+    /// A file's bytes contradict its format.
+    Corrupt,
+    /// A descriptor line could not be parsed or is ambiguous.
+    Descriptor,
+    /// A parent/child link is broken (missing parent, CID mismatch, loop, depth).
+    Chain,
+    /// The file is valid but uses something vmdkit does not support.
+    Unsupported,
+    /// The caller asked for something impossible (bad argument, out of range).
+    InvalidInput,
+    /// An output already exists and `--force` was not given.
+    AlreadyExists,
+}
+
+/// The library's error type.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O call failed.
+    #[error("failed to {op} `{}` at offset {offset:#x}", .path.display())]
+    Io {
+        /// What was being done ("read", "open", "write"...).
+        op: &'static str,
+        /// The file concerned.
+        path: PathBuf,
+        /// Byte offset in that file (0 when not meaningful).
+        offset: u64,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Bytes in a file contradict its format.
+    #[error("`{}`: {what} (at byte offset {offset:#x})", .path.display())]
+    Corrupt {
+        /// The file concerned.
+        path: PathBuf,
+        /// Byte offset of the bad field.
+        offset: u64,
+        /// What is wrong, with the value and the limit.
+        what: String,
+    },
+    /// A descriptor line is bad.
+    #[error("`{}` line {line}: {what}", .path.display())]
+    Descriptor {
+        /// The descriptor file.
+        path: PathBuf,
+        /// 1-based line number (0 = the file as a whole).
+        line: usize,
+        /// What is wrong.
+        what: String,
+    },
+    /// A chain link is broken.
+    #[error("`{}`: {what}", .path.display())]
+    Chain {
+        /// The child whose link is broken.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// Valid but unsupported.
+    #[error("`{}`: unsupported: {what}", .path.display())]
+    Unsupported {
+        /// The file concerned.
+        path: PathBuf,
+        /// What is not supported.
+        what: String,
+    },
+    /// An argument is out of range or contradictory.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The output exists already.
+    #[error("`{}` already exists (use --force to overwrite)", .0.display())]
+    AlreadyExists(PathBuf),
+}
+
+impl Error {
+    /// The broad kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Io { .. } => ErrorKind::Io,
+            Error::Corrupt { .. } => ErrorKind::Corrupt,
+            Error::Descriptor { .. } => ErrorKind::Descriptor,
+            Error::Chain { .. } => ErrorKind::Chain,
+            Error::Unsupported { .. } => ErrorKind::Unsupported,
+            Error::InvalidInput(_) => ErrorKind::InvalidInput,
+            Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
+        }
+    }
+
+    /// The I/O error underneath, if this is one.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a broken pipe on output (the reader went away).
+    pub fn is_broken_pipe(&self) -> bool {
+        self.io_error()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    }
+
+    pub(crate) fn io(op: &'static str, path: &Path, offset: u64, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.to_path_buf(),
+            offset,
+            source,
+        }
+    }
+
+    pub(crate) fn corrupt(path: &Path, offset: u64, what: impl Into<String>) -> Self {
+        Error::Corrupt {
+            path: path.to_path_buf(),
+            offset,
+            what: what.into(),
+        }
+    }
+
+    pub(crate) fn chain(path: &Path, what: impl Into<String>) -> Self {
+        Error::Chain {
+            path: path.to_path_buf(),
+            what: what.into(),
+        }
+    }
+
+    pub(crate) fn unsupported(path: &Path, what: impl Into<String>) -> Self {
+        Error::Unsupported {
+            path: path.to_path_buf(),
+            what: what.into(),
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! On-disk formats: descriptors, hosted sparse and stream extents, flat extents.
+//!
+//! [`Extent`] is one extent of a layer; [`crate::image::Layer`] concatenates them.
+
+pub mod descriptor;
+pub mod sparse;
+
+use std::ops::Range;
+
+use crate::disk::{push_run, Alloc, Run};
+use crate::error::Result;
+use crate::io::Source;
+use sparse::SparseExtent;
+
+/// A flat extent: `len` bytes at `offset` in a file or device.
+#[derive(Debug)]
+pub struct FlatExtent {
+    /// The file or device.
+    pub src: Source,
+    /// Byte offset of the extent in the file.
+    pub offset: u64,
+    /// Virtual length in bytes.
+    pub len: u64,
+}
+
+impl FlatExtent {
+    fn map(&self, index: usize, rel: Range<u64>, base: u64, out: &mut Vec<Run>) {
+        let end = rel.end.min(self.len);
+        let mut pos = rel.start;
+        while pos < end {
+            let file_pos = self.offset + pos;
+            let (d0, d1) = match self.src.next_data(file_pos) {
+                Some((a, b)) => (a.saturating_sub(self.offset), b.saturating_sub(self.offset)),
+                None => (end, end),
+            };
+            let d0 = d0.clamp(pos, end);
+            let d1 = d1.clamp(d0, end);
+            if d0 > pos {
+                push_run(out, mk(base + pos, d0 - pos, Alloc::Hole { extent: index, offset: self.offset + pos }));
+            }
+            if d1 > d0 {
+                push_run(out, mk(base + d0, d1 - d0, Alloc::Data { extent: index, offset: self.offset + d0 }));
+            }
+            if d1 <= pos {
+                // No progress possible (cannot happen with a sane lseek): treat as data.
+                push_run(out, mk(base + pos, end - pos, Alloc::Data { extent: index, offset: self.offset + pos }));
+                break;
+            }
+            pos = d1;
+        }
+    }
+}
+
+fn mk(start: u64, len: u64, alloc: Alloc) -> Run {
+    Run { start, len, alloc, depth: 0 }
+}
+
+/// One extent of a layer.
+#[derive(Debug)]
+pub enum Extent {
+    /// Raw bytes in a file or device (FLAT, VMFS, VMFSRAW, VMFSRDM).
+    Flat(FlatExtent),
+    /// Hosted sparse or stream extent.
+    Sparse(Box<SparseExtent>),
+    /// Zeros, nothing stored (ZERO, NOACCESS).
+    Zero {
+        /// Virtual length in bytes.
+        len: u64,
+    },
+}
+
+impl Extent {
+    /// Virtual length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Extent::Flat(f) => f.len,
+            Extent::Sparse(s) => s.len(),
+            Extent::Zero { len } => *len,
+        }
+    }
+
+    /// Whether the extent covers no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Grain size in bytes (512 where there are no grains).
+    pub fn grain_bytes(&self) -> u64 {
+        match self {
+            Extent::Sparse(s) => s.grain_bytes(),
+            _ => 512,
+        }
+    }
+
+    /// The backing source, if any.
+    pub fn source(&self) -> Option<&Source> {
+        match self {
+            Extent::Flat(f) => Some(&f.src),
+            Extent::Sparse(s) => Some(s.source()),
+            Extent::Zero { .. } => None,
+        }
+    }
+
+    /// Runs of the extent-relative range `rel`, placed at `base + rel`.
+    pub fn map(&self, index: usize, rel: Range<u64>, base: u64, out: &mut Vec<Run>) -> Result<()> {
+        match self {
+            Extent::Flat(f) => {
+                f.map(index, rel, base, out);
+                Ok(())
+            }
+            Extent::Sparse(s) => s.map(index, rel, base, out),
+            Extent::Zero { len } => {
+                let end = rel.end.min(*len);
+                if end > rel.start {
+                    push_run(out, mk(base + rel.start, end - rel.start, Alloc::Zero));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Read bytes of a `Data` run at `file_offset`.
+    pub fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
+        match self {
+            Extent::Flat(f) => f.src.read_at_zero_fill(buf, file_offset).map(|_| ()),
+            Extent::Sparse(s) => s.read_data(buf, file_offset),
+            Extent::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Read part of a compressed grain: `rel` is the extent-relative offset of `buf[0]`.
+    pub fn read_compressed(&self, buf: &mut [u8], record: u64, rel: u64) -> Result<()> {
+        match self {
+            Extent::Sparse(s) => {
+                let gb = s.grain_bytes();
+                let gstart = rel / gb * gb;
+                let grain = s.read_grain(record, gstart)?;
+                let from = (rel - gstart) as usize;
+                let n = buf.len().min(grain.len().saturating_sub(from));
+                buf[..n].copy_from_slice(&grain[from..from + n]);
+                buf[n..].fill(0);
+                Ok(())
+            }
+            _ => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! One layer of a chain: a descriptor and its extents, opened for reading.
+//!
+//! A layer is opened from a text descriptor, or from a hosted sparse file (with its
+//! embedded descriptor, or without one: a split extent opened on its own).
+
+use std::fs;
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+
+use crate::disk::{push_run, Alloc, Run};
+use crate::error::{Error, Result};
+use crate::format::descriptor::{
+    Access, CreateType, Descriptor, ExtentLine, ExtentType, MAX_DESCRIPTOR_BYTES, NO_PARENT_CID,
+};
+use crate::format::sparse::{self, SparseExtent, SECTOR, SPARSE_MAGIC};
+use crate::format::{Extent, FlatExtent};
+use crate::io::{Source, SourceMode};
+
+/// An extent of a layer with its place in the virtual disk.
+#[derive(Debug)]
+pub struct ExtentSlot {
+    /// First virtual byte.
+    pub start: u64,
+    /// The descriptor line it came from.
+    pub line: ExtentLine,
+    /// The file opened for it (None for ZERO).
+    pub path: Option<PathBuf>,
+    /// The reader.
+    pub extent: Extent,
+}
+
+/// One opened layer.
+#[derive(Debug)]
+pub struct Layer {
+    /// The file the user (or the parent hint) named.
+    pub path: PathBuf,
+    /// Its descriptor (embedded or separate; synthesized for a bare sparse extent).
+    pub descriptor: Descriptor,
+    /// Whether the descriptor is embedded in a sparse extent.
+    pub embedded: bool,
+    /// The createType (canonical).
+    pub create_type: CreateType,
+    /// Extents in order.
+    pub extents: Vec<ExtentSlot>,
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Things a user should know (path fallbacks, size disagreements...).
+    pub notes: Vec<String>,
+}
+
+/// Options for opening disks.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// Read through a parent whose CID does not match the child's parentCID.
+    pub ignore_cid: bool,
+    /// How to read files.
+    pub mode: SourceMode,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            ignore_cid: false,
+            mode: SourceMode::Mmap,
+        }
+    }
+}
+
+/// Resolve a file name from a descriptor against `dir`.
+///
+/// `..` components are refused. An absolute path is used as is only for device-backed
+/// createTypes; otherwise (ESXi's `/vmfs/volumes/...` hints) the same base name in `dir`
+/// is used, and a note says so.
+pub fn resolve_name(
+    dir: &Path,
+    name: &str,
+    allow_absolute: bool,
+    what: &str,
+    descriptor: &Path,
+    notes: &mut Vec<String>,
+) -> Result<PathBuf> {
+    let p = Path::new(name);
+    if name.is_empty() {
+        return Err(Error::chain(descriptor, format!("{what} has an empty file name")));
+    }
+    if p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(Error::chain(
+            descriptor,
+            format!("{what} `{name}` has a `..` component; refusing to leave the descriptor's folder"),
+        ));
+    }
+    if p.is_absolute() {
+        if allow_absolute {
+            return Ok(p.to_path_buf());
+        }
+        let Some(base) = p.file_name() else {
+            return Err(Error::chain(descriptor, format!("{what} `{name}` names no file")));
+        };
+        let local = dir.join(base);
+        notes.push(format!(
+            "{what} `{name}` is an absolute path; using `{}` from the descriptor's folder",
+            local.display()
+        ));
+        return Ok(local);
+    }
+    Ok(dir.join(p))
+}
+
+fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+impl Layer {
+    /// Open one layer (no parent) from `path`.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Layer> {
+        let src = Source::open(path, opts.mode)?;
+        let mut magic = [0u8; 4];
+        let n = src.read_at_zero_fill(&mut magic, 0)?;
+        if n == 4 && u32::from_le_bytes(magic) == SPARSE_MAGIC || &magic == b"vmdk" {
+            return Self::open_sparse_file(path, src);
+        }
+        if &magic == b"COWD" {
+            return Err(Error::unsupported(
+                path,
+                "COWD (ESX REDO / vmfsSparse) extents are not supported yet",
+            ));
+        }
+        if src.len() > MAX_DESCRIPTOR_BYTES as u64 {
+            return Err(Error::corrupt(
+                path,
+                0,
+                format!(
+                    "not a VMDK: no sparse magic, and at {} bytes too large to be a descriptor (limit {MAX_DESCRIPTOR_BYTES})",
+                    src.len()
+                ),
+            ));
+        }
+        let mut text = vec![0u8; src.len() as usize];
+        src.read_exact_at(&mut text, 0)?;
+        drop(src);
+        let d = Descriptor::parse(&text, path)?;
+        Self::from_descriptor(path, d, false, opts)
+    }
+
+    fn open_sparse_file(path: &Path, src: Source) -> Result<Layer> {
+        let h = sparse::read_header(&src)?;
+        let mut notes = Vec::new();
+        let mut desc = None;
+        if h.descriptor_offset != 0 && h.descriptor_size != 0 {
+            let off = h.descriptor_offset.checked_mul(SECTOR);
+            let size = h
+                .descriptor_size
+                .checked_mul(SECTOR)
+                .map(|s| s.min(MAX_DESCRIPTOR_BYTES as u64));
+            match (off, size) {
+                (Some(off), Some(size)) if off < src.len() => {
+                    let size = size.min(src.len() - off) as usize;
+                    let mut b = vec![0u8; size];
+                    src.read_exact_at(&mut b, off)?;
+                    let d = Descriptor::parse(&b, path)?;
+                    // A header-only area of zeros (qemu's split extents) means no descriptor.
+                    if !d.header_entries().is_empty() || !d.extents().is_empty() {
+                        desc = Some(d);
+                    }
+                }
+                _ => {
+                    return Err(Error::corrupt(
+                        path,
+                        28,
+                        format!(
+                            "embedded descriptor at sector {} lies outside the {}-byte file",
+                            h.descriptor_offset,
+                            src.len()
+                        ),
+                    ))
+                }
+            }
+        }
+        let default_type = if h.compressed() {
+            CreateType::StreamOptimized
+        } else {
+            CreateType::MonolithicSparse
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let self_line = ExtentLine {
+            access: Access::Rw,
+            sectors: h.capacity,
+            kind: ExtentType::Sparse,
+            file: Some(name),
+            offset: None,
+            extra: vec![],
+        };
+        let mut d = match desc {
+            Some(d) => d,
+            None => {
+                notes.push(
+                    "no embedded descriptor (a split extent opened on its own?): treated as a standalone disk"
+                        .into(),
+                );
+                Descriptor::new(default_type, 0xffff_fffe, None, vec![self_line.clone()], &[])
+            }
+        };
+        let ct = d.create_type().unwrap_or(default_type);
+        if d.extents().len() > 1 {
+            return Err(Error::unsupported(
+                path,
+                format!(
+                    "the embedded descriptor lists {} extents; open the disk's descriptor file instead",
+                    d.extents().len()
+                ),
+            ));
+        }
+        if let Some(e) = d.extents().first() {
+            if e.sectors != h.capacity {
+                notes.push(format!(
+                    "embedded descriptor says {} sectors, header says {}; using the header",
+                    e.sectors, h.capacity
+                ));
+            }
+        }
+        // The embedded extent line names this file, perhaps by an old name: ignore it.
+        let line = d.extents().first().map(|e| (*e).clone()).unwrap_or(self_line);
+        d.set_extents(vec![line.clone()]);
+        let ext = SparseExtent::open(src)?;
+        let capacity = ext.len();
+        Ok(Layer {
+            path: path.to_path_buf(),
+            descriptor: d,
+            embedded: true,
+            create_type: ct,
+            extents: vec![ExtentSlot {
+                start: 0,
+                line,
+                path: Some(path.to_path_buf()),
+                extent: Extent::Sparse(Box::new(ext)),
+            }],
+            capacity,
+            notes,
+        })
+    }
+
+    /// Build a layer from a parsed text descriptor at `path`.
+    pub fn from_descriptor(
+        path: &Path,
+        d: Descriptor,
+        embedded: bool,
+        opts: &OpenOptions,
+    ) -> Result<Layer> {
+        let Some(ct_text) = d.get("createType") else {
+            return Err(Error::Descriptor {
+                path: path.to_path_buf(),
+                line: 0,
+                what: "no createType".into(),
+            });
+        };
+        let ct = CreateType::parse(ct_text).ok_or_else(|| {
+            Error::unsupported(path, format!("createType `{ct_text}`"))
+        })?;
+        let lines: Vec<ExtentLine> = d.extents().into_iter().cloned().collect();
+        if lines.is_empty() {
+            return Err(Error::Descriptor {
+                path: path.to_path_buf(),
+                line: 0,
+                what: "the descriptor lists no extents".into(),
+            });
+        }
+        let dir = folder_of(path);
+        let mut notes = Vec::new();
+        let mut extents = Vec::with_capacity(lines.len());
+        let mut start = 0u64;
+        for (i, line) in lines.into_iter().enumerate() {
+            let what = format!("extent {}", i + 1);
+            let declared = line.sectors.checked_mul(SECTOR).ok_or_else(|| Error::Descriptor {
+                path: path.to_path_buf(),
+                line: 0,
+                what: format!("{what}: size {} sectors overflows", line.sectors),
+            })?;
+            let (ext, epath) = if line.access == Access::NoAccess || line.kind == ExtentType::Zero {
+                (Extent::Zero { len: declared }, None)
+            } else {
+                let name = line.file.as_deref().unwrap_or("");
+                let p = resolve_name(&dir, name, ct.is_device(), &what, path, &mut notes)?;
+                let ext = match line.kind {
+                    ExtentType::Sparse => {
+                        let src = Source::open(&p, opts.mode)?;
+                        let s = SparseExtent::open(src)?;
+                        if s.len() != declared {
+                            notes.push(format!(
+                                "{what}: descriptor says {} sectors, `{}` header says {}; using the header",
+                                line.sectors,
+                                p.display(),
+                                s.len() / SECTOR
+                            ));
+                        }
+                        Extent::Sparse(Box::new(s))
+                    }
+                    ExtentType::Flat | ExtentType::Vmfs | ExtentType::VmfsRaw | ExtentType::VmfsRdm => {
+                        let src = Source::open(&p, opts.mode).map_err(|e| match e {
+                            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                                Error::chain(
+                                    path,
+                                    format!(
+                                        "{what}: file `{}` is missing (looked in `{}`)",
+                                        name,
+                                        dir.display()
+                                    ),
+                                )
+                            }
+                            e => e,
+                        })?;
+                        let offset = line.offset.unwrap_or(0).checked_mul(SECTOR).ok_or_else(|| {
+                            Error::Descriptor {
+                                path: path.to_path_buf(),
+                                line: 0,
+                                what: format!("{what}: offset overflows"),
+                            }
+                        })?;
+                        let end = offset.checked_add(declared);
+                        match end {
+                            Some(end) if end <= src.len() => {}
+                            _ => notes.push(format!(
+                                "{what}: `{}` is {} bytes, shorter than the extent ({} bytes from offset {}); the rest reads as zeros",
+                                p.display(),
+                                src.len(),
+                                declared,
+                                offset
+                            )),
+                        }
+                        Extent::Flat(FlatExtent { src, offset, len: declared })
+                    }
+                    ExtentType::VmfsSparse | ExtentType::SeSparse => {
+                        return Err(Error::unsupported(
+                            path,
+                            format!("{what}: {} extents are not supported yet", line.kind.as_str()),
+                        ))
+                    }
+                    ExtentType::Zero => unreachable!("handled above"),
+                };
+                (ext, Some(p))
+            };
+            let len = ext.len();
+            extents.push(ExtentSlot { start, line, path: epath, extent: ext });
+            start = start.checked_add(len).ok_or_else(|| Error::Descriptor {
+                path: path.to_path_buf(),
+                line: 0,
+                what: "total size of the extents overflows".into(),
+            })?;
+        }
+        Ok(Layer {
+            path: path.to_path_buf(),
+            descriptor: d,
+            embedded,
+            create_type: ct,
+            extents,
+            capacity: start,
+            notes,
+        })
+    }
+
+    /// CID of this layer.
+    pub fn cid(&self) -> Option<u32> {
+        self.descriptor.cid()
+    }
+
+    /// parentCID of this layer (None when there is no parent).
+    pub fn parent_cid(&self) -> Option<u32> {
+        self.descriptor.parent_cid().filter(|&c| c != NO_PARENT_CID)
+    }
+
+    /// The parent hint, if the layer names a parent.
+    pub fn parent_hint(&self) -> Option<&str> {
+        self.descriptor
+            .get("parentFileNameHint")
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Grain size in bytes (the largest of the extents').
+    pub fn grain_bytes(&self) -> u64 {
+        self.extents.iter().map(|e| e.extent.grain_bytes()).max().unwrap_or(512)
+    }
+
+    /// Files of this layer (descriptor and extents), without repeats.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.path.clone()];
+        for e in &self.extents {
+            if let Some(p) = &e.path {
+                if !v.contains(p) {
+                    v.push(p.clone());
+                }
+            }
+        }
+        v
+    }
+
+    /// Bytes these files occupy on disk (allocated blocks).
+    pub fn bytes_on_disk(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.files()
+            .iter()
+            .filter_map(|p| fs::metadata(p).ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.blocks() * 512)
+            .sum()
+    }
+
+    /// Allocation runs of this layer alone (depth 0), clipped to its capacity.
+    pub fn map(&self, range: Range<u64>) -> Result<Vec<Run>> {
+        let mut out = Vec::new();
+        self.map_into(range, &mut out)?;
+        Ok(out)
+    }
+
+    /// Like [`map`](Self::map), appending to `out`.
+    pub fn map_into(&self, range: Range<u64>, out: &mut Vec<Run>) -> Result<()> {
+        let end = range.end.min(self.capacity);
+        if range.start >= end {
+            return Ok(());
+        }
+        // Extents are sorted by start: find the first that ends after range.start.
+        let first = self
+            .extents
+            .partition_point(|e| e.start + e.extent.len() <= range.start);
+        for (i, slot) in self.extents.iter().enumerate().skip(first) {
+            if slot.start >= end {
+                break;
+            }
+            let rel_start = range.start.max(slot.start) - slot.start;
+            let rel_end = end.min(slot.start + slot.extent.len()) - slot.start;
+            slot.extent.map(i, rel_start..rel_end, slot.start, out)?;
+        }
+        Ok(())
+    }
+
+    /// Read the bytes of one run of this layer into `buf` (`buf.len() == run.len`).
+    pub fn read_run(&self, run: &Run, buf: &mut [u8]) -> Result<()> {
+        match run.alloc {
+            Alloc::Data { extent, offset } => self.extents[extent].extent.read_data(buf, offset),
+            Alloc::Compressed { extent, offset } => {
+                let slot = &self.extents[extent];
+                slot.extent.read_compressed(buf, offset, run.start - slot.start)
+            }
+            _ => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Push an unallocated run (used for ranges past a layer's capacity).
+pub(crate) fn push_unallocated(out: &mut Vec<Run>, start: u64, len: u64, depth: u32) {
+    push_run(out, Run { start, len, alloc: Alloc::Unallocated, depth });
+}

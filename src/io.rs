@@ -1,0 +1,231 @@
+//! Positional read sources: a file read with `pread`, a read-only memory map, or an
+//! in-memory buffer (tests, fuzzing).
+//!
+//! Every read is positional (`&self`, no cursor) so rayon workers can share one source.
+//!
+//! # The mmap contract
+//! A file is mapped only when it is opened read-only for reading a disk, never when it is
+//! a target of a write (commit, extend, repair), never for stdin or a pipe. If another
+//! process truncates a mapped file while we read it, the process gets SIGBUS; callers that
+//! cannot accept that use [`SourceMode::Pread`].
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// How to read a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SourceMode {
+    /// Memory-map regular files (the default for read-only opens).
+    #[default]
+    Mmap,
+    /// Always use positional reads.
+    Pread,
+}
+
+enum Backing {
+    File(File),
+    Mmap(memmap2::Mmap, File),
+    Mem(Arc<[u8]>),
+}
+
+/// A read-only byte source with a known length.
+pub struct Source {
+    backing: Backing,
+    len: u64,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("path", &self.path)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl Source {
+    /// Open `path` read-only.
+    pub fn open(path: &Path, mode: SourceMode) -> Result<Source> {
+        let file = File::open(path).map_err(|e| Error::io("open", path, 0, e))?;
+        Self::from_file(file, path, mode)
+    }
+
+    /// Wrap an open file (read-only use).
+    pub fn from_file(file: File, path: &Path, mode: SourceMode) -> Result<Source> {
+        let meta = file.metadata().map_err(|e| Error::io("stat", path, 0, e))?;
+        let len = if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            device_size(&file).map_err(|e| Error::io("get the size of", path, 0, e))?
+        };
+        let backing = if mode == SourceMode::Mmap && meta.file_type().is_file() && len > 0 {
+            // SAFETY: the file is opened read-only by us for reading a disk; vmdkit never
+            // writes through this mapping and never maps a file it is about to change
+            // (see the module docs). Concurrent external truncation is outside the contract.
+            match unsafe { memmap2::Mmap::map(&file) } {
+                Ok(m) => Backing::Mmap(m, file),
+                Err(_) => Backing::File(file),
+            }
+        } else {
+            Backing::File(file)
+        };
+        Ok(Source {
+            backing,
+            len,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// An in-memory source (tests and fuzzing).
+    pub fn from_bytes(bytes: impl Into<Arc<[u8]>>, name: &str) -> Source {
+        let bytes: Arc<[u8]> = bytes.into();
+        Source {
+            len: bytes.len() as u64,
+            backing: Backing::Mem(bytes),
+            path: PathBuf::from(name),
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the source is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The path this source was opened from (used in error messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The underlying file, when there is one.
+    pub fn file(&self) -> Option<&File> {
+        match &self.backing {
+            Backing::File(f) | Backing::Mmap(_, f) => Some(f),
+            Backing::Mem(_) => None,
+        }
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset`; reading past the end is an error.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let n = self.read_at_zero_fill(buf, offset)?;
+        if n < buf.len() {
+            return Err(Error::corrupt(
+                &self.path,
+                offset,
+                format!(
+                    "needed {} bytes but the file ends at {:#x} (truncated file?)",
+                    buf.len(),
+                    self.len
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at `offset`; bytes past the end of the source read as
+    /// zeros. Returns how many bytes came from the source.
+    pub fn read_at_zero_fill(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+        let avail = self.len.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        tail.fill(0);
+        if avail == 0 {
+            return Ok(0);
+        }
+        match &self.backing {
+            Backing::Mem(m) => {
+                let o = offset as usize;
+                head.copy_from_slice(&m[o..o + avail]);
+            }
+            Backing::Mmap(m, _) => {
+                let o = offset as usize;
+                head.copy_from_slice(&m[o..o + avail]);
+            }
+            Backing::File(f) => {
+                let mut done = 0;
+                while done < head.len() {
+                    match f.read_at(&mut head[done..], offset + done as u64) {
+                        Ok(0) => {
+                            // The file shrank under us: the rest reads as zeros.
+                            head[done..].fill(0);
+                            return Ok(done);
+                        }
+                        Ok(n) => done += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            return Err(Error::io("read", &self.path, offset + done as u64, e))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(avail)
+    }
+
+    /// Borrow bytes directly when the source is memory-backed.
+    pub fn slice(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let end = offset.checked_add(len as u64)?;
+        if end > self.len {
+            return None;
+        }
+        let (o, e) = (offset as usize, end as usize);
+        match &self.backing {
+            Backing::Mem(m) => Some(&m[o..e]),
+            Backing::Mmap(m, _) => Some(&m[o..e]),
+            Backing::File(_) => None,
+        }
+    }
+
+    /// Find the next data region at or after `offset` (SEEK_DATA/SEEK_HOLE). Returns
+    /// `(data_start, data_end)`, or `None` when only a hole remains. Sources that cannot
+    /// tell report everything as data.
+    pub fn next_data(&self, offset: u64) -> Option<(u64, u64)> {
+        if offset >= self.len {
+            return None;
+        }
+        let Some(file) = self.file() else {
+            return Some((offset, self.len));
+        };
+        seek_data(file, offset, self.len)
+    }
+}
+
+fn seek_data(file: &File, offset: u64, len: u64) -> Option<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return Some((offset, len));
+    };
+    // SAFETY: lseek on a valid fd owned by `file`; it does not touch memory. The shared
+    // file position it moves is never used by us (all reads are positional).
+    let d = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+    if d < 0 {
+        let err = std::io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::ENXIO) {
+            None
+        } else {
+            Some((offset, len))
+        };
+    }
+    // SAFETY: as above.
+    let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
+    let end = if h < 0 { len } else { (h as u64).min(len) };
+    Some(((d as u64).min(len), end))
+}
+
+/// Size of a block device (or any file) by seeking to its end.
+pub fn device_size(file: &File) -> std::io::Result<u64> {
+    use std::io::Seek;
+    let mut f = file;
+    let end = f.seek(std::io::SeekFrom::End(0))?;
+    f.seek(std::io::SeekFrom::Start(0))?;
+    Ok(end)
+}

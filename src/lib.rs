@@ -1,0 +1,24 @@
+//! vmdkit: read, export, import and commit VMware virtual disks (VMDK).
+//!
+//! The read model is [`VirtualDisk`]: a capacity, positional reads that many threads may
+//! issue at once, and [`VirtualDisk::map`], which answers from metadata alone which
+//! ranges are unallocated, zeroed, stored or compressed, and in which layer. [`Chain`]
+//! opens any disk vmdkit reads together with its parents.
+//!
+//! The library never prints and never exits; the `vmdkit` binary is a thin layer over it.
+
+#![warn(missing_docs)]
+
+pub mod chain;
+pub mod disk;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod io;
+pub mod ops;
+pub mod pipeline;
+
+pub use chain::Chain;
+pub use disk::{Alloc, Run, VirtualDisk};
+pub use error::{Error, ErrorKind, Result};
+pub use image::{Layer, OpenOptions};

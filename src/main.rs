@@ -1,0 +1,9 @@
+//! The `vmdkit` command: a thin layer over the library.
+
+mod cli;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    cli::main()
+}

@@ -1,0 +1,19 @@
+//! Operations built on the read model: info/map, cat, export.
+
+pub mod cat;
+pub mod info;
+pub mod output;
+
+/// Progress reporting hook (the CLI draws a bar; the library only counts).
+pub trait Progress: Sync {
+    /// `n` more bytes of logical content are done.
+    fn inc(&self, n: u64);
+}
+
+/// No progress reporting.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn inc(&self, _n: u64) {}
+}

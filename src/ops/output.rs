@@ -1,0 +1,114 @@
+//! Outputs written safely: to a temporary name beside the target, renamed into place
+//! only when complete, removed if dropped before [`AtomicFile::commit`]. An existing
+//! target is refused unless `force`.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// A file being written under a temporary name.
+#[derive(Debug)]
+pub struct AtomicFile {
+    file: Option<File>,
+    tmp: PathBuf,
+    target: PathBuf,
+    done: bool,
+}
+
+/// Refuse `target` if it exists and `force` is off.
+pub fn check_target(target: &Path, force: bool) -> Result<()> {
+    if !force && target.symlink_metadata().is_ok() {
+        return Err(Error::AlreadyExists(target.to_path_buf()));
+    }
+    Ok(())
+}
+
+impl AtomicFile {
+    /// Start writing `target` (created under a temporary name in the same folder).
+    pub fn create(target: &Path, force: bool) -> Result<AtomicFile> {
+        check_target(target, force)?;
+        let dir = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let name = target
+            .file_name()
+            .ok_or_else(|| Error::InvalidInput(format!("`{}` is not a file name", target.display())))?;
+        for i in 0..1000u32 {
+            let tmp = dir.join(format!(
+                ".{}.vmdkit-tmp.{}.{}",
+                name.to_string_lossy(),
+                std::process::id(),
+                i
+            ));
+            match OpenOptions::new().write(true).read(true).create_new(true).open(&tmp) {
+                Ok(file) => {
+                    return Ok(AtomicFile {
+                        file: Some(file),
+                        tmp,
+                        target: target.to_path_buf(),
+                        done: false,
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io("create", &tmp, 0, e)),
+            }
+        }
+        Err(Error::InvalidInput(format!(
+            "could not pick a temporary name for `{}`",
+            target.display()
+        )))
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        self.file.as_ref().expect("open until commit")
+    }
+
+    /// The temporary path (for error messages).
+    pub fn tmp_path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// The final path.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Flush to stable storage and rename into place.
+    pub fn commit(mut self, force: bool) -> Result<()> {
+        let f = self.file.take().expect("open until commit");
+        f.sync_all().map_err(|e| Error::io("flush", &self.tmp, 0, e))?;
+        drop(f);
+        // Re-check: the target may have appeared while we wrote.
+        check_target(&self.target, force)?;
+        std::fs::rename(&self.tmp, &self.target)
+            .map_err(|e| Error::io("rename into place", &self.target, 0, e))?;
+        self.done = true;
+        if let Some(dir) = self.target.parent() {
+            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.done {
+            self.file.take();
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Map a write error: disk full gets a clear message.
+pub fn write_error(path: &Path, offset: u64, e: std::io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        return Error::io("write (the disk is full)", path, offset, e);
+    }
+    Error::io("write", path, offset, e)
+}
