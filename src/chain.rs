@@ -74,7 +74,9 @@ impl Chain {
                             &layer.path,
                             format!(
                                 "parent `{hint}` not found (looked for `{}` in `{}`)",
-                                p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+                                p.file_name()
+                                    .map(|n| n.to_string_lossy())
+                                    .unwrap_or_default(),
                                 dir.display()
                             ),
                         ));
@@ -84,12 +86,9 @@ impl Chain {
                 }
                 None => None,
             };
-            let child_parent_cid = layer.descriptor.parent_cid();
             layers.push(layer);
             let Some(p) = parent else { break };
-            // Check the link once the parent is open.
             next = p;
-            let _ = child_parent_cid;
         }
         // CID checks, child against parent.
         for w in layers.windows(2) {
@@ -104,9 +103,15 @@ impl Chain {
                     parent.path.display()
                 );
                 if opts.ignore_cid {
-                    warnings.push(format!("`{}`: {msg} (reading anyway: --ignore-cid)", child.path.display()));
+                    warnings.push(format!(
+                        "`{}`: {msg} (reading anyway: --ignore-cid)",
+                        child.path.display()
+                    ));
                 } else {
-                    return Err(Error::chain(&child.path, format!("{msg} (use --ignore-cid to read anyway)")));
+                    return Err(Error::chain(
+                        &child.path,
+                        format!("{msg} (use --ignore-cid to read anyway)"),
+                    ));
                 }
             }
             if child.capacity != parent.capacity {
@@ -147,7 +152,13 @@ impl Chain {
                     self.map_from(depth + 1, r.start..r.end(), out)?;
                 }
             } else {
-                crate::disk::push_run(out, Run { depth: depth as u32, ..r });
+                crate::disk::push_run(
+                    out,
+                    Run {
+                        depth: depth as u32,
+                        ..r
+                    },
+                );
             }
             pos = r.end();
         }
@@ -200,7 +211,11 @@ impl VirtualDisk for Chain {
     }
 
     fn granularity(&self) -> u64 {
-        self.layers.iter().map(|l| l.grain_bytes()).max().unwrap_or(512)
+        self.layers
+            .iter()
+            .map(|l| l.grain_bytes())
+            .max()
+            .unwrap_or(512)
     }
 
     fn map(&self, range: Range<u64>) -> Result<Vec<Run>> {
@@ -213,7 +228,7 @@ impl VirtualDisk for Chain {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let end = offset
+        offset
             .checked_add(buf.len() as u64)
             .filter(|&e| e <= self.capacity())
             .ok_or_else(|| {
@@ -223,7 +238,6 @@ impl VirtualDisk for Chain {
                     self.capacity()
                 ))
             })?;
-        let _ = end;
         self.read_from(0, buf, offset)
     }
 }

@@ -81,12 +81,17 @@ pub fn resolve_name(
 ) -> Result<PathBuf> {
     let p = Path::new(name);
     if name.is_empty() {
-        return Err(Error::chain(descriptor, format!("{what} has an empty file name")));
+        return Err(Error::chain(
+            descriptor,
+            format!("{what} has an empty file name"),
+        ));
     }
     if p.components().any(|c| matches!(c, Component::ParentDir)) {
         return Err(Error::chain(
             descriptor,
-            format!("{what} `{name}` has a `..` component; refusing to leave the descriptor's folder"),
+            format!(
+                "{what} `{name}` has a `..` component; refusing to leave the descriptor's folder"
+            ),
         ));
     }
     if p.is_absolute() {
@@ -94,7 +99,10 @@ pub fn resolve_name(
             return Ok(p.to_path_buf());
         }
         let Some(base) = p.file_name() else {
-            return Err(Error::chain(descriptor, format!("{what} `{name}` names no file")));
+            return Err(Error::chain(
+                descriptor,
+                format!("{what} `{name}` names no file"),
+            ));
         };
         let local = dir.join(base);
         notes.push(format!(
@@ -203,7 +211,13 @@ impl Layer {
                     "no embedded descriptor (a split extent opened on its own?): treated as a standalone disk"
                         .into(),
                 );
-                Descriptor::new(default_type, 0xffff_fffe, None, vec![self_line.clone()], &[])
+                Descriptor::new(
+                    default_type,
+                    0xffff_fffe,
+                    None,
+                    vec![self_line.clone()],
+                    &[],
+                )
             }
         };
         let ct = d.create_type().unwrap_or(default_type);
@@ -225,7 +239,11 @@ impl Layer {
             }
         }
         // The embedded extent line names this file, perhaps by an old name: ignore it.
-        let line = d.extents().first().map(|e| (*e).clone()).unwrap_or(self_line);
+        let line = d
+            .extents()
+            .first()
+            .map(|e| (*e).clone())
+            .unwrap_or(self_line);
         d.set_extents(vec![line.clone()]);
         let ext = SparseExtent::open(src)?;
         let capacity = ext.len();
@@ -259,9 +277,8 @@ impl Layer {
                 what: "no createType".into(),
             });
         };
-        let ct = CreateType::parse(ct_text).ok_or_else(|| {
-            Error::unsupported(path, format!("createType `{ct_text}`"))
-        })?;
+        let ct = CreateType::parse(ct_text)
+            .ok_or_else(|| Error::unsupported(path, format!("createType `{ct_text}`")))?;
         let lines: Vec<ExtentLine> = d.extents().into_iter().cloned().collect();
         if lines.is_empty() {
             return Err(Error::Descriptor {
@@ -276,11 +293,21 @@ impl Layer {
         let mut start = 0u64;
         for (i, line) in lines.into_iter().enumerate() {
             let what = format!("extent {}", i + 1);
-            let declared = line.sectors.checked_mul(SECTOR).ok_or_else(|| Error::Descriptor {
-                path: path.to_path_buf(),
-                line: 0,
-                what: format!("{what}: size {} sectors overflows", line.sectors),
-            })?;
+            if line.sectors == 0 {
+                return Err(Error::Descriptor {
+                    path: path.to_path_buf(),
+                    line: 0,
+                    what: format!("{what} has a size of 0 sectors"),
+                });
+            }
+            let declared = line
+                .sectors
+                .checked_mul(SECTOR)
+                .ok_or_else(|| Error::Descriptor {
+                    path: path.to_path_buf(),
+                    line: 0,
+                    what: format!("{what}: size {} sectors overflows", line.sectors),
+                })?;
             let (ext, epath) = if line.access == Access::NoAccess || line.kind == ExtentType::Zero {
                 (Extent::Zero { len: declared }, None)
             } else {
@@ -288,7 +315,7 @@ impl Layer {
                 let p = resolve_name(&dir, name, ct.is_device(), &what, path, &mut notes)?;
                 let ext = match line.kind {
                     ExtentType::Sparse => {
-                        let src = Source::open(&p, opts.mode)?;
+                        let src = open_extent(&p, opts, &what, name, &dir, path)?;
                         let s = SparseExtent::open(src)?;
                         if s.len() != declared {
                             notes.push(format!(
@@ -300,27 +327,20 @@ impl Layer {
                         }
                         Extent::Sparse(Box::new(s))
                     }
-                    ExtentType::Flat | ExtentType::Vmfs | ExtentType::VmfsRaw | ExtentType::VmfsRdm => {
-                        let src = Source::open(&p, opts.mode).map_err(|e| match e {
-                            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                                Error::chain(
-                                    path,
-                                    format!(
-                                        "{what}: file `{}` is missing (looked in `{}`)",
-                                        name,
-                                        dir.display()
-                                    ),
-                                )
-                            }
-                            e => e,
-                        })?;
-                        let offset = line.offset.unwrap_or(0).checked_mul(SECTOR).ok_or_else(|| {
-                            Error::Descriptor {
-                                path: path.to_path_buf(),
-                                line: 0,
-                                what: format!("{what}: offset overflows"),
-                            }
-                        })?;
+                    ExtentType::Flat
+                    | ExtentType::Vmfs
+                    | ExtentType::VmfsRaw
+                    | ExtentType::VmfsRdm => {
+                        let src = open_extent(&p, opts, &what, name, &dir, path)?;
+                        let offset =
+                            line.offset
+                                .unwrap_or(0)
+                                .checked_mul(SECTOR)
+                                .ok_or_else(|| Error::Descriptor {
+                                    path: path.to_path_buf(),
+                                    line: 0,
+                                    what: format!("{what}: offset overflows"),
+                                })?;
                         let end = offset.checked_add(declared);
                         match end {
                             Some(end) if end <= src.len() => {}
@@ -332,20 +352,33 @@ impl Layer {
                                 offset
                             )),
                         }
-                        Extent::Flat(FlatExtent { src, offset, len: declared })
+                        Extent::Flat(FlatExtent {
+                            src,
+                            offset,
+                            len: declared,
+                        })
                     }
                     ExtentType::VmfsSparse | ExtentType::SeSparse => {
+                        open_extent(&p, opts, &what, name, &dir, path)?;
                         return Err(Error::unsupported(
                             path,
-                            format!("{what}: {} extents are not supported yet", line.kind.as_str()),
-                        ))
+                            format!(
+                                "{what}: {} extents are not supported yet",
+                                line.kind.as_str()
+                            ),
+                        ));
                     }
                     ExtentType::Zero => unreachable!("handled above"),
                 };
                 (ext, Some(p))
             };
             let len = ext.len();
-            extents.push(ExtentSlot { start, line, path: epath, extent: ext });
+            extents.push(ExtentSlot {
+                start,
+                line,
+                path: epath,
+                extent: ext,
+            });
             start = start.checked_add(len).ok_or_else(|| Error::Descriptor {
                 path: path.to_path_buf(),
                 line: 0,
@@ -382,7 +415,11 @@ impl Layer {
 
     /// Grain size in bytes (the largest of the extents').
     pub fn grain_bytes(&self) -> u64 {
-        self.extents.iter().map(|e| e.extent.grain_bytes()).max().unwrap_or(512)
+        self.extents
+            .iter()
+            .map(|e| e.extent.grain_bytes())
+            .max()
+            .unwrap_or(512)
     }
 
     /// Files of this layer (descriptor and extents), without repeats.
@@ -443,7 +480,8 @@ impl Layer {
             Alloc::Data { extent, offset } => self.extents[extent].extent.read_data(buf, offset),
             Alloc::Compressed { extent, offset } => {
                 let slot = &self.extents[extent];
-                slot.extent.read_compressed(buf, offset, run.start - slot.start)
+                slot.extent
+                    .read_compressed(buf, offset, run.start - slot.start)
             }
             _ => {
                 buf.fill(0);
@@ -453,7 +491,36 @@ impl Layer {
     }
 }
 
+/// Open an extent's file; a missing file is a chain error naming the folder searched.
+fn open_extent(
+    p: &Path,
+    opts: &OpenOptions,
+    what: &str,
+    name: &str,
+    dir: &Path,
+    descriptor: &Path,
+) -> Result<Source> {
+    Source::open(p, opts.mode).map_err(|e| match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Error::chain(
+            descriptor,
+            format!(
+                "{what}: file `{name}` is missing (looked in `{}`)",
+                dir.display()
+            ),
+        ),
+        e => e,
+    })
+}
+
 /// Push an unallocated run (used for ranges past a layer's capacity).
 pub(crate) fn push_unallocated(out: &mut Vec<Run>, start: u64, len: u64, depth: u32) {
-    push_run(out, Run { start, len, alloc: Alloc::Unallocated, depth });
+    push_run(
+        out,
+        Run {
+            start,
+            len,
+            alloc: Alloc::Unallocated,
+            depth,
+        },
+    );
 }

@@ -13,6 +13,7 @@ pub mod chain;
 pub mod disk;
 pub mod error;
 pub mod format;
+pub mod fuzzing;
 pub mod image;
 pub mod io;
 pub mod ops;

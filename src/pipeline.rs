@@ -196,11 +196,7 @@ where
         let to_sink = std::mem::take(&mut pending);
         let (produced, sunk) = pool.install(|| {
             rayon::join(
-                || {
-                    next.par_iter()
-                        .map(|u| produce(u))
-                        .collect::<Vec<Result<O>>>()
-                },
+                || next.par_iter().map(&produce).collect::<Vec<Result<O>>>(),
                 || -> Result<()> {
                     for (u, o) in to_sink {
                         sink(u, o?)?;

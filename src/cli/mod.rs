@@ -13,7 +13,11 @@ use vmdkit::pipeline::PipelineOptions;
 use vmdkit::{Chain, OpenOptions, VirtualDisk};
 
 #[derive(Parser)]
-#[command(name = "vmdkit", version, about = "VMware virtual disk (VMDK) toolkit: inspect, export, import, commit")]
+#[command(
+    name = "vmdkit",
+    version,
+    about = "VMware virtual disk (VMDK) toolkit: inspect, export, import, commit"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -33,9 +37,14 @@ impl ReadArgs {
     fn open(&self, path: &Path) -> Result<Chain> {
         let opts = OpenOptions {
             ignore_cid: self.ignore_cid,
-            mode: if self.no_mmap { SourceMode::Pread } else { SourceMode::Mmap },
+            mode: if self.no_mmap {
+                SourceMode::Pread
+            } else {
+                SourceMode::Mmap
+            },
         };
-        let chain = Chain::open(path, &opts).with_context(|| format!("opening `{}`", path.display()))?;
+        // Library errors name the file (and offset) already.
+        let chain = Chain::open(path, &opts)?;
         for w in &chain.warnings {
             eprintln!("vmdkit: warning: {w}");
         }
@@ -143,9 +152,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             out.flush()?;
         }
-        Cmd::Cat { disk, output, force, threads, quiet, read } => {
+        Cmd::Cat {
+            disk,
+            output,
+            force,
+            threads,
+            quiet,
+            read,
+        } => {
             let chain = read.open(&disk)?;
-            let popts = PipelineOptions { threads, ..Default::default() };
+            let popts = PipelineOptions {
+                threads,
+                ..Default::default()
+            };
             let bar = Bar::new(chain.capacity(), quiet);
             match output {
                 Some(p) if p.as_os_str() != "-" => {
@@ -169,7 +188,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
 /// Standard output as an unbuffered file (big sequential writes, no line buffering).
 fn raw_stdout() -> Result<std::fs::File> {
     use std::os::fd::AsFd;
-    let fd = std::io::stdout().as_fd().try_clone_to_owned().context("duplicating stdout")?;
+    let fd = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating stdout")?;
     Ok(std::fs::File::from(fd))
 }
 
@@ -177,7 +199,8 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            || c.downcast_ref::<vmdkit::Error>().is_some_and(|v| v.is_broken_pipe())
+            || c.downcast_ref::<vmdkit::Error>()
+                .is_some_and(|v| v.is_broken_pipe())
     })
 }
 

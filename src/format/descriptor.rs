@@ -238,7 +238,11 @@ impl fmt::Display for ExtentLine {
             if let Some(o) = self.offset {
                 write!(f, " {o}")?;
                 for e in &self.extra {
-                    write!(f, " {e}")?;
+                    if e.is_empty() || e.contains(char::is_whitespace) {
+                        write!(f, " \"{e}\"")?;
+                    } else {
+                        write!(f, " {e}")?;
+                    }
                 }
             }
         }
@@ -258,7 +262,10 @@ enum Line {
     },
     Extent(ExtentLine),
     /// `ddb.key = "value"`.
-    Ddb { key: String, value: String },
+    Ddb {
+        key: String,
+        value: String,
+    },
 }
 
 /// A parsed descriptor, every line kept.
@@ -433,10 +440,14 @@ impl Descriptor {
                 return Err(derr(path, lineno, format!("bad key `{}`", clip(key))));
             }
             let (value, quoted) = parse_value(&t[eq + 1..]).map_err(|w| derr(path, lineno, w))?;
-            let is_ddb = key.len() > 4 && key[..4].eq_ignore_ascii_case("ddb.");
+            let is_ddb =
+                key.len() > 4 && key.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("ddb."));
             // A key given twice with different values is ambiguous.
             let dup = lines.iter().find_map(|l| match l {
-                Line::Header { key: k, value: v, .. } | Line::Ddb { key: k, value: v }
+                Line::Header {
+                    key: k, value: v, ..
+                }
+                | Line::Ddb { key: k, value: v }
                     if k.eq_ignore_ascii_case(key) =>
                 {
                     Some(v.clone())
@@ -448,7 +459,9 @@ impl Descriptor {
                     return Err(derr(
                         path,
                         lineno,
-                        format!("`{key}` given twice with different values (`{prev}` and `{value}`)"),
+                        format!(
+                            "`{key}` given twice with different values (`{prev}` and `{value}`)"
+                        ),
                     ));
                 }
                 lines.push(Line::Verbatim(raw.to_string()));
@@ -570,7 +583,10 @@ impl Descriptor {
     /// it after the last header entry. `quoted` is used for new keys.
     pub fn set(&mut self, key: &str, value: &str, quoted: bool) {
         for l in &mut self.lines {
-            if let Line::Header { key: k, value: v, .. } = l {
+            if let Line::Header {
+                key: k, value: v, ..
+            } = l
+            {
                 if k.eq_ignore_ascii_case(key) {
                     *v = value.to_string();
                     return;
@@ -725,10 +741,9 @@ pub fn random_cid() -> u32 {
 }
 
 fn strip_ddb(k: &str) -> &str {
-    if k.len() > 4 && k[..4].eq_ignore_ascii_case("ddb.") {
-        &k[4..]
-    } else {
-        k
+    match k.get(..4) {
+        Some(p) if k.len() > 4 && p.eq_ignore_ascii_case("ddb.") => &k[4..],
+        _ => k,
     }
 }
 
@@ -841,6 +856,15 @@ mod tests {
         b.resize(512, 0);
         let d = p(std::str::from_utf8(&b).unwrap()).unwrap();
         assert_eq!(d.cid(), Some(1));
+    }
+
+    /// Found by the mutation suite: a key whose 4th byte is inside a multi-byte
+    /// character made `key[..4]` panic.
+    #[test]
+    fn regression_non_ascii_key_prefix_does_not_panic() {
+        let d = p("dd\u{e9}x=1\nddb\u{e9}=\"2\"\n").unwrap();
+        assert_eq!(d.get("dd\u{e9}x"), Some("1"));
+        assert_eq!(d.ddb("x"), None);
     }
 
     #[test]

@@ -36,14 +36,44 @@ impl FlatExtent {
             let d0 = d0.clamp(pos, end);
             let d1 = d1.clamp(d0, end);
             if d0 > pos {
-                push_run(out, mk(base + pos, d0 - pos, Alloc::Hole { extent: index, offset: self.offset + pos }));
+                push_run(
+                    out,
+                    mk(
+                        base + pos,
+                        d0 - pos,
+                        Alloc::Hole {
+                            extent: index,
+                            offset: self.offset + pos,
+                        },
+                    ),
+                );
             }
             if d1 > d0 {
-                push_run(out, mk(base + d0, d1 - d0, Alloc::Data { extent: index, offset: self.offset + d0 }));
+                push_run(
+                    out,
+                    mk(
+                        base + d0,
+                        d1 - d0,
+                        Alloc::Data {
+                            extent: index,
+                            offset: self.offset + d0,
+                        },
+                    ),
+                );
             }
             if d1 <= pos {
                 // No progress possible (cannot happen with a sane lseek): treat as data.
-                push_run(out, mk(base + pos, end - pos, Alloc::Data { extent: index, offset: self.offset + pos }));
+                push_run(
+                    out,
+                    mk(
+                        base + pos,
+                        end - pos,
+                        Alloc::Data {
+                            extent: index,
+                            offset: self.offset + pos,
+                        },
+                    ),
+                );
                 break;
             }
             pos = d1;
@@ -52,7 +82,12 @@ impl FlatExtent {
 }
 
 fn mk(start: u64, len: u64, alloc: Alloc) -> Run {
-    Run { start, len, alloc, depth: 0 }
+    Run {
+        start,
+        len,
+        alloc,
+        depth: 0,
+    }
 }
 
 /// One extent of a layer.

@@ -184,10 +184,7 @@ impl SparseHeader {
         if !(1..=3).contains(&self.version) {
             return Err(Error::unsupported(
                 path,
-                format!(
-                    "sparse header version {} (only 1 to 3 exist)",
-                    self.version
-                ),
+                format!("sparse header version {} (only 1 to 3 exist)", self.version),
             ));
         }
         let unknown = self.flags & 0xffff_0000 & !KNOWN_INCOMPAT;
@@ -301,11 +298,24 @@ impl SparseExtent {
             header = read_footer(&src, &raw_header)?;
         }
         let len = header.capacity * SECTOR;
+        // Grains start at or after overHead: a file that ends before it was cut short.
+        // (An empty qemu stream ends exactly at overHead.)
+        if raw_header.over_head.saturating_mul(SECTOR) > src.len() {
+            return Err(Error::corrupt(
+                &path,
+                64,
+                format!(
+                    "file is {} bytes, shorter than its {} sectors of metadata (overHead): truncated",
+                    src.len(),
+                    raw_header.over_head
+                ),
+            ));
+        }
         let grain_bytes = header.grain_size * SECTOR;
         let num_gts = header.num_gts();
-        let gd_bytes = num_gts.checked_mul(4).ok_or_else(|| {
-            Error::corrupt(&path, 12, "grain directory size overflows")
-        })?;
+        let gd_bytes = num_gts
+            .checked_mul(4)
+            .ok_or_else(|| Error::corrupt(&path, 12, "grain directory size overflows"))?;
         let gd_start = header
             .gd_offset
             .checked_mul(SECTOR)
@@ -414,7 +424,13 @@ impl SparseExtent {
 
     /// Allocation runs for the extent-relative byte range `rel`, appended to `out` with
     /// virtual starts `base + rel`, depth 0.
-    pub fn map(&self, index: usize, rel: std::ops::Range<u64>, base: u64, out: &mut Vec<Run>) -> Result<()> {
+    pub fn map(
+        &self,
+        index: usize,
+        rel: std::ops::Range<u64>,
+        base: u64,
+        out: &mut Vec<Run>,
+    ) -> Result<()> {
         let end = rel.end.min(self.len);
         let mut pos = rel.start;
         let per = u64::from(self.header.num_gtes_per_gt);
@@ -477,7 +493,10 @@ impl SparseExtent {
                     ),
                 ));
             }
-            return Ok(Alloc::Compressed { extent: 0, offset: off });
+            return Ok(Alloc::Compressed {
+                extent: 0,
+                offset: off,
+            });
         }
         let valid = (self.len - g * self.grain_bytes).min(self.grain_bytes);
         if off + valid > self.src.len() {
@@ -490,7 +509,10 @@ impl SparseExtent {
                 ),
             ));
         }
-        Ok(Alloc::Data { extent: 0, offset: off })
+        Ok(Alloc::Data {
+            extent: 0,
+            offset: off,
+        })
     }
 
     /// Read uncompressed data at a file offset found by [`map`](Self::map).
@@ -548,7 +570,11 @@ impl SparseExtent {
 }
 
 /// Inflate one zlib stream into a grain: at most `grain` bytes, zero-filled up to `want`.
-pub fn inflate_grain(cmp: &[u8], want: usize, grain: usize) -> std::result::Result<Vec<u8>, String> {
+pub fn inflate_grain(
+    cmp: &[u8],
+    want: usize,
+    grain: usize,
+) -> std::result::Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(want);
     let mut d = flate2::read::ZlibDecoder::new(cmp);
     let n = (&mut d)
@@ -636,7 +662,10 @@ mod tests {
         let b = h.to_bytes();
         assert_eq!(SparseHeader::parse(&b), Some(h));
         // Bytes as in formats.md §2.1 (qemu's 100M image).
-        assert_eq!(&b[0..16], &[0x4b, 0x44, 0x4d, 0x56, 1, 0, 0, 0, 3, 0, 0, 0, 0, 0x20, 3, 0]);
+        assert_eq!(
+            &b[0..16],
+            &[0x4b, 0x44, 0x4d, 0x56, 1, 0, 0, 0, 3, 0, 0, 0, 0, 0x20, 3, 0]
+        );
         assert_eq!(&b[0x48..0x50], &[0, 0x0a, 0x20, 0x0d, 0x0a, 0, 0, 0]);
     }
 }

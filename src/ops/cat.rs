@@ -9,7 +9,7 @@ use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
 use crate::ops::output::{write_error, AtomicFile};
 use crate::ops::Progress;
-use crate::pipeline::{self, is_zero, Planner, PipelineOptions};
+use crate::pipeline::{self, is_zero, PipelineOptions, Planner};
 
 /// A produced unit: its bytes, or None when it is all zeros.
 type Chunk = Option<Vec<u8>>;
@@ -39,7 +39,9 @@ pub fn cat_to_writer(
         |u| produce(disk, u),
         |u, chunk| {
             match chunk {
-                Some(b) => out.write_all(&b).map_err(|e| write_error(stdout, u.start, e))?,
+                Some(b) => out
+                    .write_all(&b)
+                    .map_err(|e| write_error(stdout, u.start, e))?,
                 None => {
                     let mut left = u.len;
                     while left > 0 {
@@ -56,7 +58,8 @@ pub fn cat_to_writer(
             Ok(())
         },
     )?;
-    out.flush().map_err(|e| write_error(stdout, disk.capacity(), e))
+    out.flush()
+        .map_err(|e| write_error(stdout, disk.capacity(), e))
 }
 
 /// Write the disk to a new file at `target`: zero ranges are skipped (holes), the file

@@ -177,19 +177,50 @@ pub fn info(chain: &Chain) -> DiskInfo {
 pub fn write_info_text(out: &mut dyn Write, i: &DiskInfo) -> std::io::Result<()> {
     writeln!(out, "file:          {}", i.file)?;
     writeln!(out, "create type:   {}", i.create_type)?;
-    writeln!(out, "capacity:      {} bytes ({})", i.capacity, human(i.capacity))?;
-    writeln!(out, "disk size:     {} bytes ({})", i.disk_size, human(i.disk_size))?;
+    writeln!(
+        out,
+        "capacity:      {} bytes ({})",
+        i.capacity,
+        human(i.capacity)
+    )?;
+    writeln!(
+        out,
+        "disk size:     {} bytes ({})",
+        i.disk_size,
+        human(i.disk_size)
+    )?;
     if i.chain.len() > 1 {
-        writeln!(out, "chain size:    {} bytes ({})", i.chain_disk_size, human(i.chain_disk_size))?;
+        writeln!(
+            out,
+            "chain size:    {} bytes ({})",
+            i.chain_disk_size,
+            human(i.chain_disk_size)
+        )?;
     }
     writeln!(out, "grain size:    {} bytes", i.grain_size)?;
-    writeln!(out, "adapter type:  {}", i.adapter_type.as_deref().unwrap_or("(not set)"))?;
+    writeln!(
+        out,
+        "adapter type:  {}",
+        i.adapter_type.as_deref().unwrap_or("(not set)")
+    )?;
     match &i.geometry {
-        Some(g) => writeln!(out, "geometry:      {}/{}/{} (C/H/S)", g.cylinders, g.heads, g.sectors)?,
+        Some(g) => writeln!(
+            out,
+            "geometry:      {}/{}/{} (C/H/S)",
+            g.cylinders, g.heads, g.sectors
+        )?,
         None => writeln!(out, "geometry:      (not set)")?,
     }
-    writeln!(out, "CID:           {}", i.cid.as_deref().unwrap_or("(none)"))?;
-    writeln!(out, "parentCID:     {}", i.parent_cid.as_deref().unwrap_or("ffffffff (no parent)"))?;
+    writeln!(
+        out,
+        "CID:           {}",
+        i.cid.as_deref().unwrap_or("(none)")
+    )?;
+    writeln!(
+        out,
+        "parentCID:     {}",
+        i.parent_cid.as_deref().unwrap_or("ffffffff (no parent)")
+    )?;
     writeln!(out, "extents:")?;
     for e in &i.extents {
         write!(out, "  {} {} {}", e.access, e.sectors, e.kind)?;
@@ -200,7 +231,15 @@ pub fn write_info_text(out: &mut dyn Write, i: &DiskInfo) -> std::io::Result<()>
             write!(out, " offset {o}")?;
         }
         if let Some(v) = e.sparse_version {
-            write!(out, " (sparse v{v}{})", if e.compressed == Some(true) { ", compressed" } else { "" })?;
+            write!(
+                out,
+                " (sparse v{v}{})",
+                if e.compressed == Some(true) {
+                    ", compressed"
+                } else {
+                    ""
+                }
+            )?;
         }
         if e.unclean_shutdown == Some(true) {
             write!(out, " [unclean shutdown flag set]")?;
@@ -318,7 +357,7 @@ pub fn write_map_json(out: &mut dyn Write, disk: &dyn VirtualDisk) -> Result<()>
     write!(out, "[").map_err(io)?;
     for (i, r) in recs.iter().enumerate() {
         if i > 0 {
-            write!(out, ",\n").map_err(io)?;
+            writeln!(out, ",").map_err(io)?;
         }
         write!(
             out,
@@ -353,7 +392,12 @@ pub fn collect_records(disk: &dyn VirtualDisk) -> Result<Vec<MapRecord>> {
 pub fn write_map_text(out: &mut dyn Write, chain: &Chain) -> Result<()> {
     let recs = collect_records(chain)?;
     let io = |e| crate::error::Error::io("write", std::path::Path::new("<stdout>"), 0, e);
-    writeln!(out, "{:<18} {:<18} {:>5}  {:<12} {}", "start", "length", "depth", "state", "file offset").map_err(io)?;
+    writeln!(
+        out,
+        "{:<18} {:<18} {:>5}  {:<12} file offset",
+        "start", "length", "depth", "state"
+    )
+    .map_err(io)?;
     for r in recs {
         let state = match (r.present, r.zero, r.data, r.compressed) {
             (false, _, _, _) => "unallocated",
@@ -362,11 +406,27 @@ pub fn write_map_text(out: &mut dyn Write, chain: &Chain) -> Result<()> {
             (true, false, true, true) => "compressed",
             _ => "data",
         };
-        let file = chain.layers.get(r.depth as usize).map(|l| l.path.display().to_string()).unwrap_or_default();
+        let file = chain
+            .layers
+            .get(r.depth as usize)
+            .map(|l| l.path.display().to_string())
+            .unwrap_or_default();
         match r.offset {
-            Some(o) if r.present => writeln!(out, "{:<#18x} {:<#18x} {:>5}  {:<12} {:#x} {}", r.start, r.length, r.depth, state, o, file),
-            _ if r.present => writeln!(out, "{:<#18x} {:<#18x} {:>5}  {:<12} {}", r.start, r.length, r.depth, state, file),
-            _ => writeln!(out, "{:<#18x} {:<#18x} {:>5}  {:<12}", r.start, r.length, r.depth, state),
+            Some(o) if r.present => writeln!(
+                out,
+                "{:<#18x} {:<#18x} {:>5}  {:<12} {:#x} {}",
+                r.start, r.length, r.depth, state, o, file
+            ),
+            _ if r.present => writeln!(
+                out,
+                "{:<#18x} {:<#18x} {:>5}  {:<12} {}",
+                r.start, r.length, r.depth, state, file
+            ),
+            _ => writeln!(
+                out,
+                "{:<#18x} {:<#18x} {:>5}  {:<12}",
+                r.start, r.length, r.depth, state
+            ),
         }
         .map_err(io)?;
     }

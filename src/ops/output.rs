@@ -32,9 +32,9 @@ impl AtomicFile {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let name = target
-            .file_name()
-            .ok_or_else(|| Error::InvalidInput(format!("`{}` is not a file name", target.display())))?;
+        let name = target.file_name().ok_or_else(|| {
+            Error::InvalidInput(format!("`{}` is not a file name", target.display()))
+        })?;
         for i in 0..1000u32 {
             let tmp = dir.join(format!(
                 ".{}.vmdkit-tmp.{}.{}",
@@ -42,7 +42,12 @@ impl AtomicFile {
                 std::process::id(),
                 i
             ));
-            match OpenOptions::new().write(true).read(true).create_new(true).open(&tmp) {
+            match OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create_new(true)
+                .open(&tmp)
+            {
                 Ok(file) => {
                     return Ok(AtomicFile {
                         file: Some(file),
@@ -79,7 +84,8 @@ impl AtomicFile {
     /// Flush to stable storage and rename into place.
     pub fn commit(mut self, force: bool) -> Result<()> {
         let f = self.file.take().expect("open until commit");
-        f.sync_all().map_err(|e| Error::io("flush", &self.tmp, 0, e))?;
+        f.sync_all()
+            .map_err(|e| Error::io("flush", &self.tmp, 0, e))?;
         drop(f);
         // Re-check: the target may have appeared while we wrote.
         check_target(&self.target, force)?;
@@ -87,7 +93,11 @@ impl AtomicFile {
             .map_err(|e| Error::io("rename into place", &self.target, 0, e))?;
         self.done = true;
         if let Some(dir) = self.target.parent() {
-            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
             if let Ok(d) = File::open(dir) {
                 let _ = d.sync_all();
             }

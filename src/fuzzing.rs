@@ -1,0 +1,141 @@
+//! Bodies of the fuzz targets in `fuzz/`, also run by `cargo test` over the corpus and
+//! seeded mutations. Each takes arbitrary bytes and must return (never panic, never
+//! hang) with work bounded by the caps below.
+
+use crate::disk::Alloc;
+use crate::format::descriptor::Descriptor;
+use crate::format::sparse::{
+    SparseExtent, SparseHeader, FLAG_COMPRESSED, FLAG_MARKERS, FLAG_VALID_NEWLINE, GD_AT_END,
+};
+use crate::format::Extent;
+use crate::io::Source;
+
+/// Address space one fuzz run maps at most.
+pub const FUZZ_MAP_BYTES: u64 = 256 << 20;
+/// Runs one fuzz run reads at most.
+pub const FUZZ_READ_RUNS: usize = 64;
+
+/// Descriptor parser: parse; when it parses, serializing and parsing again gives the
+/// same descriptor.
+pub fn descriptor(data: &[u8]) {
+    let path = std::path::Path::new("fuzz.vmdk");
+    if let Ok(d) = Descriptor::parse(data, path) {
+        let text = d.to_text();
+        let again = Descriptor::parse(text.as_bytes(), path)
+            .unwrap_or_else(|e| panic!("re-parse of our own output failed: {e}\n{text}"));
+        assert_eq!(again, d, "descriptor round trip");
+        let _ = d.create_type();
+        let _ = d.cid();
+    }
+}
+
+/// Sparse header + grain directory + tables + grains, from a whole file image.
+pub fn sparse(data: &[u8]) {
+    let src = Source::from_bytes(data.to_vec(), "fuzz.vmdk");
+    let Ok(ext) = SparseExtent::open(src) else {
+        return;
+    };
+    exercise(Extent::Sparse(Box::new(ext)));
+}
+
+/// A streamOptimized body behind a fixed, valid GD_AT_END stream header: exercises the
+/// footer, the directory and tables it points to, and grain records.
+pub fn stream(data: &[u8]) {
+    let mut h = SparseHeader::new(2048, 128);
+    h.version = 3;
+    h.flags = FLAG_VALID_NEWLINE | FLAG_COMPRESSED | FLAG_MARKERS;
+    h.compress_algorithm = 1;
+    h.gd_offset = GD_AT_END;
+    h.over_head = 1;
+    let mut file = h.to_bytes().to_vec();
+    file.extend_from_slice(data);
+    sparse(&file);
+}
+
+fn exercise(ext: Extent) {
+    let mut runs = Vec::new();
+    let end = ext.len().min(FUZZ_MAP_BYTES);
+    if ext.map(0, 0..end, 0, &mut runs).is_err() {
+        return;
+    }
+    for w in runs.windows(2) {
+        assert_eq!(w[0].end(), w[1].start, "runs are contiguous");
+    }
+    let mut buf = Vec::new();
+    for r in runs.iter().take(FUZZ_READ_RUNS) {
+        let n = r.len.min(1 << 20) as usize;
+        buf.resize(n, 0);
+        let _ = match r.alloc {
+            Alloc::Data { offset, .. } => ext.read_data(&mut buf, offset),
+            Alloc::Compressed { offset, .. } => ext.read_compressed(&mut buf, offset, r.start),
+            _ => Ok(()),
+        };
+    }
+}
+
+/// A deterministic mutator for the in-tree mutation suite (xorshift64*).
+#[derive(Debug, Clone)]
+pub struct Mutator(u64);
+
+impl Mutator {
+    /// Seeded mutator.
+    pub fn new(seed: u64) -> Mutator {
+        Mutator(seed.max(1))
+    }
+
+    /// Next pseudo-random number.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Apply one random mutation: flip a byte, write an extreme integer at a (usually
+    /// header) offset, truncate, or duplicate a slice.
+    pub fn mutate(&mut self, data: &mut Vec<u8>) {
+        if data.is_empty() {
+            data.push(self.next_u64() as u8);
+            return;
+        }
+        let len = data.len();
+        let hot = (self.next_u64() % 3 == 0) as usize; // bias toward the first sectors
+        let pos = if hot == 1 {
+            (self.next_u64() as usize) % len.min(2048)
+        } else {
+            (self.next_u64() as usize) % len
+        };
+        match self.next_u64() % 6 {
+            0 => data[pos] ^= 1 << (self.next_u64() % 8),
+            1 => data[pos] = self.next_u64() as u8,
+            2 => {
+                const EXTREMES: [u64; 7] =
+                    [0, 1, 0x7f, 0xffff_ffff, 0xffff_fffe, u64::MAX, 1 << 32];
+                let v = EXTREMES[(self.next_u64() % 7) as usize].to_le_bytes();
+                let w = if self.next_u64() % 2 == 0 { 4 } else { 8 };
+                for i in 0..w {
+                    if pos + i < len {
+                        data[pos + i] = v[i];
+                    }
+                }
+            }
+            3 => data.truncate(pos),
+            4 => {
+                let end = (pos + 1 + (self.next_u64() as usize % 64)).min(len);
+                let piece = data[pos..end].to_vec();
+                let at = (self.next_u64() as usize) % len;
+                data.splice(at..at, piece);
+            }
+            _ => {
+                let v = (self.next_u64() as u32).to_le_bytes();
+                for i in 0..4 {
+                    if pos + i < len {
+                        data[pos + i] = v[i];
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! CLI behaviour: outputs, pipes, refusals.
+
+use super::util::*;
+use std::os::unix::fs::MetadataExt;
+use std::process::{Command, Stdio};
+
+#[test]
+fn cat_to_file_makes_holes_and_refuses_to_overwrite() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_img(d, &["create", "-q", "-f", "vmdk", "s.vmdk", "256M"]);
+    qemu_io(d, "s.vmdk", &["write -P 0x61 100M 1M"]);
+    vmdkit_ok(d, &["cat", "s.vmdk", "-o", "out.raw"]);
+    let m = std::fs::metadata(d.join("out.raw")).unwrap();
+    assert_eq!(m.len(), 256 << 20, "sized exactly");
+    assert!(
+        m.blocks() * 512 <= 2 << 20,
+        "holes: {} bytes allocated",
+        m.blocks() * 512
+    );
+    let err = vmdkit_err(d, &["cat", "s.vmdk", "-o", "out.raw"]);
+    assert!(
+        err.contains("already exists (use --force to overwrite)"),
+        "{err}"
+    );
+    vmdkit_ok(d, &["cat", "s.vmdk", "-o", "out.raw", "--force"]);
+    // No temporary files left behind.
+    let names: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.to_string_lossy().contains("vmdkit-tmp")),
+        "{names:?}"
+    );
+}
+
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_img(d, &["create", "-q", "-f", "vmdk", "s.vmdk", "512M"]);
+    qemu_io(d, "s.vmdk", &["write -P 0x61 0 1M"]);
+    let mut child = Command::new(bin())
+        .args(["cat", "s.vmdk"])
+        .current_dir(d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut head = [0u8; 4096];
+    std::io::Read::read_exact(&mut out, &mut head).unwrap();
+    drop(out);
+    let res = child.wait_with_output().unwrap();
+    assert!(res.status.success(), "exit {:?}", res.status);
+    assert!(
+        res.stderr.is_empty(),
+        "quiet: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(head.iter().all(|&b| b == 0x61));
+}
+
+#[test]
+fn info_json_has_the_documented_keys() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "adapter_type=lsilogic",
+            "s.vmdk",
+            "100M",
+        ],
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&vmdkit_ok(d, &["info", "--json", "s.vmdk"]).stdout).unwrap();
+    let q: serde_json::Value =
+        serde_json::from_str(&qemu_img(d, &["info", "--output=json", "s.vmdk"])).unwrap();
+    for k in [
+        "file",
+        "create_type",
+        "capacity",
+        "disk_size",
+        "chain_disk_size",
+        "grain_size",
+        "adapter_type",
+        "geometry",
+        "cid",
+        "parent_cid",
+        "extents",
+        "chain",
+        "notes",
+        "warnings",
+    ] {
+        assert!(v.get(k).is_some(), "missing key {k}");
+    }
+    assert_eq!(v["capacity"], q["virtual-size"]);
+    assert_eq!(v["grain_size"], q["cluster-size"]);
+    assert_eq!(
+        v["create_type"],
+        q["format-specific"]["data"]["create-type"]
+    );
+    let cid = u32::from_str_radix(v["cid"].as_str().unwrap(), 16).unwrap();
+    assert_eq!(
+        u64::from(cid),
+        q["format-specific"]["data"]["cid"].as_u64().unwrap()
+    );
+    assert_eq!(v["adapter_type"], "lsilogic");
+    assert_eq!(v["geometry"]["heads"], 255);
+}

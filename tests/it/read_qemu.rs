@@ -1,0 +1,233 @@
+//! What qemu writes, vmdkit reads bit-identically; `map --json` equals qemu's map.
+
+use super::util::*;
+use std::path::Path;
+
+/// Writes that touch several grains, partial grains, table boundaries and zeros.
+const WRITES: &[&str] = &[
+    "write -P 0xab 0 4k",
+    "write -P 0x5a 70M 64k",
+    "write -P 0x11 1M 512",
+    "write -P 0x22 33M 200k",
+    "write -z 2M 64k",
+];
+
+fn check_same(dir: &Path, file: &str) {
+    let ours = vmdkit_raw(dir, file);
+    let theirs = qemu_raw(dir, file);
+    assert_same(&ours, &theirs, file);
+    let ours = String::from_utf8(vmdkit_ok(dir, &["map", "--json", file]).stdout).unwrap();
+    let theirs = qemu_img(dir, &["map", "--output=json", file]);
+    assert_eq!(ours.trim(), theirs.trim(), "map of {file}");
+}
+
+fn make(dir: &Path, name: &str, opts: &str, size: &str) {
+    qemu_img(dir, &["create", "-q", "-f", "vmdk", "-o", opts, name, size]);
+    qemu_io(dir, name, WRITES);
+}
+
+#[test]
+fn every_qemu_subformat_reads_like_qemu() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    for (name, opts) in [
+        ("ms.vmdk", "subformat=monolithicSparse"),
+        ("zg.vmdk", "subformat=monolithicSparse,zeroed_grain=on"),
+        ("ts.vmdk", "subformat=twoGbMaxExtentSparse"),
+        ("ts0.vmdk", "subformat=twoGbMaxExtentSparse,zeroed_grain=on"),
+        ("mf.vmdk", "subformat=monolithicFlat"),
+        ("tf.vmdk", "subformat=twoGbMaxExtentFlat"),
+    ] {
+        make(d, name, opts, "100M");
+        check_same(d, name);
+    }
+}
+
+#[test]
+fn qemu_streams_read_like_qemu() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    make(d, "src.vmdk", "subformat=monolithicSparse", "100M");
+    qemu_img(
+        d,
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            "src.vmdk",
+            "so.vmdk",
+        ],
+    );
+    check_same(d, "so.vmdk");
+    // An empty stream ends at overHead with no EOS marker.
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            "empty.vmdk",
+            "10M",
+        ],
+    );
+    check_same(d, "empty.vmdk");
+}
+
+#[test]
+fn odd_capacities_read_like_qemu() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    // 1000003 sectors: not a grain multiple; the last grain is partial.
+    let size = (1_000_003u64 * 512).to_string();
+    for (name, opts) in [
+        ("odd.vmdk", "subformat=monolithicSparse"),
+        ("oddf.vmdk", "subformat=monolithicFlat"),
+    ] {
+        qemu_img(d, &["create", "-q", "-f", "vmdk", "-o", opts, name, &size]);
+        qemu_io(
+            d,
+            name,
+            &[
+                "write -P 0x77 0 64k",
+                "write -P 0x66 499999k 1k",
+                "write -P 0x55 480M 1M",
+            ],
+        );
+        check_same(d, name);
+    }
+    qemu_img(
+        d,
+        &[
+            "convert",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            "odd.vmdk",
+            "odds.vmdk",
+        ],
+    );
+    check_same(d, "odds.vmdk");
+}
+
+#[test]
+fn chains_of_depth_four_with_zeroed_grains_read_like_qemu() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_img(d, &["create", "-q", "-f", "vmdk", "base.vmdk", "64M"]);
+    qemu_io(
+        d,
+        "base.vmdk",
+        &["write -P 0x01 0 8M", "write -P 0x02 40M 1M"],
+    );
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "zeroed_grain=on",
+            "-b",
+            "base.vmdk",
+            "-F",
+            "vmdk",
+            "c1.vmdk",
+        ],
+    );
+    // A zeroed grain in c1 must hide base's data.
+    qemu_io(
+        d,
+        "c1.vmdk",
+        &[
+            "write -P 0x03 1M 100k",
+            "write -z 4M 128k",
+            "write -z 40M 1M",
+        ],
+    );
+    qemu_img(
+        d,
+        &[
+            "create", "-q", "-f", "vmdk", "-b", "c1.vmdk", "-F", "vmdk", "c2.vmdk",
+        ],
+    );
+    qemu_io(
+        d,
+        "c2.vmdk",
+        &["write -P 0x04 1M 4k", "write -P 0x05 63M 1M"],
+    );
+    qemu_img(
+        d,
+        &[
+            "create", "-q", "-f", "vmdk", "-b", "c2.vmdk", "-F", "vmdk", "c3.vmdk",
+        ],
+    );
+    qemu_io(d, "c3.vmdk", &["write -P 0x06 6M 64k"]);
+    for f in ["c1.vmdk", "c2.vmdk", "c3.vmdk"] {
+        check_same(d, f);
+    }
+    let raw = vmdkit_raw(d, "c3.vmdk");
+    assert!(
+        raw[4 << 20..(4 << 20) + (128 << 10)]
+            .iter()
+            .all(|&b| b == 0),
+        "zeroed grain hides base"
+    );
+    let info = String::from_utf8(vmdkit_ok(d, &["info", "--json", "c3.vmdk"]).stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(v["chain"].as_array().unwrap().len(), 4);
+    assert_eq!(v["capacity"], 64 << 20);
+}
+
+#[test]
+fn images_above_4_gib_read_like_qemu() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    for (name, opts) in [
+        ("big.vmdk", "subformat=monolithicSparse"),
+        ("bigs.vmdk", "subformat=twoGbMaxExtentSparse"),
+        ("bigf.vmdk", "subformat=twoGbMaxExtentFlat"),
+    ] {
+        qemu_img(d, &["create", "-q", "-f", "vmdk", "-o", opts, name, "6G"]);
+        qemu_io(
+            d,
+            name,
+            &[
+                "write -P 0x31 4G 64k",
+                "write -P 0x32 2047M 2M",
+                "write -P 0x33 6143M 1M",
+            ],
+        );
+        // Compare the map everywhere, and the content of the written ranges.
+        let ours = String::from_utf8(vmdkit_ok(d, &["map", "--json", name]).stdout).unwrap();
+        let theirs = qemu_img(d, &["map", "--output=json", name]);
+        assert_eq!(ours.trim(), theirs.trim(), "map of {name}");
+        let out = d.join(format!("{name}.raw"));
+        vmdkit_ok(d, &["cat", name, "-o", out.to_str().unwrap()]);
+        let cmp = qemu_img(
+            d,
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "vmdk",
+                out.to_str().unwrap(),
+                name,
+            ],
+        );
+        assert!(cmp.contains("identical"), "{cmp}");
+        std::fs::remove_file(out).unwrap();
+    }
+}

@@ -1,0 +1,153 @@
+//! Test helpers: temp dirs, qemu-img/qemu-io, the vmdkit binary, digests.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use sha2::{Digest, Sha256};
+
+/// Whether qemu-img and qemu-io are installed. Tests that need them skip (with a
+/// message) when they are missing; CI installs them.
+pub fn have_qemu() -> bool {
+    let ok = Command::new("qemu-img").arg("--version").output().is_ok()
+        && Command::new("qemu-io").arg("--version").output().is_ok();
+    if !ok {
+        eprintln!("skipping: qemu-img/qemu-io not installed");
+    }
+    ok
+}
+
+macro_rules! need_qemu {
+    () => {
+        if !$crate::it::util::have_qemu() {
+            return;
+        }
+    };
+}
+pub(crate) use need_qemu;
+
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("vmdkit-test")
+        .tempdir()
+        .expect("tempdir")
+}
+
+/// Run a command in `dir`, panic with its stderr on failure.
+pub fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
+    let out = Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn qemu_img(dir: &Path, args: &[&str]) -> String {
+    String::from_utf8(run(dir, "qemu-img", args).stdout).expect("utf8")
+}
+
+/// Run qemu-io commands against `file` (format vmdk).
+pub fn qemu_io(dir: &Path, file: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", "vmdk"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(file);
+    let out = run(dir, "qemu-io", &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("error") && !text.contains("failed"),
+        "qemu-io: {text}"
+    );
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vmdkit"))
+}
+
+/// Run vmdkit in `dir`; returns the output whatever the status.
+pub fn vmdkit(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vmdkit")
+}
+
+/// Run vmdkit and require success.
+pub fn vmdkit_ok(dir: &Path, args: &[&str]) -> Output {
+    let out = vmdkit(dir, args);
+    assert!(
+        out.status.success(),
+        "vmdkit {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run vmdkit and require failure; returns stderr.
+pub fn vmdkit_err(dir: &Path, args: &[&str]) -> String {
+    let out = vmdkit(dir, args);
+    assert!(!out.status.success(), "vmdkit {args:?} should have failed");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "panic: {err}");
+    err
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    let mut f = std::fs::File::open(p).expect("open");
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).expect("hash");
+    hex(&h.finalize())
+}
+
+pub fn sha256(b: &[u8]) -> String {
+    hex(&Sha256::digest(b))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// qemu's flattened raw image of `file`, as bytes.
+pub fn qemu_raw(dir: &Path, file: &str) -> Vec<u8> {
+    let out = dir.join(format!("{file}.qemu.raw"));
+    qemu_img(dir, &["convert", "-O", "raw", file, out.to_str().unwrap()]);
+    let b = std::fs::read(&out).expect("read raw");
+    std::fs::remove_file(&out).ok();
+    b
+}
+
+/// vmdkit's flattened raw image of `file` via `cat` to stdout.
+pub fn vmdkit_raw(dir: &Path, file: &str) -> Vec<u8> {
+    vmdkit_ok(dir, &["cat", file]).stdout
+}
+
+/// Assert two byte strings are equal, reporting the first difference.
+pub fn assert_same(a: &[u8], b: &[u8], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+        panic!("{what}: first difference at byte {i:#x}");
+    }
+}
+
+/// The shared corpus folder, if present.
+pub fn corpus() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus");
+    if p.is_dir() {
+        Some(p)
+    } else {
+        eprintln!("skipping: ../shared/corpus not present");
+        None
+    }
+}
