@@ -93,6 +93,51 @@ enum Cmd {
         #[command(flatten)]
         read: ReadArgs,
     },
+    /// Copy a disk or a whole chain (flattened) to compact files or stdout.
+    Export {
+        /// Source disk (the top of a chain: the output looks as if it were committed).
+        src: PathBuf,
+        /// Destination path, or `-` for stdout.
+        dst: PathBuf,
+        /// Output format: streamOptimized (stream), monolithicSparse (sparse),
+        /// twoGbMaxExtentSparse (split), monolithicFlat (flat), twoGbMaxExtentFlat, vmfs, raw.
+        /// Default: split for a path, stream for stdout.
+        #[arg(long, short = 'f')]
+        format: Option<String>,
+        /// Worker threads (default: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// zlib level for streamOptimized (0-9).
+        #[arg(long, default_value_t = 6)]
+        level: u32,
+        /// Also write a CRC-32 manifest of the content (per MiB and whole).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Overwrite existing outputs; allow binary output to a terminal.
+        #[arg(long)]
+        force: bool,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Check a disk's content against a manifest written by `export --manifest`.
+    Verify {
+        /// The disk (any copy, e.g. restored from tape).
+        disk: PathBuf,
+        /// The manifest.
+        #[arg(long)]
+        manifest: PathBuf,
+        /// Worker threads (default: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
 }
 
 /// Progress bar on stderr, only when stderr is a terminal and not quiet.
@@ -180,6 +225,115 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             bar.finish();
+        }
+        Cmd::Export {
+            src,
+            dst,
+            format,
+            threads,
+            level,
+            manifest,
+            force,
+            quiet,
+            read,
+        } => {
+            use vmdkit::ops::export::{export, Dest, ExportFormat, ExportOptions};
+            let to_stdout = dst.as_os_str() == "-";
+            let format = match format {
+                Some(f) => ExportFormat::parse(&f).ok_or_else(|| {
+                    anyhow::anyhow!("unknown format `{f}` (stream, sparse, split, flat, twoGbMaxExtentFlat, vmfs, raw, or a createType name)")
+                })?,
+                None if to_stdout => ExportFormat::StreamOptimized,
+                None => ExportFormat::TwoGbMaxExtentSparse,
+            };
+            let chain = read.open(&src)?;
+            let opts = ExportOptions {
+                format,
+                threads,
+                level,
+                manifest,
+                force,
+                ..Default::default()
+            };
+            let bar = Bar::new(chain.capacity(), quiet);
+            let dest = if to_stdout {
+                if stdout.is_terminal() && !force {
+                    anyhow::bail!("refusing to write binary data to a terminal (redirect stdout or use --force)");
+                }
+                let name = src
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "disk.vmdk".into());
+                let name = if name.ends_with(".vmdk") {
+                    name
+                } else {
+                    format!("{name}.vmdk")
+                };
+                Dest::Writer {
+                    w: Box::new(raw_stdout()?),
+                    name,
+                }
+            } else {
+                Dest::Path(dst.clone())
+            };
+            let report = export(&chain, dest, &opts, &bar)
+                .with_context(|| format!("exporting `{}`", src.display()))?;
+            bar.finish();
+            if !quiet {
+                eprintln!(
+                    "vmdkit: exported {} of {} ({} grains of data, {} written)",
+                    src.display(),
+                    ops::info::human(chain.capacity()),
+                    report.grains,
+                    ops::info::human(report.bytes_out)
+                );
+            }
+        }
+        Cmd::Verify {
+            disk,
+            manifest,
+            threads,
+            quiet,
+            read,
+        } => {
+            let chain = read.open(&disk)?;
+            let text = std::fs::read_to_string(&manifest)
+                .with_context(|| format!("reading `{}`", manifest.display()))?;
+            let m = vmdkit::ops::manifest::Manifest::parse(&text, &manifest)?;
+            let bar = Bar::new(chain.capacity(), quiet);
+            let popts = PipelineOptions {
+                threads,
+                ..Default::default()
+            };
+            let v = vmdkit::ops::manifest::verify(&chain, &m, popts, &bar)?;
+            bar.finish();
+            let mut out = stdout.lock();
+            for r in &v.differing {
+                writeln!(
+                    out,
+                    "differs: bytes {:#x}..{:#x} (blocks {}..={})",
+                    r.start,
+                    r.end,
+                    r.start / vmdkit::ops::manifest::BLOCK,
+                    (r.end - 1) / vmdkit::ops::manifest::BLOCK
+                )?;
+            }
+            if let Some(msg) = &v.capacity_mismatch {
+                writeln!(out, "differs: {msg}")?;
+            }
+            if v.ok() {
+                if !quiet {
+                    eprintln!(
+                        "vmdkit: {} matches the manifest ({} blocks, total CRC-32 {:08x})",
+                        disk.display(),
+                        m.blocks.len(),
+                        m.total
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!("vmdkit: {} does NOT match the manifest", disk.display());
+            return Ok(ExitCode::FAILURE);
         }
     }
     Ok(ExitCode::SUCCESS)

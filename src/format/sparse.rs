@@ -669,3 +669,110 @@ mod tests {
         assert_eq!(&b[0x48..0x50], &[0, 0x0a, 0x20, 0x0d, 0x0a, 0, 0, 0]);
     }
 }
+
+/// Layout of a hosted sparse extent as vmdkit (and qemu, and VMware's hosted products)
+/// write it: header, optional embedded descriptor, redundant GD + GTs, GD + GTs, padding
+/// to a grain boundary (`overHead`), then grains packed in ascending LBA order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SparseLayout {
+    /// Capacity in sectors.
+    pub capacity: u64,
+    /// Grain size in sectors.
+    pub grain: u64,
+    /// Entries per grain table.
+    pub gtes: u64,
+    /// Grains (the last may be partial).
+    pub num_grains: u64,
+    /// Grain tables.
+    pub num_gts: u64,
+    /// Sectors of one grain directory.
+    pub gd_sectors: u64,
+    /// Sector of the embedded descriptor (0 = none).
+    pub desc_offset: u64,
+    /// Sectors reserved for the embedded descriptor.
+    pub desc_sectors: u64,
+    /// Sector of the redundant grain directory.
+    pub rgd: u64,
+    /// Sector of the grain directory.
+    pub gd: u64,
+    /// First grain sector.
+    pub over_head: u64,
+}
+
+impl SparseLayout {
+    /// Lay out an extent of `capacity` sectors with `desc_sectors` of embedded descriptor
+    /// (0 for split extents, which carry none).
+    pub fn new(capacity: u64, desc_sectors: u64) -> SparseLayout {
+        let grain = 128;
+        let gtes = 512;
+        let num_grains = capacity.div_ceil(grain);
+        let num_gts = num_grains.div_ceil(gtes);
+        let gd_sectors = (num_gts * 4).div_ceil(SECTOR);
+        let desc_offset = if desc_sectors > 0 { 1 } else { 0 };
+        let rgd = 1 + desc_sectors;
+        let gd = rgd + gd_sectors + 4 * num_gts;
+        let end = gd + gd_sectors + 4 * num_gts;
+        SparseLayout {
+            capacity,
+            grain,
+            gtes,
+            num_grains,
+            num_gts,
+            gd_sectors,
+            desc_offset,
+            desc_sectors,
+            rgd,
+            gd,
+            over_head: end.div_ceil(grain) * grain,
+        }
+    }
+
+    /// The header for this layout.
+    pub fn header(&self) -> SparseHeader {
+        let mut h = SparseHeader::new(self.capacity, self.grain);
+        h.descriptor_offset = self.desc_offset;
+        h.descriptor_size = self.desc_sectors;
+        h.num_gtes_per_gt = self.gtes as u32;
+        h.rgd_offset = self.rgd;
+        h.gd_offset = self.gd;
+        h.over_head = self.over_head;
+        h
+    }
+
+    /// Sector of the k-th allocated grain.
+    pub fn grain_sector(&self, k: u64) -> u64 {
+        self.over_head + k * self.grain
+    }
+
+    /// Total file size when `allocated` grains are stored.
+    pub fn file_bytes(&self, allocated: u64) -> u64 {
+        self.grain_sector(allocated) * SECTOR
+    }
+
+    /// The bytes of sectors `[0, overHead)`: header, descriptor, both directories and all
+    /// tables. `gtes` holds one entry per grain (0 = unallocated).
+    pub fn metadata(&self, gtes: &[u32], descriptor: Option<&[u8]>) -> Vec<u8> {
+        let mut b = vec![0u8; (self.over_head * SECTOR) as usize];
+        b[..512].copy_from_slice(&self.header().to_bytes());
+        if let Some(d) = descriptor {
+            let at = (self.desc_offset * SECTOR) as usize;
+            let n = d.len().min((self.desc_sectors * SECTOR) as usize);
+            b[at..at + n].copy_from_slice(&d[..n]);
+        }
+        for (dir, tables) in [
+            (self.rgd, self.rgd + self.gd_sectors),
+            (self.gd, self.gd + self.gd_sectors),
+        ] {
+            for i in 0..self.num_gts {
+                let gt_sector = tables + 4 * i;
+                let at = (dir * SECTOR + 4 * i) as usize;
+                LE::write_u32(&mut b[at..at + 4], gt_sector as u32);
+                let first = (i * self.gtes) as usize;
+                let last = (first + self.gtes as usize).min(gtes.len());
+                let t = (gt_sector * SECTOR) as usize;
+                LE::write_u32_into(&gtes[first..last], &mut b[t..t + 4 * (last - first)]);
+            }
+        }
+        b
+    }
+}

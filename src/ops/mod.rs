@@ -1,7 +1,10 @@
 //! Operations built on the read model: info/map, cat, export.
 
 pub mod cat;
+pub mod export;
+pub mod geometry;
 pub mod info;
+pub mod manifest;
 pub mod output;
 
 /// Progress reporting hook (the CLI draws a bar; the library only counts).
