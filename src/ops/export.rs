@@ -303,8 +303,9 @@ fn output_cid(chain: &Chain, format: ExportFormat) -> u32 {
     c
 }
 
-/// The output's descriptor: the source's DDB keys (adapter, geometry, uuid...; the top
-/// layer's, else the base's), a fresh CID, no parent link.
+/// The output's descriptor: the source's DDB keys (adapter, geometry, uuid...; the base
+/// layer's, which hold the disk's real settings, then keys only children have), a fresh
+/// CID, no parent link.
 pub fn output_descriptor(
     chain: &Chain,
     ct: CreateType,
@@ -312,7 +313,7 @@ pub fn output_descriptor(
     cid: u32,
 ) -> Descriptor {
     let mut ddb: Vec<(String, String)> = Vec::new();
-    for layer in &chain.layers {
+    for layer in chain.layers.iter().rev() {
         for (k, v) in layer.descriptor.ddb_entries() {
             let lk = k.to_ascii_lowercase();
             if lk.contains("parent") || lk == "ddb.thinprovisioned" || lk == "ddb.longcontentid" {
