@@ -168,7 +168,7 @@ fn tar_streams_extract_to_working_disks() {
     for f in ["split", "flat", "twoGbMaxExtentFlat", "vmfs"] {
         let x = d.join(format!("x-{f}"));
         std::fs::create_dir(&x).unwrap();
-        let exp = Command::new(bin())
+        let mut exp = Command::new(bin())
             .args(["export", "top.vmdk", "-", "--format", f, "-q"])
             .current_dir(d)
             .stdout(Stdio::piped())
@@ -177,10 +177,11 @@ fn tar_streams_extract_to_working_disks() {
         let tar = Command::new("tar")
             .arg("-x")
             .current_dir(&x)
-            .stdin(exp.stdout.unwrap())
+            .stdin(exp.stdout.take().unwrap())
             .status()
             .unwrap();
         assert!(tar.success(), "{f}: tar -x");
+        assert!(exp.wait().unwrap().success(), "{f}: export");
         let cmp = qemu_img(
             &x,
             &["compare", "top.vmdk", d.join("top.vmdk").to_str().unwrap()],
