@@ -95,7 +95,8 @@ impl Chain {
             let (child, parent) = (&w[0], &w[1]);
             let want = child.descriptor.parent_cid();
             let have = parent.cid();
-            if want != have {
+            // ESX 2 REDO logs carry no CIDs: they are linked by name only.
+            if want != have && !child.bare_cowd {
                 let msg = format!(
                     "parentCID {} does not match the CID {} of parent `{}`: the parent changed after this child was made",
                     fmt_cid(want),
@@ -171,6 +172,24 @@ impl Chain {
             }
         }
         Ok(())
+    }
+
+    /// Read the content the layers from `depth` down present (zeros past the last).
+    pub fn read_below(&self, depth: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        if depth >= self.layers.len() {
+            buf.fill(0);
+            return Ok(());
+        }
+        self.read_from(depth, buf, offset)
+    }
+
+    /// Allocation runs as seen from layer `depth` down.
+    pub fn map_below(&self, depth: usize, range: Range<u64>) -> Result<Vec<Run>> {
+        let mut out = Vec::new();
+        if depth < self.layers.len() && range.start < range.end {
+            self.map_from(depth, range, &mut out)?;
+        }
+        Ok(out)
     }
 
     fn read_from(&self, depth: usize, buf: &mut [u8], offset: u64) -> Result<()> {

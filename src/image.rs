@@ -9,9 +9,11 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::disk::{push_run, Alloc, Run};
 use crate::error::{Error, Result};
+use crate::format::cowd::CowdExtent;
 use crate::format::descriptor::{
     Access, CreateType, Descriptor, ExtentLine, ExtentType, MAX_DESCRIPTOR_BYTES, NO_PARENT_CID,
 };
+use crate::format::sesparse::SeSparseExtent;
 use crate::format::sparse::{self, SparseExtent, SECTOR, SPARSE_MAGIC};
 use crate::format::{Extent, FlatExtent};
 use crate::io::{Source, SourceMode};
@@ -46,6 +48,8 @@ pub struct Layer {
     pub capacity: u64,
     /// Things a user should know (path fallbacks, size disagreements...).
     pub notes: Vec<String>,
+    /// A bare COWD file (ESX 2 REDO log): linked to its parent by name, without CIDs.
+    pub bare_cowd: bool,
 }
 
 /// Options for opening disks.
@@ -131,10 +135,7 @@ impl Layer {
             return Self::open_sparse_file(path, src);
         }
         if &magic == b"COWD" {
-            return Err(Error::unsupported(
-                path,
-                "COWD (ESX REDO / vmfsSparse) extents are not supported yet",
-            ));
+            return Self::open_cowd_file(path, src);
         }
         if src.len() > MAX_DESCRIPTOR_BYTES as u64 {
             return Err(Error::corrupt(
@@ -151,6 +152,133 @@ impl Layer {
         drop(src);
         let d = Descriptor::parse(&text, path)?;
         Self::from_descriptor(path, d, false, opts)
+    }
+
+    /// A COWD file without a descriptor: an ESX 2 REDO log (`X.REDO` is a child of `X`),
+    /// or a legacy COWD base. The parent name in the header is used when it resolves,
+    /// the naming rule otherwise; disagreements become notes.
+    fn open_cowd_file(path: &Path, src: Source) -> Result<Layer> {
+        let ext = CowdExtent::open(src)?;
+        let h = ext.header().clone();
+        let dir = folder_of(path);
+        let mut notes = Vec::new();
+        let fname = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let by_rule = fname
+            .strip_suffix(".REDO")
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        let from_header = (!h.parent_file_name.is_empty()).then(|| h.parent_file_name.clone());
+        let mut scratch = Vec::new();
+        let resolves = |n: &str, scratch: &mut Vec<String>| {
+            resolve_name(&dir, n, false, "parent", path, scratch)
+                .ok()
+                .filter(|p| p.exists())
+        };
+        let header_path = from_header
+            .as_deref()
+            .and_then(|n| resolves(n, &mut scratch));
+        let rule_path = by_rule
+            .as_deref()
+            .and_then(|n| resolves(n, &mut Vec::new()));
+        let parent: Option<String> = match (&from_header, header_path, &by_rule, rule_path) {
+            (Some(hn), Some(hp), rule, rp) => {
+                notes.append(&mut scratch);
+                if let (Some(r), Some(rp)) = (rule, rp) {
+                    if rp != hp {
+                        notes.push(format!(
+                            "the COWD header names parent `{hn}`, the file name implies `{r}`; using the header's"
+                        ));
+                    }
+                }
+                Some(
+                    hp.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| hn.clone()),
+                )
+            }
+            (hn, None, Some(r), Some(_)) => {
+                if let Some(hn) = hn {
+                    notes.push(format!(
+                        "the COWD header names parent `{hn}`, which is not here; using `{r}` by the naming rule"
+                    ));
+                }
+                Some(r.clone())
+            }
+            (Some(hn), None, _, None) => {
+                return Err(Error::chain(
+                    path,
+                    format!(
+                        "parent `{hn}` named in the COWD header not found (looked in `{}`){}",
+                        dir.display(),
+                        by_rule
+                            .as_deref()
+                            .map(|r| format!(", nor `{r}` by the naming rule"))
+                            .unwrap_or_default()
+                    ),
+                ))
+            }
+            (None, None, Some(r), None) => {
+                return Err(Error::chain(
+                    path,
+                    format!(
+                        "parent `{r}` not found (looked for `{r}` in `{}`)",
+                        dir.display()
+                    ),
+                ))
+            }
+            // Impossible combinations (a path without a name).
+            _ => None,
+        };
+        let line = ExtentLine {
+            access: Access::Rw,
+            sectors: u64::from(h.num_sectors),
+            kind: ExtentType::VmfsSparse,
+            file: Some(fname),
+            offset: None,
+            extra: vec![],
+        };
+        let ct = if parent.is_some() {
+            CreateType::VmfsSparse
+        } else {
+            CreateType::Custom
+        };
+        if parent.is_some() {
+            notes.push(
+                "ESX 2 REDO log (COWD, no descriptor): linked to its parent by name, no CID check"
+                    .into(),
+            );
+        } else {
+            notes.push(format!(
+                "legacy COWD base disk (geometry {}/{}/{})",
+                h.geometry.0, h.geometry.1, h.geometry.2
+            ));
+        }
+        let d = Descriptor::new(
+            ct,
+            0xffff_fffe,
+            parent.as_deref().map(|p| (0xffff_fffe, p)),
+            vec![line.clone()],
+            &[],
+        );
+        let capacity = ext.len();
+        Ok(Layer {
+            path: path.to_path_buf(),
+            descriptor: d,
+            embedded: false,
+            create_type: ct,
+            extents: vec![ExtentSlot {
+                start: 0,
+                line,
+                path: Some(path.to_path_buf()),
+                extent: Extent::Cowd(Box::new(ext)),
+            }],
+            capacity,
+            notes,
+            bare_cowd: true,
+        })
     }
 
     fn open_sparse_file(path: &Path, src: Source) -> Result<Layer> {
@@ -260,6 +388,7 @@ impl Layer {
             }],
             capacity,
             notes,
+            bare_cowd: false,
         })
     }
 
@@ -358,15 +487,22 @@ impl Layer {
                             len: declared,
                         })
                     }
-                    ExtentType::VmfsSparse | ExtentType::SeSparse => {
-                        open_extent(&p, opts, &what, name, &dir, path)?;
-                        return Err(Error::unsupported(
-                            path,
-                            format!(
-                                "{what}: {} extents are not supported yet",
-                                line.kind.as_str()
-                            ),
-                        ));
+                    ExtentType::VmfsSparse => {
+                        let src = open_extent(&p, opts, &what, name, &dir, path)?;
+                        let c = CowdExtent::open(src)?;
+                        if c.len() != declared {
+                            notes.push(format!(
+                                "{what}: descriptor says {} sectors, `{}` header says {}; using the header",
+                                line.sectors,
+                                p.display(),
+                                c.len() / SECTOR
+                            ));
+                        }
+                        Extent::Cowd(Box::new(c))
+                    }
+                    ExtentType::SeSparse => {
+                        let src = open_extent(&p, opts, &what, name, &dir, path)?;
+                        Extent::SeSparse(Box::new(SeSparseExtent::open(src)?))
                     }
                     ExtentType::Zero => unreachable!("handled above"),
                 };
@@ -393,6 +529,7 @@ impl Layer {
             extents,
             capacity: start,
             notes,
+            bare_cowd: false,
         })
     }
 

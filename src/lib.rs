@@ -18,6 +18,7 @@ pub mod image;
 pub mod io;
 pub mod ops;
 pub mod pipeline;
+pub mod write;
 
 pub use chain::Chain;
 pub use disk::{Alloc, Run, VirtualDisk};

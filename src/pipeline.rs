@@ -161,10 +161,28 @@ pub fn pool(threads: usize) -> Result<rayon::ThreadPool> {
         .map_err(|e| Error::InvalidInput(format!("cannot start worker threads: {e}")))
 }
 
+/// A source of units in address order.
+pub trait Units {
+    /// The next unit, or None at the end.
+    fn next_unit(&mut self) -> Result<Option<Unit>>;
+}
+
+impl Units for Planner<'_> {
+    fn next_unit(&mut self) -> Result<Option<Unit>> {
+        Planner::next_unit(self)
+    }
+}
+
+impl Units for std::vec::IntoIter<Unit> {
+    fn next_unit(&mut self) -> Result<Option<Unit>> {
+        Ok(self.next())
+    }
+}
+
 /// Run the pipeline over every unit `planner` yields: `produce` runs in parallel,
 /// `sink` sees every unit and its product in address order.
 pub fn run<O, P, S>(
-    planner: &mut Planner<'_>,
+    planner: &mut dyn Units,
     opts: PipelineOptions,
     produce: P,
     mut sink: S,

@@ -122,6 +122,46 @@ enum Cmd {
         #[command(flatten)]
         read: ReadArgs,
     },
+    /// REDO logs and snapshot deltas.
+    Redo {
+        #[command(subcommand)]
+        cmd: RedoCmd,
+    },
+    /// Write bytes (from FILE or stdin) or zeros into the top layer of a chain.
+    Write {
+        /// The disk (top of the chain).
+        disk: PathBuf,
+        /// Byte offset (a multiple of 512).
+        #[arg(long)]
+        offset: u64,
+        /// Write LEN zero bytes instead of data (zeroed grains where the format has them).
+        #[arg(long, value_name = "LEN")]
+        zero: Option<u64>,
+        /// Input file, or `-` for stdin (the default).
+        input: Option<PathBuf>,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Merge the top delta (COWD, SESparse or hosted sparse) into its parent, offline.
+    Commit {
+        /// The top delta.
+        disk: PathBuf,
+        /// Merge every delta into the base.
+        #[arg(long)]
+        all: bool,
+        /// Print what would be written and removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Commit although another delta in the folder names the same parent.
+        #[arg(long)]
+        force: bool,
+        /// Worker threads (default: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// Check a disk's content against a manifest written by `export --manifest`.
     Verify {
         /// The disk (any copy, e.g. restored from tape).
@@ -137,6 +177,18 @@ enum Cmd {
         quiet: bool,
         #[command(flatten)]
         read: ReadArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum RedoCmd {
+    /// Put an empty delta on top of DISK's chain; prints the new top's path.
+    Add {
+        /// The disk (the current top).
+        disk: PathBuf,
+        /// redo (ESX 2 `DISK.REDO`), vmfsSparse (`name-000001.vmdk` + `-delta`), hosted.
+        #[arg(long, default_value = "redo")]
+        style: String,
     },
 }
 
@@ -286,6 +338,82 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     ops::info::human(chain.capacity()),
                     report.grains,
                     ops::info::human(report.bytes_out)
+                );
+            }
+        }
+        Cmd::Redo {
+            cmd: RedoCmd::Add { disk, style },
+        } => {
+            use vmdkit::ops::redo::{add, RedoStyle};
+            let style = RedoStyle::parse(&style).ok_or_else(|| {
+                anyhow::anyhow!("unknown style `{style}` (redo, vmfsSparse, hosted)")
+            })?;
+            let new = add(&disk, style)?;
+            writeln!(stdout.lock(), "{}", new.display())?;
+        }
+        Cmd::Write {
+            disk,
+            offset,
+            zero,
+            input,
+            read,
+        } => {
+            use vmdkit::ops::redo::{write, WriteData};
+            let n = match (zero, input) {
+                (Some(len), None) => write(&disk, offset, WriteData::Zeros(len), read.ignore_cid)?,
+                (Some(_), Some(_)) => anyhow::bail!("give either --zero LEN or an input, not both"),
+                (None, Some(p)) if p.as_os_str() != "-" => {
+                    let mut f = std::fs::File::open(&p)
+                        .with_context(|| format!("opening `{}`", p.display()))?;
+                    write(&disk, offset, WriteData::Reader(&mut f), read.ignore_cid)?
+                }
+                (None, _) => {
+                    let mut i = std::io::stdin().lock();
+                    write(&disk, offset, WriteData::Reader(&mut i), read.ignore_cid)?
+                }
+            };
+            eprintln!(
+                "vmdkit: wrote {n} bytes at offset {offset} into `{}`",
+                disk.display()
+            );
+        }
+        Cmd::Commit {
+            disk,
+            all,
+            dry_run,
+            force,
+            threads,
+            quiet,
+        } => {
+            use vmdkit::ops::commit::{commit, CommitOptions};
+            let bar = Bar::new(0, quiet || dry_run);
+            let r = commit(
+                &disk,
+                &CommitOptions {
+                    all,
+                    dry_run,
+                    force,
+                    threads,
+                },
+                &bar,
+            )?;
+            bar.finish();
+            let mut out = stdout.lock();
+            if dry_run {
+                writeln!(out, "would write into: {}", r.target.display())?;
+                writeln!(out, "data: {} bytes in {} runs", r.data_bytes, r.runs)?;
+                writeln!(out, "zeros: {} bytes", r.zero_bytes)?;
+                for f in &r.removed {
+                    writeln!(out, "would remove: {}", f.display())?;
+                }
+            } else if !quiet {
+                eprintln!(
+                    "vmdkit: committed into `{}`: {} bytes of data, {} bytes of zeros{}; removed {}",
+                    r.target.display(),
+                    r.data_bytes,
+                    r.zero_bytes,
+                    if r.resumed { " (finished an interrupted commit)" } else { "" },
+                    r.removed.iter().map(|p| format!("`{}`", p.display())).collect::<Vec<_>>().join(", ")
                 );
             }
         }

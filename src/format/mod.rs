@@ -2,7 +2,9 @@
 //!
 //! [`Extent`] is one extent of a layer; [`crate::image::Layer`] concatenates them.
 
+pub mod cowd;
 pub mod descriptor;
+pub mod sesparse;
 pub mod sparse;
 
 use std::ops::Range;
@@ -10,6 +12,8 @@ use std::ops::Range;
 use crate::disk::{push_run, Alloc, Run};
 use crate::error::Result;
 use crate::io::Source;
+use cowd::CowdExtent;
+use sesparse::SeSparseExtent;
 use sparse::SparseExtent;
 
 /// A flat extent: `len` bytes at `offset` in a file or device.
@@ -97,6 +101,10 @@ pub enum Extent {
     Flat(FlatExtent),
     /// Hosted sparse or stream extent.
     Sparse(Box<SparseExtent>),
+    /// COWD extent (REDO log, vmfsSparse delta).
+    Cowd(Box<CowdExtent>),
+    /// SESparse delta.
+    SeSparse(Box<SeSparseExtent>),
     /// Zeros, nothing stored (ZERO, NOACCESS).
     Zero {
         /// Virtual length in bytes.
@@ -110,6 +118,8 @@ impl Extent {
         match self {
             Extent::Flat(f) => f.len,
             Extent::Sparse(s) => s.len(),
+            Extent::Cowd(c) => c.len(),
+            Extent::SeSparse(s) => s.len(),
             Extent::Zero { len } => *len,
         }
     }
@@ -123,6 +133,8 @@ impl Extent {
     pub fn grain_bytes(&self) -> u64 {
         match self {
             Extent::Sparse(s) => s.grain_bytes(),
+            Extent::Cowd(c) => c.grain_bytes(),
+            Extent::SeSparse(_) => 4096,
             _ => 512,
         }
     }
@@ -132,6 +144,8 @@ impl Extent {
         match self {
             Extent::Flat(f) => Some(&f.src),
             Extent::Sparse(s) => Some(s.source()),
+            Extent::Cowd(c) => Some(c.source()),
+            Extent::SeSparse(s) => Some(s.source()),
             Extent::Zero { .. } => None,
         }
     }
@@ -144,6 +158,8 @@ impl Extent {
                 Ok(())
             }
             Extent::Sparse(s) => s.map(index, rel, base, out),
+            Extent::Cowd(c) => c.map(index, rel, base, out),
+            Extent::SeSparse(s) => s.map(index, rel, base, out),
             Extent::Zero { len } => {
                 let end = rel.end.min(*len);
                 if end > rel.start {
@@ -159,6 +175,8 @@ impl Extent {
         match self {
             Extent::Flat(f) => f.src.read_at_zero_fill(buf, file_offset).map(|_| ()),
             Extent::Sparse(s) => s.read_data(buf, file_offset),
+            Extent::Cowd(c) => c.source().read_at_zero_fill(buf, file_offset).map(|_| ()),
+            Extent::SeSparse(s) => s.source().read_at_zero_fill(buf, file_offset).map(|_| ()),
             Extent::Zero { .. } => {
                 buf.fill(0);
                 Ok(())

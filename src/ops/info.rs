@@ -98,11 +98,13 @@ pub struct DiskInfo {
 }
 
 fn layer_info(l: &Layer) -> LayerInfo {
+    // Bare COWD REDO logs have no CIDs (they are linked by name).
+    let cids = !l.bare_cowd;
     LayerInfo {
         file: l.path.display().to_string(),
         create_type: l.create_type.as_str().to_string(),
-        cid: l.cid().map(|c| format!("{c:08x}")),
-        parent_cid: l.parent_cid().map(|c| format!("{c:08x}")),
+        cid: l.cid().filter(|_| cids).map(|c| format!("{c:08x}")),
+        parent_cid: l.parent_cid().filter(|_| cids).map(|c| format!("{c:08x}")),
         parent_hint: l.parent_hint().map(str::to_string),
         capacity: l.capacity,
         disk_size: l.bytes_on_disk(),

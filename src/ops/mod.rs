@@ -1,11 +1,13 @@
 //! Operations built on the read model: info/map, cat, export.
 
 pub mod cat;
+pub mod commit;
 pub mod export;
 pub mod geometry;
 pub mod info;
 pub mod manifest;
 pub mod output;
+pub mod redo;
 
 /// Progress reporting hook (the CLI draws a bar; the library only counts).
 pub trait Progress: Sync {

@@ -231,3 +231,22 @@ fn images_above_4_gib_read_like_qemu() {
         std::fs::remove_file(out).unwrap();
     }
 }
+
+/// qemu 10.0.2 bug found while benchmarking: when a blank line alone separates the first
+/// extent line from the header, qemu counts the extent twice (`virtual size` doubles and
+/// the second half repeats the flat file). The format has one extent here; we follow it.
+#[test]
+fn blank_line_before_extents_is_one_extent_though_qemu_doubles_it() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    std::fs::write(d.join("f-flat.vmdk"), vec![0x5au8; 1 << 20]).unwrap();
+    std::fs::write(d.join("f.vmdk"), "version=1\nCID=1a2b3c4d\nparentCID=ffffffff\ncreateType=\"vmfs\"\n\nRW 2048 VMFS \"f-flat.vmdk\"\n").unwrap();
+    let q: serde_json::Value =
+        serde_json::from_str(&qemu_img(d, &["info", "--output=json", "f.vmdk"])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&vmdkit_ok(d, &["info", "--json", "f.vmdk"]).stdout).unwrap();
+    assert_eq!(v["capacity"], 1 << 20);
+    // If qemu is fixed this flips; then compare content as for every other file.
+    assert_eq!(q["virtual-size"], 2 << 20, "qemu still doubles the extent");
+}

@@ -1,0 +1,274 @@
+//! `redo add` (a new empty delta on top of a chain) and `write` (bytes into the top).
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::chain::Chain;
+use crate::disk::VirtualDisk;
+use crate::error::{Error, Result};
+use crate::format::cowd::CowdHeader;
+use crate::format::descriptor::{
+    random_cid, Access, CreateType, Descriptor, ExtentLine, ExtentType,
+};
+use crate::format::sparse::{SparseLayout, SECTOR};
+use crate::image::OpenOptions;
+use crate::io::SourceMode;
+use crate::ops::output::{check_target, AtomicFile};
+use crate::write::{set_cid, LayerWriter};
+
+/// Delta styles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedoStyle {
+    /// ESX 2 `DISK.REDO` (bare COWD, parent named in the header).
+    Redo,
+    /// ESX 3-6 `name-000001.vmdk` + `name-000001-delta.vmdk` (COWD behind a descriptor).
+    VmfsSparse,
+    /// Workstation-style hosted sparse child `name-000001.vmdk`.
+    Hosted,
+}
+
+impl RedoStyle {
+    /// Parse a style name.
+    pub fn parse(s: &str) -> Option<RedoStyle> {
+        match s.to_ascii_lowercase().as_str() {
+            "redo" | "cowd" => Some(RedoStyle::Redo),
+            "vmfssparse" | "delta" => Some(RedoStyle::VmfsSparse),
+            "hosted" | "sparse" => Some(RedoStyle::Hosted),
+            _ => None,
+        }
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn dir_of(p: &Path) -> PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `name` without `.vmdk` and without a trailing `-NNNNNN` snapshot number.
+fn base_stem(name: &str) -> String {
+    let s = name.strip_suffix(".vmdk").unwrap_or(name);
+    match s.rsplit_once('-') {
+        Some((head, num)) if num.len() == 6 && num.bytes().all(|b| b.is_ascii_digit()) => {
+            head.to_string()
+        }
+        _ => s.to_string(),
+    }
+}
+
+/// Add an empty delta on top of `disk`'s chain; returns the new top's path.
+pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
+    let chain = Chain::open(
+        disk,
+        &OpenOptions {
+            ignore_cid: false,
+            mode: SourceMode::Pread,
+        },
+    )?;
+    let top = chain.top();
+    if top.create_type == CreateType::VmfsPassthroughRawDeviceMap {
+        return Err(Error::unsupported(
+            disk,
+            "a physical-mode (pass-through) RDM cannot have a REDO log or snapshot: SCSI commands go straight to the device",
+        ));
+    }
+    let cap = chain.capacity();
+    let dir = dir_of(disk);
+    let parent_name = file_name(disk);
+    let ddb: Vec<(String, String)> = top
+        .descriptor
+        .ddb_entries()
+        .into_iter()
+        .filter(|(k, _)| {
+            let k = k.to_ascii_lowercase();
+            !k.contains("thinprovisioned") && !k.contains("longcontentid") && !k.contains("parent")
+        })
+        .collect();
+    let parent_cid = top.cid().unwrap_or(0xffff_fffe);
+    match style {
+        RedoStyle::Redo => {
+            // DISK.REDO; on an existing REDO chain, one more `.REDO`.
+            let mut parent = disk.to_path_buf();
+            let mut new = PathBuf::from(format!("{}.REDO", disk.display()));
+            while new.exists() {
+                parent = new.clone();
+                new = PathBuf::from(format!("{}.REDO", new.display()));
+            }
+            if parent != disk {
+                // Re-open so the capacity check sees the real top.
+                Chain::open(
+                    &parent,
+                    &OpenOptions {
+                        ignore_cid: false,
+                        mode: SourceMode::Pread,
+                    },
+                )?;
+            }
+            let sectors = u32::try_from(cap / SECTOR).map_err(|_| {
+                Error::unsupported(disk, "a COWD REDO log holds at most 2^32-1 sectors (2 TiB)")
+            })?;
+            let h = CowdHeader::new_child(sectors, 1, &file_name(&parent));
+            let f = AtomicFile::create(&new, false)?;
+            let mut b = h.to_bytes();
+            b.resize((h.free_sector as u64 * SECTOR) as usize, 0);
+            f.file()
+                .write_all_at(&b, 0)
+                .map_err(|e| Error::io("write", f.tmp_path(), 0, e))?;
+            f.commit(false)?;
+            Ok(new)
+        }
+        RedoStyle::VmfsSparse | RedoStyle::Hosted => {
+            let stem = base_stem(&parent_name);
+            let mut n = 1;
+            let (desc, delta) = loop {
+                let d = dir.join(format!("{stem}-{n:06}.vmdk"));
+                let x = dir.join(format!("{stem}-{n:06}-delta.vmdk"));
+                if !d.exists() && !x.exists() {
+                    break (d, x);
+                }
+                n += 1;
+                if n > 999_999 {
+                    return Err(Error::InvalidInput("no free snapshot number".into()));
+                }
+            };
+            let cid = random_cid();
+            if style == RedoStyle::VmfsSparse {
+                let sectors = u32::try_from(cap / SECTOR)
+                    .map_err(|_| Error::unsupported(disk, "a vmfsSparse delta holds at most 2^32-1 sectors (2 TiB); use --style hosted"))?;
+                check_target(&delta, false)?;
+                let h = CowdHeader::new_child(sectors, 1, "");
+                let fd = AtomicFile::create(&delta, false)?;
+                let mut b = h.to_bytes();
+                b.resize((h.free_sector as u64 * SECTOR) as usize, 0);
+                fd.file()
+                    .write_all_at(&b, 0)
+                    .map_err(|e| Error::io("write", fd.tmp_path(), 0, e))?;
+                let line = ExtentLine {
+                    access: Access::Rw,
+                    sectors: cap / SECTOR,
+                    kind: ExtentType::VmfsSparse,
+                    file: Some(file_name(&delta)),
+                    offset: None,
+                    extra: vec![],
+                };
+                let d = Descriptor::new(
+                    CreateType::VmfsSparse,
+                    cid,
+                    Some((parent_cid, &parent_name)),
+                    vec![line],
+                    &ddb,
+                );
+                let fdesc = AtomicFile::create(&desc, false)?;
+                fdesc
+                    .file()
+                    .write_all_at(d.to_text().as_bytes(), 0)
+                    .map_err(|e| Error::io("write", fdesc.tmp_path(), 0, e))?;
+                fd.commit(false)?;
+                fdesc.commit(false)?;
+            } else {
+                let line = ExtentLine {
+                    access: Access::Rw,
+                    sectors: cap / SECTOR,
+                    kind: ExtentType::Sparse,
+                    file: Some(file_name(&desc)),
+                    offset: None,
+                    extra: vec![],
+                };
+                let d = Descriptor::new(
+                    CreateType::MonolithicSparse,
+                    cid,
+                    Some((parent_cid, &parent_name)),
+                    vec![line],
+                    &ddb,
+                );
+                let text = d.to_text().into_bytes();
+                let layout =
+                    SparseLayout::new(cap / SECTOR, (text.len() as u64).div_ceil(SECTOR).max(20));
+                let meta = layout.metadata(&vec![0; layout.num_grains as usize], Some(&text));
+                let f = AtomicFile::create(&desc, false)?;
+                f.file()
+                    .write_all_at(&meta, 0)
+                    .map_err(|e| Error::io("write", f.tmp_path(), 0, e))?;
+                f.commit(false)?;
+            }
+            Ok(desc)
+        }
+    }
+}
+
+/// What to write with [`write`].
+pub enum WriteData<'a> {
+    /// Bytes from a reader (a file or stdin), up to its end.
+    Reader(&'a mut dyn Read),
+    /// `len` zero bytes (zeroed grains where the format has them).
+    Zeros(u64),
+}
+
+/// Write into the top layer of `disk`'s chain at `offset`. The top's CID changes first
+/// (as VMware does on the first write after opening), so stale children are detected.
+/// Returns the bytes written.
+pub fn write(disk: &Path, offset: u64, data: WriteData<'_>, ignore_cid: bool) -> Result<u64> {
+    let mut chain = Chain::open(
+        disk,
+        &OpenOptions {
+            ignore_cid,
+            mode: SourceMode::Pread,
+        },
+    )?;
+    if offset % SECTOR != 0 {
+        return Err(Error::InvalidInput(format!(
+            "offset {offset} is not a multiple of 512"
+        )));
+    }
+    let cap = chain.capacity();
+    let mut w = LayerWriter::open(chain.top())?;
+    let new_cid = random_cid();
+    set_cid(&mut chain.layers[0], new_cid)?;
+    let chain_ref = &chain;
+    let below = move |buf: &mut [u8], off: u64| chain_ref.read_below(1, buf, off);
+    let mut total = 0u64;
+    match data {
+        WriteData::Zeros(len) => {
+            w.write_zeroes(offset, len, &below)?;
+            total = len;
+        }
+        WriteData::Reader(r) => {
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let mut n = 0;
+                while n < buf.len() {
+                    match r.read(&mut buf[n..]) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(Error::io("read", Path::new("<input>"), total, e)),
+                    }
+                }
+                if n == 0 {
+                    break;
+                }
+                if offset + total + n as u64 > cap {
+                    return Err(Error::InvalidInput(format!(
+                        "input runs past the end of the disk ({cap} bytes) at offset {}",
+                        offset + total
+                    )));
+                }
+                w.write_at(&buf[..n], offset + total, &below)?;
+                total += n as u64;
+                if n < buf.len() {
+                    break;
+                }
+            }
+        }
+    }
+    w.flush()?;
+    Ok(total)
+}

@@ -1,0 +1,656 @@
+//! Writing into one layer of a chain: hosted sparse (uncompressed), COWD and flat extents.
+//!
+//! Used by `write` (into the top of a chain) and `commit` (into a parent). Partial grains
+//! that are not yet allocated in the layer are first filled from the layers below
+//! (copy-on-write). New grains are appended at the grain-aligned end of the file.
+//!
+//! Crash-safety order, kept by [`LayerWriter::flush`]: grain data is written and synced
+//! before any grain-table entry that points at it, and tables before the directory entry
+//! that points at them. A crash can therefore leak space (data no table references) but
+//! never make a table point at garbage.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+use crate::error::{Error, Result};
+use crate::format::cowd::{self, CowdHeader, COWD_GTES};
+use crate::format::sparse::{SparseHeader, SECTOR};
+use crate::format::Extent;
+use crate::image::Layer;
+
+/// Reads the content below the layer being written (for copy-on-write fills).
+pub type Below<'a> = &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync);
+
+/// Test hook: abort the process after this many data/metadata writes (crash tests).
+pub(crate) fn fault_point() {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LEFT: AtomicI64 = AtomicI64::new(i64::MIN);
+    let mut left = LEFT.load(Ordering::Relaxed);
+    if left == i64::MIN {
+        left = std::env::var("VMDKIT_TEST_ABORT_AFTER_WRITES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1);
+        LEFT.store(left, Ordering::Relaxed);
+    }
+    if left >= 0 {
+        if LEFT.fetch_sub(1, Ordering::Relaxed) == 0 {
+            std::process::abort();
+        }
+    }
+}
+
+fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                Error::InvalidInput(format!(
+                    "`{}` is read-only: refusing to write",
+                    path.display()
+                ))
+            } else {
+                Error::io("open for writing", path, 0, e)
+            }
+        })
+}
+
+fn pwrite(f: &File, path: &Path, buf: &[u8], off: u64) -> Result<()> {
+    fault_point();
+    f.write_all_at(buf, off)
+        .map_err(|e| crate::ops::output::write_error(path, off, e))
+}
+
+fn pread(f: &File, path: &Path, buf: &mut [u8], off: u64) -> Result<()> {
+    f.read_exact_at(buf, off)
+        .map_err(|e| Error::io("read", path, off, e))
+}
+
+fn sync(f: &File, path: &Path) -> Result<()> {
+    f.sync_data().map_err(|e| Error::io("flush", path, 0, e))
+}
+
+/// Writable hosted sparse extent.
+struct SparseW {
+    file: File,
+    path: PathBuf,
+    h: SparseHeader,
+    gd: Vec<u32>,
+    rgd: Option<Vec<u32>>,
+    gts: BTreeMap<usize, Vec<u32>>,
+    rgts: BTreeMap<usize, Vec<u32>>,
+    dirty: BTreeSet<usize>,
+    gd_dirty: bool,
+    cursor: u64,
+    len: u64,
+    grain: u64,
+}
+
+fn read_u32s(f: &File, path: &Path, sector: u64, n: usize) -> Result<Vec<u32>> {
+    let mut raw = vec![0u8; n * 4];
+    pread(f, path, &mut raw, sector * SECTOR)?;
+    let mut v = vec![0u32; n];
+    LE::read_u32_into(&raw, &mut v);
+    Ok(v)
+}
+
+fn u32s_bytes(v: &[u32]) -> Vec<u8> {
+    let mut b = vec![0u8; v.len() * 4];
+    LE::write_u32_into(v, &mut b);
+    b
+}
+
+impl SparseW {
+    fn open(path: &Path, h: SparseHeader) -> Result<SparseW> {
+        if h.compressed() {
+            return Err(Error::unsupported(
+                path,
+                "writing into a compressed (streamOptimized) extent",
+            ));
+        }
+        let file = open_rw(path)?;
+        let n = h.num_gts() as usize;
+        let gd = read_u32s(&file, path, h.gd_offset, n)?;
+        let rgd = if h.flags & crate::format::sparse::FLAG_REDUNDANT_GD != 0 && h.rgd_offset != 0 {
+            Some(read_u32s(&file, path, h.rgd_offset, n)?)
+        } else {
+            None
+        };
+        let flen = file
+            .metadata()
+            .map_err(|e| Error::io("stat", path, 0, e))?
+            .len();
+        let grain = h.grain_size * SECTOR;
+        let cursor = flen.max(h.over_head * SECTOR).div_ceil(grain) * grain / SECTOR;
+        Ok(SparseW {
+            file,
+            path: path.to_path_buf(),
+            len: h.capacity * SECTOR,
+            grain,
+            h,
+            gd,
+            rgd,
+            gts: BTreeMap::new(),
+            rgts: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            gd_dirty: false,
+            cursor,
+        })
+    }
+
+    fn per(&self) -> usize {
+        self.h.num_gtes_per_gt as usize
+    }
+
+    fn alloc_sectors(&mut self, sectors: u64) -> Result<u32> {
+        let at = self.cursor;
+        self.cursor += sectors.div_ceil(self.h.grain_size) * self.h.grain_size;
+        u32::try_from(at).map_err(|_| {
+            Error::unsupported(
+                &self.path,
+                "hosted sparse file would grow past 2 TiB (32-bit sector numbers)",
+            )
+        })
+    }
+
+    fn table(&mut self, gdi: usize) -> Result<&mut Vec<u32>> {
+        if !self.gts.contains_key(&gdi) {
+            let per = self.per();
+            let t = if self.gd[gdi] == 0 {
+                // A directory entry with no table: allocate tables at the end.
+                let s = self.alloc_sectors(((per * 4) as u64).div_ceil(SECTOR))?;
+                self.gd[gdi] = s;
+                if let Some(r) = self.rgd.as_mut() {
+                    let rs = {
+                        let at = self.cursor;
+                        self.cursor += ((per * 4) as u64)
+                            .div_ceil(SECTOR)
+                            .div_ceil(self.h.grain_size)
+                            * self.h.grain_size;
+                        at as u32
+                    };
+                    r[gdi] = rs;
+                    self.rgts.insert(gdi, vec![0; per]);
+                }
+                self.gd_dirty = true;
+                self.dirty.insert(gdi);
+                vec![0; per]
+            } else {
+                if let Some(r) = &self.rgd {
+                    if r[gdi] != 0 {
+                        let rt = read_u32s(&self.file, &self.path, u64::from(r[gdi]), per)?;
+                        self.rgts.insert(gdi, rt);
+                    }
+                }
+                read_u32s(&self.file, &self.path, u64::from(self.gd[gdi]), per)?
+            };
+            self.gts.insert(gdi, t);
+        }
+        Ok(self.gts.get_mut(&gdi).expect("inserted"))
+    }
+
+    fn set_gte(&mut self, g: u64, v: u32) -> Result<()> {
+        let per = self.per();
+        let gdi = (g / per as u64) as usize;
+        let i = (g % per as u64) as usize;
+        self.table(gdi)?[i] = v;
+        if let Some(rt) = self.rgts.get_mut(&gdi) {
+            rt[i] = v;
+        }
+        self.dirty.insert(gdi);
+        Ok(())
+    }
+
+    fn gte(&mut self, g: u64) -> Result<u32> {
+        let per = self.per() as u64;
+        let gdi = (g / per) as usize;
+        if self.gd[gdi] == 0 && !self.gts.contains_key(&gdi) {
+            return Ok(0);
+        }
+        Ok(self.table(gdi)?[(g % per) as usize])
+    }
+
+    /// Write `data` at extent-relative `off` (within one grain).
+    fn write_in_grain(&mut self, data: &[u8], off: u64, base: u64, below: Below<'_>) -> Result<()> {
+        let g = off / self.grain;
+        let gstart = g * self.grain;
+        let gte = self.gte(g)?;
+        if gte >= 2 || (gte == 1 && !self.h.zero_grain()) {
+            return pwrite(
+                &self.file,
+                &self.path,
+                data,
+                u64::from(gte) * SECTOR + (off - gstart),
+            );
+        }
+        let valid = (self.len - gstart).min(self.grain) as usize;
+        let mut full = vec![0u8; self.grain as usize];
+        let whole = off == gstart && data.len() == valid;
+        if !whole && gte == 0 {
+            below(&mut full[..valid], base + gstart)?;
+        }
+        let o = (off - gstart) as usize;
+        full[o..o + data.len()].copy_from_slice(data);
+        let s = self.alloc_sectors(self.h.grain_size)?;
+        pwrite(&self.file, &self.path, &full, u64::from(s) * SECTOR)?;
+        self.set_gte(g, s)
+    }
+
+    fn zero_grain(&mut self, g: u64) -> Result<bool> {
+        if self.h.zero_grain() {
+            self.set_gte(g, 1)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.dirty.is_empty() && !self.gd_dirty {
+            return Ok(());
+        }
+        // 1. Grain data durable before any table points at it.
+        sync(&self.file, &self.path)?;
+        // 2. Tables (both copies), then 3. directories.
+        for &gdi in &self.dirty {
+            let t = u32s_bytes(&self.gts[&gdi]);
+            pwrite(&self.file, &self.path, &t, u64::from(self.gd[gdi]) * SECTOR)?;
+            if let (Some(r), Some(rt)) = (&self.rgd, self.rgts.get(&gdi)) {
+                pwrite(
+                    &self.file,
+                    &self.path,
+                    &u32s_bytes(rt),
+                    u64::from(r[gdi]) * SECTOR,
+                )?;
+            }
+        }
+        if self.gd_dirty {
+            sync(&self.file, &self.path)?;
+            pwrite(
+                &self.file,
+                &self.path,
+                &u32s_bytes(&self.gd),
+                self.h.gd_offset * SECTOR,
+            )?;
+            if let Some(r) = &self.rgd {
+                pwrite(
+                    &self.file,
+                    &self.path,
+                    &u32s_bytes(r),
+                    self.h.rgd_offset * SECTOR,
+                )?;
+            }
+        }
+        sync(&self.file, &self.path)?;
+        self.dirty.clear();
+        self.gd_dirty = false;
+        Ok(())
+    }
+}
+
+/// Writable COWD extent.
+struct CowdW {
+    file: File,
+    path: PathBuf,
+    h: CowdHeader,
+    gd: Vec<u32>,
+    gts: BTreeMap<usize, Vec<u32>>,
+    dirty: BTreeSet<usize>,
+    gd_dirty: bool,
+    cursor: u64,
+    len: u64,
+    grain: u64,
+}
+
+impl CowdW {
+    fn open(path: &Path) -> Result<CowdW> {
+        let file = open_rw(path)?;
+        let src = crate::io::Source::from_file(
+            file.try_clone()
+                .map_err(|e| Error::io("open", path, 0, e))?,
+            path,
+            crate::io::SourceMode::Pread,
+        )?;
+        let h = cowd::read_header(&src)?;
+        let n = u64::from(h.num_sectors).div_ceil(COWD_GTES * u64::from(h.grain_size)) as usize;
+        let gd = read_u32s(&file, path, u64::from(h.gd_offset), n)?;
+        let flen = src.len();
+        let cursor = (flen.div_ceil(SECTOR)).max(u64::from(h.free_sector));
+        Ok(CowdW {
+            file,
+            path: path.to_path_buf(),
+            len: u64::from(h.num_sectors) * SECTOR,
+            grain: u64::from(h.grain_size) * SECTOR,
+            h,
+            gd,
+            gts: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            gd_dirty: false,
+            cursor,
+        })
+    }
+
+    fn table(&mut self, gdi: usize) -> Result<&mut Vec<u32>> {
+        if !self.gts.contains_key(&gdi) {
+            let t = if self.gd[gdi] == 0 {
+                let at = self.cursor;
+                self.cursor += COWD_GTES * 4 / SECTOR;
+                self.gd[gdi] = u32::try_from(at)
+                    .map_err(|_| Error::unsupported(&self.path, "COWD file past 2 TiB"))?;
+                self.gd_dirty = true;
+                self.dirty.insert(gdi);
+                vec![0; COWD_GTES as usize]
+            } else {
+                read_u32s(
+                    &self.file,
+                    &self.path,
+                    u64::from(self.gd[gdi]),
+                    COWD_GTES as usize,
+                )?
+            };
+            self.gts.insert(gdi, t);
+        }
+        Ok(self.gts.get_mut(&gdi).expect("inserted"))
+    }
+
+    fn write_in_grain(&mut self, data: &[u8], off: u64, base: u64, below: Below<'_>) -> Result<()> {
+        let g = off / self.grain;
+        let gstart = g * self.grain;
+        let gdi = (g / COWD_GTES) as usize;
+        let i = (g % COWD_GTES) as usize;
+        let gte = self.table(gdi)?[i];
+        if gte != 0 {
+            return pwrite(
+                &self.file,
+                &self.path,
+                data,
+                u64::from(gte) * SECTOR + (off - gstart),
+            );
+        }
+        let valid = (self.len - gstart).min(self.grain) as usize;
+        let mut full = vec![0u8; self.grain as usize];
+        if !(off == gstart && data.len() == valid) {
+            below(&mut full[..valid], base + gstart)?;
+        }
+        let o = (off - gstart) as usize;
+        full[o..o + data.len()].copy_from_slice(data);
+        let at = self.cursor;
+        self.cursor += self.grain / SECTOR;
+        let at32 = u32::try_from(at)
+            .map_err(|_| Error::unsupported(&self.path, "COWD file past 2 TiB"))?;
+        pwrite(&self.file, &self.path, &full, at * SECTOR)?;
+        self.table(gdi)?[i] = at32;
+        self.dirty.insert(gdi);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.dirty.is_empty() && !self.gd_dirty {
+            return Ok(());
+        }
+        sync(&self.file, &self.path)?;
+        for &gdi in &self.dirty {
+            pwrite(
+                &self.file,
+                &self.path,
+                &u32s_bytes(&self.gts[&gdi]),
+                u64::from(self.gd[gdi]) * SECTOR,
+            )?;
+        }
+        sync(&self.file, &self.path)?;
+        if self.gd_dirty {
+            pwrite(
+                &self.file,
+                &self.path,
+                &u32s_bytes(&self.gd),
+                u64::from(self.h.gd_offset) * SECTOR,
+            )?;
+        }
+        // qemu leaves freeSector stale; we keep it current (formats.md §6.3).
+        self.h.free_sector = u32::try_from(self.cursor).unwrap_or(u32::MAX);
+        pwrite(
+            &self.file,
+            &self.path,
+            &self.h.free_sector.to_le_bytes(),
+            28,
+        )?;
+        sync(&self.file, &self.path)?;
+        self.dirty.clear();
+        self.gd_dirty = false;
+        Ok(())
+    }
+}
+
+/// Writable flat extent.
+struct FlatW {
+    file: File,
+    path: PathBuf,
+    offset: u64,
+}
+
+enum ExtW {
+    Sparse(Box<SparseW>),
+    Cowd(Box<CowdW>),
+    Flat(FlatW),
+    ReadOnly(String),
+}
+
+/// Writes into one layer.
+pub struct LayerWriter {
+    extents: Vec<(u64, u64, ExtW)>,
+    capacity: u64,
+    path: PathBuf,
+}
+
+impl LayerWriter {
+    /// Open `layer`'s files for writing. The layer must have been opened with positional
+    /// reads (never write a mapped file).
+    pub fn open(layer: &Layer) -> Result<LayerWriter> {
+        let mut extents = Vec::new();
+        for slot in &layer.extents {
+            let len = slot.extent.len();
+            let w = match (&slot.extent, &slot.path) {
+                (_, _) if slot.line.access != crate::format::descriptor::Access::Rw => {
+                    ExtW::ReadOnly(format!(
+                        "extent `{}` is {}",
+                        slot.line.file.as_deref().unwrap_or(""),
+                        slot.line.access.as_str()
+                    ))
+                }
+                (Extent::Sparse(s), Some(p)) => {
+                    ExtW::Sparse(Box::new(SparseW::open(p, *s.header())?))
+                }
+                (Extent::Cowd(_), Some(p)) => ExtW::Cowd(Box::new(CowdW::open(p)?)),
+                (Extent::Flat(f), Some(p)) => ExtW::Flat(FlatW {
+                    file: open_rw(p)?,
+                    path: p.clone(),
+                    offset: f.offset,
+                }),
+                (Extent::SeSparse(_), _) => ExtW::ReadOnly("SESparse extents are read-only".into()),
+                _ => ExtW::ReadOnly("a ZERO extent stores nothing".into()),
+            };
+            extents.push((slot.start, len, w));
+        }
+        Ok(LayerWriter {
+            extents,
+            capacity: layer.capacity,
+            path: layer.path.clone(),
+        })
+    }
+
+    fn check(&self, off: u64, len: u64) -> Result<()> {
+        if off.checked_add(len).is_none_or(|e| e > self.capacity) {
+            return Err(Error::InvalidInput(format!(
+                "write of {len} bytes at {off:#x} is past the capacity {:#x} of `{}`",
+                self.capacity,
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Write `data` at virtual offset `off`. `below` reads the layers under this one.
+    pub fn write_at(&mut self, data: &[u8], off: u64, below: Below<'_>) -> Result<()> {
+        self.check(off, data.len() as u64)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let pos = off + done as u64;
+            let i = self.extents.partition_point(|e| e.0 + e.1 <= pos);
+            let (start, len, w) = &mut self.extents[i];
+            let rel = pos - *start;
+            let n = match w {
+                ExtW::Sparse(s) => {
+                    let g_end = (rel / s.grain + 1) * s.grain;
+                    let n = ((g_end.min(*len) - rel) as usize).min(data.len() - done);
+                    s.write_in_grain(&data[done..done + n], rel, *start, below)?;
+                    n
+                }
+                ExtW::Cowd(c) => {
+                    let g_end = (rel / c.grain + 1) * c.grain;
+                    // Whole grains in a row go through one grain at a time; COWD grains
+                    // are small (one sector by default).
+                    let n = ((g_end.min(*len) - rel) as usize).min(data.len() - done);
+                    c.write_in_grain(&data[done..done + n], rel, *start, below)?;
+                    n
+                }
+                ExtW::Flat(f) => {
+                    let n = ((*len - rel) as usize).min(data.len() - done);
+                    pwrite(&f.file, &f.path, &data[done..done + n], f.offset + rel)?;
+                    n
+                }
+                ExtW::ReadOnly(why) => {
+                    return Err(Error::InvalidInput(format!(
+                        "`{}`: {why}",
+                        self.path.display()
+                    )))
+                }
+            };
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Write zeros over `[off, off+len)`: zeroed grains where the format has them.
+    pub fn write_zeroes(&mut self, off: u64, len: u64, below: Below<'_>) -> Result<()> {
+        self.check(off, len)?;
+        let zeros = vec![0u8; 1 << 20];
+        let mut pos = off;
+        let end = off + len;
+        while pos < end {
+            let i = self.extents.partition_point(|e| e.0 + e.1 <= pos);
+            let (start, elen, w) = &mut self.extents[i];
+            if let ExtW::Sparse(s) = w {
+                let rel = pos - *start;
+                let g = rel / s.grain;
+                let gstart = g * s.grain;
+                let gend = (gstart + s.grain).min(*elen);
+                if rel == gstart && end - pos >= gend - gstart && s.zero_grain(g)? {
+                    pos = *start + gend;
+                    continue;
+                }
+            }
+            let (s0, l0) = (*start, *elen);
+            let n = (end - pos).min(zeros.len() as u64).min(s0 + l0 - pos);
+            // Keep zero runs grain-sized for sparse so whole grains can become zeroed grains.
+            let n = match &self.extents[i].2 {
+                ExtW::Sparse(s) => n.min(((pos - s0) / s.grain + 1) * s.grain - (pos - s0)),
+                _ => n,
+            };
+            self.write_at(&zeros[..n as usize], pos, below)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Make everything written durable (data before tables, tables before directories).
+    pub fn flush(&mut self) -> Result<()> {
+        for (_, _, w) in &mut self.extents {
+            match w {
+                ExtW::Sparse(s) => s.flush()?,
+                ExtW::Cowd(c) => c.flush()?,
+                ExtW::Flat(f) => sync(&f.file, &f.path)?,
+                ExtW::ReadOnly(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Give `layer` a new CID and write its descriptor back (atomically for a separate
+/// descriptor file; in place in the descriptor area for an embedded one). Bare COWD
+/// layers have no CID: nothing happens.
+pub fn set_cid(layer: &mut Layer, cid: u32) -> Result<()> {
+    if layer.bare_cowd {
+        return Ok(());
+    }
+    layer.descriptor.set("CID", &format!("{cid:08x}"), false);
+    write_descriptor(layer)
+}
+
+/// Write `layer.descriptor` back to where it lives.
+pub fn write_descriptor(layer: &Layer) -> Result<()> {
+    let text = layer.descriptor.to_text();
+    if layer.embedded {
+        let Some(Extent::Sparse(s)) = layer.extents.first().map(|e| &e.extent) else {
+            return Err(Error::unsupported(
+                &layer.path,
+                "embedded descriptor outside a sparse extent",
+            ));
+        };
+        let h = s.raw_header();
+        let room = (h.descriptor_size * SECTOR) as usize;
+        if text.len() > room {
+            return Err(Error::unsupported(
+                &layer.path,
+                format!(
+                    "descriptor of {} bytes does not fit the {room}-byte embedded area",
+                    text.len()
+                ),
+            ));
+        }
+        let mut b = text.into_bytes();
+        b.resize(room, 0);
+        let f = open_rw(&layer.path)?;
+        pwrite(&f, &layer.path, &b, h.descriptor_offset * SECTOR)?;
+        return sync(&f, &layer.path);
+    }
+    // Separate file: temporary beside it, fsync, rename (keeps the old on any failure).
+    let dir = match layer.path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let tmp = dir.join(format!(
+        ".{}.vmdkit-tmp.{}",
+        layer
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let perms = std::fs::metadata(&layer.path)
+        .map_err(|e| Error::io("stat", &layer.path, 0, e))?
+        .permissions();
+    if perms.readonly() {
+        return Err(Error::InvalidInput(format!(
+            "`{}` is read-only: refusing to write",
+            layer.path.display()
+        )));
+    }
+    std::fs::write(&tmp, text.as_bytes()).map_err(|e| Error::io("write", &tmp, 0, e))?;
+    let f = File::open(&tmp).map_err(|e| Error::io("open", &tmp, 0, e))?;
+    f.sync_all().map_err(|e| Error::io("flush", &tmp, 0, e))?;
+    let _ = std::fs::set_permissions(&tmp, perms);
+    fault_point();
+    std::fs::rename(&tmp, &layer.path)
+        .map_err(|e| Error::io("rename into place", &layer.path, 0, e))?;
+    if let Ok(d) = File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
