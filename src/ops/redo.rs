@@ -46,10 +46,12 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The folder of `p` as a prefix to join names to (empty for a bare file name, so
+/// printed paths stay as the user wrote them).
 fn dir_of(p: &Path) -> PathBuf {
     match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
+        _ => PathBuf::new(),
     }
 }
 

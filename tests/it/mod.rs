@@ -7,3 +7,4 @@ mod export;
 mod mutate;
 mod props;
 mod read_qemu;
+mod redo;
