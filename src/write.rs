@@ -37,10 +37,8 @@ pub(crate) fn fault_point() {
             .unwrap_or(-1);
         LEFT.store(left, Ordering::Relaxed);
     }
-    if left >= 0 {
-        if LEFT.fetch_sub(1, Ordering::Relaxed) == 0 {
-            std::process::abort();
-        }
+    if left >= 0 && LEFT.fetch_sub(1, Ordering::Relaxed) == 0 {
+        std::process::abort();
     }
 }
 
