@@ -212,11 +212,44 @@ impl Producer<'_> {
     }
 }
 
+/// Shannon entropy of the byte histogram above which a grain is stored, not deflated.
+/// Random or already-compressed data measures ~7.99 bits/byte; text ~4-5, machine code ~6.
+/// Deflating such data costs most of the stream's time and gains nothing (level 6 output
+/// is even a few bytes larger than stored blocks).
+const STORE_ENTROPY: f64 = 7.9;
+
+/// Whether `data` looks incompressible (byte entropy above [`STORE_ENTROPY`]).
+pub fn looks_incompressible(data: &[u8]) -> bool {
+    if data.len() < 4096 {
+        return false;
+    }
+    let mut hist = [0u32; 256];
+    for &b in data {
+        hist[b as usize] += 1;
+    }
+    let n = data.len() as f64;
+    let h: f64 = hist
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
+    h > STORE_ENTROPY
+}
+
 /// A stream grain record: LBA, compressed size, one zlib stream, zero pad to a sector.
+/// Incompressible grains get a zlib stream of stored blocks (still zlib, as readers need).
 fn grain_record(lba: u64, data: &[u8], level: u32) -> Result<Vec<u8>> {
     let mut rec = Vec::with_capacity(data.len() / 2 + 512);
     rec.extend_from_slice(&lba.to_le_bytes());
     rec.extend_from_slice(&[0u8; 4]);
+    let level = if level > 0 && looks_incompressible(data) {
+        0
+    } else {
+        level
+    };
     let mut enc = flate2::write::ZlibEncoder::new(rec, flate2::Compression::new(level));
     enc.write_all(data)
         .map_err(|e| Error::InvalidInput(format!("compression failed: {e}")))?;
