@@ -120,3 +120,34 @@ pub(crate) fn push_run(out: &mut Vec<Run>, run: Run) {
     }
     out.push(run);
 }
+
+/// A disk of zeros (nothing allocated): the source of `create`, and a stand-in capacity
+/// for outputs fed from a stream.
+#[derive(Debug, Clone, Copy)]
+pub struct ZeroDisk(pub u64);
+
+impl VirtualDisk for ZeroDisk {
+    fn capacity(&self) -> u64 {
+        self.0
+    }
+    fn granularity(&self) -> u64 {
+        512
+    }
+    fn map(&self, range: Range<u64>) -> Result<Vec<Run>> {
+        let end = range.end.min(self.0);
+        Ok(if range.start < end {
+            vec![Run {
+                start: range.start,
+                len: end - range.start,
+                alloc: Alloc::Unallocated,
+                depth: 0,
+            }]
+        } else {
+            vec![]
+        })
+    }
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}

@@ -162,6 +162,50 @@ enum Cmd {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Restore: a disk or chain (flattened), or a stream on stdin (`-`), into a new disk.
+    Import {
+        /// Source disk, or `-` for stdin (streamOptimized, a sparse file with its tables
+        /// first, or the tar stream export writes).
+        src: PathBuf,
+        /// Destination (a raw target may be an existing device or stand-in file).
+        dst: PathBuf,
+        /// thin (default), zeroedthick, eagerzeroedthick, monolithicSparse,
+        /// twoGbMaxExtentSparse, raw, streamOptimized.
+        #[arg(long = "type", short = 'd', default_value = "thin")]
+        kind: String,
+        /// Adapter type (ide, buslogic, lsilogic, lsisas1068, pvscsi); geometry recomputed.
+        #[arg(long, short = 'a')]
+        adapter: Option<String>,
+        /// Overwrite existing outputs.
+        #[arg(long)]
+        force: bool,
+        /// Worker threads (default: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// No progress bar.
+        #[arg(short, long)]
+        quiet: bool,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Create an empty disk (vmkfstools -c).
+    Create {
+        /// The new disk.
+        disk: PathBuf,
+        /// Size: a number with k, m, g, t (binary) or s (sectors).
+        #[arg(long, short = 's')]
+        size: String,
+        /// zeroedthick (default, as vmkfstools), thin, eagerzeroedthick, monolithicSparse,
+        /// twoGbMaxExtentSparse, streamOptimized.
+        #[arg(long = "type", short = 'd', default_value = "zeroedthick")]
+        kind: String,
+        /// Adapter type (default lsilogic).
+        #[arg(long, short = 'a')]
+        adapter: Option<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
     /// Check a disk's content against a manifest written by `export --manifest`.
     Verify {
         /// The disk (any copy, e.g. restored from tape).
@@ -416,6 +460,72 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     r.removed.iter().map(|p| format!("`{}`", p.display())).collect::<Vec<_>>().join(", ")
                 );
             }
+        }
+        Cmd::Import {
+            src,
+            dst,
+            kind,
+            adapter,
+            force,
+            threads,
+            quiet,
+            read,
+        } => {
+            use vmdkit::ops::import::{import_disk, import_stream, DiskType, ImportOptions};
+            let kind =
+                DiskType::parse(&kind).ok_or_else(|| anyhow::anyhow!("unknown type `{kind}`"))?;
+            let opts = ImportOptions {
+                kind,
+                adapter,
+                force,
+                threads,
+            };
+            let r = if src.as_os_str() == "-" {
+                let bar = Bar::new(0, quiet);
+                let mut input = std::io::stdin().lock();
+                let r = import_stream(&mut input, &dst, &opts, &bar)?;
+                bar.finish();
+                r
+            } else {
+                let chain = read.open(&src)?;
+                let bar = Bar::new(chain.capacity(), quiet);
+                let r = import_disk(&chain, &dst, &opts, &bar)?;
+                bar.finish();
+                r
+            };
+            if !quiet {
+                eprintln!(
+                    "vmdkit: imported into {}",
+                    r.files
+                        .iter()
+                        .map(|p| format!("`{}`", p.display()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
+        }
+        Cmd::Create {
+            disk,
+            size,
+            kind,
+            adapter,
+            force,
+        } => {
+            use vmdkit::ops::import::{create, parse_size, DiskType, ImportOptions};
+            let kind =
+                DiskType::parse(&kind).ok_or_else(|| anyhow::anyhow!("unknown type `{kind}`"))?;
+            let size = parse_size(&size)?;
+            create(
+                &disk,
+                size,
+                &ImportOptions {
+                    kind,
+                    adapter,
+                    force,
+                    threads: 0,
+                },
+                &vmdkit::ops::NoProgress,
+            )?;
         }
         Cmd::Verify {
             disk,

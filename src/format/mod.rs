@@ -6,6 +6,7 @@ pub mod cowd;
 pub mod descriptor;
 pub mod sesparse;
 pub mod sparse;
+pub mod stream_in;
 
 use std::ops::Range;
 

@@ -115,6 +115,8 @@ pub struct ExportOptions {
     pub force: bool,
     /// Pipeline unit (bytes; a multiple of 64 KiB dividing the split size). Tests vary it.
     pub unit: u64,
+    /// Allocation of flat outputs written to files.
+    pub prealloc: Prealloc,
 }
 
 impl Default for ExportOptions {
@@ -126,6 +128,7 @@ impl Default for ExportOptions {
             manifest: None,
             force: false,
             unit: pipeline::DEFAULT_UNIT,
+            prealloc: Prealloc::Thin,
         }
     }
 }
@@ -185,6 +188,10 @@ impl Producer<'_> {
         }
         let mut buf = vec![0u8; u.len as usize];
         self.disk.read_at(&mut buf, u.start)?;
+        self.piece(u, buf)
+    }
+
+    fn piece(&self, u: &Unit, buf: Vec<u8>) -> Result<Piece> {
         let nonzero: Vec<bool> = buf.chunks(GRAIN as usize).map(|g| !is_zero(g)).collect();
         if !nonzero.contains(&true) {
             return Ok(Piece::Hole);
@@ -336,27 +343,81 @@ fn output_cid(chain: &Chain, format: ExportFormat) -> u32 {
     c
 }
 
-/// The output's descriptor: the source's DDB keys (adapter, geometry, uuid...; the base
-/// layer's, which hold the disk's real settings, then keys only children have), a fresh
-/// CID, no parent link.
-pub fn output_descriptor(
-    chain: &Chain,
-    ct: CreateType,
-    extents: Vec<ExtentLine>,
-    cid: u32,
-) -> Descriptor {
-    let mut ddb: Vec<(String, String)> = Vec::new();
-    for layer in chain.layers.iter().rev() {
-        for (k, v) in layer.descriptor.ddb_entries() {
-            let lk = k.to_ascii_lowercase();
-            if lk.contains("parent") || lk == "ddb.thinprovisioned" || lk == "ddb.longcontentid" {
-                continue;
-            }
-            if !ddb.iter().any(|(k2, _)| k2.eq_ignore_ascii_case(&k)) {
-                ddb.push((k, v));
+/// What an output's descriptor is made from: DDB keys and a CID.
+#[derive(Debug, Clone)]
+pub struct OutputMeta {
+    /// `ddb.*` entries to keep (keys with the prefix). The internal key `vmdkit.thick`
+    /// marks thick outputs (no `ddb.thinProvisioned`).
+    pub ddb: Vec<(String, String)>,
+    /// The output's CID.
+    pub cid: u32,
+}
+
+impl OutputMeta {
+    fn thin(&self) -> bool {
+        !self
+            .ddb
+            .iter()
+            .any(|(k, v)| k == "vmdkit.thick" && v == "1")
+    }
+
+    /// The source chain's DDB keys (the base layer's, which hold the disk's real
+    /// settings, then keys only children have) and a fresh CID.
+    pub fn from_chain(chain: &Chain, format: ExportFormat) -> OutputMeta {
+        let mut ddb: Vec<(String, String)> = Vec::new();
+        for layer in chain.layers.iter().rev() {
+            for (k, v) in layer.descriptor.ddb_entries() {
+                if !ddb.iter().any(|(k2, _)| k2.eq_ignore_ascii_case(&k)) {
+                    ddb.push((k, v));
+                }
             }
         }
+        OutputMeta {
+            ddb,
+            cid: output_cid(chain, format),
+        }
     }
+
+    /// Use `adapter` and recompute the geometry for it (formats.md §9).
+    pub fn set_adapter(&mut self, adapter: &str, capacity: u64) {
+        self.ddb.retain(|(k, _)| {
+            let k = k.to_ascii_lowercase();
+            k != "ddb.adaptertype" && !k.starts_with("ddb.geometry.")
+        });
+        let g = crate::ops::geometry::compute(capacity / SECTOR, adapter);
+        self.ddb
+            .push(("ddb.adapterType".into(), adapter.to_string()));
+        self.ddb
+            .push(("ddb.geometry.cylinders".into(), g.cylinders.to_string()));
+        self.ddb
+            .push(("ddb.geometry.heads".into(), g.heads.to_string()));
+        self.ddb
+            .push(("ddb.geometry.sectors".into(), g.sectors.to_string()));
+    }
+}
+
+/// The output's descriptor: the kept DDB keys (parent links, the thin flag and the long
+/// content ID dropped, then set afresh), defaults for a missing adapter and geometry,
+/// the CID, no parent link.
+pub fn output_descriptor(
+    meta: &OutputMeta,
+    capacity: u64,
+    ct: CreateType,
+    extents: Vec<ExtentLine>,
+) -> Descriptor {
+    let cid = meta.cid;
+    let mut ddb: Vec<(String, String)> = meta
+        .ddb
+        .iter()
+        .filter(|(k, _)| {
+            let lk = k.to_ascii_lowercase();
+            lk.starts_with("ddb.")
+                && !(lk.contains("parent")
+                    || lk == "ddb.thinprovisioned"
+                    || lk == "ddb.longcontentid")
+        })
+        .cloned()
+        .collect();
     if !ddb
         .iter()
         .any(|(k, _)| k.eq_ignore_ascii_case("ddb.virtualHWVersion"))
@@ -373,12 +434,16 @@ pub fn output_descriptor(
         .iter()
         .any(|(k, _)| k.eq_ignore_ascii_case("ddb.geometry.cylinders"))
     {
-        let g = crate::ops::geometry::compute(chain.capacity() / SECTOR, "lsilogic");
+        let adapter = ddb
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("ddb.adapterType"))
+            .map_or("lsilogic".to_string(), |(_, v)| v.clone());
+        let g = crate::ops::geometry::compute(capacity / SECTOR, &adapter);
         ddb.push(("ddb.geometry.cylinders".into(), g.cylinders.to_string()));
         ddb.push(("ddb.geometry.heads".into(), g.heads.to_string()));
         ddb.push(("ddb.geometry.sectors".into(), g.sectors.to_string()));
     }
-    if ct == CreateType::Vmfs {
+    if ct == CreateType::Vmfs && meta.thin() {
         ddb.push(("ddb.thinProvisioned".into(), "1".into()));
     }
     let long = format!(
@@ -698,6 +763,7 @@ impl Sink for SparseFileSink {
 
 /// Flat extents (or one raw file) written to files with holes.
 struct FlatFileSink {
+    prealloc: Prealloc,
     pieces: Vec<Piece0>,
     dir: PathBuf,
     files: Vec<Option<AtomicFile>>,
@@ -706,20 +772,78 @@ struct FlatFileSink {
     report: ExportReport,
 }
 
+impl FlatFileSink {
+    fn file(&mut self, i: usize) -> Result<&AtomicFile> {
+        if self.files[i].is_none() {
+            let f = AtomicFile::create(&self.dir.join(&self.pieces[i].name), self.force)?;
+            if self.prealloc != Prealloc::Thin {
+                allocate(f.file(), f.tmp_path(), self.pieces[i].len)?;
+            }
+            self.files[i] = Some(f);
+        }
+        Ok(self.files[i].as_ref().expect("just opened"))
+    }
+
+    /// Write `buf` at virtual offset `pos`, across extents as needed.
+    fn write_virtual(&mut self, buf: &[u8], pos: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = pos + done as u64;
+            let j = self.pieces.partition_point(|x| x.start + x.len <= at);
+            let (pb, pl) = (self.pieces[j].start, self.pieces[j].len);
+            let n = (buf.len() - done).min((pb + pl - at) as usize);
+            let f = self.file(j)?;
+            f.file()
+                .write_all_at(&buf[done..done + n], at - pb)
+                .map_err(|e| write_error(f.tmp_path(), at - pb, e))?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Allocate `len` bytes of a file (fallocate); where the filesystem cannot, the file is
+/// only sized (by `set_len` later). A full disk is an error.
+pub fn allocate(f: &std::fs::File, path: &std::path::Path, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let Ok(l) = libc::off_t::try_from(len) else {
+        return Ok(());
+    };
+    if l == 0 {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a valid, open, writable fd; no memory is touched.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, l) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            return Err(write_error(path, 0, e));
+        }
+    }
+    Ok(())
+}
+
 impl Sink for FlatFileSink {
     fn put(&mut self, u: &Unit, p: &Piece) -> Result<()> {
+        if self.prealloc == Prealloc::WriteZeros {
+            // eagerzeroedthick: every byte written, zeros too.
+            match p {
+                Piece::Data { buf, .. } => self.write_virtual(buf, u.start)?,
+                Piece::Hole => {
+                    let z = vec![0u8; (1 << 20).min(u.len) as usize];
+                    let mut done = 0;
+                    while done < u.len {
+                        let n = (u.len - done).min(z.len() as u64) as usize;
+                        self.write_virtual(&z[..n], u.start + done)?;
+                        done += n as u64;
+                    }
+                }
+            }
+            return Ok(());
+        }
         let Piece::Data { buf, nonzero, .. } = p else {
             return Ok(());
         };
-        let i = self.pieces.partition_point(|x| x.start + x.len <= u.start);
-        if self.files[i].is_none() {
-            self.files[i] = Some(AtomicFile::create(
-                &self.dir.join(&self.pieces[i].name),
-                self.force,
-            )?);
-        }
-        let f = self.files[i].as_ref().expect("just opened");
-        let base = self.pieces[i].start;
         let mut g = 0;
         while g < nonzero.len() {
             if !nonzero[g] {
@@ -732,10 +856,7 @@ impl Sink for FlatFileSink {
             }
             let from = s * GRAIN as usize;
             let to = (g * GRAIN as usize).min(buf.len());
-            let at = u.start - base + from as u64;
-            f.file()
-                .write_all_at(&buf[from..to], at)
-                .map_err(|e| write_error(f.tmp_path(), at, e))?;
+            self.write_virtual(&buf[from..to], u.start + from as u64)?;
             self.report.grains += (g - s) as u64;
         }
         Ok(())
@@ -743,11 +864,9 @@ impl Sink for FlatFileSink {
 
     fn finish(&mut self) -> Result<ExportReport> {
         let mut pending = Vec::new();
-        for (i, slot) in self.files.iter_mut().enumerate() {
-            let f = match slot.take() {
-                Some(f) => f,
-                None => AtomicFile::create(&self.dir.join(&self.pieces[i].name), self.force)?,
-            };
+        for i in 0..self.files.len() {
+            self.file(i)?;
+            let f = self.files[i].take().expect("opened");
             let len = self.pieces[i].len;
             f.file()
                 .set_len(len)
@@ -940,6 +1059,62 @@ fn drive(
     )
 }
 
+/// Content pushed from a sequential source (import from a pipe) instead of read from a
+/// disk: `run` calls `put(unit, bytes)` for 1 MiB-aligned units in ascending order (units
+/// it skips are zeros).
+pub trait Feed {
+    /// Push every unit.
+    fn run(&mut self, put: &mut dyn FnMut(Unit, Vec<u8>) -> Result<()>) -> Result<()>;
+}
+
+fn drive_feed(
+    feed: &mut dyn Feed,
+    producer: &Producer<'_>,
+    sink: &mut dyn Sink,
+    mut manifest: Option<&mut ManifestBuilder>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let mut next = 0u64;
+    let cap = producer.disk.capacity();
+    feed.run(&mut |u: Unit, buf: Vec<u8>| {
+        if u.start > next {
+            let gap = Unit {
+                start: next,
+                len: u.start - next,
+                read: false,
+            };
+            if let Some(m) = manifest.as_deref_mut() {
+                m.zeros(gap.start, gap.len);
+            }
+            sink.put(&gap, &Piece::Hole)?;
+            progress.inc(gap.len);
+        }
+        let p = producer.piece(&u, buf)?;
+        if let Some(m) = manifest.as_deref_mut() {
+            match &p {
+                Piece::Hole => m.zeros(u.start, u.len),
+                Piece::Data { crc, .. } => m.block(u.start, crc.clone().expect("crc requested")),
+            }
+        }
+        sink.put(&u, &p)?;
+        progress.inc(u.len);
+        next = u.start + u.len;
+        Ok(())
+    })?;
+    if next < cap {
+        let gap = Unit {
+            start: next,
+            len: cap - next,
+            read: false,
+        };
+        if let Some(m) = manifest.as_deref_mut() {
+            m.zeros(gap.start, gap.len);
+        }
+        sink.put(&gap, &Piece::Hole)?;
+    }
+    Ok(())
+}
+
 /// The zero-scan pass: which 64 KiB grains hold non-zero data.
 fn scan(
     disk: &dyn VirtualDisk,
@@ -985,6 +1160,39 @@ pub fn export(
     opts: &ExportOptions,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
+    let meta = OutputMeta::from_chain(chain, opts.format);
+    let mtime = std::fs::metadata(&chain.top().path)
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    export_fed(chain, None, &meta, mtime, dest, opts, progress)
+}
+
+/// How flat outputs are allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prealloc {
+    /// Holes where the content is zero (thin).
+    #[default]
+    Thin,
+    /// Every block allocated (fallocate), zeros not written (zeroedthick).
+    Allocate,
+    /// Every byte written (eagerzeroedthick).
+    WriteZeros,
+}
+
+/// Export any disk with descriptor metadata `meta` (`mtime` dates tar members); when
+/// `feed` is given it pushes the content and `chain` only supplies the capacity (files
+/// only).
+pub fn export_fed(
+    chain: &dyn VirtualDisk,
+    mut feed: Option<&mut dyn Feed>,
+    meta: &OutputMeta,
+    mtime: u64,
+    dest: Dest,
+    opts: &ExportOptions,
+    progress: &dyn Progress,
+) -> Result<ExportReport> {
     let cap = chain.capacity();
     if opts.level > 9 {
         return Err(Error::InvalidInput(format!(
@@ -1011,7 +1219,6 @@ pub fn export(
         check_target(m, opts.force)?;
     }
     let mut manifest = opts.manifest.as_ref().map(|_| ManifestBuilder::new(cap));
-    let cid = output_cid(chain, format);
     let name = match &dest {
         Dest::Path(p) => p
             .file_name()
@@ -1033,7 +1240,7 @@ pub fn export(
             }],
             _ => extent_lines(format, &pieces),
         };
-        output_descriptor(chain, ct, lines, cid)
+        output_descriptor(meta, cap, ct, lines)
             .to_text()
             .into_bytes()
     });
@@ -1108,6 +1315,7 @@ pub fn export(
                     report: ExportReport::default(),
                 }),
                 _ => Box::new(FlatFileSink {
+                    prealloc: opts.prealloc,
                     files: pieces.iter().map(|_| None).collect(),
                     pieces: pieces.clone(),
                     dir: dir.clone(),
@@ -1116,15 +1324,23 @@ pub fn export(
                     report: ExportReport::default(),
                 }),
             };
-            drive(
-                chain,
-                popts,
-                &producer,
-                sink.as_mut(),
-                manifest.as_mut(),
-                progress,
-            )?;
+            match feed.as_deref_mut() {
+                Some(f) => drive_feed(f, &producer, sink.as_mut(), manifest.as_mut(), progress)?,
+                None => drive(
+                    chain,
+                    popts,
+                    &producer,
+                    sink.as_mut(),
+                    manifest.as_mut(),
+                    progress,
+                )?,
+            }
             sink.finish()?
+        }
+        Dest::Writer { .. } if feed.is_some() => {
+            return Err(Error::InvalidInput(
+                "a streamed source can only be imported to files".into(),
+            ));
         }
         Dest::Writer { w, name: _ } => {
             let mut out = Out {
@@ -1163,11 +1379,6 @@ pub fn export(
                     } else {
                         vec![None; pieces.len()]
                     };
-                    let mtime = std::fs::metadata(&chain.top().path)
-                        .ok()
-                        .and_then(|m| m.modified().ok())
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_secs());
                     if tar {
                         let d = descriptor.clone().expect("tar formats have a descriptor");
                         out.write(&tar_header(&name, d.len() as u64, mtime)?)?;

@@ -4,6 +4,7 @@ pub mod cat;
 pub mod commit;
 pub mod export;
 pub mod geometry;
+pub mod import;
 pub mod info;
 pub mod manifest;
 pub mod output;

@@ -1,0 +1,407 @@
+//! Reading disks strictly sequentially from a pipe (import from stdin): streamOptimized
+//! (VMware's layout with markers and footer, and qemu's with tables up front), hosted
+//! sparse files whose tables come before their grains (what export and `qemu-img convert`
+//! write), and the tar stream `export` writes for split and flat formats.
+//!
+//! Every reader hands out `(virtual offset, bytes)` pieces in ascending order; memory is
+//! bounded by one batch of grains (plus, for uncompressed sparse streams, 8 bytes per
+//! allocated grain of the index built from the tables).
+
+use std::io::Read;
+use std::path::Path;
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::format::descriptor::{Descriptor, ExtentType, MAX_DESCRIPTOR_BYTES};
+use crate::format::sparse::{inflate_grain, SparseHeader, GD_AT_END, SECTOR};
+
+/// Receives content pieces in ascending offset order.
+pub type Emit<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<()>;
+
+/// A reader that counts bytes, for error offsets.
+pub struct Counted<'a> {
+    r: &'a mut dyn Read,
+    /// Bytes consumed.
+    pub pos: u64,
+    name: &'a Path,
+}
+
+impl<'a> Counted<'a> {
+    /// Wrap a reader; `name` is used in errors.
+    pub fn new(r: &'a mut dyn Read, name: &'a Path) -> Counted<'a> {
+        Counted { r, pos: 0, name }
+    }
+
+    /// Fill `buf`; returns false at a clean end of input before any byte.
+    pub fn fill(&mut self, buf: &mut [u8]) -> Result<bool> {
+        let mut n = 0;
+        while n < buf.len() {
+            match self.r.read(&mut buf[n..]) {
+                Ok(0) => {
+                    if n == 0 {
+                        return Ok(false);
+                    }
+                    return Err(Error::corrupt(
+                        self.name,
+                        self.pos,
+                        format!("input ends in the middle of a {}-byte record", buf.len()),
+                    ));
+                }
+                Ok(k) => {
+                    n += k;
+                    self.pos += k as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("read", self.name, self.pos, e)),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Fill `buf` or fail.
+    pub fn exact(&mut self, buf: &mut [u8]) -> Result<()> {
+        if !self.fill(buf)? {
+            return Err(Error::corrupt(self.name, self.pos, "input ends early"));
+        }
+        Ok(())
+    }
+
+    /// Skip forward to absolute position `to`.
+    pub fn skip_to(&mut self, to: u64) -> Result<()> {
+        if to < self.pos {
+            return Err(Error::unsupported(
+                self.name,
+                format!("the data needs to go back to byte {to:#x} (at {:#x}); a pipe cannot: pass the file instead", self.pos),
+            ));
+        }
+        let mut left = to - self.pos;
+        let mut buf = vec![0u8; 1 << 16];
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            self.exact(&mut buf[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Read to the end (so the writer upstream does not see a broken pipe).
+    pub fn drain(&mut self) {
+        let _ = std::io::copy(&mut self.r, &mut std::io::sink());
+    }
+}
+
+/// What a stream told about itself.
+#[derive(Debug, Clone)]
+pub struct StreamInfo {
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Its descriptor, if it carried one.
+    pub descriptor: Option<Descriptor>,
+}
+
+/// Read the descriptor area of a sparse stream (after the header sector).
+fn read_embedded(r: &mut Counted<'_>, h: &SparseHeader) -> Result<Option<Descriptor>> {
+    if h.descriptor_offset == 0 || h.descriptor_size == 0 {
+        return Ok(None);
+    }
+    let start = h.descriptor_offset.saturating_mul(SECTOR);
+    let size = h
+        .descriptor_size
+        .saturating_mul(SECTOR)
+        .min(MAX_DESCRIPTOR_BYTES as u64);
+    r.skip_to(start)?;
+    let mut b = vec![0u8; size as usize];
+    r.exact(&mut b)?;
+    Ok(Descriptor::parse(&b, r.name).ok())
+}
+
+/// The header of a sparse stream, already read (`first` = sector 0).
+pub fn parse_first(first: &[u8; 512], name: &Path) -> Result<SparseHeader> {
+    let src = crate::io::Source::from_bytes(first.to_vec(), &name.to_string_lossy());
+    // A header alone: validate fields without touching the rest.
+    let h = SparseHeader::parse(first)
+        .ok_or_else(|| Error::corrupt(name, 0, "bad magic: not a hosted sparse stream"))?;
+    h.validate(&src)?;
+    Ok(h)
+}
+
+/// Read a streamOptimized stream (after its first sector `h`), emitting grains at
+/// `base + lba*512`. Grains are inflated in parallel batches.
+pub fn read_stream(
+    r: &mut Counted<'_>,
+    h: &SparseHeader,
+    base: u64,
+    emit: Emit<'_>,
+) -> Result<Option<Descriptor>> {
+    if !h.markers() {
+        return Err(Error::unsupported(r.name, "a compressed stream without grain markers cannot be read from a pipe; pass the file instead"));
+    }
+    let desc = read_embedded(r, h)?;
+    r.skip_to(h.over_head.saturating_mul(SECTOR).max(SECTOR))?;
+    let grain = (h.grain_size * SECTOR) as usize;
+    let cap = h.capacity * SECTOR;
+    let max_cmp = 2 * grain as u64 + 4096;
+    let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut last: Option<u64> = None;
+    let flush = |batch: &mut Vec<(u64, Vec<u8>)>, emit: Emit<'_>, name: &Path| -> Result<()> {
+        let out: Vec<Result<Vec<u8>>> = batch
+            .par_iter()
+            .map(|(lba, cmp)| {
+                let start = lba * SECTOR;
+                let want = (cap - start).min(grain as u64) as usize;
+                inflate_grain(cmp, want, grain)
+                    .map_err(|w| Error::corrupt(name, 0, format!("grain at LBA {lba}: {w}")))
+            })
+            .collect();
+        for ((lba, _), data) in batch.drain(..).zip(out) {
+            emit(base + lba * SECTOR, &data?)?;
+        }
+        Ok(())
+    };
+    let mut sector = [0u8; 512];
+    loop {
+        if !r.fill(&mut sector)? {
+            break;
+        }
+        let at = r.pos - 512;
+        let val = LE::read_u64(&sector[0..8]);
+        let size = u64::from(LE::read_u32(&sector[8..12]));
+        if size == 0 {
+            let kind = LE::read_u32(&sector[12..16]);
+            if kind == 0 {
+                break; // end-of-stream marker (or qemu's zero tail)
+            }
+            // GT, GD, footer and progress markers: skip what follows.
+            r.skip_to(r.pos + val.saturating_mul(SECTOR).min(1 << 30))?;
+            continue;
+        }
+        if size > max_cmp {
+            return Err(Error::corrupt(
+                r.name,
+                at + 8,
+                format!("compressed grain size {size} is outside 1..={max_cmp}"),
+            ));
+        }
+        let lba = val;
+        if lba % h.grain_size != 0 || lba.saturating_mul(SECTOR) >= cap {
+            return Err(Error::corrupt(
+                r.name,
+                at,
+                format!("grain record LBA {lba} is not a grain start inside the disk"),
+            ));
+        }
+        if last.is_some_and(|l| lba <= l) {
+            return Err(Error::unsupported(
+                r.name,
+                format!("grain records out of order at LBA {lba}; pass the file instead"),
+            ));
+        }
+        last = Some(lba);
+        let total = (12 + size).div_ceil(SECTOR) * SECTOR;
+        let mut rec = vec![0u8; total as usize];
+        rec[..512].copy_from_slice(&sector);
+        if total > 512 {
+            r.exact(&mut rec[512..])?;
+        }
+        rec.truncate(12 + size as usize);
+        rec.drain(..12);
+        batch.push((lba, rec));
+        if batch.len() >= 64 {
+            flush(&mut batch, emit, r.name)?;
+        }
+    }
+    flush(&mut batch, emit, r.name)?;
+    Ok(desc)
+}
+
+/// Read an uncompressed hosted sparse file from a pipe: its tables must come before its
+/// grains, and grains must be in ascending LBA order (as export and qemu-img convert
+/// write them). `limit` is the number of bytes the file has (tar members), or None.
+pub fn read_sparse(
+    r: &mut Counted<'_>,
+    h: &SparseHeader,
+    base: u64,
+    emit: Emit<'_>,
+) -> Result<Option<Descriptor>> {
+    let name = r.name;
+    if h.gd_offset == GD_AT_END {
+        return Err(Error::unsupported(
+            name,
+            "grain directory at the end: pass the file instead",
+        ));
+    }
+    let desc = read_embedded(r, h)?;
+    let per = u64::from(h.num_gtes_per_gt);
+    let num_gts = h.num_gts();
+    let gd_bytes = num_gts * 4;
+    // Use whichever directory comes first (the redundant one, in the usual layout); its
+    // tables then follow in the stream.
+    let dir = if h.rgd_offset != 0 && h.rgd_offset < h.gd_offset {
+        h.rgd_offset
+    } else {
+        h.gd_offset
+    };
+    if dir.saturating_mul(SECTOR) + gd_bytes > h.over_head.saturating_mul(SECTOR) {
+        return Err(Error::unsupported(
+            name,
+            "the tables do not come before the grains; pass the file instead",
+        ));
+    }
+    r.skip_to(dir * SECTOR)?;
+    let mut raw = vec![0u8; gd_bytes as usize];
+    r.exact(&mut raw)?;
+    let mut gd = vec![0u32; num_gts as usize];
+    LE::read_u32_into(&raw, &mut gd);
+    let mut order: Vec<(u32, usize)> = gd
+        .iter()
+        .enumerate()
+        .filter(|(_, &s)| s != 0)
+        .map(|(i, &s)| (s, i))
+        .collect();
+    order.sort_unstable();
+    // (file sector, grain index) of every allocated grain.
+    let mut grains: Vec<(u32, u64)> = Vec::new();
+    let mut t = vec![0u8; (per * 4) as usize];
+    for (s, i) in order {
+        if u64::from(s) + (per * 4).div_ceil(SECTOR) > h.over_head {
+            return Err(Error::unsupported(
+                name,
+                "a grain table lies after the first grain; pass the file instead",
+            ));
+        }
+        r.skip_to(u64::from(s) * SECTOR)?;
+        r.exact(&mut t)?;
+        for j in 0..per as usize {
+            let e = LE::read_u32(&t[j * 4..j * 4 + 4]);
+            let g = i as u64 * per + j as u64;
+            if e >= 2 && g < h.num_grains() {
+                grains.push((e, g));
+            }
+        }
+    }
+    grains.sort_unstable();
+    let grain = h.grain_size * SECTOR;
+    let cap = h.capacity * SECTOR;
+    let mut buf = vec![0u8; grain as usize];
+    let mut last: Option<u64> = None;
+    for (s, g) in grains {
+        if last.is_some_and(|l| g <= l) {
+            return Err(Error::unsupported(
+                name,
+                "grains are not stored in ascending order; pass the file instead",
+            ));
+        }
+        last = Some(g);
+        r.skip_to(u64::from(s) * SECTOR)?;
+        let valid = (cap - g * grain).min(grain) as usize;
+        r.exact(&mut buf[..valid])?;
+        emit(base + g * grain, &buf[..valid])?;
+    }
+    Ok(desc)
+}
+
+/// Read export's tar stream: the descriptor member first, then each extent.
+pub fn read_tar(input: &mut dyn Read, name: &Path, emit: Emit<'_>) -> Result<StreamInfo> {
+    let mut ar = tar::Archive::new(input);
+    let mut entries = ar
+        .entries()
+        .map_err(|e| Error::io("read tar", name, 0, e))?;
+    let mut first = entries
+        .next()
+        .ok_or_else(|| Error::corrupt(name, 0, "empty tar stream"))?
+        .map_err(|e| Error::io("read tar", name, 0, e))?;
+    if first.size() > MAX_DESCRIPTOR_BYTES as u64 {
+        return Err(Error::corrupt(
+            name,
+            0,
+            "the tar stream does not start with a descriptor",
+        ));
+    }
+    let mut text = Vec::new();
+    first
+        .read_to_end(&mut text)
+        .map_err(|e| Error::io("read tar", name, 0, e))?;
+    drop(first);
+    let d = Descriptor::parse(&text, name)?;
+    let lines: Vec<_> = d.extents().into_iter().cloned().collect();
+    let mut starts = Vec::new();
+    let mut cap = 0u64;
+    for l in &lines {
+        starts.push(cap);
+        cap = cap
+            .checked_add(
+                l.sectors
+                    .checked_mul(SECTOR)
+                    .ok_or_else(|| Error::corrupt(name, 0, "extent size overflows"))?,
+            )
+            .ok_or_else(|| Error::corrupt(name, 0, "extent sizes overflow"))?;
+    }
+    let mut next = 0usize;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| Error::io("read tar", name, 0, e))?;
+        let path = entry
+            .path()
+            .map_err(|e| Error::io("read tar", name, 0, e))?
+            .into_owned();
+        let member = path.to_string_lossy().into_owned();
+        let Some(i) = lines
+            .iter()
+            .position(|l| l.file.as_deref() == Some(member.as_str()))
+        else {
+            return Err(Error::corrupt(
+                name,
+                0,
+                format!("tar member `{member}` is not an extent of the descriptor"),
+            ));
+        };
+        if i < next {
+            return Err(Error::corrupt(
+                name,
+                0,
+                format!("tar member `{member}` out of order"),
+            ));
+        }
+        next = i + 1;
+        let base = starts[i];
+        let line = &lines[i];
+        let mpath = Path::new(&member);
+        let mut c = Counted::new(&mut entry, mpath);
+        match line.kind {
+            ExtentType::Sparse => {
+                let mut s = [0u8; 512];
+                c.exact(&mut s)?;
+                let h = parse_first(&s, mpath)?;
+                if h.compressed() {
+                    read_stream(&mut c, &h, base, emit)?;
+                } else {
+                    read_sparse(&mut c, &h, base, emit)?;
+                }
+            }
+            ExtentType::Flat | ExtentType::Vmfs => {
+                c.skip_to(line.offset.unwrap_or(0) * SECTOR)?;
+                let len = line.sectors * SECTOR;
+                let mut buf = vec![0u8; 1 << 20];
+                let mut done = 0u64;
+                while done < len {
+                    let n = (len - done).min(buf.len() as u64) as usize;
+                    c.exact(&mut buf[..n])?;
+                    emit(base + done, &buf[..n])?;
+                    done += n as u64;
+                }
+            }
+            k => {
+                return Err(Error::unsupported(
+                    name,
+                    format!("{} extents in a tar stream", k.as_str()),
+                ))
+            }
+        }
+        c.drain();
+    }
+    Ok(StreamInfo {
+        capacity: cap,
+        descriptor: Some(d),
+    })
+}

@@ -1,0 +1,551 @@
+//! `import` (restore): any disk or chain, or a stream on stdin, into a disk ESX or a
+//! hosted product can use, or onto a raw device; and `create`, a new empty disk.
+
+use std::io::Read;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::Path;
+
+use crate::chain::Chain;
+use crate::disk::{VirtualDisk, ZeroDisk};
+use crate::error::{Error, Result};
+use crate::format::descriptor::random_cid;
+use crate::format::sparse::SECTOR;
+use crate::format::stream_in::{self, Counted};
+use crate::ops::export::{
+    export_fed, Dest, ExportFormat, ExportOptions, ExportReport, Feed, OutputMeta, Prealloc,
+};
+use crate::ops::Progress;
+use crate::pipeline::{self, is_zero, PipelineOptions, Planner, Unit};
+
+/// Target types (vmkfstools `-d` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskType {
+    /// `vmfs` descriptor + `-flat.vmdk` with holes.
+    Thin,
+    /// Flat file fully allocated, zeros not written.
+    ZeroedThick,
+    /// Flat file with every byte written.
+    EagerZeroedThick,
+    /// One hosted sparse file.
+    MonolithicSparse,
+    /// Descriptor + 2 GB sparse extents.
+    TwoGbMaxExtentSparse,
+    /// Plain file or block device.
+    Raw,
+    /// streamOptimized (create/import to a compact single file).
+    StreamOptimized,
+}
+
+impl DiskType {
+    /// Parse a type name.
+    pub fn parse(s: &str) -> Option<DiskType> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "thin" | "vmfs" | "vmfsthin" => DiskType::Thin,
+            "zeroedthick" | "thick" => DiskType::ZeroedThick,
+            "eagerzeroedthick" => DiskType::EagerZeroedThick,
+            "monolithicsparse" | "sparse" => DiskType::MonolithicSparse,
+            "twogbmaxextentsparse" | "2gbsparse" | "split" => DiskType::TwoGbMaxExtentSparse,
+            "raw" => DiskType::Raw,
+            "streamoptimized" | "stream" => DiskType::StreamOptimized,
+            _ => return None,
+        })
+    }
+
+    fn format(self) -> (ExportFormat, Prealloc) {
+        match self {
+            DiskType::Thin => (ExportFormat::Vmfs, Prealloc::Thin),
+            DiskType::ZeroedThick => (ExportFormat::Vmfs, Prealloc::Allocate),
+            DiskType::EagerZeroedThick => (ExportFormat::Vmfs, Prealloc::WriteZeros),
+            DiskType::MonolithicSparse => (ExportFormat::MonolithicSparse, Prealloc::Thin),
+            DiskType::TwoGbMaxExtentSparse => (ExportFormat::TwoGbMaxExtentSparse, Prealloc::Thin),
+            DiskType::Raw => (ExportFormat::Raw, Prealloc::Thin),
+            DiskType::StreamOptimized => (ExportFormat::StreamOptimized, Prealloc::Thin),
+        }
+    }
+}
+
+/// Import options.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    /// Target type.
+    pub kind: DiskType,
+    /// Adapter type to set (geometry recomputed), or keep the source's.
+    pub adapter: Option<String>,
+    /// Overwrite existing outputs.
+    pub force: bool,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+fn meta_for(
+    mut meta: OutputMeta,
+    kind: DiskType,
+    adapter: Option<&str>,
+    capacity: u64,
+) -> OutputMeta {
+    if let Some(a) = adapter {
+        meta.set_adapter(a, capacity);
+    }
+    if matches!(kind, DiskType::ZeroedThick | DiskType::EagerZeroedThick) {
+        meta.ddb.push(("vmdkit.thick".into(), "1".into()));
+    }
+    meta
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Import a disk or chain (flattened) into `dst`.
+pub fn import_disk(
+    chain: &Chain,
+    dst: &Path,
+    opts: &ImportOptions,
+    progress: &dyn Progress,
+) -> Result<ExportReport> {
+    let (format, prealloc) = opts.kind.format();
+    let meta = meta_for(
+        OutputMeta::from_chain(chain, format),
+        opts.kind,
+        opts.adapter.as_deref(),
+        chain.capacity(),
+    );
+    if opts.kind == DiskType::Raw && is_existing_target(dst)? {
+        return raw_in_place(chain, None, dst, opts, progress);
+    }
+    let eo = ExportOptions {
+        format,
+        threads: opts.threads,
+        force: opts.force,
+        prealloc,
+        ..Default::default()
+    };
+    export_fed(
+        chain,
+        None,
+        &meta,
+        now(),
+        Dest::Path(dst.to_path_buf()),
+        &eo,
+        progress,
+    )
+}
+
+/// Create an empty disk of `capacity` bytes.
+pub fn create(
+    dst: &Path,
+    capacity: u64,
+    opts: &ImportOptions,
+    progress: &dyn Progress,
+) -> Result<ExportReport> {
+    if capacity == 0 || capacity % SECTOR != 0 {
+        return Err(Error::InvalidInput(format!(
+            "size {capacity} is not a positive multiple of 512 bytes"
+        )));
+    }
+    let (format, prealloc) = opts.kind.format();
+    let adapter = opts.adapter.clone().unwrap_or_else(|| "lsilogic".into());
+    let mut meta = OutputMeta {
+        ddb: vec![("ddb.virtualHWVersion".into(), "4".into())],
+        cid: random_cid(),
+    };
+    meta.set_adapter(&adapter, capacity);
+    let meta = meta_for(meta, opts.kind, None, capacity);
+    let eo = ExportOptions {
+        format,
+        threads: opts.threads,
+        force: opts.force,
+        prealloc,
+        ..Default::default()
+    };
+    export_fed(
+        &ZeroDisk(capacity),
+        None,
+        &meta,
+        now(),
+        Dest::Path(dst.to_path_buf()),
+        &eo,
+        progress,
+    )
+}
+
+/// Groups ascending `(offset, bytes)` pieces into 1 MiB units.
+struct Units<'a> {
+    unit: Option<(u64, Vec<u8>)>,
+    cap: u64,
+    put: &'a mut dyn FnMut(Unit, Vec<u8>) -> Result<()>,
+}
+
+impl Units<'_> {
+    fn piece(&mut self, mut off: u64, mut data: &[u8]) -> Result<()> {
+        const U: u64 = pipeline::DEFAULT_UNIT;
+        while !data.is_empty() {
+            if off >= self.cap {
+                return Err(Error::InvalidInput(format!(
+                    "stream data at {off:#x} lies past the capacity {:#x}",
+                    self.cap
+                )));
+            }
+            let ustart = off / U * U;
+            match &self.unit {
+                Some((s, _)) if *s == ustart => {}
+                Some((s, _)) if *s > ustart => {
+                    return Err(Error::InvalidInput("stream data out of order".into()));
+                }
+                _ => {
+                    self.flush()?;
+                    let len = (self.cap - ustart).min(U);
+                    self.unit = Some((ustart, vec![0u8; len as usize]));
+                }
+            }
+            let (s, buf) = self.unit.as_mut().expect("set");
+            let o = (off - *s) as usize;
+            let n = data.len().min(buf.len() - o);
+            buf[o..o + n].copy_from_slice(&data[..n]);
+            data = &data[n..];
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if let Some((s, buf)) = self.unit.take() {
+            if !is_zero(&buf) {
+                (self.put)(
+                    Unit {
+                        start: s,
+                        len: buf.len() as u64,
+                        read: true,
+                    },
+                    buf,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Kind {
+    Stream(crate::format::sparse::SparseHeader),
+    Sparse(crate::format::sparse::SparseHeader),
+    Tar,
+}
+
+struct StdinFeed<'a> {
+    input: &'a mut dyn Read,
+    head: Vec<u8>,
+    kind: Kind,
+    cap: u64,
+}
+
+impl Feed for StdinFeed<'_> {
+    fn run(&mut self, put: &mut dyn FnMut(Unit, Vec<u8>) -> Result<()>) -> Result<()> {
+        let name = Path::new("<stdin>");
+        let mut units = Units {
+            unit: None,
+            cap: self.cap,
+            put,
+        };
+        let head = std::mem::take(&mut self.head);
+        let mut chained = std::io::Read::chain(&head[..], &mut self.input);
+        let mut emit = |off: u64, data: &[u8]| units.piece(off, data);
+        match &self.kind {
+            Kind::Tar => {
+                stream_in::read_tar(&mut chained, name, &mut emit)?;
+                let _ = std::io::copy(&mut chained, &mut std::io::sink());
+            }
+            Kind::Stream(h) | Kind::Sparse(h) => {
+                let mut c = Counted::new(&mut chained, name);
+                let mut s = [0u8; 512];
+                c.exact(&mut s)?;
+                if matches!(self.kind, Kind::Stream(_)) {
+                    stream_in::read_stream(&mut c, h, 0, &mut emit)?;
+                } else {
+                    stream_in::read_sparse(&mut c, h, 0, &mut emit)?;
+                }
+                c.drain();
+            }
+        }
+        units.flush()
+    }
+}
+
+/// Import a stream read from `input` (stdin): streamOptimized, a sparse file with its
+/// tables first, or export's tar stream.
+pub fn import_stream(
+    input: &mut dyn Read,
+    dst: &Path,
+    opts: &ImportOptions,
+    progress: &dyn Progress,
+) -> Result<ExportReport> {
+    let name = Path::new("<stdin>");
+    let mut first = [0u8; 512];
+    let mut c = Counted::new(input, name);
+    c.exact(&mut first)?;
+    let (kind, cap, meta, head) = if &first[257..262] == b"ustar" {
+        // Tar: the descriptor is the first member; read it here for capacity and DDB.
+        let size = u64::from_str_radix(
+            std::str::from_utf8(&first[124..135])
+                .unwrap_or("0")
+                .trim_matches(|c: char| c == '\0' || c == ' '),
+            8,
+        )
+        .unwrap_or(0);
+        if size > crate::format::descriptor::MAX_DESCRIPTOR_BYTES as u64 {
+            return Err(Error::corrupt(
+                name,
+                124,
+                "the tar stream does not start with a descriptor",
+            ));
+        }
+        let mut text = vec![0u8; (size.div_ceil(512) * 512) as usize];
+        c.exact(&mut text)?;
+        text.truncate(size as usize);
+        let d = crate::format::descriptor::Descriptor::parse(&text, name)?;
+        let cap: u64 = d
+            .extents()
+            .iter()
+            .map(|e| e.sectors.saturating_mul(SECTOR))
+            .sum();
+        // Re-feed the bytes consumed so the tar reader sees a whole archive.
+        let mut head = first.to_vec();
+        head.extend_from_slice(&text);
+        head.resize(512 + (size.div_ceil(512) * 512) as usize, 0);
+        let meta = OutputMeta {
+            ddb: d.ddb_entries(),
+            cid: random_cid(),
+        };
+        (Kind::Tar, cap, meta, head)
+    } else {
+        let h = stream_in::parse_first(&first, name)?;
+        let mut head = first.to_vec();
+        let mut ddb = Vec::new();
+        // The embedded descriptor follows the header: read it now for the DDB keys.
+        if h.descriptor_offset == 1 && h.descriptor_size > 0 {
+            let n = (h.descriptor_size * SECTOR)
+                .min(crate::format::descriptor::MAX_DESCRIPTOR_BYTES as u64)
+                as usize;
+            let mut d = vec![0u8; n];
+            c.exact(&mut d)?;
+            if let Ok(desc) = crate::format::descriptor::Descriptor::parse(&d, name) {
+                ddb = desc.ddb_entries();
+            }
+            head.extend_from_slice(&d);
+        }
+        let cap = h.capacity * SECTOR;
+        let kind = if h.compressed() {
+            Kind::Stream(h)
+        } else {
+            Kind::Sparse(h)
+        };
+        (
+            kind,
+            cap,
+            OutputMeta {
+                ddb,
+                cid: random_cid(),
+            },
+            head,
+        )
+    };
+    finish_stream(input, head, kind, cap, meta, dst, opts, progress)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish_stream(
+    input: &mut dyn Read,
+    head: Vec<u8>,
+    kind: Kind,
+    cap: u64,
+    meta: OutputMeta,
+    dst: &Path,
+    opts: &ImportOptions,
+    progress: &dyn Progress,
+) -> Result<ExportReport> {
+    let (format, prealloc) = opts.kind.format();
+    let meta = meta_for(meta, opts.kind, opts.adapter.as_deref(), cap);
+    // The bytes already consumed are fed again in front of the rest.
+    let mut feed = StdinFeed {
+        input,
+        head,
+        kind,
+        cap,
+    };
+    if opts.kind == DiskType::Raw && is_existing_target(dst)? {
+        return raw_in_place(&ZeroDisk(cap), Some(&mut feed), dst, opts, progress);
+    }
+    let eo = ExportOptions {
+        format,
+        threads: opts.threads,
+        force: opts.force,
+        prealloc,
+        ..Default::default()
+    };
+    export_fed(
+        &ZeroDisk(cap),
+        Some(&mut feed),
+        &meta,
+        now(),
+        Dest::Path(dst.to_path_buf()),
+        &eo,
+        progress,
+    )
+}
+
+/// Whether a raw target exists (a block device, or a stand-in file) and is written in
+/// place.
+fn is_existing_target(dst: &Path) -> Result<bool> {
+    match std::fs::metadata(dst) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if dst.starts_with("/dev") {
+                return Err(Error::InvalidInput(format!(
+                    "device `{}` does not exist",
+                    dst.display()
+                )));
+            }
+            Ok(false)
+        }
+        Err(e) => Err(Error::io("stat", dst, 0, e)),
+    }
+}
+
+/// Zero a range of a device or stand-in file cheaply: BLKZEROOUT on block devices, a
+/// punched hole on files, written zeros where neither works.
+fn zero_range(f: &std::fs::File, path: &Path, block: bool, off: u64, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return Ok(());
+    }
+    let ok = if block {
+        const BLKZEROOUT: libc::c_ulong = 0x127f;
+        let range: [u64; 2] = [off, len];
+        // SAFETY: BLKZEROOUT reads a [u64; 2] (start, length) from the pointer we pass,
+        // which points at a live local array; fd is valid.
+        unsafe { libc::ioctl(f.as_raw_fd(), BLKZEROOUT as _, range.as_ptr()) == 0 }
+    } else {
+        let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
+            return Err(Error::InvalidInput("range too large".into()));
+        };
+        // SAFETY: fallocate on a valid writable fd; no memory is touched.
+        unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                o,
+                l,
+            ) == 0
+        }
+    };
+    if ok {
+        return Ok(());
+    }
+    let z = vec![0u8; (1 << 20).min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(z.len() as u64) as usize;
+        f.write_all_at(&z[..n], off + done)
+            .map_err(|e| crate::ops::output::write_error(path, off + done, e))?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Restore onto an existing device or stand-in file, in place: data written, zero ranges
+/// zeroed (never left holding old data), size checked first.
+fn raw_in_place(
+    disk: &dyn VirtualDisk,
+    feed: Option<&mut dyn Feed>,
+    dst: &Path,
+    opts: &ImportOptions,
+    progress: &dyn Progress,
+) -> Result<ExportReport> {
+    let meta = std::fs::metadata(dst).map_err(|e| Error::io("stat", dst, 0, e))?;
+    let block = meta.file_type().is_block_device();
+    if !block && !opts.force {
+        return Err(Error::AlreadyExists(dst.to_path_buf()));
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(dst)
+        .map_err(|e| Error::io("open for writing", dst, 0, e))?;
+    let size = crate::io::device_size(&f).map_err(|e| Error::io("get the size of", dst, 0, e))?;
+    let cap = disk.capacity();
+    if size < cap {
+        return Err(Error::InvalidInput(format!(
+            "`{}` holds {size} bytes, less than the disk's {cap}",
+            dst.display()
+        )));
+    }
+    let eager = opts.kind == DiskType::EagerZeroedThick;
+    let mut next = 0u64;
+    let mut report = ExportReport {
+        files: vec![dst.to_path_buf()],
+        ..Default::default()
+    };
+    let mut put = |u: Unit, buf: Option<Vec<u8>>| -> Result<()> {
+        if u.start > next {
+            zero_range(&f, dst, block && !eager, next, u.start - next)?;
+        }
+        match buf {
+            Some(b) if !is_zero(&b) => {
+                f.write_all_at(&b, u.start)
+                    .map_err(|e| crate::ops::output::write_error(dst, u.start, e))?;
+                report.bytes_out += b.len() as u64;
+            }
+            _ => zero_range(&f, dst, block && !eager, u.start, u.len)?,
+        }
+        next = u.start + u.len;
+        progress.inc(u.len);
+        Ok(())
+    };
+    match feed {
+        Some(feed) => feed.run(&mut |u, b| put(u, Some(b)))?,
+        None => {
+            let mut planner = Planner::new(disk, pipeline::DEFAULT_UNIT);
+            pipeline::run(
+                &mut planner,
+                PipelineOptions {
+                    threads: opts.threads,
+                    ..Default::default()
+                },
+                |u| {
+                    if !u.read {
+                        return Ok(None);
+                    }
+                    let mut b = vec![0u8; u.len as usize];
+                    disk.read_at(&mut b, u.start)?;
+                    Ok(Some(b))
+                },
+                |u, b| put(u, b),
+            )?;
+        }
+    }
+    if next < cap {
+        zero_range(&f, dst, block && !eager, next, cap - next)?;
+    }
+    f.sync_all().map_err(|e| Error::io("flush", dst, 0, e))?;
+    Ok(report)
+}
+
+/// Parse a size: a number with an optional suffix k/m/g/t (binary) or s (sectors),
+/// case-insensitive.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_lowercase()) {
+        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('t') => (&t[..t.len() - 1], 1 << 40),
+        Some('s') => (&t[..t.len() - 1], 512),
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| {
+        Error::InvalidInput(format!("bad size `{s}` (a number with k, m, g, t or s)"))
+    })?;
+    n.checked_mul(mult)
+        .ok_or_else(|| Error::InvalidInput(format!("size `{s}` overflows")))
+}
