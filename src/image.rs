@@ -638,13 +638,22 @@ fn open_extent(
     descriptor: &Path,
 ) -> Result<Source> {
     Source::open(p, opts.mode).map_err(|e| match e {
-        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Error::chain(
-            descriptor,
-            format!(
-                "{what}: file `{name}` is missing (looked in `{}`)",
-                dir.display()
-            ),
-        ),
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            // A mapping file (RDM) is a link to a device: name the device.
+            match std::fs::read_link(p) {
+                Ok(target) => Error::chain(
+                    descriptor,
+                    format!(
+                        "{what}: `{name}` maps device `{}`, which is missing (refusing to read it as an empty disk)",
+                        target.display()
+                    ),
+                ),
+                Err(_) => Error::chain(
+                    descriptor,
+                    format!("{what}: file `{name}` is missing (looked in `{}`)", dir.display()),
+                ),
+            }
+        }
         e => e,
     })
 }

@@ -206,6 +206,43 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Grow a disk (vmkfstools -X).
+    Extend {
+        /// The disk (a base, not a delta).
+        disk: PathBuf,
+        /// New size: a number with k, m, g, t or s.
+        #[arg(long, short = 's')]
+        size: String,
+        /// Extend although deltas sit on the disk.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the disk's geometry (vmkfstools -g).
+    Geometry {
+        /// The disk.
+        disk: PathBuf,
+        #[command(flatten)]
+        read: ReadArgs,
+    },
+    /// Raw device mappings.
+    Rdm {
+        #[command(subcommand)]
+        cmd: RdmCmd,
+    },
+    /// List the disks in a folder with their extents and deltas (vmkfstools -l).
+    Ls {
+        /// The folder (default: the current one).
+        dir: Option<PathBuf>,
+        /// Sizes in KiB/MiB/GiB.
+        #[arg(long, short = 'H')]
+        human_readable: bool,
+        /// Show each RDM's device.
+        #[arg(long, short = 'M')]
+        mappings: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a disk's content against a manifest written by `export --manifest`.
     Verify {
         /// The disk (any copy, e.g. restored from tape).
@@ -221,6 +258,32 @@ enum Cmd {
         quiet: bool,
         #[command(flatten)]
         read: ReadArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum RdmCmd {
+    /// Map a device (vmkfstools -r; -z with --physical).
+    Create {
+        /// The descriptor to write.
+        disk: PathBuf,
+        /// The device (a block device, or a file standing in for one).
+        #[arg(long)]
+        device: PathBuf,
+        /// Physical (pass-through) compatibility mode.
+        #[arg(long)]
+        physical: bool,
+        /// Adapter type for the geometry.
+        #[arg(long, default_value = "lsilogic")]
+        adapter: String,
+    },
+    /// Describe a mapping (vmkfstools -q / -P).
+    Query {
+        /// The descriptor.
+        disk: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -526,6 +589,124 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 },
                 &vmdkit::ops::NoProgress,
             )?;
+        }
+        Cmd::Extend { disk, size, force } => {
+            let size = vmdkit::ops::import::parse_size(&size)?;
+            vmdkit::ops::extend::extend(&disk, size, force)?;
+        }
+        Cmd::Geometry { disk, read } => {
+            let chain = read.open(&disk)?;
+            let (g, stored) = vmdkit::ops::geometry::of_layer(chain.top());
+            writeln!(
+                stdout.lock(),
+                "Geometry information C/H/S is {}/{}/{}",
+                g.cylinders,
+                g.heads,
+                g.sectors
+            )?;
+            if !stored {
+                eprintln!("vmdkit: (not in the descriptor: computed for its adapter and capacity)");
+            }
+        }
+        Cmd::Rdm {
+            cmd:
+                RdmCmd::Create {
+                    disk,
+                    device,
+                    physical,
+                    adapter,
+                },
+        } => {
+            let map = vmdkit::ops::rdm::create(&disk, &device, physical, &adapter)?;
+            writeln!(stdout.lock(), "{}", map.display())?;
+        }
+        Cmd::Rdm {
+            cmd: RdmCmd::Query { disk, json },
+        } => {
+            let q = vmdkit::ops::rdm::query(&disk)?;
+            let mut out = stdout.lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &q)?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "Disk {} is a {} mode Raw Device Mapping",
+                    q.disk,
+                    if q.mode == "physical" {
+                        "Passthrough (physical)"
+                    } else {
+                        "Non-passthrough (virtual)"
+                    }
+                )?;
+                writeln!(out, "Maps to: {} (via {})", q.device, q.mapping)?;
+                writeln!(out, "Capacity: {} bytes", q.capacity)?;
+                match q.device_size {
+                    Some(s) => writeln!(out, "Device: present, {s} bytes")?,
+                    None => writeln!(out, "Device: MISSING")?,
+                }
+            }
+            if !q.present {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Cmd::Ls {
+            dir,
+            human_readable,
+            mappings,
+            json,
+        } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+            let entries = vmdkit::ops::ls::list(&dir)?;
+            let mut out = stdout.lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &entries)?;
+                writeln!(out)?;
+            } else {
+                fn show(
+                    out: &mut dyn Write,
+                    e: &vmdkit::ops::ls::Entry,
+                    indent: usize,
+                    h: bool,
+                    m: bool,
+                ) -> std::io::Result<()> {
+                    let size = |n: u64| {
+                        if h {
+                            ops::info::human(n)
+                        } else {
+                            n.to_string()
+                        }
+                    };
+                    let pad = "  ".repeat(indent);
+                    if let Some(err) = &e.error {
+                        return writeln!(out, "{pad}{} ?  ({err})", e.file);
+                    }
+                    write!(
+                        out,
+                        "{pad}{}  {}  capacity {}  used {}",
+                        e.file,
+                        e.create_type,
+                        size(e.capacity),
+                        size(e.used)
+                    )?;
+                    if m {
+                        if let Some(d) = &e.device {
+                            write!(out, "  -> {d}")?;
+                        }
+                    }
+                    writeln!(out)?;
+                    for x in &e.extents {
+                        writeln!(out, "{pad}  extent {x}")?;
+                    }
+                    for d in &e.deltas {
+                        show(out, d, indent + 1, h, m)?;
+                    }
+                    Ok(())
+                }
+                for e in &entries {
+                    show(&mut out, e, 0, human_readable, mappings)?;
+                }
+            }
         }
         Cmd::Verify {
             disk,

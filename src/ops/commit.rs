@@ -152,6 +152,22 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Deltas in `disk`'s folder that name `disk` as their parent.
+pub fn children_of(disk: &Path) -> Vec<PathBuf> {
+    let dir = match disk.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return vec![];
+    };
+    rd.flatten()
+        .map(|e| e.path())
+        .filter(|p| !same_file(p, disk))
+        .filter(|p| names_parent(p).is_some_and(|parent| same_file(&parent, disk)))
+        .collect()
+}
+
 /// Commit `top` into its parent (or, with `all`, every delta into the base).
 pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Result<CommitReport> {
     let sp = state_path(top);

@@ -3,11 +3,14 @@
 pub mod cat;
 pub mod commit;
 pub mod export;
+pub mod extend;
 pub mod geometry;
 pub mod import;
 pub mod info;
+pub mod ls;
 pub mod manifest;
 pub mod output;
+pub mod rdm;
 pub mod redo;
 
 /// Progress reporting hook (the CLI draws a bar; the library only counts).

@@ -1,0 +1,296 @@
+//! `extend` (vmkfstools -X): grow a base disk. Flat files grow (allocated for thick
+//! disks); sparse extents get new grain tables, and a directory that must grow is
+//! relocated to the end of the file. Every new structure is written and synced before
+//! the one sector that makes it live (the header; the descriptor last), so an
+//! interrupted extend leaves the disk at its old size, readable.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+use crate::chain::Chain;
+use crate::error::{Error, Result};
+use crate::format::descriptor::{Access, CreateType, ExtentLine, ExtentType};
+use crate::format::sparse::{SparseHeader, SparseLayout, SECTOR};
+use crate::format::Extent;
+use crate::image::OpenOptions;
+use crate::io::SourceMode;
+use crate::ops::export::SPLIT_SECTORS;
+use crate::ops::output::AtomicFile;
+use crate::write::write_descriptor;
+
+fn io_err<'a>(op: &'static str, p: &'a Path, off: u64) -> impl Fn(std::io::Error) -> Error + 'a {
+    move |e| Error::io(op, p, off, e)
+}
+
+/// Grow the sparse extent file at `path` to `new_cap` sectors.
+fn grow_sparse(path: &Path, h: &SparseHeader, new_cap: u64) -> Result<()> {
+    if h.compressed() {
+        return Err(Error::unsupported(path, "extending a streamOptimized disk"));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io_err("open for writing", path, 0))?;
+    let per = u64::from(h.num_gtes_per_gt);
+    let old_gts = h.num_gts();
+    let mut nh = *h;
+    nh.capacity = new_cap;
+    let new_gts = nh.num_gts();
+    let grain = h.grain_size * SECTOR;
+    let read_dir = |at: u64, n: u64| -> Result<Vec<u32>> {
+        let mut raw = vec![0u8; (n * 4) as usize];
+        f.read_exact_at(&mut raw, at * SECTOR)
+            .map_err(io_err("read", path, at * SECTOR))?;
+        let mut v = vec![0u32; n as usize];
+        LE::read_u32_into(&raw, &mut v);
+        Ok(v)
+    };
+    let has_rgd = h.flags & crate::format::sparse::FLAG_REDUNDANT_GD != 0 && h.rgd_offset != 0;
+    let mut gd = read_dir(h.gd_offset, old_gts)?;
+    let mut rgd = if has_rgd {
+        Some(read_dir(h.rgd_offset, old_gts)?)
+    } else {
+        None
+    };
+    // Zero the tail of a partial last grain so the newly exposed bytes read as zeros.
+    if h.capacity % h.grain_size != 0 {
+        let g = h.capacity / h.grain_size;
+        let gdi = (g / per) as usize;
+        if gd[gdi] != 0 {
+            let t = read_dir(u64::from(gd[gdi]), per)?;
+            let gte = t[(g % per) as usize];
+            if gte >= 2 {
+                let valid = (h.capacity % h.grain_size) * SECTOR;
+                let z = vec![0u8; (grain - valid) as usize];
+                f.write_all_at(&z, u64::from(gte) * SECTOR + valid)
+                    .map_err(io_err("write", path, 0))?;
+            }
+        }
+    }
+    let flen = f.metadata().map_err(io_err("stat", path, 0))?.len();
+    let mut cursor = flen.div_ceil(grain) * grain / SECTOR;
+    let gt_sectors = (per * 4).div_ceil(SECTOR);
+    let mut alloc = |sectors: u64| -> Result<u32> {
+        let at = cursor;
+        cursor += sectors;
+        u32::try_from(at).map_err(|_| Error::unsupported(path, "file would grow past 2 TiB"))
+    };
+    let zero_gt = vec![0u8; (gt_sectors * SECTOR) as usize];
+    for _ in old_gts..new_gts {
+        let s = alloc(gt_sectors)?;
+        f.write_all_at(&zero_gt, u64::from(s) * SECTOR)
+            .map_err(io_err("write", path, 0))?;
+        gd.push(s);
+        if let Some(r) = rgd.as_mut() {
+            let s = alloc(gt_sectors)?;
+            f.write_all_at(&zero_gt, u64::from(s) * SECTOR)
+                .map_err(io_err("write", path, 0))?;
+            r.push(s);
+        }
+    }
+    let old_slots = (old_gts * 4).div_ceil(SECTOR) * SECTOR / 4;
+    let dir_bytes = |v: &[u32]| {
+        let mut b = vec![0u8; (v.len() * 4).div_ceil(512) * 512];
+        LE::write_u32_into(v, &mut b[..v.len() * 4]);
+        b
+    };
+    if new_gts > old_slots {
+        // The directories must grow: write them afresh at the end.
+        let sectors = (new_gts * 4).div_ceil(SECTOR);
+        nh.gd_offset = u64::from(alloc(sectors)?);
+        f.write_all_at(&dir_bytes(&gd), nh.gd_offset * SECTOR)
+            .map_err(io_err("write", path, 0))?;
+        if let Some(r) = &rgd {
+            nh.rgd_offset = u64::from(alloc(sectors)?);
+            f.write_all_at(&dir_bytes(r), nh.rgd_offset * SECTOR)
+                .map_err(io_err("write", path, 0))?;
+        }
+    } else {
+        f.write_all_at(&dir_bytes(&gd), h.gd_offset * SECTOR)
+            .map_err(io_err("write", path, 0))?;
+        if let Some(r) = &rgd {
+            f.write_all_at(&dir_bytes(r), h.rgd_offset * SECTOR)
+                .map_err(io_err("write", path, 0))?;
+        }
+    }
+    let end = cursor * SECTOR;
+    if end > flen {
+        f.set_len(end.div_ceil(grain) * grain)
+            .map_err(io_err("extend", path, end))?;
+    }
+    f.sync_all().map_err(io_err("flush", path, 0))?;
+    // The commit point: one sector.
+    f.write_all_at(&nh.to_bytes(), 0)
+        .map_err(io_err("write", path, 0))?;
+    f.sync_all().map_err(io_err("flush", path, 0))
+}
+
+fn new_sparse_extent(path: &Path, sectors: u64) -> Result<()> {
+    let layout = SparseLayout::new(sectors, 0);
+    let meta = layout.metadata(&vec![0; layout.num_grains as usize], None);
+    let f = AtomicFile::create(path, false)?;
+    f.file()
+        .write_all_at(&meta, 0)
+        .map_err(io_err("write", f.tmp_path(), 0))?;
+    f.commit(false)
+}
+
+/// Grow `disk` to `new_size` bytes.
+pub fn extend(disk: &Path, new_size: u64, force: bool) -> Result<()> {
+    let mut chain = Chain::open(
+        disk,
+        &OpenOptions {
+            ignore_cid: true,
+            mode: SourceMode::Pread,
+        },
+    )?;
+    if chain.layers.len() > 1 {
+        return Err(Error::InvalidInput(format!(
+            "`{}` is a delta; extend its base disk (after committing)",
+            disk.display()
+        )));
+    }
+    let layer = &mut chain.layers[0];
+    let old = layer.capacity;
+    if new_size % SECTOR != 0 {
+        return Err(Error::InvalidInput(format!(
+            "size {new_size} is not a multiple of 512"
+        )));
+    }
+    if new_size <= old {
+        return Err(Error::InvalidInput(format!(
+            "`{}` is {old} bytes: refusing to shrink or keep it at {new_size}",
+            disk.display()
+        )));
+    }
+    if !force {
+        if let Some(child) = crate::ops::commit::children_of(disk).into_iter().next() {
+            return Err(Error::chain(
+                &child,
+                format!(
+                    "this delta sits on `{}`; extending the base would break it (use --force)",
+                    disk.display()
+                ),
+            ));
+        }
+    }
+    let new_sectors = new_size / SECTOR;
+    let ct = layer.create_type;
+    let dir = disk
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or(std::path::PathBuf::from("."), Path::to_path_buf);
+    let thick = ct == CreateType::Vmfs && layer.descriptor.ddb("thinProvisioned") != Some("1");
+    let mut lines: Vec<ExtentLine> = layer.extents.iter().map(|e| e.line.clone()).collect();
+    let last = layer.extents.last().expect("a layer has extents");
+    let split = matches!(
+        ct,
+        CreateType::TwoGbMaxExtentSparse | CreateType::TwoGbMaxExtentFlat
+    );
+    let mut remaining = new_sectors - old / SECTOR;
+    // Grow the last extent (up to the split size for split disks).
+    let last_sectors = last.extent.len() / SECTOR;
+    let room = if split {
+        SPLIT_SECTORS.saturating_sub(last_sectors)
+    } else {
+        remaining
+    };
+    let grow = room.min(remaining);
+    if grow > 0 {
+        let target = last_sectors + grow;
+        match (&last.extent, &last.path) {
+            (Extent::Sparse(s), Some(p)) => grow_sparse(p, s.raw_header(), target)?,
+            (Extent::Flat(fl), Some(p)) => {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p)
+                    .map_err(io_err("open for writing", p, 0))?;
+                let end = fl.offset + target * SECTOR;
+                if thick {
+                    crate::ops::export::allocate(&f, p, end)?;
+                }
+                if f.metadata().map_err(io_err("stat", p, 0))?.len() < end {
+                    f.set_len(end).map_err(io_err("extend", p, end))?;
+                }
+                f.sync_all().map_err(io_err("flush", p, 0))?;
+            }
+            _ => {
+                return Err(Error::unsupported(
+                    disk,
+                    format!("extending a {} disk", ct.as_str()),
+                ))
+            }
+        }
+        lines.last_mut().expect("one").sectors = target;
+        remaining -= grow;
+    }
+    // New extents for split disks.
+    let stem = disk
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = stem.strip_suffix(".vmdk").unwrap_or(&stem).to_string();
+    let mut n = lines.len() + 1;
+    while remaining > 0 {
+        if !split {
+            return Err(Error::unsupported(
+                disk,
+                "cannot add extents to this disk type",
+            ));
+        }
+        let sectors = remaining.min(SPLIT_SECTORS);
+        let (name, kind, offset) = if ct == CreateType::TwoGbMaxExtentSparse {
+            (format!("{stem}-s{n:03}.vmdk"), ExtentType::Sparse, None)
+        } else {
+            (format!("{stem}-f{n:03}.vmdk"), ExtentType::Flat, Some(0))
+        };
+        let p = dir.join(&name);
+        if kind == ExtentType::Sparse {
+            new_sparse_extent(&p, sectors)?;
+        } else {
+            let f = AtomicFile::create(&p, false)?;
+            f.file()
+                .set_len(sectors * SECTOR)
+                .map_err(io_err("extend", &p, 0))?;
+            f.commit(false)?;
+        }
+        lines.push(ExtentLine {
+            access: Access::Rw,
+            sectors,
+            kind,
+            file: Some(name),
+            offset,
+            extra: vec![],
+        });
+        remaining -= sectors;
+        n += 1;
+    }
+    // Descriptor last: extent sizes and geometry for the adapter.
+    if layer.embedded {
+        // The embedded line names the file itself; only its size changes.
+        let mut l = lines[0].clone();
+        l.sectors = new_sectors;
+        layer.descriptor.set_extents(vec![l]);
+    } else {
+        layer.descriptor.set_extents(lines);
+    }
+    let adapter = layer
+        .descriptor
+        .ddb("adapterType")
+        .unwrap_or("lsilogic")
+        .to_string();
+    let g = crate::ops::geometry::compute(new_sectors, &adapter);
+    layer
+        .descriptor
+        .set_ddb("geometry.cylinders", &g.cylinders.to_string());
+    layer
+        .descriptor
+        .set_ddb("geometry.heads", &g.heads.to_string());
+    layer
+        .descriptor
+        .set_ddb("geometry.sectors", &g.sectors.to_string());
+    write_descriptor(layer)
+}

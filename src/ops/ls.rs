@@ -1,0 +1,152 @@
+//! `ls`: every disk in a folder with its extents and its deltas / REDO logs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::format::descriptor::CreateType;
+use crate::image::{Layer, OpenOptions};
+use crate::io::SourceMode;
+
+/// One disk or delta in a listing.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    /// The file named (descriptor or sparse/COWD file).
+    pub file: String,
+    /// createType.
+    pub create_type: String,
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Bytes the files occupy.
+    pub used: u64,
+    /// Extent files.
+    pub extents: Vec<String>,
+    /// For RDMs: the device.
+    pub device: Option<String>,
+    /// Deltas on top of this one (children), each with its own children.
+    pub deltas: Vec<Entry>,
+    /// Why it could not be opened, if it could not.
+    pub error: Option<String>,
+}
+
+fn candidate(p: &Path) -> bool {
+    let n = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    !n.starts_with('.') && (n.ends_with(".vmdk") || n.ends_with(".REDO") || n.ends_with(".dsk"))
+}
+
+/// List the disks in `dir`.
+pub fn list(dir: &Path) -> Result<Vec<Entry>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io("list", dir, 0, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| candidate(p))
+        .collect();
+    files.sort();
+    let opts = OpenOptions {
+        ignore_cid: true,
+        mode: SourceMode::Pread,
+    };
+    let mut layers: BTreeMap<PathBuf, (Entry, Option<PathBuf>)> = BTreeMap::new();
+    let mut owned: Vec<PathBuf> = Vec::new();
+    let mut failed = Vec::new();
+    for f in &files {
+        match Layer::open(f, &opts) {
+            Ok(l) => {
+                let extents: Vec<PathBuf> = l.files().into_iter().filter(|x| x != f).collect();
+                owned.extend(extents.iter().cloned());
+                let parent = l.parent_hint().map(|h| {
+                    crate::image::resolve_name(dir, h, false, "parent", f, &mut Vec::new())
+                        .unwrap_or_else(|_| dir.join(h))
+                });
+                let device = matches!(
+                    l.create_type,
+                    CreateType::VmfsRawDeviceMap | CreateType::VmfsPassthroughRawDeviceMap
+                )
+                .then(|| {
+                    crate::ops::rdm::query(f)
+                        .map(|q| q.device)
+                        .unwrap_or_default()
+                });
+                let e = Entry {
+                    file: f
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    create_type: l.create_type.as_str().into(),
+                    capacity: l.capacity,
+                    used: l.bytes_on_disk(),
+                    extents: extents
+                        .iter()
+                        .map(|x| {
+                            x.file_name()
+                                .map(|n| n.to_string_lossy().into_owned())
+                                .unwrap_or_default()
+                        })
+                        .collect(),
+                    device,
+                    deltas: vec![],
+                    error: None,
+                };
+                layers.insert(f.clone(), (e, parent));
+            }
+            Err(e) => failed.push((f.clone(), e.to_string())),
+        }
+    }
+    // Files that are some disk's extents are not disks of their own.
+    layers.retain(|p, _| !owned.contains(p));
+    failed.retain(|(p, _)| !owned.contains(p));
+    // Attach children to parents, deepest first.
+    let keys: Vec<PathBuf> = layers.keys().cloned().collect();
+    let same = |a: &Path, b: &Path| a.file_name() == b.file_name();
+    let mut children: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
+    let mut roots = Vec::new();
+    for k in &keys {
+        match &layers[k].1 {
+            Some(p) if keys.iter().any(|x| same(x, p)) => {
+                let pk = keys.iter().find(|x| same(x, p)).expect("found").clone();
+                children.entry(pk).or_default().push(k.clone());
+            }
+            _ => roots.push(k.clone()),
+        }
+    }
+    fn build(
+        k: &PathBuf,
+        layers: &BTreeMap<PathBuf, (Entry, Option<PathBuf>)>,
+        children: &BTreeMap<PathBuf, Vec<PathBuf>>,
+        depth: usize,
+    ) -> Entry {
+        let mut e = layers[k].0.clone();
+        if depth < 64 {
+            for c in children.get(k).into_iter().flatten() {
+                e.deltas.push(build(c, layers, children, depth + 1));
+            }
+        }
+        e
+    }
+    let mut out: Vec<Entry> = roots
+        .iter()
+        .map(|r| build(r, &layers, &children, 0))
+        .collect();
+    for (p, err) in failed {
+        out.push(Entry {
+            file: p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            create_type: "?".into(),
+            capacity: 0,
+            used: 0,
+            extents: vec![],
+            device: None,
+            deltas: vec![],
+            error: Some(err),
+        });
+    }
+    Ok(out)
+}

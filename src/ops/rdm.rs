@@ -1,0 +1,160 @@
+//! Raw device mappings off VMFS (formats.md §8): a descriptor (`vmfsRawDeviceMap` or
+//! `vmfsPassthroughRawDeviceMap`, extent type `VMFSRDM`) and a mapping file
+//! `DISK-rdm.vmdk` / `DISK-rdmp.vmdk` that is a symbolic link to the device, so the
+//! pair reads and writes through the device like any flat disk.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::format::descriptor::{
+    random_cid, Access, CreateType, Descriptor, ExtentLine, ExtentType,
+};
+use crate::format::sparse::SECTOR;
+use crate::ops::output::{check_target, AtomicFile};
+
+/// What `rdm query` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct RdmInfo {
+    /// The descriptor.
+    pub disk: String,
+    /// `virtual` or `physical`.
+    pub mode: String,
+    /// The mapping file.
+    pub mapping: String,
+    /// The device it points to.
+    pub device: String,
+    /// Capacity the descriptor declares (bytes).
+    pub capacity: u64,
+    /// Size of the device now (bytes), when it is there.
+    pub device_size: Option<u64>,
+    /// Whether the device is there.
+    pub present: bool,
+}
+
+fn device_size(p: &Path) -> Result<u64> {
+    let f = std::fs::File::open(p).map_err(|e| Error::io("open", p, 0, e))?;
+    crate::io::device_size(&f).map_err(|e| Error::io("get the size of", p, 0, e))
+}
+
+/// Create an RDM descriptor `disk` for `device` (physical = pass-through mode).
+pub fn create(disk: &Path, device: &Path, physical: bool, adapter: &str) -> Result<PathBuf> {
+    let device = std::fs::canonicalize(device).map_err(|e| Error::io("find", device, 0, e))?;
+    let size = device_size(&device)?;
+    let sectors = size / SECTOR;
+    if sectors == 0 {
+        return Err(Error::InvalidInput(format!(
+            "device `{}` holds less than one sector",
+            device.display()
+        )));
+    }
+    let name = disk
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".vmdk").unwrap_or(&name).to_string();
+    let suffix = if physical { "rdmp" } else { "rdm" };
+    let map_name = format!("{stem}-{suffix}.vmdk");
+    let map_path = disk.with_file_name(&map_name);
+    check_target(disk, false)?;
+    check_target(&map_path, false)?;
+    let ct = if physical {
+        CreateType::VmfsPassthroughRawDeviceMap
+    } else {
+        CreateType::VmfsRawDeviceMap
+    };
+    let g = crate::ops::geometry::compute(sectors, adapter);
+    let ddb = vec![
+        ("ddb.virtualHWVersion".to_string(), "4".to_string()),
+        ("ddb.adapterType".to_string(), adapter.to_string()),
+        (
+            "ddb.geometry.cylinders".to_string(),
+            g.cylinders.to_string(),
+        ),
+        ("ddb.geometry.heads".to_string(), g.heads.to_string()),
+        ("ddb.geometry.sectors".to_string(), g.sectors.to_string()),
+    ];
+    let line = ExtentLine {
+        access: Access::Rw,
+        sectors,
+        kind: ExtentType::VmfsRdm,
+        file: Some(map_name),
+        offset: None,
+        extra: vec![],
+    };
+    let d = Descriptor::new(ct, random_cid(), None, vec![line], &ddb);
+    std::os::unix::fs::symlink(&device, &map_path)
+        .map_err(|e| Error::io("create the mapping link", &map_path, 0, e))?;
+    let f = match AtomicFile::create(disk, false) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_file(&map_path);
+            return Err(e);
+        }
+    };
+    use std::os::unix::fs::FileExt;
+    let r = f
+        .file()
+        .write_all_at(d.to_text().as_bytes(), 0)
+        .map_err(|e| Error::io("write", f.tmp_path(), 0, e))
+        .and_then(|_| f.commit(false));
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&map_path);
+        return Err(e);
+    }
+    Ok(map_path)
+}
+
+/// Describe an RDM descriptor without opening the device (works when it is missing).
+pub fn query(disk: &Path) -> Result<RdmInfo> {
+    let text = std::fs::read(disk).map_err(|e| Error::io("read", disk, 0, e))?;
+    let d = Descriptor::parse(&text, disk)?;
+    let mode = match d.create_type() {
+        Some(CreateType::VmfsRawDeviceMap) => "virtual",
+        Some(CreateType::VmfsPassthroughRawDeviceMap) => "physical",
+        _ => {
+            return Err(Error::InvalidInput(format!(
+                "`{}` is not a raw device mapping (createType {})",
+                disk.display(),
+                d.get("createType").unwrap_or("-")
+            )))
+        }
+    };
+    let e = d
+        .extents()
+        .first()
+        .map(|e| (*e).clone())
+        .ok_or_else(|| Error::Descriptor {
+            path: disk.to_path_buf(),
+            line: 0,
+            what: "no extent".into(),
+        })?;
+    let name = e.file.clone().unwrap_or_default();
+    let map = crate::image::resolve_name(
+        &disk
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or(PathBuf::from("."), Path::to_path_buf),
+        &name,
+        false,
+        "mapping file",
+        disk,
+        &mut Vec::new(),
+    )?;
+    let device = std::fs::read_link(&map).unwrap_or_else(|_| map.clone());
+    let present = std::fs::metadata(&map).is_ok();
+    Ok(RdmInfo {
+        disk: disk.display().to_string(),
+        mode: mode.into(),
+        mapping: map.display().to_string(),
+        device: device.display().to_string(),
+        capacity: e.sectors * SECTOR,
+        device_size: if present {
+            device_size(&map).ok()
+        } else {
+            None
+        },
+        present,
+    })
+}
