@@ -1107,7 +1107,7 @@ fn drive_feed(
             len: cap - next,
             read: false,
         };
-        if let Some(m) = manifest.as_deref_mut() {
+        if let Some(m) = manifest {
             m.zeros(gap.start, gap.len);
         }
         sink.put(&gap, &Piece::Hole)?;

@@ -520,7 +520,7 @@ fn raw_in_place(
                     disk.read_at(&mut b, u.start)?;
                     Ok(Some(b))
                 },
-                |u, b| put(u, b),
+                &mut put,
             )?;
         }
     }
