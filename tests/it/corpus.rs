@@ -126,6 +126,11 @@ pub fn stage(corpus: &Path, entry: &str, dir: &Path) -> PathBuf {
     )
 }
 
+/// sha256 of the whole logical content of `p`.
+pub fn digest_of(p: &Path) -> String {
+    content_digest(p, vmdkit::io::SourceMode::Mmap)
+}
+
 /// sha256 of the whole logical content, read through the library in 4 MiB pieces.
 fn content_digest(p: &Path, mode: vmdkit::io::SourceMode) -> String {
     use sha2::{Digest, Sha256};

@@ -5,6 +5,7 @@ mod corpus;
 mod corrupt;
 mod deltas_handmade;
 mod export;
+mod import;
 mod model;
 mod mutate;
 mod props;
