@@ -243,6 +243,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Check every layer of a chain; --repair mends what has one right answer.
+    /// Exit: 0 clean, 1 check could not finish, 2 corruption, 3 only leaks.
+    Check {
+        /// The disk (top of the chain).
+        disk: PathBuf,
+        /// Mend what has one right answer (each fix reported).
+        #[arg(long)]
+        repair: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a disk's content against a manifest written by `export --manifest`.
     Verify {
         /// The disk (any copy, e.g. restored from tape).
@@ -707,6 +719,47 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     show(&mut out, e, 0, human_readable, mappings)?;
                 }
             }
+        }
+        Cmd::Check { disk, repair, json } => {
+            let r = match vmdkit::ops::check::check(&disk, repair) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("vmdkit: error: {e}");
+                    return Ok(ExitCode::from(1));
+                }
+            };
+            let mut out = stdout.lock();
+            if json {
+                let v = serde_json::json!({ "exit_code": r.exit_code(), "findings": r.findings, "incomplete": r.incomplete, "leaked_bytes": r.leaked_bytes });
+                serde_json::to_writer_pretty(&mut out, &v)?;
+                writeln!(out)?;
+            } else {
+                for f in &r.findings {
+                    let sev = match f.severity {
+                        vmdkit::ops::check::Severity::Corruption => "ERROR",
+                        vmdkit::ops::check::Severity::Leak => "Leak",
+                        vmdkit::ops::check::Severity::Warning => "Warning",
+                    };
+                    writeln!(
+                        out,
+                        "{sev}: `{}` at {:#x}: {}{}",
+                        f.file.display(),
+                        f.offset,
+                        f.what,
+                        if f.repaired { " (repaired)" } else { "" }
+                    )?;
+                }
+                if let Some(why) = &r.incomplete {
+                    writeln!(out, "The check could not finish: {why}")?;
+                }
+                match r.exit_code() {
+                    0 => writeln!(out, "No errors were found on the image.")?,
+                    2 => writeln!(out, "{} errors were found on the image; data may be corrupted.", r.findings.iter().filter(|f| f.severity == vmdkit::ops::check::Severity::Corruption && !f.repaired).count())?,
+                    3 => writeln!(out, "{} bytes of leaked space were found; this is harmless (--repair reclaims it).", r.leaked_bytes)?,
+                    _ => {}
+                }
+            }
+            return Ok(ExitCode::from(r.exit_code()));
         }
         Cmd::Verify {
             disk,

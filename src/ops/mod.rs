@@ -1,6 +1,7 @@
 //! Operations built on the read model: info/map, cat, export.
 
 pub mod cat;
+pub mod check;
 pub mod commit;
 pub mod export;
 pub mod extend;

@@ -1,0 +1,824 @@
+//! `check` and `check --repair`: every layer of a chain, every finding (not only the
+//! first), each with the file, the byte offset and what is wrong.
+//!
+//! Exit codes follow `qemu-img check`: 0 clean, 1 the check could not finish, 2
+//! corruption found, 3 only leaks found. Warnings (the unclean-shutdown flag on tables
+//! that check out, a stale allocation hint) do not change the code.
+//!
+//! `--repair` mends only what has one right answer: a directory entry or grain-table
+//! entry that one copy has and the other lost (restored from the intact copy), leaked
+//! space (a tail truncated, the rest zeroed), the unclean-shutdown flag once the tables
+//! check out, a descriptor extent size that disagrees with its sparse header. Table
+//! copies are written and synced before the directory entries that point at them, and
+//! the header flag last, so an interrupted repair leaves the file no worse.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::format::cowd::{self, COWD_GTES};
+use crate::format::descriptor::{Descriptor, ExtentType, NO_PARENT_CID};
+use crate::format::sparse::{self, SparseExtent, SparseHeader, FLAG_REDUNDANT_GD, SECTOR};
+use crate::image::{resolve_name, Layer, OpenOptions};
+use crate::io::{Source, SourceMode};
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Data may read wrong.
+    Corruption,
+    /// Space nothing refers to.
+    Leak,
+    /// Worth knowing; not damage.
+    Warning,
+}
+
+/// One finding.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    /// The file.
+    pub file: PathBuf,
+    /// Byte offset in it.
+    pub offset: u64,
+    /// Severity.
+    pub severity: Severity,
+    /// What is wrong.
+    pub what: String,
+    /// Mended by `--repair`.
+    pub repaired: bool,
+}
+
+/// Result of a check.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    /// Every finding.
+    pub findings: Vec<Finding>,
+    /// Set when the check could not finish, with the reason.
+    pub incomplete: Option<String>,
+    /// Bytes of leaked space found.
+    pub leaked_bytes: u64,
+}
+
+impl CheckReport {
+    /// Exit code as `qemu-img check`.
+    pub fn exit_code(&self) -> u8 {
+        let open = |s: Severity| self.findings.iter().any(|f| f.severity == s && !f.repaired);
+        if self.incomplete.is_some() {
+            1
+        } else if open(Severity::Corruption) {
+            2
+        } else if open(Severity::Leak) {
+            3
+        } else {
+            0
+        }
+    }
+
+    fn add(
+        &mut self,
+        file: &Path,
+        offset: u64,
+        severity: Severity,
+        what: impl Into<String>,
+    ) -> usize {
+        self.findings.push(Finding {
+            file: file.to_path_buf(),
+            offset,
+            severity,
+            what: what.into(),
+            repaired: false,
+        });
+        self.findings.len() - 1
+    }
+}
+
+fn rd32(f: &File, path: &Path, sector: u64, n: u64) -> Result<Vec<u32>> {
+    let mut raw = vec![0u8; (n * 4) as usize];
+    f.read_exact_at(&mut raw, sector * SECTOR)
+        .map_err(|e| Error::io("read", path, sector * SECTOR, e))?;
+    let mut v = vec![0u32; n as usize];
+    LE::read_u32_into(&raw, &mut v);
+    Ok(v)
+}
+
+fn wr32(f: &File, path: &Path, at: u64, v: &[u32]) -> Result<()> {
+    let mut b = vec![0u8; v.len() * 4];
+    LE::write_u32_into(v, &mut b);
+    f.write_all_at(&b, at)
+        .map_err(|e| crate::ops::output::write_error(path, at, e))
+}
+
+/// Check (and optionally repair) one hosted sparse extent file.
+fn check_sparse(
+    path: &Path,
+    repair_tables: bool,
+    repair_rest: bool,
+    r: &mut CheckReport,
+) -> Result<()> {
+    let repair = repair_tables;
+    let src = Source::open(path, SourceMode::Pread)?;
+    let h = match sparse::read_header(&src) {
+        Ok(h) => h,
+        Err(e) => {
+            r.add(path, 0, Severity::Corruption, format!("header: {e}"));
+            return Ok(());
+        }
+    };
+    if h.compressed() {
+        return check_stream(path, src, &h, r);
+    }
+    let flen = src.len();
+    let f = if repair_tables || repair_rest {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io("open for writing", path, 0, e))?
+    } else {
+        File::open(path).map_err(|e| Error::io("open", path, 0, e))?
+    };
+    let n = h.num_gts();
+    let per = u64::from(h.num_gtes_per_gt);
+    let gt_sectors = (per * 4).div_ceil(SECTOR);
+    let gd_sectors = (n * 4).div_ceil(SECTOR);
+    let fsect = flen / SECTOR;
+    let dir_ok = |at: u64| at.checked_add(gd_sectors).is_some_and(|e| e <= fsect) && at >= 1;
+    if !dir_ok(h.gd_offset) {
+        r.add(
+            path,
+            56,
+            Severity::Corruption,
+            format!(
+                "grain directory at sector {} ({gd_sectors} sectors) lies outside the file",
+                h.gd_offset
+            ),
+        );
+        return Ok(());
+    }
+    let mut gd = rd32(&f, path, h.gd_offset, n)?;
+    let has_rgd = h.flags & FLAG_REDUNDANT_GD != 0;
+    let mut rgd = None;
+    if has_rgd {
+        if dir_ok(h.rgd_offset) {
+            rgd = Some(rd32(&f, path, h.rgd_offset, n)?);
+        } else {
+            r.add(
+                path,
+                48,
+                Severity::Corruption,
+                format!(
+                    "redundant grain directory at sector {} lies outside the file",
+                    h.rgd_offset
+                ),
+            );
+        }
+    }
+    // Metadata regions (sector ranges) grains must not overlap.
+    let mut meta: Vec<(u64, u64)> = vec![(0, 1), (h.gd_offset, h.gd_offset + gd_sectors)];
+    if h.descriptor_offset > 0 {
+        meta.push((h.descriptor_offset, h.descriptor_offset + h.descriptor_size));
+    }
+    if rgd.is_some() {
+        meta.push((h.rgd_offset, h.rgd_offset + gd_sectors));
+    }
+    let table_ok = |e: u32| e == 0 || (u64::from(e) >= 1 && u64::from(e) + gt_sectors <= fsect);
+    let mut new_tables_at = flen.div_ceil(h.grain_size * SECTOR) * h.grain_size;
+    let mut gd_dirty = false;
+    let mut rgd_dirty = false;
+    for i in 0..n as usize {
+        let p = gd[i];
+        let pok = table_ok(p);
+        if !pok {
+            r.add(
+                path,
+                h.gd_offset * SECTOR + 4 * i as u64,
+                Severity::Corruption,
+                format!("grain directory entry {i} points at sector {p}, outside the file"),
+            );
+        }
+        let Some(rg) = rgd.as_mut() else { continue };
+        let q = rg[i];
+        let qok = table_ok(q);
+        if !qok {
+            r.add(
+                path,
+                h.rgd_offset * SECTOR + 4 * i as u64,
+                Severity::Corruption,
+                format!(
+                    "redundant grain directory entry {i} points at sector {q}, outside the file"
+                ),
+            );
+        }
+        if p == q {
+            continue;
+        }
+        let (p_good, q_good) = (pok && p != 0, qok && q != 0);
+        if p_good && q_good {
+            continue; // both point at tables; the tables are compared below
+        }
+        let idx = r.add(
+            path,
+            h.gd_offset * SECTOR + 4 * i as u64,
+            Severity::Corruption,
+            format!("grain directory entry {i} is {p}, the redundant copy says {q}"),
+        );
+        if repair && (p_good != q_good) {
+            // Restore the lost copy: a fresh table at the end with the intact one's entries.
+            let from = if q_good { q } else { p };
+            let t = rd32(&f, path, u64::from(from), per)?;
+            let at = new_tables_at;
+            new_tables_at += gt_sectors.div_ceil(h.grain_size) * h.grain_size;
+            wr32(&f, path, at * SECTOR, &t)?;
+            f.sync_data().map_err(|e| Error::io("flush", path, 0, e))?;
+            let at32 =
+                u32::try_from(at).map_err(|_| Error::unsupported(path, "file past 2 TiB"))?;
+            if q_good {
+                gd[i] = at32;
+                gd_dirty = true;
+            } else {
+                rg[i] = at32;
+                rgd_dirty = true;
+            }
+            r.findings[idx].repaired = true;
+        }
+    }
+    if new_tables_at * SECTOR > flen {
+        // New tables live past the old end: make them part of the file before any
+        // directory entry points at them.
+        f.set_len(new_tables_at * SECTOR)
+            .map_err(|e| Error::io("extend", path, flen, e))?;
+        f.sync_all().map_err(|e| Error::io("flush", path, 0, e))?;
+    }
+    if gd_dirty {
+        wr32(&f, path, h.gd_offset * SECTOR, &gd)?;
+    }
+    if let (true, Some(rg)) = (rgd_dirty, &rgd) {
+        wr32(&f, path, h.rgd_offset * SECTOR, rg)?;
+    }
+    // Tables: in bounds, primary against redundant, grains in bounds, no overlap, no reuse.
+    let grain = h.grain_size;
+    let mut used: HashMap<u32, (usize, usize)> = HashMap::new();
+    for i in 0..n as usize {
+        let p = gd[i];
+        if p == 0 || !table_ok(p) {
+            continue;
+        }
+        meta.push((u64::from(p), u64::from(p) + gt_sectors));
+        if let Some(rg) = &rgd {
+            if rg[i] != 0 && table_ok(rg[i]) {
+                meta.push((u64::from(rg[i]), u64::from(rg[i]) + gt_sectors));
+            }
+        }
+    }
+    let mut leak_map: Vec<bool> = Vec::new();
+    let over = h.over_head;
+    let total_grains = fsect.saturating_sub(over) / grain;
+    leak_map.resize(total_grains.min(1 << 28) as usize, true);
+    for &(a, b) in &meta {
+        for s in (a.max(over)..b).step_by(grain as usize) {
+            let k = ((s - over) / grain) as usize;
+            if k < leak_map.len() {
+                leak_map[k] = false;
+            }
+        }
+    }
+    for i in 0..n as usize {
+        let p = gd[i];
+        if p == 0 || !table_ok(p) {
+            continue;
+        }
+        let mut t = rd32(&f, path, u64::from(p), per)?;
+        let mut rt = match &rgd {
+            Some(rg) if rg[i] != 0 && table_ok(rg[i]) => {
+                Some(rd32(&f, path, u64::from(rg[i]), per)?)
+            }
+            _ => None,
+        };
+        let mut t_dirty = false;
+        let mut rt_dirty = false;
+        for j in 0..per as usize {
+            let g = i as u64 * per + j as u64;
+            let e = t[j];
+            let entry_at = u64::from(p) * SECTOR + 4 * j as u64;
+            if let Some(rt) = rt.as_mut() {
+                if rt[j] != e {
+                    let idx = r.add(
+                        path,
+                        entry_at,
+                        Severity::Corruption,
+                        format!(
+                            "grain {g}: table says sector {e}, the redundant table says {}",
+                            rt[j]
+                        ),
+                    );
+                    if repair && (e == 0) != (rt[j] == 0) {
+                        // The allocated copy wins: data is written before tables.
+                        if e == 0 {
+                            t[j] = rt[j];
+                            t_dirty = true;
+                        } else {
+                            rt[j] = e;
+                            rt_dirty = true;
+                        }
+                        r.findings[idx].repaired = true;
+                    }
+                }
+            }
+            let e = t[j];
+            if e == 0 || (e == 1 && h.zero_grain()) || g >= h.num_grains() {
+                continue;
+            }
+            let s = u64::from(e);
+            let valid = ((h.capacity - g * grain).min(grain)).max(1);
+            if s + valid > fsect {
+                r.add(
+                    path,
+                    entry_at,
+                    Severity::Corruption,
+                    format!("grain {g} at sector {s} lies past the end of the file"),
+                );
+                continue;
+            }
+            if let Some(&(a, b)) = meta.iter().find(|&&(a, b)| s < b && s + grain > a) {
+                r.add(
+                    path,
+                    entry_at,
+                    Severity::Corruption,
+                    format!("grain {g} at sector {s} overlaps metadata (sectors {a}..{b})"),
+                );
+            }
+            if let Some(&(pi, pj)) = used.get(&e) {
+                r.add(
+                    path,
+                    entry_at,
+                    Severity::Corruption,
+                    format!(
+                        "grain {g} at sector {s} is also grain {}",
+                        pi as u64 * per + pj as u64
+                    ),
+                );
+            } else {
+                used.insert(e, (i, j));
+            }
+            if s >= over {
+                let k = ((s - over) / grain) as usize;
+                if k < leak_map.len() {
+                    leak_map[k] = false;
+                }
+            }
+        }
+        if t_dirty {
+            f.sync_data().map_err(|e| Error::io("flush", path, 0, e))?;
+            wr32(&f, path, u64::from(p) * SECTOR, &t)?;
+        }
+        if let (true, Some(rt), Some(rg)) = (rt_dirty, &rt, &rgd) {
+            f.sync_data().map_err(|e| Error::io("flush", path, 0, e))?;
+            wr32(&f, path, u64::from(rg[i]) * SECTOR, rt)?;
+        }
+    }
+    // Leaks: grain-sized pieces after overHead that nothing refers to.
+    let leaked: Vec<usize> = leak_map
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l)
+        .map(|(k, _)| k)
+        .collect();
+    if !leaked.is_empty() {
+        let bytes = leaked.len() as u64 * grain * SECTOR;
+        r.leaked_bytes += bytes;
+        let first = over + leaked[0] as u64 * grain;
+        let idx = r.add(
+            path,
+            first * SECTOR,
+            Severity::Leak,
+            format!(
+                "{} grains ({bytes} bytes) allocated but referenced by nothing",
+                leaked.len()
+            ),
+        );
+        // Only reclaim when nothing else is wrong: a damaged table makes live grains
+        // look leaked.
+        let clean = !r
+            .findings
+            .iter()
+            .any(|x| x.file == path && x.severity == Severity::Corruption);
+        if repair_rest && clean && !repair_tables {
+            // A leaked tail is cut off; leaks inside the file are zeroed (punched).
+            let mut keep = leak_map.len();
+            while keep > 0 && leak_map[keep - 1] {
+                keep -= 1;
+            }
+            for &k in leaked.iter().filter(|&&k| k < keep) {
+                let at = (over + k as u64 * grain) * SECTOR;
+                let z = vec![0u8; (grain * SECTOR) as usize];
+                f.write_all_at(&z, at)
+                    .map_err(|e| crate::ops::output::write_error(path, at, e))?;
+            }
+            if keep < leak_map.len() {
+                let end = (over + keep as u64 * grain) * SECTOR;
+                f.set_len(end.max(new_tables_at * SECTOR).min(flen))
+                    .map_err(|e| Error::io("truncate", path, end, e))?;
+            }
+            r.findings[idx].repaired = true;
+        }
+    }
+    if h.unclean_shutdown {
+        let clean = !r
+            .findings
+            .iter()
+            .any(|x| x.file == path && x.severity == Severity::Corruption && !x.repaired);
+        let idx = r.add(
+            path,
+            72,
+            Severity::Warning,
+            "unclean-shutdown flag set (the disk was not closed cleanly)",
+        );
+        if repair_rest && clean {
+            f.sync_all().map_err(|e| Error::io("flush", path, 0, e))?;
+            f.write_all_at(&[0], 72)
+                .map_err(|e| crate::ops::output::write_error(path, 72, e))?;
+            r.findings[idx].repaired = true;
+        }
+    }
+    if repair_tables || repair_rest {
+        f.sync_all().map_err(|e| Error::io("flush", path, 0, e))?;
+    }
+    Ok(())
+}
+
+/// Check a sparse extent; with `repair`, mend tables first, re-check from scratch, and
+/// only then (when no corruption remains) reclaim leaks and clear the unclean flag.
+fn check_sparse_file(path: &Path, repair: bool, r: &mut CheckReport) -> Result<()> {
+    if !repair {
+        return check_sparse(path, false, false, r);
+    }
+    let mut a = CheckReport::default();
+    check_sparse(path, true, false, &mut a)?;
+    r.findings
+        .extend(a.findings.into_iter().filter(|f| f.repaired));
+    let mut b = CheckReport::default();
+    check_sparse(path, false, true, &mut b)?;
+    // Report what is left (and the fixes of this pass) as found after the table repair.
+    let repaired_leaks = b
+        .findings
+        .iter()
+        .any(|f| f.severity == Severity::Leak && f.repaired);
+    r.findings.extend(b.findings);
+    if !repaired_leaks {
+        r.leaked_bytes += b.leaked_bytes;
+    }
+    Ok(())
+}
+
+/// Streams: every grain record inflates to its grain; VMware-layout streams end with
+/// footer marker, footer and end-of-stream marker.
+fn check_stream(path: &Path, src: Source, h: &SparseHeader, r: &mut CheckReport) -> Result<()> {
+    let len = src.len();
+    let at_end = h.gd_offset == sparse::GD_AT_END;
+    let ext = match SparseExtent::open(src) {
+        Ok(e) => e,
+        Err(e) => {
+            r.add(path, 0, Severity::Corruption, e.to_string());
+            return Ok(());
+        }
+    };
+    if at_end || h.markers() {
+        let mut tail = [0u8; 512];
+        if len >= 512
+            && ext
+                .source()
+                .read_exact_at(&mut tail, (len & !511) - 512)
+                .is_ok()
+            && tail[..16].iter().any(|&b| b != 0)
+        {
+            r.add(
+                path,
+                len.saturating_sub(512),
+                Severity::Warning,
+                "no end-of-stream marker at the end (ESXi refuses such streams)",
+            );
+        }
+    }
+    let mut runs = Vec::new();
+    ext.map(0, 0..ext.len(), 0, &mut runs)?;
+    let mut seen: HashMap<u64, u64> = HashMap::new();
+    for run in runs {
+        if let crate::disk::Alloc::Compressed { offset, .. } = run.alloc {
+            let gstart = run.start / ext.grain_bytes() * ext.grain_bytes();
+            if let Some(prev) = seen.insert(offset, gstart) {
+                r.add(
+                    path,
+                    offset,
+                    Severity::Corruption,
+                    format!(
+                        "grain record at {offset:#x} serves both LBA {} and {}",
+                        prev / SECTOR,
+                        gstart / SECTOR
+                    ),
+                );
+                continue;
+            }
+            if let Err(e) = ext.read_grain(offset, gstart) {
+                r.add(path, offset, Severity::Corruption, e.to_string());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// COWD: directory and tables inside the file, grains inside, not shared, not on tables.
+fn check_cowd(path: &Path, r: &mut CheckReport) -> Result<()> {
+    let src = Source::open(path, SourceMode::Pread)?;
+    let h = match cowd::read_header(&src) {
+        Ok(h) => h,
+        Err(e) => {
+            r.add(path, 0, Severity::Corruption, format!("header: {e}"));
+            return Ok(());
+        }
+    };
+    let fsect = src.len() / SECTOR;
+    let n = u64::from(h.num_sectors).div_ceil(COWD_GTES * u64::from(h.grain_size));
+    let gd_at = u64::from(h.gd_offset);
+    if gd_at < 4 || gd_at + (n * 4).div_ceil(SECTOR) > fsect {
+        r.add(
+            path,
+            20,
+            Severity::Corruption,
+            format!("grain directory at sector {gd_at} lies outside the file"),
+        );
+        return Ok(());
+    }
+    let f = File::open(path).map_err(|e| Error::io("open", path, 0, e))?;
+    let gd = rd32(&f, path, gd_at, n)?;
+    let mut meta = vec![(0u64, 4u64), (gd_at, gd_at + (n * 4).div_ceil(SECTOR))];
+    for &e in &gd {
+        if e != 0 {
+            meta.push((u64::from(e), u64::from(e) + 32));
+        }
+    }
+    let mut used: HashMap<u32, u64> = HashMap::new();
+    for (i, &e) in gd.iter().enumerate() {
+        if e == 0 {
+            continue;
+        }
+        if u64::from(e) + 32 > fsect {
+            r.add(
+                path,
+                gd_at * SECTOR + 4 * i as u64,
+                Severity::Corruption,
+                format!("grain table {i} at sector {e} lies past the end of the file"),
+            );
+            continue;
+        }
+        let t = rd32(&f, path, u64::from(e), COWD_GTES)?;
+        for (j, &g) in t.iter().enumerate() {
+            if g == 0 {
+                continue;
+            }
+            let at = u64::from(e) * SECTOR + 4 * j as u64;
+            let grain_no = i as u64 * COWD_GTES + j as u64;
+            let s = u64::from(g);
+            if s + u64::from(h.grain_size) > fsect {
+                r.add(
+                    path,
+                    at,
+                    Severity::Corruption,
+                    format!("grain {grain_no} at sector {s} lies past the end of the file"),
+                );
+            } else if meta
+                .iter()
+                .any(|&(a, b)| s < b && s + u64::from(h.grain_size) > a)
+            {
+                r.add(
+                    path,
+                    at,
+                    Severity::Corruption,
+                    format!("grain {grain_no} at sector {s} overlaps metadata"),
+                );
+            }
+            if let Some(prev) = used.insert(g, grain_no) {
+                r.add(
+                    path,
+                    at,
+                    Severity::Corruption,
+                    format!("grain {grain_no} at sector {s} is also grain {prev}"),
+                );
+            }
+        }
+    }
+    if u64::from(h.free_sector) > fsect + 1 {
+        r.add(
+            path,
+            28,
+            Severity::Warning,
+            format!(
+                "freeSector {} is past the end of the file ({fsect} sectors)",
+                h.free_sector
+            ),
+        );
+    }
+    if h.unclean_shutdown {
+        r.add(path, 0x670, Severity::Warning, "unclean-shutdown flag set");
+    }
+    Ok(())
+}
+
+/// Check `disk` and every parent below it.
+pub fn check(disk: &Path, repair: bool) -> Result<CheckReport> {
+    let mut r = CheckReport::default();
+    let mut next = Some(disk.to_path_buf());
+    let mut seen = Vec::new();
+    let mut child: Option<(PathBuf, Option<u32>)> = None;
+    while let Some(path) = next.take() {
+        if seen.contains(&path) || seen.len() > crate::chain::MAX_CHAIN_DEPTH {
+            r.add(
+                &path,
+                0,
+                Severity::Corruption,
+                "parent loop or chain too deep",
+            );
+            break;
+        }
+        seen.push(path.clone());
+        let mut head = [0u8; 4];
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                r.incomplete = Some(format!("cannot open `{}`: {e}", path.display()));
+                break;
+            }
+        };
+        let _ = f.read_exact_at(&mut head, 0);
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or(PathBuf::from("."), Path::to_path_buf);
+        let (cid, parent_cid, parent_hint) = if &head == b"COWD" {
+            check_cowd(&path, &mut r)?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            (None, None, name.strip_suffix(".REDO").map(str::to_string))
+        } else if &head == b"KDMV" || &head == b"vmdk" {
+            check_sparse_file(&path, repair, &mut r)?;
+            match Layer::open(
+                &path,
+                &OpenOptions {
+                    ignore_cid: true,
+                    mode: SourceMode::Pread,
+                },
+            ) {
+                Ok(l) => (
+                    l.cid(),
+                    l.descriptor.parent_cid(),
+                    l.parent_hint().map(str::to_string),
+                ),
+                Err(_) => (None, None, None),
+            }
+        } else {
+            let text = std::fs::read(&path).map_err(|e| Error::io("read", &path, 0, e))?;
+            let mut d = match Descriptor::parse(
+                &text[..text
+                    .len()
+                    .min(crate::format::descriptor::MAX_DESCRIPTOR_BYTES)],
+                &path,
+            ) {
+                Ok(d) => d,
+                Err(e) => {
+                    r.add(&path, 0, Severity::Corruption, e.to_string());
+                    break;
+                }
+            };
+            let mut desc_dirty = false;
+            for (k, line) in d
+                .extents()
+                .into_iter()
+                .cloned()
+                .enumerate()
+                .collect::<Vec<_>>()
+            {
+                let Some(name) = line.file.clone() else {
+                    continue;
+                };
+                let p = match resolve_name(
+                    &dir,
+                    &name,
+                    d.create_type().is_some_and(|c| c.is_device()),
+                    "extent",
+                    &path,
+                    &mut Vec::new(),
+                ) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        r.add(&path, 0, Severity::Corruption, e.to_string());
+                        continue;
+                    }
+                };
+                let Ok(meta) = std::fs::metadata(&p) else {
+                    r.add(
+                        &path,
+                        0,
+                        Severity::Corruption,
+                        format!("extent {}: `{name}` is missing", k + 1),
+                    );
+                    continue;
+                };
+                match line.kind {
+                    ExtentType::Sparse => {
+                        check_sparse_file(&p, repair, &mut r)?;
+                        if let Ok(src) = Source::open(&p, SourceMode::Pread) {
+                            if let Ok(h) = sparse::read_header(&src) {
+                                if h.capacity != line.sectors {
+                                    let idx = r.add(&path, 0, Severity::Corruption, format!("extent {}: descriptor says {} sectors, `{name}` holds {}", k + 1, line.sectors, h.capacity));
+                                    if repair {
+                                        d.extents_mut()[k].sectors = h.capacity;
+                                        desc_dirty = true;
+                                        r.findings[idx].repaired = true;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    ExtentType::VmfsSparse => check_cowd(&p, &mut r)?,
+                    ExtentType::Flat
+                    | ExtentType::Vmfs
+                    | ExtentType::VmfsRaw
+                    | ExtentType::VmfsRdm => {
+                        let need = (line.offset.unwrap_or(0) + line.sectors).saturating_mul(SECTOR);
+                        let have = if meta.is_file() { meta.len() } else { u64::MAX };
+                        if have < need {
+                            r.add(
+                                &p,
+                                have,
+                                Severity::Corruption,
+                                format!("flat extent is {have} bytes, the descriptor needs {need}"),
+                            );
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if desc_dirty {
+                let mut l = Layer::open(
+                    &path,
+                    &OpenOptions {
+                        ignore_cid: true,
+                        mode: SourceMode::Pread,
+                    },
+                )
+                .map_err(|e| Error::InvalidInput(format!("reopening after repair: {e}")))?;
+                l.descriptor = d.clone();
+                crate::write::write_descriptor(&l)?;
+            }
+            (
+                d.cid(),
+                d.parent_cid(),
+                d.get("parentFileNameHint")
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
+            )
+        };
+        if let Some((cpath, want)) = child.take() {
+            if want.is_some() && want != cid && want != Some(NO_PARENT_CID) {
+                r.add(
+                    &cpath,
+                    0,
+                    Severity::Corruption,
+                    format!(
+                        "parentCID {:08x} does not match the CID {} of parent `{}`",
+                        want.unwrap_or(0),
+                        cid.map_or("-".into(), |c| format!("{c:08x}")),
+                        path.display()
+                    ),
+                );
+            }
+        }
+        if let Some(h) = parent_hint {
+            match resolve_name(&dir, &h, false, "parent", &path, &mut Vec::new()) {
+                Ok(p) if p.exists() => {
+                    child = Some((path.clone(), parent_cid.filter(|_| &head != b"COWD")));
+                    next = Some(p);
+                }
+                Ok(p) => {
+                    r.add(
+                        &path,
+                        0,
+                        Severity::Corruption,
+                        format!("parent `{h}` is missing (looked for `{}`)", p.display()),
+                    );
+                }
+                Err(e) => {
+                    r.add(&path, 0, Severity::Corruption, e.to_string());
+                }
+            }
+        }
+    }
+    Ok(r)
+}
