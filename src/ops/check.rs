@@ -422,7 +422,7 @@ fn check_sparse(
             }
             if keep < leak_map.len() {
                 let end = (over + keep as u64 * grain) * SECTOR;
-                f.set_len(end.max(new_tables_at * SECTOR).min(flen))
+                f.set_len(end.min(flen))
                     .map_err(|e| Error::io("truncate", path, end, e))?;
             }
             r.findings[idx].repaired = true;

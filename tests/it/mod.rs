@@ -1,5 +1,6 @@
 pub mod util;
 
+mod check;
 mod cli;
 mod corpus;
 mod corrupt;

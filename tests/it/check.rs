@@ -1,0 +1,268 @@
+//! `check`: each finding produced by patching one field of a valid image, with the exact
+//! finding and exit code; `--repair` gives the original content back (qemu compares).
+
+use super::util::*;
+use std::path::Path;
+
+/// qemu layout for 100M (formats.md §2.6): RGD at 21, RGTs 22/26/30/34, GD at 38, GTs
+/// 39/43/47/51, grains from 128. Data in grains 0 (sector 128) and 800 (sector 256).
+fn good(d: &Path) -> Vec<u8> {
+    qemu_img(d, &["create", "-q", "-f", "vmdk", "good.vmdk", "100M"]);
+    qemu_io(
+        d,
+        "good.vmdk",
+        &["write -P 0x61 0 64k", "write -P 0x62 50M 64k"],
+    );
+    std::fs::read(d.join("good.vmdk")).unwrap()
+}
+
+fn patch(d: &Path, img: &[u8], edits: &[(usize, &[u8])]) {
+    let mut b = img.to_vec();
+    for (at, bytes) in edits {
+        b[*at..*at + bytes.len()].copy_from_slice(bytes);
+    }
+    std::fs::write(d.join("bad.vmdk"), b).unwrap();
+}
+
+fn check(d: &Path, args: &[&str]) -> (i32, String) {
+    let out = vmdkit(d, args);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    (out.status.code().unwrap(), text)
+}
+
+const S: usize = 512;
+
+#[test]
+fn each_sparse_finding_and_its_exit_code() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    let img = good(d);
+    assert_eq!(check(d, &["check", "good.vmdk"]).0, 0);
+    let le = |v: u32| v.to_le_bytes();
+    let cases: Vec<(Vec<(usize, Vec<u8>)>, i32, &str)> = vec![
+        (
+            vec![(38 * S, vec![0; 16])],
+            2,
+            "grain directory entry 0 is 0, the redundant copy says 22",
+        ),
+        (
+            vec![(21 * S, vec![0; 16])],
+            2,
+            "grain directory entry 0 is 39, the redundant copy says 0",
+        ),
+        (
+            vec![(38 * S, le(99999).to_vec())],
+            2,
+            "grain directory entry 0 points at sector 99999, outside the file",
+        ),
+        // GT0[0] (grain 0) beyond the end, in both copies.
+        (
+            vec![
+                (39 * S, le(999_999).to_vec()),
+                (22 * S, le(999_999).to_vec()),
+            ],
+            2,
+            "grain 0 at sector 999999 lies past the end of the file",
+        ),
+        // Grain 1 claims grain 0's sector, in both copies.
+        (
+            vec![
+                (39 * S + 4, le(128).to_vec()),
+                (22 * S + 4, le(128).to_vec()),
+            ],
+            2,
+            "grain 1 at sector 128 is also grain 0",
+        ),
+        // Grain 1 on top of the grain directory.
+        (
+            vec![(39 * S + 4, le(38).to_vec()), (22 * S + 4, le(38).to_vec())],
+            2,
+            "overlaps metadata",
+        ),
+        // Primary and redundant tables disagree on grain 2.
+        (
+            vec![(39 * S + 8, le(256).to_vec())],
+            2,
+            "grain 2: table says sector 256, the redundant table says 0",
+        ),
+        // The unclean-shutdown flag alone is a warning.
+        (vec![(72, vec![1])], 0, "unclean-shutdown flag set"),
+    ];
+    for (edits, code, want) in cases {
+        let e: Vec<(usize, &[u8])> = edits.iter().map(|(a, b)| (*a, b.as_slice())).collect();
+        patch(d, &img, &e);
+        let (c, text) = check(d, &["check", "bad.vmdk"]);
+        assert_eq!(c, code, "{want}: {text}");
+        assert!(text.contains(want), "want `{want}` in:\n{text}");
+        assert!(
+            text.contains("`bad.vmdk` at 0x"),
+            "names file and offset: {text}"
+        );
+    }
+}
+
+#[test]
+fn repair_of_a_wiped_directory_gives_back_the_content() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    let img = good(d);
+    for at in [38 * S, 21 * S] {
+        patch(d, &img, &[(at, &[0u8; 16])]);
+        let (c, text) = check(d, &["check", "--repair", "bad.vmdk"]);
+        assert_eq!(c, 0, "{text}");
+        assert!(text.contains("(repaired)"), "{text}");
+        assert_eq!(check(d, &["check", "bad.vmdk"]).0, 0);
+        qemu_img(d, &["check", "bad.vmdk"]);
+        assert!(qemu_img(d, &["compare", "bad.vmdk", "good.vmdk"]).contains("identical"));
+    }
+    // A table entry one copy lost: the allocated copy wins.
+    patch(d, &img, &[(22 * S, &[0u8; 4])]);
+    assert_eq!(check(d, &["check", "--repair", "bad.vmdk"]).0, 0);
+    assert!(qemu_img(d, &["compare", "bad.vmdk", "good.vmdk"]).contains("identical"));
+    // Both copies pointing at different grains has no single right answer: left alone.
+    patch(d, &img, &[(39 * S, &256u32.to_le_bytes())]);
+    let (c, text) = check(d, &["check", "--repair", "bad.vmdk"]);
+    assert_eq!(c, 2, "{text}");
+    assert!(
+        !text.contains("(repaired)") || text.contains("ERROR"),
+        "{text}"
+    );
+}
+
+#[test]
+fn leaks_exit_3_and_repair_reclaims_them() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    let mut img = good(d);
+    let len = img.len();
+    img.extend_from_slice(&[0x77u8; 131072]);
+    std::fs::write(d.join("bad.vmdk"), &img).unwrap();
+    let (c, text) = check(d, &["check", "bad.vmdk"]);
+    assert_eq!(c, 3, "{text}");
+    assert!(
+        text.contains("2 grains (131072 bytes) allocated but referenced by nothing"),
+        "{text}"
+    );
+    let (c, _) = check(d, &["check", "--repair", "bad.vmdk"]);
+    assert_eq!(c, 0);
+    assert_eq!(
+        std::fs::metadata(d.join("bad.vmdk")).unwrap().len(),
+        len as u64
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&vmdkit(d, &["check", "--json", "good.vmdk"]).stdout).unwrap();
+    assert_eq!(v["exit_code"], 0);
+    // A leak inside the file is zeroed, not cut.
+    let mut img = std::fs::read(d.join("good.vmdk")).unwrap();
+    img.extend_from_slice(&[0x77u8; 65536]);
+    let n = img.len();
+    img[n - 65536..].fill(0x77);
+    // Move grain 800 (sector 256) to the end, leaving its old place leaked.
+    let g800 = img[256 * S..256 * S + 65536].to_vec();
+    img[n - 65536..].copy_from_slice(&g800);
+    let new = ((n - 65536) / S) as u32;
+    let gt = 43 * S + 4 * (800 - 512);
+    let rgt = 26 * S + 4 * (800 - 512);
+    img[gt..gt + 4].copy_from_slice(&new.to_le_bytes());
+    img[rgt..rgt + 4].copy_from_slice(&new.to_le_bytes());
+    std::fs::write(d.join("bad.vmdk"), &img).unwrap();
+    assert_eq!(check(d, &["check", "bad.vmdk"]).0, 3);
+    assert_eq!(check(d, &["check", "--repair", "bad.vmdk"]).0, 0);
+    assert!(qemu_img(d, &["compare", "bad.vmdk", "good.vmdk"]).contains("identical"));
+}
+
+#[test]
+fn descriptor_chain_stream_and_cowd_findings() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    // Split disk whose descriptor disagrees with the extent header: repair fixes the line.
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=twoGbMaxExtentSparse",
+            "ts.vmdk",
+            "100M",
+        ],
+    );
+    let text = std::fs::read_to_string(d.join("ts.vmdk")).unwrap();
+    std::fs::write(
+        d.join("ts.vmdk"),
+        text.replace("RW 204800 SPARSE", "RW 204000 SPARSE"),
+    )
+    .unwrap();
+    let (c, out) = check(d, &["check", "ts.vmdk"]);
+    assert_eq!(c, 2);
+    assert!(
+        out.contains("extent 1: descriptor says 204000 sectors, `ts-s001.vmdk` holds 204800"),
+        "{out}"
+    );
+    assert_eq!(check(d, &["check", "--repair", "ts.vmdk"]).0, 0);
+    assert!(std::fs::read_to_string(d.join("ts.vmdk"))
+        .unwrap()
+        .contains("RW 204800 SPARSE"));
+    // Missing extent and a broken CID link.
+    std::fs::write(
+        d.join("m.vmdk"),
+        "version=1\nCID=1\nparentCID=ffffffff\ncreateType=\"vmfs\"\nRW 8 VMFS \"gone-flat.vmdk\"\n",
+    )
+    .unwrap();
+    let (c, out) = check(d, &["check", "m.vmdk"]);
+    assert_eq!(c, 2);
+    assert!(
+        out.contains("extent 1: `gone-flat.vmdk` is missing"),
+        "{out}"
+    );
+    qemu_img(d, &["create", "-q", "-f", "vmdk", "p.vmdk", "10M"]);
+    qemu_img(
+        d,
+        &[
+            "create", "-q", "-f", "vmdk", "-b", "p.vmdk", "-F", "vmdk", "c.vmdk",
+        ],
+    );
+    qemu_io(d, "p.vmdk", &["write 0 512"]);
+    let (c, out) = check(d, &["check", "c.vmdk"]);
+    assert_eq!(c, 2);
+    assert!(out.contains("does not match the CID"), "{out}");
+    // A stream grain that does not inflate.
+    qemu_img(d, &["create", "-q", "-f", "vmdk", "s.vmdk", "10M"]);
+    qemu_io(d, "s.vmdk", &["write -P 0x33 0 64k"]);
+    vmdkit_ok(
+        d,
+        &["export", "s.vmdk", "so.vmdk", "--format", "stream", "-q"],
+    );
+    assert_eq!(check(d, &["check", "so.vmdk"]).0, 0);
+    let mut b = std::fs::read(d.join("so.vmdk")).unwrap();
+    b[128 * S + 30..128 * S + 60].fill(0xff);
+    std::fs::write(d.join("so.vmdk"), &b).unwrap();
+    let (c, out) = check(d, &["check", "so.vmdk"]);
+    assert_eq!(c, 2);
+    assert!(out.contains("does not inflate"), "{out}");
+    // COWD: a grain past the end of the file.
+    vmdkit_ok(d, &["create", "f.vmdk", "--size", "4m", "--type", "thin"]);
+    vmdkit_ok(d, &["redo", "add", "f.vmdk"]);
+    std::fs::write(d.join("x.bin"), vec![1u8; 512]).unwrap();
+    vmdkit_ok(d, &["write", "f.vmdk.REDO", "--offset", "0", "x.bin"]);
+    assert_eq!(check(d, &["check", "f.vmdk.REDO"]).0, 0);
+    let mut b = std::fs::read(d.join("f.vmdk.REDO")).unwrap();
+    let gt = u32::from_le_bytes(b[4 * S..4 * S + 4].try_into().unwrap()) as usize;
+    b[gt * S..gt * S + 4].copy_from_slice(&9_999_999u32.to_le_bytes());
+    std::fs::write(d.join("f.vmdk.REDO"), &b).unwrap();
+    let (c, out) = check(d, &["check", "f.vmdk.REDO"]);
+    assert_eq!(c, 2);
+    assert!(
+        out.contains("grain 0 at sector 9999999 lies past the end of the file"),
+        "{out}"
+    );
+    // A file that cannot be read at all: the check could not finish.
+    assert_eq!(check(d, &["check", "nothere.vmdk"]).0, 1);
+}
