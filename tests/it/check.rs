@@ -33,6 +33,9 @@ fn check(d: &Path, args: &[&str]) -> (i32, String) {
 
 const S: usize = 512;
 
+/// Byte patches (offset, bytes), the exit code and a piece of the finding.
+type Case = (Vec<(usize, Vec<u8>)>, i32, &'static str);
+
 #[test]
 fn each_sparse_finding_and_its_exit_code() {
     need_qemu!();
@@ -41,7 +44,7 @@ fn each_sparse_finding_and_its_exit_code() {
     let img = good(d);
     assert_eq!(check(d, &["check", "good.vmdk"]).0, 0);
     let le = |v: u32| v.to_le_bytes();
-    let cases: Vec<(Vec<(usize, Vec<u8>)>, i32, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             vec![(38 * S, vec![0; 16])],
             2,
