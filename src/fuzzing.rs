@@ -52,6 +52,60 @@ pub fn stream(data: &[u8]) {
     sparse(&file);
 }
 
+/// COWD header + directory + tables + grains, from a whole file image.
+pub fn cowd(data: &[u8]) {
+    let src = Source::from_bytes(data.to_vec(), "fuzz-delta.vmdk");
+    let Ok(ext) = crate::format::cowd::CowdExtent::open(src) else {
+        return;
+    };
+    exercise(Extent::Cowd(Box::new(ext)));
+}
+
+/// SESparse headers + directory + tables + grains, from a whole file image.
+pub fn sesparse(data: &[u8]) {
+    let src = Source::from_bytes(data.to_vec(), "fuzz-sesparse.vmdk");
+    let Ok(ext) = crate::format::sesparse::SeSparseExtent::open(src) else {
+        return;
+    };
+    exercise(Extent::SeSparse(Box::new(ext)));
+}
+
+/// A whole image: the bytes as a file in a private temporary folder (a descriptor, a
+/// sparse, stream or COWD file; an RDM descriptor), opened as a chain and read with a
+/// cap on work. Descriptors may name `fuzz-extent.vmdk`, which holds the same bytes.
+pub fn image(data: &[u8]) {
+    use crate::disk::VirtualDisk;
+    let dir = std::env::temp_dir().join(format!(
+        "vmdkit-fuzz-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    if std::fs::create_dir_all(&dir).is_err() {
+        return;
+    }
+    let top = dir.join("fuzz.vmdk");
+    let _ = std::fs::write(&top, data);
+    let _ = std::fs::write(dir.join("fuzz-extent.vmdk"), data);
+    let opts = crate::image::OpenOptions {
+        ignore_cid: true,
+        mode: crate::io::SourceMode::Pread,
+    };
+    if let Ok(chain) = crate::chain::Chain::open(&top, &opts) {
+        let cap = chain.capacity().min(FUZZ_MAP_BYTES);
+        if let Ok(runs) = chain.map(0..cap) {
+            let mut buf = Vec::new();
+            for r in runs.iter().take(FUZZ_READ_RUNS) {
+                let n = r.len.min(1 << 20) as usize;
+                buf.resize(n, 0);
+                let _ = chain.read_at(&mut buf, r.start);
+            }
+        }
+        let _ = crate::ops::info::info(&chain);
+    }
+    let _ = crate::ops::check::check(&top, false);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn exercise(ext: Extent) {
     let mut runs = Vec::new();
     let end = ext.len().min(FUZZ_MAP_BYTES);

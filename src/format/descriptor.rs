@@ -408,7 +408,9 @@ impl Descriptor {
         let mut n_extents = 0usize;
         for (i, raw) in text.split('\n').enumerate() {
             let lineno = i + 1;
-            let raw = raw.strip_suffix('\r').unwrap_or(raw);
+            // CRLF (or stray CRs) end a line; they are not kept, so a rewrite (LF) reads
+            // back the same.
+            let raw = raw.trim_end_matches('\r');
             let t = raw.trim();
             if t.is_empty() || t.starts_with('#') {
                 lines.push(Line::Verbatim(raw.to_string()));
@@ -865,6 +867,16 @@ mod tests {
         let d = p("dd\u{e9}x=1\nddb\u{e9}=\"2\"\n").unwrap();
         assert_eq!(d.get("dd\u{e9}x"), Some("1"));
         assert_eq!(d.ddb("x"), None);
+    }
+
+    /// Found by `cargo fuzz run descriptor`: a line of several CRs lost one CR per
+    /// rewrite, so parse(serialize(d)) != d.
+    #[test]
+    fn regression_fuzz_descriptor_trailing_crs_round_trip() {
+        let d = p("\r\r\r\r\r\r").unwrap();
+        let again = p(&d.to_text()).unwrap();
+        assert_eq!(again, d);
+        crate::fuzzing::descriptor(b"\r\r\r\r\r\r\x00\x00\x00\r\r# Disk D");
     }
 
     #[test]

@@ -58,6 +58,8 @@ fn fuzz_bodies_survive_seeded_mutations() {
                 fuzzing::descriptor(&d);
                 fuzzing::sparse(&d);
                 fuzzing::stream(&d[d.len().min(512)..]);
+                fuzzing::cowd(&d);
+                fuzzing::sesparse(&d);
             });
             assert!(r.is_ok(), "{name}: a mutation panicked");
             n += 1;
@@ -77,5 +79,73 @@ fn hostile_descriptor_values_round_trip_or_fail() {
             m.mutate(&mut d);
         }
         fuzzing::descriptor(&d);
+    }
+}
+
+/// COWD and SESparse seeds built by vmdkit itself (a REDO with data) and by hand (an
+/// SESparse delta), mutated; and the whole-image target over small images.
+#[test]
+fn delta_and_image_bodies_survive_seeded_mutations() {
+    let t = super::util::tmp();
+    let d = t.path();
+    std::fs::write(d.join("b-flat.vmdk"), vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(
+        d.join("b.vmdk"),
+        "version=1\nCID=1\nparentCID=ffffffff\ncreateType=\"vmfs\"\nRW 2048 VMFS \"b-flat.vmdk\"\n",
+    )
+    .unwrap();
+    let redo =
+        vmdkit::ops::redo::add(&d.join("b.vmdk"), vmdkit::ops::redo::RedoStyle::Redo).unwrap();
+    let data = vec![0x5au8; 70_000];
+    vmdkit::ops::redo::write(
+        &redo,
+        4096,
+        vmdkit::ops::redo::WriteData::Reader(&mut &data[..]),
+        false,
+    )
+    .unwrap();
+    let cowd = std::fs::read(&redo).unwrap();
+    let mut se = vec![0u8; 144 * 512];
+    for (off, val) in [
+        (0usize, 0xCAFE_BABEu64),
+        (8, 0x2_0000_0001),
+        (16, 2048),
+        (24, 8),
+        (32, 64),
+        (80, 1),
+        (88, 1),
+        (128, 8),
+        (136, 8),
+        (144, 16),
+        (152, 64),
+        (192, 128),
+        (200, 16),
+    ] {
+        se[off..off + 8].copy_from_slice(&val.to_le_bytes());
+    }
+    se[512..520].copy_from_slice(&0xCAFE_CAFEu64.to_le_bytes());
+    se[8 * 512..8 * 512 + 8].copy_from_slice(&0x1000_0000_0000_0000u64.to_le_bytes());
+    se[16 * 512..16 * 512 + 8].copy_from_slice(&0x3000_0000_0000_0000u64.to_le_bytes());
+    let desc = b"# Disk DescriptorFile\nversion=1\nCID=2\nparentCID=ffffffff\ncreateType=\"vmfsRawDeviceMap\"\nRW 64 VMFSRDM \"fuzz-extent.vmdk\"\nddb.adapterType = \"lsilogic\"\n".to_vec();
+    let mut m = Mutator::new(0xc0d5);
+    for (name, seed) in [("cowd", cowd), ("sesparse", se), ("rdm", desc)] {
+        fuzzing::cowd(&seed);
+        fuzzing::sesparse(&seed);
+        fuzzing::image(&seed);
+        for i in 0..400 {
+            let mut x = seed.clone();
+            for _ in 0..1 + m.next_u64() % 4 {
+                m.mutate(&mut x);
+            }
+            let r = std::panic::catch_unwind(|| {
+                fuzzing::cowd(&x);
+                fuzzing::sesparse(&x);
+                fuzzing::descriptor(&x);
+                if i % 8 == 0 {
+                    fuzzing::image(&x);
+                }
+            });
+            assert!(r.is_ok(), "{name}: mutation {i} panicked");
+        }
     }
 }

@@ -1,0 +1,7 @@
+#![no_main]
+//! Fuzz target: `vmdkit::fuzzing::image` (the same body runs in `cargo test`).
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    vmdkit::fuzzing::image(data);
+});
