@@ -449,6 +449,15 @@ impl LayerWriter {
     /// Open `layer`'s files for writing. The layer must have been opened with positional
     /// reads (never write a mapped file).
     pub fn open(layer: &Layer) -> Result<LayerWriter> {
+        if layer.create_type.is_device() {
+            return Err(Error::unsupported(
+                &layer.path,
+                format!(
+                    "writing into a {} disk (it names host devices directly); add a REDO log with `redo add` and write there, or write the device itself",
+                    layer.create_type.as_str()
+                ),
+            ));
+        }
         let mut extents = Vec::new();
         for slot in &layer.extents {
             let len = slot.extent.len();
