@@ -90,7 +90,8 @@ struct SparseW {
     grain: u64,
 }
 
-fn read_u32s(f: &File, path: &Path, sector: u64, n: usize) -> Result<Vec<u32>> {
+/// Read `n` little-endian u32 entries at `sector` of an open file.
+pub(crate) fn read_u32s(f: &File, path: &Path, sector: u64, n: usize) -> Result<Vec<u32>> {
     let mut raw = vec![0u8; n * 4];
     pread(f, path, &mut raw, sector * SECTOR)?;
     let mut v = vec![0u32; n];

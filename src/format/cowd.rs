@@ -283,15 +283,7 @@ impl CowdExtent {
 
     /// Grain table `i`.
     pub fn gt(&self, i: usize) -> Result<&[u32]> {
-        if let Some(t) = self.gts[i].get() {
-            return Ok(t);
-        }
-        let mut raw = vec![0u8; (COWD_GTES * 4) as usize];
-        self.src
-            .read_exact_at(&mut raw, u64::from(self.gd[i]) * SECTOR)?;
-        let mut t = vec![0u32; COWD_GTES as usize];
-        LE::read_u32_into(&raw, &mut t);
-        Ok(self.gts[i].get_or_init(|| t.into_boxed_slice()))
+        super::cached_table(&self.gts[i], &self.src, self.gd[i], COWD_GTES as usize)
     }
 
     /// Allocation runs of the extent-relative range `rel`, placed at `base + rel`.

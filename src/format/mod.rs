@@ -10,12 +10,32 @@ pub mod stream_in;
 
 use std::ops::Range;
 
+use byteorder::ByteOrder;
+
 use crate::disk::{push_run, Alloc, Run};
 use crate::error::Result;
 use crate::io::Source;
 use cowd::CowdExtent;
 use sesparse::SeSparseExtent;
 use sparse::SparseExtent;
+
+/// Read `n` little-endian u32 table entries at `sector` of `src` once, then share them:
+/// the grain-table cache of hosted sparse and COWD extents.
+pub(crate) fn cached_table<'a>(
+    cell: &'a std::sync::OnceLock<Box<[u32]>>,
+    src: &Source,
+    sector: u32,
+    n: usize,
+) -> Result<&'a [u32]> {
+    if let Some(t) = cell.get() {
+        return Ok(t);
+    }
+    let mut raw = vec![0u8; n * 4];
+    src.read_exact_at(&mut raw, u64::from(sector) * sparse::SECTOR)?;
+    let mut t = vec![0u32; n];
+    byteorder::LittleEndian::read_u32_into(&raw, &mut t);
+    Ok(cell.get_or_init(|| t.into_boxed_slice()))
+}
 
 /// A flat extent: `len` bytes at `offset` in a file or device.
 #[derive(Debug)]

@@ -398,16 +398,8 @@ impl SparseExtent {
 
     /// Grain table `i` (loaded once, then shared).
     pub fn gt(&self, i: usize) -> Result<&[u32]> {
-        if let Some(t) = self.gts[i].get() {
-            return Ok(t);
-        }
         let n = self.header.num_gtes_per_gt as usize;
-        let mut raw = vec![0u8; n * 4];
-        self.src
-            .read_exact_at(&mut raw, u64::from(self.gd[i]) * SECTOR)?;
-        let mut t = vec![0u32; n];
-        LE::read_u32_into(&raw, &mut t);
-        Ok(self.gts[i].get_or_init(|| t.into_boxed_slice()))
+        super::cached_table(&self.gts[i], &self.src, self.gd[i], n)
     }
 
     /// The grain-table entry of grain `g`, with the file offset of that entry.

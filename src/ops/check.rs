@@ -99,12 +99,7 @@ impl CheckReport {
 }
 
 fn rd32(f: &File, path: &Path, sector: u64, n: u64) -> Result<Vec<u32>> {
-    let mut raw = vec![0u8; (n * 4) as usize];
-    f.read_exact_at(&mut raw, sector * SECTOR)
-        .map_err(|e| Error::io("read", path, sector * SECTOR, e))?;
-    let mut v = vec![0u32; n as usize];
-    LE::read_u32_into(&raw, &mut v);
-    Ok(v)
+    crate::write::read_u32s(f, path, sector, n as usize)
 }
 
 fn wr32(f: &File, path: &Path, at: u64, v: &[u32]) -> Result<()> {
