@@ -341,6 +341,11 @@ impl Progress for Bar {
             pb.inc(n);
         }
     }
+    fn set_total(&self, n: u64) {
+        if let Some(pb) = &self.0 {
+            pb.set_length(n);
+        }
+    }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {

@@ -367,6 +367,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
         remove: remove.clone(),
     };
     report.resumed = state.is_some();
+    progress.set_total(report.data_bytes + report.zero_bytes);
     write_state(&sp, &st)?;
 
     let mut writer = LayerWriter::open(&chain.layers[target])?;

@@ -18,6 +18,8 @@ pub mod redo;
 pub trait Progress: Sync {
     /// `n` more bytes of logical content are done.
     fn inc(&self, n: u64);
+    /// The total is now known to be `n` bytes.
+    fn set_total(&self, _n: u64) {}
 }
 
 /// No progress reporting.
