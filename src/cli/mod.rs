@@ -457,7 +457,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bar.finish();
             if !quiet {
                 eprintln!(
-                    "vmdkit: exported {} of {} ({} grains of data, {} written)",
+                    "vmdkit: exported `{}` ({} disk): {} grains of data, {} written",
                     src.display(),
                     ops::info::human(chain.capacity()),
                     report.grains,
