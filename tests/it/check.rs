@@ -269,3 +269,62 @@ fn descriptor_chain_stream_and_cowd_findings() {
     // A file that cannot be read at all: the check could not finish.
     assert_eq!(check(d, &["check", "nothere.vmdk"]).0, 1);
 }
+
+#[test]
+fn stream_marker_sequence_findings() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_img(d, &["create", "-q", "-f", "vmdk", "s.vmdk", "100M"]);
+    qemu_io(
+        d,
+        "s.vmdk",
+        &["write -P 0x33 0 64k", "write -P 0x34 40M 64k"],
+    );
+    vmdkit_ok(
+        d,
+        &["export", "s.vmdk", "so.vmdk", "--format", "stream", "-q"],
+    );
+    let img = std::fs::read(d.join("so.vmdk")).unwrap();
+    assert_eq!(check(d, &["check", "so.vmdk"]).0, 0);
+    // Find the first GT marker (type 1) after the grains.
+    let gt_marker = (128..img.len() / S)
+        .find(|&s| img[s * S + 8..s * S + 16] == [0, 0, 0, 0, 1, 0, 0, 0] && img[s * S] == 4)
+        .expect("a GT marker");
+    let mut b = img.clone();
+    b[gt_marker * S] = 5; // numSectors 5
+    std::fs::write(d.join("bad.vmdk"), &b).unwrap();
+    let (c, out) = check(d, &["check", "bad.vmdk"]);
+    assert_eq!(c, 2, "{out}");
+    assert!(
+        out.contains("grain-table marker says 5 sectors, a table has 4"),
+        "{out}"
+    );
+    let mut b = img.clone();
+    b[gt_marker * S + 12] = 9; // unknown marker type
+    std::fs::write(d.join("bad.vmdk"), &b).unwrap();
+    let (c, out) = check(d, &["check", "bad.vmdk"]);
+    assert_eq!(c, 2, "{out}");
+    assert!(out.contains("unknown marker type 9"), "{out}");
+    // qemu's empty stream ends at overHead without an end-of-stream marker: a warning,
+    // because ESXi refuses it (qemu issue #1357).
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+            "e.vmdk",
+            "10M",
+        ],
+    );
+    let (c, out) = check(d, &["check", "e.vmdk"]);
+    assert_eq!(c, 0, "{out}");
+    assert!(
+        out.contains("ends without an end-of-stream marker"),
+        "{out}"
+    );
+}
