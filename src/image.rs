@@ -232,6 +232,17 @@ impl Layer {
             // Impossible combinations (a path without a name).
             _ => None,
         };
+        // ESX 2 names an RDM's REDO after its mapping file (`vm-rdm.vmdk.REDO`), a link
+        // to the device: the parent is the descriptor that maps it.
+        let parent = parent.map(|p| match rdm_owner(&dir, &p) {
+            Some(owner) => {
+                notes.push(format!(
+                    "`{p}` is a raw device mapping file; its descriptor `{owner}` is the parent"
+                ));
+                owner
+            }
+            None => p,
+        });
         let line = ExtentLine {
             access: Access::Rw,
             sectors: u64::from(h.num_sectors),
@@ -626,6 +637,43 @@ impl Layer {
             }
         }
     }
+}
+
+/// The RDM descriptor in `dir` whose VMFSRDM extent is the mapping file `map`, when
+/// `map` is a link (to a device) rather than a VMDK of its own.
+fn rdm_owner(dir: &Path, map: &str) -> Option<String> {
+    let p = dir.join(map);
+    if !fs::symlink_metadata(&p).ok()?.file_type().is_symlink() {
+        return None;
+    }
+    let mut head = [0u8; 4];
+    if let Ok(mut f) = fs::File::open(&p) {
+        use std::io::Read;
+        let _ = f.read_exact(&mut head);
+        if &head == b"KDMV" || &head == b"COWD" {
+            return None;
+        }
+    }
+    for e in fs::read_dir(dir).ok()?.flatten() {
+        let q = e.path();
+        if fs::symlink_metadata(&q)
+            .map(|m| !m.is_file() || m.len() > 65536)
+            .unwrap_or(true)
+        {
+            continue;
+        }
+        let Ok(text) = fs::read(&q) else { continue };
+        let Ok(d) = Descriptor::parse(&text, &q) else {
+            continue;
+        };
+        if d.extents()
+            .iter()
+            .any(|x| x.kind == ExtentType::VmfsRdm && x.file.as_deref() == Some(map))
+        {
+            return q.file_name().map(|n| n.to_string_lossy().into_owned());
+        }
+    }
+    None
 }
 
 /// Open an extent's file; a missing file is a chain error naming the folder searched.

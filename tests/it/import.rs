@@ -459,3 +459,46 @@ fn ls_groups_disks_with_extents_and_deltas() {
     let text = String::from_utf8(vmdkit_ok(d, &["ls", "-H"]).stdout).unwrap();
     assert!(text.contains("capacity 3.0 GiB"), "{text}");
 }
+
+/// ESX 2 names a virtual RDM's REDO log after the mapping file (formats.md §5):
+/// `vm-rdm.vmdk.REDO`, whose parent by name is a link to the device. The log must chain
+/// onto the RDM descriptor and commit into the device.
+#[test]
+fn a_redo_named_after_the_mapping_file_chains_onto_the_rdm() {
+    let t = tmp();
+    let d = t.path();
+    let lun: Vec<u8> = (0..(2 << 20)).map(|i: usize| (i / 512) as u8 | 1).collect();
+    std::fs::write(d.join("lun.img"), &lun).unwrap();
+    vmdkit_ok(d, &["rdm", "create", "vm.vmdk", "--device", "lun.img"]);
+    vmdkit_ok(d, &["redo", "add", "vm.vmdk"]);
+    std::fs::rename(d.join("vm.vmdk.REDO"), d.join("vm-rdm.vmdk.REDO")).unwrap();
+    vmdkit_ok(
+        d,
+        &[
+            "write",
+            "vm-rdm.vmdk.REDO",
+            "--offset",
+            "1024",
+            "--zero",
+            "2048",
+        ],
+    );
+    let info = String::from_utf8(vmdkit_ok(d, &["info", "vm-rdm.vmdk.REDO"]).stdout).unwrap();
+    assert!(
+        info.contains("its descriptor `vm.vmdk` is the parent"),
+        "{info}"
+    );
+    let mut model = lun.clone();
+    model[1024..3072].fill(0);
+    assert_same(
+        &vmdkit_raw(d, "vm-rdm.vmdk.REDO"),
+        &model,
+        "through the REDO",
+    );
+    vmdkit_ok(d, &["commit", "vm-rdm.vmdk.REDO", "-q"]);
+    assert_same(
+        &std::fs::read(d.join("lun.img")).unwrap(),
+        &model,
+        "device after commit",
+    );
+}
