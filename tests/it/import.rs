@@ -472,6 +472,11 @@ fn a_redo_named_after_the_mapping_file_chains_onto_the_rdm() {
     vmdkit_ok(d, &["rdm", "create", "vm.vmdk", "--device", "lun.img"]);
     vmdkit_ok(d, &["redo", "add", "vm.vmdk"]);
     std::fs::rename(d.join("vm.vmdk.REDO"), d.join("vm-rdm.vmdk.REDO")).unwrap();
+    // As ESX 2 writes it: the COWD header names the mapping file as the parent.
+    let mut b = std::fs::read(d.join("vm-rdm.vmdk.REDO")).unwrap();
+    b[0x20..0x20 + 64].fill(0);
+    b[0x20..0x20 + 11].copy_from_slice(b"vm-rdm.vmdk");
+    std::fs::write(d.join("vm-rdm.vmdk.REDO"), b).unwrap();
     vmdkit_ok(
         d,
         &[
