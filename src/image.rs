@@ -137,6 +137,9 @@ impl Layer {
         if &magic == b"COWD" {
             return Self::open_cowd_file(path, src);
         }
+        if src.is_empty() {
+            return Err(Error::corrupt(path, 0, "empty file: not a VMDK"));
+        }
         if src.len() > MAX_DESCRIPTOR_BYTES as u64 {
             return Err(Error::corrupt(
                 path,

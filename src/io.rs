@@ -51,6 +51,22 @@ impl std::fmt::Debug for Source {
 impl Source {
     /// Open `path` read-only.
     pub fn open(path: &Path, mode: SourceMode) -> Result<Source> {
+        // Look before opening: opening a FIFO for reading blocks until a writer comes.
+        use std::os::unix::fs::FileTypeExt;
+        let meta = std::fs::metadata(path).map_err(|e| Error::io("open", path, 0, e))?;
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            return Err(Error::InvalidInput(format!(
+                "`{}` is a directory, not a disk file",
+                path.display()
+            )));
+        }
+        if ft.is_fifo() || ft.is_socket() {
+            return Err(Error::InvalidInput(format!(
+                "`{}` is a pipe or socket, not a disk file (import reads streams from `-`)",
+                path.display()
+            )));
+        }
         let file = File::open(path).map_err(|e| Error::io("open", path, 0, e))?;
         Self::from_file(file, path, mode)
     }

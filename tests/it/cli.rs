@@ -120,3 +120,24 @@ fn info_json_has_the_documented_keys() {
     assert_eq!(v["adapter_type"], "lsilogic");
     assert_eq!(v["geometry"]["heads"], 255);
 }
+
+#[test]
+fn directories_empty_files_and_pipes_are_refused_without_hanging() {
+    let t = tmp();
+    let d = t.path();
+    std::fs::create_dir(d.join("dir.vmdk")).unwrap();
+    std::fs::write(d.join("empty.vmdk"), b"").unwrap();
+    assert!(Command::new("mkfifo")
+        .arg(d.join("fifo.vmdk"))
+        .status()
+        .unwrap()
+        .success());
+    for (f, want) in [
+        ("dir.vmdk", "is a directory"),
+        ("empty.vmdk", "empty file: not a VMDK"),
+        ("fifo.vmdk", "is a pipe or socket"),
+    ] {
+        let err = vmdkit_err(d, &["info", f]);
+        assert!(err.contains(want), "{f}: {err}");
+    }
+}
