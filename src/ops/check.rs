@@ -619,7 +619,7 @@ fn walk_markers(path: &Path, ext: &SparseExtent, r: &mut CheckReport) -> Result<
 }
 
 /// COWD: directory and tables inside the file, grains inside, not shared, not on tables.
-fn check_cowd(path: &Path, r: &mut CheckReport) -> Result<()> {
+fn check_cowd(path: &Path, repair: bool, r: &mut CheckReport) -> Result<()> {
     let src = Source::open(path, SourceMode::Pread)?;
     let h = match cowd::read_header(&src) {
         Ok(h) => h,
@@ -698,6 +698,57 @@ fn check_cowd(path: &Path, r: &mut CheckReport) -> Result<()> {
             }
         }
     }
+    // Leaks: sectors no header, directory, table or grain covers.
+    let mut spans: Vec<(u64, u64)> = meta.clone();
+    spans.extend(
+        used.keys()
+            .map(|&g| (u64::from(g), u64::from(g) + u64::from(h.grain_size))),
+    );
+    spans.sort_unstable();
+    let mut covered_to = 0u64;
+    let mut leaked = 0u64;
+    let mut first_leak = None;
+    for (a, b) in spans {
+        if a > covered_to {
+            leaked += a.min(fsect) - covered_to.min(fsect);
+            first_leak.get_or_insert(covered_to);
+        }
+        covered_to = covered_to.max(b);
+    }
+    if covered_to < fsect {
+        leaked += fsect - covered_to;
+        first_leak.get_or_insert(covered_to);
+    }
+    if leaked > 0 {
+        let idx = r.add(
+            path,
+            first_leak.unwrap_or(0) * SECTOR,
+            Severity::Leak,
+            format!(
+                "{} sectors ({} bytes) allocated but referenced by nothing",
+                leaked,
+                leaked * SECTOR
+            ),
+        );
+        let tail_only = leaked == fsect.saturating_sub(covered_to);
+        let clean = !r
+            .findings
+            .iter()
+            .any(|x| x.file == path && x.severity == Severity::Corruption);
+        if repair && tail_only && clean {
+            // A leaked tail (a crash after allocating, before the table update) is cut.
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| Error::io("open for writing", path, 0, e))?;
+            f.set_len(covered_to * SECTOR)
+                .map_err(|e| Error::io("truncate", path, covered_to * SECTOR, e))?;
+            f.sync_all().map_err(|e| Error::io("flush", path, 0, e))?;
+            r.findings[idx].repaired = true;
+        } else {
+            r.leaked_bytes += leaked * SECTOR;
+        }
+    }
     if u64::from(h.free_sector) > fsect + 1 {
         r.add(
             path,
@@ -746,7 +797,7 @@ pub fn check(disk: &Path, repair: bool) -> Result<CheckReport> {
             .filter(|p| !p.as_os_str().is_empty())
             .map_or(PathBuf::from("."), Path::to_path_buf);
         let (cid, parent_cid, parent_hint) = if &head == b"COWD" {
-            check_cowd(&path, &mut r)?;
+            check_cowd(&path, repair, &mut r)?;
             let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -832,7 +883,7 @@ pub fn check(disk: &Path, repair: bool) -> Result<CheckReport> {
                             }
                         }
                     }
-                    ExtentType::VmfsSparse => check_cowd(&p, &mut r)?,
+                    ExtentType::VmfsSparse => check_cowd(&p, repair, &mut r)?,
                     ExtentType::Flat
                     | ExtentType::Vmfs
                     | ExtentType::VmfsRaw

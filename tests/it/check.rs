@@ -328,3 +328,26 @@ fn stream_marker_sequence_findings() {
         "{out}"
     );
 }
+
+#[test]
+fn cowd_leaked_tail_exits_3_and_repair_cuts_it() {
+    let t = tmp();
+    let d = t.path();
+    vmdkit_ok(d, &["create", "b.vmdk", "--size", "8m", "--type", "thin"]);
+    vmdkit_ok(d, &["redo", "add", "b.vmdk"]);
+    std::fs::write(d.join("x.bin"), vec![7u8; 300_000]).unwrap();
+    vmdkit_ok(d, &["write", "b.vmdk.REDO", "--offset", "4096", "x.bin"]);
+    assert_eq!(check(d, &["check", "b.vmdk.REDO"]).0, 0);
+    let len = std::fs::metadata(d.join("b.vmdk.REDO")).unwrap().len();
+    let mut b = std::fs::read(d.join("b.vmdk.REDO")).unwrap();
+    b.extend_from_slice(&[0u8; 4096]);
+    std::fs::write(d.join("b.vmdk.REDO"), &b).unwrap();
+    let (c, out) = check(d, &["check", "b.vmdk.REDO"]);
+    assert_eq!(c, 3, "{out}");
+    assert!(
+        out.contains("8 sectors (4096 bytes) allocated but referenced by nothing"),
+        "{out}"
+    );
+    assert_eq!(check(d, &["check", "--repair", "b.vmdk.REDO"]).0, 0);
+    assert_eq!(std::fs::metadata(d.join("b.vmdk.REDO")).unwrap().len(), len);
+}
