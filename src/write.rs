@@ -450,11 +450,17 @@ impl LayerWriter {
     /// Open `layer`'s files for writing. The layer must have been opened with positional
     /// reads (never write a mapped file).
     pub fn open(layer: &Layer) -> Result<LayerWriter> {
-        if layer.create_type.is_device() {
+        Self::open_with(layer, false)
+    }
+
+    /// Like [`open`](Self::open); `allow_device` permits writing into fullDevice,
+    /// partitionedDevice and vmfsRaw disks (their extents are host devices).
+    pub fn open_with(layer: &Layer, allow_device: bool) -> Result<LayerWriter> {
+        if layer.create_type.is_device() && !allow_device {
             return Err(Error::unsupported(
                 &layer.path,
                 format!(
-                    "writing into a {} disk (it names host devices directly); add a REDO log with `redo add` and write there, or write the device itself",
+                    "writing into a {} disk (it names host devices directly) without --allow-device-write; or add a REDO log with `redo add` and write there",
                     layer.create_type.as_str()
                 ),
             ));

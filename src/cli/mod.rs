@@ -139,6 +139,9 @@ enum Cmd {
         zero: Option<u64>,
         /// Input file, or `-` for stdin (the default).
         input: Option<PathBuf>,
+        /// Allow writing into fullDevice / partitionedDevice / vmfsRaw disks.
+        #[arg(long)]
+        allow_device_write: bool,
         #[command(flatten)]
         read: ReadArgs,
     },
@@ -155,6 +158,9 @@ enum Cmd {
         /// Commit although another delta in the folder names the same parent.
         #[arg(long)]
         force: bool,
+        /// Allow committing into a fullDevice / partitionedDevice / vmfsRaw parent.
+        #[arg(long)]
+        allow_device_write: bool,
         /// Worker threads (default: all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -480,9 +486,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             offset,
             zero,
             input,
+            allow_device_write,
             read,
         } => {
-            use vmdkit::ops::redo::{write, WriteData};
+            use vmdkit::ops::redo::{write_with, WriteData};
+            let write = |d: &std::path::Path, o: u64, w: WriteData<'_>, ic: bool| {
+                write_with(d, o, w, ic, allow_device_write)
+            };
             let n = match (zero, input) {
                 (Some(len), None) => write(&disk, offset, WriteData::Zeros(len), read.ignore_cid)?,
                 (Some(_), Some(_)) => anyhow::bail!("give either --zero LEN or an input, not both"),
@@ -508,6 +518,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             force,
             threads,
             quiet,
+            allow_device_write,
         } => {
             use vmdkit::ops::commit::{commit, CommitOptions};
             let bar = Bar::new(0, quiet || dry_run);
@@ -518,6 +529,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     dry_run,
                     force,
                     threads,
+                    allow_device_write,
                 },
                 &bar,
             )?;

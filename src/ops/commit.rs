@@ -41,6 +41,9 @@ pub struct CommitOptions {
     pub force: bool,
     /// Worker threads (0 = all cores).
     pub threads: usize,
+    /// Allow committing into a device-backed parent (fullDevice, partitionedDevice,
+    /// vmfsRaw).
+    pub allow_device_write: bool,
 }
 
 /// What a commit did (or would do).
@@ -370,7 +373,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
     progress.set_total(report.data_bytes + report.zero_bytes);
     write_state(&sp, &st)?;
 
-    let mut writer = LayerWriter::open(&chain.layers[target])?;
+    let mut writer = LayerWriter::open_with(&chain.layers[target], opts.allow_device_write)?;
     {
         let chain_ref = &chain;
         let below = move |buf: &mut [u8], off: u64| chain_ref.read_below(target + 1, buf, off);

@@ -218,6 +218,17 @@ pub enum WriteData<'a> {
 /// (as VMware does on the first write after opening), so stale children are detected.
 /// Returns the bytes written.
 pub fn write(disk: &Path, offset: u64, data: WriteData<'_>, ignore_cid: bool) -> Result<u64> {
+    write_with(disk, offset, data, ignore_cid, false)
+}
+
+/// Like [`write`]; `allow_device` permits writing into device-backed disks.
+pub fn write_with(
+    disk: &Path,
+    offset: u64,
+    data: WriteData<'_>,
+    ignore_cid: bool,
+    allow_device: bool,
+) -> Result<u64> {
     let mut chain = Chain::open(
         disk,
         &OpenOptions {
@@ -231,7 +242,7 @@ pub fn write(disk: &Path, offset: u64, data: WriteData<'_>, ignore_cid: bool) ->
         )));
     }
     let cap = chain.capacity();
-    let mut w = LayerWriter::open(chain.top())?;
+    let mut w = LayerWriter::open_with(chain.top(), allow_device)?;
     let new_cid = random_cid();
     set_cid(&mut chain.layers[0], new_cid)?;
     let chain_ref = &chain;

@@ -507,3 +507,36 @@ fn a_redo_named_after_the_mapping_file_chains_onto_the_rdm() {
         "device after commit",
     );
 }
+
+/// fullDevice descriptors read through their device paths; writing needs
+/// --allow-device-write.
+#[test]
+fn device_descriptors_read_and_refuse_writes_unless_asked() {
+    let t = tmp();
+    let d = t.path();
+    let dev = d.join("disk.img");
+    std::fs::write(&dev, vec![0x31u8; 1 << 20]).unwrap();
+    std::fs::write(
+        d.join("raw.vmdk"),
+        format!("# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType=\"fullDevice\"\n\n# Extent description\nRW 2048 FLAT \"{}\" 0\n", dev.display()),
+    )
+    .unwrap();
+    assert_eq!(vmdkit_raw(d, "raw.vmdk"), vec![0x31u8; 1 << 20]);
+    let err = vmdkit_err(d, &["write", "raw.vmdk", "--offset", "0", "--zero", "512"]);
+    assert!(err.contains("--allow-device-write"), "{err}");
+    assert_eq!(std::fs::read(&dev).unwrap()[0], 0x31, "device untouched");
+    vmdkit_ok(
+        d,
+        &[
+            "write",
+            "raw.vmdk",
+            "--offset",
+            "0",
+            "--zero",
+            "512",
+            "--allow-device-write",
+        ],
+    );
+    let b = std::fs::read(&dev).unwrap();
+    assert!(b[..512].iter().all(|&x| x == 0) && b[512] == 0x31);
+}
