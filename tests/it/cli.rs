@@ -141,3 +141,44 @@ fn directories_empty_files_and_pipes_are_refused_without_hanging() {
         assert!(err.contains(want), "{f}: {err}");
     }
 }
+
+/// README starts with the two newcomer commands, and `.ci/run` runs exactly the second.
+#[test]
+fn readme_and_ci_agree_on_the_test_command() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let block = readme
+        .split("```sh\n")
+        .nth(1)
+        .expect("a first shell block")
+        .split("```")
+        .next()
+        .unwrap();
+    let cmds: Vec<&str> = block.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(cmds.len(), 2, "{block}");
+    assert!(
+        cmds[0].contains("fixtures/"),
+        "first command runs on a bundled example: {}",
+        cmds[0]
+    );
+    let ci = std::fs::read_to_string(root.join(".ci/run")).unwrap();
+    let last = ci
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .unwrap();
+    assert_eq!(
+        last.trim(),
+        cmds[1].trim(),
+        ".ci/run runs the README's test command"
+    );
+    for section in [
+        "## Performance",
+        "### export",
+        "### check",
+        "### REDO logs, deltas and commit",
+        "## Resource bounds",
+    ] {
+        assert!(readme.contains(section), "README lost `{section}`");
+    }
+}
