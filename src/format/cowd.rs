@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use crate::disk::{push_run, Alloc, Run};
+use crate::disk::{Alloc, Run};
 use crate::error::{Error, Result};
 use crate::format::sparse::SECTOR;
 use crate::io::Source;
@@ -294,64 +294,44 @@ impl CowdExtent {
         base: u64,
         out: &mut Vec<Run>,
     ) -> Result<()> {
-        let end = rel.end.min(self.len);
-        let mut pos = rel.start;
-        let span = self.grain_bytes * COWD_GTES;
-        while pos < end {
-            let g = pos / self.grain_bytes;
-            let gdi = (g / COWD_GTES) as usize;
-            let stop_gt = ((gdi as u64 + 1) * span).min(end);
-            if self.gd[gdi] == 0 {
-                push_run(
-                    out,
-                    Run {
-                        start: base + pos,
-                        len: stop_gt - pos,
-                        alloc: Alloc::Unallocated,
-                        depth: 0,
-                    },
-                );
-                pos = stop_gt;
-                continue;
-            }
-            let t = self.gt(gdi)?;
-            while pos < stop_gt {
-                let g = pos / self.grain_bytes;
-                let gstart = g * self.grain_bytes;
-                let stop = (gstart + self.grain_bytes).min(stop_gt);
-                let gte = t[(g % COWD_GTES) as usize];
-                let alloc = if gte == 0 {
-                    Alloc::Unallocated
+        super::map_grains(
+            index,
+            self.len,
+            self.grain_bytes,
+            COWD_GTES,
+            rel,
+            base,
+            out,
+            |gdi| {
+                if self.gd[gdi] == 0 {
+                    Ok(None)
                 } else {
-                    let off = u64::from(gte) * SECTOR;
-                    let valid = (self.len - gstart).min(self.grain_bytes);
-                    if off + valid > self.src.len() {
-                        return Err(Error::corrupt(
-                            self.src.path(),
-                            u64::from(self.gd[gdi]) * SECTOR + 4 * (g % COWD_GTES),
-                            format!(
-                                "grain {g} at sector {gte} lies past the end of the {}-byte file",
-                                self.src.len()
-                            ),
-                        ));
-                    }
-                    Alloc::Data {
-                        extent: index,
-                        offset: off + (pos - gstart),
-                    }
-                };
-                push_run(
-                    out,
-                    Run {
-                        start: base + pos,
-                        len: stop - pos,
-                        alloc,
-                        depth: 0,
-                    },
-                );
-                pos = stop;
-            }
-        }
-        Ok(())
+                    self.gt(gdi).map(Some)
+                }
+            },
+            |t, g, gdi| {
+                let gte = t[(g % COWD_GTES) as usize];
+                if gte == 0 {
+                    return Ok(Alloc::Unallocated);
+                }
+                let gstart = g * self.grain_bytes;
+                let off = u64::from(gte) * SECTOR;
+                let valid = (self.len - gstart).min(self.grain_bytes);
+                if off + valid > self.src.len() {
+                    return Err(Error::corrupt(
+                        self.src.path(),
+                        u64::from(self.gd[gdi]) * SECTOR + 4 * (g % COWD_GTES),
+                        format!(
+                            "grain {g} at sector {gte} lies past the end of the {}-byte file",
+                            self.src.len()
+                        ),
+                    ));
+                }
+                Ok(Alloc::Data {
+                    extent: index,
+                    offset: off,
+                })
+            },
+        )
     }
 }

@@ -37,6 +37,57 @@ pub(crate) fn cached_table<'a>(
     Ok(cell.get_or_init(|| t.into_boxed_slice()))
 }
 
+/// Map `rel` (extent-relative, clipped to `len`) over a two-level grain table, pushing
+/// runs at `base + rel` into `out`. `table(gdi)` gives directory entry `gdi`'s table, or
+/// None when the entry is empty (its whole range is unallocated); `entry(table, g, gdi)`
+/// says what grain `g` is, with `Data`/`Compressed` offsets at the grain's start. Offsets
+/// of partial grains and the extent index are filled in here. Hosted sparse, COWD and
+/// SESparse extents all map through this.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn map_grains<T>(
+    index: usize,
+    len: u64,
+    grain: u64,
+    per_table: u64,
+    rel: Range<u64>,
+    base: u64,
+    out: &mut Vec<Run>,
+    table: impl Fn(usize) -> Result<Option<T>>,
+    entry: impl Fn(&T, u64, usize) -> Result<Alloc>,
+) -> Result<()> {
+    let end = rel.end.min(len);
+    let span = grain * per_table;
+    let mut pos = rel.start;
+    while pos < end {
+        let gdi = (pos / span) as usize;
+        let table_end = ((gdi as u64 + 1) * span).min(end);
+        let Some(t) = table(gdi)? else {
+            push_run(out, mk(base + pos, table_end - pos, Alloc::Unallocated));
+            pos = table_end;
+            continue;
+        };
+        while pos < table_end {
+            let g = pos / grain;
+            let gstart = g * grain;
+            let stop = (gstart + grain).min(table_end);
+            let alloc = match entry(&t, g, gdi)? {
+                Alloc::Data { offset, .. } => Alloc::Data {
+                    extent: index,
+                    offset: offset + (pos - gstart),
+                },
+                Alloc::Compressed { offset, .. } => Alloc::Compressed {
+                    extent: index,
+                    offset,
+                },
+                a => a,
+            };
+            push_run(out, mk(base + pos, stop - pos, alloc));
+            pos = stop;
+        }
+    }
+    Ok(())
+}
+
 /// A flat extent: `len` bytes at `offset` in a file or device.
 #[derive(Debug)]
 pub struct FlatExtent {

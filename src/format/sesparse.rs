@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use crate::disk::{push_run, Alloc, Run};
+use crate::disk::{Alloc, Run};
 use crate::error::{Error, Result};
 use crate::format::sparse::SECTOR;
 use crate::io::Source;
@@ -227,35 +227,27 @@ impl SeSparseExtent {
         out: &mut Vec<Run>,
     ) -> Result<()> {
         let grain = GRAIN_SECTORS * SECTOR;
-        let span = grain * GTES;
-        let end = rel.end.min(self.len);
-        let mut pos = rel.start;
-        while pos < end {
-            let gdi = (pos / span) as usize;
-            let stop_gt = ((gdi as u64 + 1) * span).min(end);
-            if self.gd[gdi] == 0 {
-                push_run(
-                    out,
-                    Run {
-                        start: base + pos,
-                        len: stop_gt - pos,
-                        alloc: Alloc::Unallocated,
-                        depth: 0,
-                    },
-                );
-                pos = stop_gt;
-                continue;
-            }
-            let t = self.gt(gdi)?;
-            let gt_sector = self.header.gt_offset + (self.gd[gdi] & 0xffff_ffff) * GT_SECTORS;
-            while pos < stop_gt {
-                let g = pos / grain;
-                let gstart = g * grain;
-                let stop = (gstart + grain).min(stop_gt);
+        super::map_grains(
+            index,
+            self.len,
+            grain,
+            GTES,
+            rel,
+            base,
+            out,
+            |gdi| {
+                if self.gd[gdi] == 0 {
+                    Ok(None)
+                } else {
+                    self.gt(gdi).map(Some)
+                }
+            },
+            |t, g, gdi| {
+                let gt_sector = self.header.gt_offset + (self.gd[gdi] & 0xffff_ffff) * GT_SECTORS;
                 let gti = (g % GTES) as usize;
                 let v = t[gti];
                 let entry_at = gt_sector * SECTOR + 8 * gti as u64;
-                let alloc = match v >> 60 {
+                Ok(match v >> 60 {
                     0 if v == 0 => Alloc::Unallocated,
                     1 | 2 => Alloc::Zero,
                     3 => {
@@ -268,11 +260,15 @@ impl SeSparseExtent {
                             .and_then(|s| s.checked_mul(SECTOR))
                             .filter(|o| o.checked_add(grain).is_some_and(|e| e <= self.src.len()));
                         let Some(off) = off else {
-                            return Err(Error::corrupt(self.src.path(), entry_at, format!("grain {g} (entry {v:#x}) lies past the end of the {}-byte file", self.src.len())));
+                            return Err(Error::corrupt(
+                                self.src.path(),
+                                entry_at,
+                                format!("grain {g} (entry {v:#x}) lies past the end of the {}-byte file", self.src.len()),
+                            ));
                         };
                         Alloc::Data {
                             extent: index,
-                            offset: off + (pos - gstart),
+                            offset: off,
                         }
                     }
                     _ => {
@@ -282,19 +278,8 @@ impl SeSparseExtent {
                             format!("grain table entry {v:#x} has an unknown type"),
                         ))
                     }
-                };
-                push_run(
-                    out,
-                    Run {
-                        start: base + pos,
-                        len: stop - pos,
-                        alloc,
-                        depth: 0,
-                    },
-                );
-                pos = stop;
-            }
-        }
-        Ok(())
+                })
+            },
+        )
     }
 }

@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
-use crate::disk::{push_run, Alloc, Run};
+use crate::disk::{Alloc, Run};
 use crate::error::{Error, Result};
 use crate::io::Source;
 
@@ -423,44 +423,24 @@ impl SparseExtent {
         base: u64,
         out: &mut Vec<Run>,
     ) -> Result<()> {
-        let end = rel.end.min(self.len);
-        let mut pos = rel.start;
         let per = u64::from(self.header.num_gtes_per_gt);
-        let gt_span = self.grain_bytes * per;
-        while pos < end {
-            let g = pos / self.grain_bytes;
-            let gdi = (g / per) as usize;
-            if self.gd[gdi] == 0 {
-                let stop = ((gdi as u64 + 1) * gt_span).min(end);
-                push_run(out, run(base + pos, stop - pos, Alloc::Unallocated));
-                pos = stop;
-                continue;
-            }
-            let t = self.gt(gdi)?;
-            let gt_end = ((gdi as u64 + 1) * gt_span).min(end);
-            while pos < gt_end {
-                let g = pos / self.grain_bytes;
-                let gstart = g * self.grain_bytes;
-                let in_grain = pos - gstart;
-                let stop = (gstart + self.grain_bytes).min(gt_end);
-                let gte = t[(g % per) as usize];
-                let alloc = self.classify(gte, g, gdi)?;
-                let alloc = match alloc {
-                    Alloc::Data { offset, .. } => Alloc::Data {
-                        extent: index,
-                        offset: offset + in_grain,
-                    },
-                    Alloc::Compressed { offset, .. } => Alloc::Compressed {
-                        extent: index,
-                        offset,
-                    },
-                    a => a,
-                };
-                push_run(out, run(base + pos, stop - pos, alloc));
-                pos = stop;
-            }
-        }
-        Ok(())
+        super::map_grains(
+            index,
+            self.len,
+            self.grain_bytes,
+            per,
+            rel,
+            base,
+            out,
+            |gdi| {
+                if self.gd[gdi] == 0 {
+                    Ok(None)
+                } else {
+                    self.gt(gdi).map(Some)
+                }
+            },
+            |t, g, gdi| self.classify(t[(g % per) as usize], g, gdi),
+        )
     }
 
     /// What a grain-table entry means, with bounds checks against the file.
@@ -581,15 +561,6 @@ pub fn inflate_grain(
     out.truncate(want);
     out.resize(want, 0);
     Ok(out)
-}
-
-fn run(start: u64, len: u64, alloc: Alloc) -> Run {
-    Run {
-        start,
-        len,
-        alloc,
-        depth: 0,
-    }
 }
 
 /// Read the footer of a GD_AT_END stream (formats.md §3.3).

@@ -276,28 +276,18 @@ fn create_and_extend_are_accepted_by_qemu() {
             serde_json::from_str(&qemu_img(d, &["info", "--output=json", name])).unwrap();
         assert_eq!(v["virtual-size"], 5u64 << 30, "{ty}");
         // Old content unchanged, zeros after, and the new space is writable.
-        let out = Command::new("qemu-io")
-            .args([
-                "-f",
-                "vmdk",
-                "-c",
+        let text = qemu_io(
+            d,
+            name,
+            &[
                 "read -P 0x5c 99M 1M",
-                "-c",
                 "read -P 0x5d 0 64k",
-                "-c",
                 "read -P 0 100M 100M",
-                "-c",
                 "read -P 0 5119M 1M",
-                "-c",
                 "write -P 0x5e 4G 64k",
-                "-c",
                 "read -P 0x5e 4G 64k",
-                name,
-            ])
-            .current_dir(d)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
+            ],
+        );
         assert!(
             !text.contains("fail") && !text.contains("error"),
             "{ty}: {text}"

@@ -55,7 +55,8 @@ pub fn qemu_img(dir: &Path, args: &[&str]) -> String {
 }
 
 /// Run qemu-io commands against `file` (format vmdk).
-pub fn qemu_io(dir: &Path, file: &str, cmds: &[&str]) {
+/// Returns qemu-io's output (a failed pattern check or an error fails the test).
+pub fn qemu_io(dir: &Path, file: &str, cmds: &[&str]) -> String {
     let mut args = vec!["-f", "vmdk"];
     for c in cmds {
         args.push("-c");
@@ -68,6 +69,7 @@ pub fn qemu_io(dir: &Path, file: &str, cmds: &[&str]) {
         !text.contains("error") && !text.contains("failed"),
         "qemu-io: {text}"
     );
+    text.into_owned()
 }
 
 pub fn bin() -> PathBuf {
