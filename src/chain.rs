@@ -259,4 +259,8 @@ impl VirtualDisk for Chain {
             })?;
         self.read_from(0, buf, offset)
     }
+
+    fn source_files(&self) -> Vec<PathBuf> {
+        self.layers.iter().flat_map(|l| l.files()).collect()
+    }
 }

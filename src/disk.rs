@@ -79,6 +79,11 @@ pub trait VirtualDisk: Send + Sync {
     fn map(&self, range: Range<u64>) -> Result<Vec<Run>>;
     /// Read exactly `buf.len()` bytes at `offset`. Many threads may call this at once.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// The files this disk reads (descriptors and extents of every layer): outputs must
+    /// never be one of them, and commands lock them while they read.
+    fn source_files(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
 }
 
 /// Append `run` to `out`, merging it into the last run when they continue each other.

@@ -28,6 +28,8 @@ pub enum ErrorKind {
     InvalidInput,
     /// An output already exists and `--force` was not given.
     AlreadyExists,
+    /// Another process holds a lock on a file this command needs.
+    Busy,
 }
 
 /// The library's error type.
@@ -89,6 +91,9 @@ pub enum Error {
     /// The output exists already.
     #[error("`{}` already exists (use --force to overwrite)", .0.display())]
     AlreadyExists(PathBuf),
+    /// Another process holds a lock on a file (see [`crate::guard`]).
+    #[error("`{}` is in use by another process (locked); try again when it has finished", .0.display())]
+    Busy(PathBuf),
 }
 
 impl Error {
@@ -102,6 +107,7 @@ impl Error {
             Error::Unsupported { .. } => ErrorKind::Unsupported,
             Error::InvalidInput(_) => ErrorKind::InvalidInput,
             Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            Error::Busy(_) => ErrorKind::Busy,
         }
     }
 

@@ -51,22 +51,7 @@ impl std::fmt::Debug for Source {
 impl Source {
     /// Open `path` read-only.
     pub fn open(path: &Path, mode: SourceMode) -> Result<Source> {
-        // Look before opening: opening a FIFO for reading blocks until a writer comes.
-        use std::os::unix::fs::FileTypeExt;
-        let meta = std::fs::metadata(path).map_err(|e| Error::io("open", path, 0, e))?;
-        let ft = meta.file_type();
-        if ft.is_dir() {
-            return Err(Error::InvalidInput(format!(
-                "`{}` is a directory, not a disk file",
-                path.display()
-            )));
-        }
-        if ft.is_fifo() || ft.is_socket() {
-            return Err(Error::InvalidInput(format!(
-                "`{}` is a pipe or socket, not a disk file (import reads streams from `-`)",
-                path.display()
-            )));
-        }
+        refuse_special(path)?;
         let file = File::open(path).map_err(|e| Error::io("open", path, 0, e))?;
         Self::from_file(file, path, mode)
     }
@@ -235,6 +220,28 @@ fn seek_data(file: &File, offset: u64, len: u64) -> Option<(u64, u64)> {
     let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
     let end = if h < 0 { len } else { (h as u64).min(len) };
     Some(((d as u64).min(len), end))
+}
+
+/// Refuse what is not a disk file before opening it: folders, pipes and sockets (opening
+/// a FIFO blocks until a writer comes), character devices (`/dev/zero` never ends).
+/// Regular files and block devices pass.
+pub fn refuse_special(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("open", path, 0, e))?;
+    let ft = meta.file_type();
+    let what = if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() || ft.is_socket() {
+        "a pipe or socket (import reads streams from `-`)"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidInput(format!(
+        "`{}` is {what}, not a disk file",
+        path.display()
+    )))
 }
 
 /// Size of a block device (or any file) by seeking to its end.

@@ -14,6 +14,7 @@ pub mod disk;
 pub mod error;
 pub mod format;
 pub mod fuzzing;
+pub mod guard;
 pub mod image;
 pub mod io;
 pub mod ops;

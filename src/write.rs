@@ -249,6 +249,31 @@ impl SparseW {
         Ok(false)
     }
 
+    /// The pending metadata writes, tables (both copies) first, then the directories;
+    /// the in-memory state counts as clean afterwards.
+    fn metadata_writes(&mut self) -> (Vec<MetaWrite>, Vec<MetaWrite>) {
+        let mut tables = Vec::new();
+        for &gdi in &self.dirty {
+            tables.push((
+                u64::from(self.gd[gdi]) * SECTOR,
+                u32s_bytes(&self.gts[&gdi]),
+            ));
+            if let (Some(r), Some(rt)) = (&self.rgd, self.rgts.get(&gdi)) {
+                tables.push((u64::from(r[gdi]) * SECTOR, u32s_bytes(rt)));
+            }
+        }
+        let mut dirs = Vec::new();
+        if self.gd_dirty {
+            dirs.push((self.h.gd_offset * SECTOR, u32s_bytes(&self.gd)));
+            if let Some(r) = &self.rgd {
+                dirs.push((self.h.rgd_offset * SECTOR, u32s_bytes(r)));
+            }
+        }
+        self.dirty.clear();
+        self.gd_dirty = false;
+        (tables, dirs)
+    }
+
     fn flush(&mut self) -> Result<()> {
         if self.dirty.is_empty() && !self.gd_dirty {
             return Ok(());
@@ -256,41 +281,22 @@ impl SparseW {
         // 1. Grain data durable before any table points at it.
         sync(&self.file, &self.path)?;
         // 2. Tables (both copies), then 3. directories.
-        for &gdi in &self.dirty {
-            let t = u32s_bytes(&self.gts[&gdi]);
-            pwrite(&self.file, &self.path, &t, u64::from(self.gd[gdi]) * SECTOR)?;
-            if let (Some(r), Some(rt)) = (&self.rgd, self.rgts.get(&gdi)) {
-                pwrite(
-                    &self.file,
-                    &self.path,
-                    &u32s_bytes(rt),
-                    u64::from(r[gdi]) * SECTOR,
-                )?;
-            }
+        let (tables, dirs) = self.metadata_writes();
+        for (off, b) in &tables {
+            pwrite(&self.file, &self.path, b, *off)?;
         }
-        if self.gd_dirty {
+        if !dirs.is_empty() {
             sync(&self.file, &self.path)?;
-            pwrite(
-                &self.file,
-                &self.path,
-                &u32s_bytes(&self.gd),
-                self.h.gd_offset * SECTOR,
-            )?;
-            if let Some(r) = &self.rgd {
-                pwrite(
-                    &self.file,
-                    &self.path,
-                    &u32s_bytes(r),
-                    self.h.rgd_offset * SECTOR,
-                )?;
-            }
         }
-        sync(&self.file, &self.path)?;
-        self.dirty.clear();
-        self.gd_dirty = false;
-        Ok(())
+        for (off, b) in &dirs {
+            pwrite(&self.file, &self.path, b, *off)?;
+        }
+        sync(&self.file, &self.path)
     }
 }
+
+/// One metadata write: byte offset and bytes.
+type MetaWrite = (u64, Vec<u8>);
 
 /// Writable COWD extent.
 struct CowdW {
@@ -388,40 +394,44 @@ impl CowdW {
         Ok(())
     }
 
+    /// Pending metadata writes: tables, then the directory and the header's freeSector.
+    fn metadata_writes(&mut self) -> (Vec<MetaWrite>, Vec<MetaWrite>) {
+        let tables = self
+            .dirty
+            .iter()
+            .map(|&gdi| {
+                (
+                    u64::from(self.gd[gdi]) * SECTOR,
+                    u32s_bytes(&self.gts[&gdi]),
+                )
+            })
+            .collect();
+        let mut dirs = Vec::new();
+        if self.gd_dirty {
+            dirs.push((u64::from(self.h.gd_offset) * SECTOR, u32s_bytes(&self.gd)));
+        }
+        // qemu leaves freeSector stale; we keep it current (formats.md §6.3).
+        self.h.free_sector = u32::try_from(self.cursor).unwrap_or(u32::MAX);
+        dirs.push((28, self.h.free_sector.to_le_bytes().to_vec()));
+        self.dirty.clear();
+        self.gd_dirty = false;
+        (tables, dirs)
+    }
+
     fn flush(&mut self) -> Result<()> {
         if self.dirty.is_empty() && !self.gd_dirty {
             return Ok(());
         }
         sync(&self.file, &self.path)?;
-        for &gdi in &self.dirty {
-            pwrite(
-                &self.file,
-                &self.path,
-                &u32s_bytes(&self.gts[&gdi]),
-                u64::from(self.gd[gdi]) * SECTOR,
-            )?;
+        let (tables, dirs) = self.metadata_writes();
+        for (off, b) in &tables {
+            pwrite(&self.file, &self.path, b, *off)?;
         }
         sync(&self.file, &self.path)?;
-        if self.gd_dirty {
-            pwrite(
-                &self.file,
-                &self.path,
-                &u32s_bytes(&self.gd),
-                u64::from(self.h.gd_offset) * SECTOR,
-            )?;
+        for (off, b) in &dirs {
+            pwrite(&self.file, &self.path, b, *off)?;
         }
-        // qemu leaves freeSector stale; we keep it current (formats.md §6.3).
-        self.h.free_sector = u32::try_from(self.cursor).unwrap_or(u32::MAX);
-        pwrite(
-            &self.file,
-            &self.path,
-            &self.h.free_sector.to_le_bytes(),
-            28,
-        )?;
-        sync(&self.file, &self.path)?;
-        self.dirty.clear();
-        self.gd_dirty = false;
-        Ok(())
+        sync(&self.file, &self.path)
     }
 }
 
@@ -508,6 +518,24 @@ impl LayerWriter {
         Ok(())
     }
 
+    /// Refuse, before anything is written, a range that is past the capacity or touches
+    /// an extent that cannot be written.
+    pub fn check_writable(&self, off: u64, len: u64) -> Result<()> {
+        self.check(off, len)?;
+        let end = off + len;
+        for (start, elen, w) in &self.extents {
+            if *start < end && start + elen > off {
+                if let ExtW::ReadOnly(why) = w {
+                    return Err(Error::InvalidInput(format!(
+                        "`{}`: {why}; nothing was written",
+                        self.path.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Write `data` at virtual offset `off`. `below` reads the layers under this one.
     pub fn write_at(&mut self, data: &[u8], off: u64, below: Below<'_>) -> Result<()> {
         self.check(off, data.len() as u64)?;
@@ -581,6 +609,46 @@ impl LayerWriter {
         Ok(())
     }
 
+    /// Make the grain data durable and hand back, instead of writing them, the
+    /// metadata writes (tables, directories) that would make it visible: commit records
+    /// them in a journal first, so a rerun replays exactly these writes (no grain is
+    /// written twice, nothing leaks). Apply them with [`apply_journal`].
+    pub fn take_journal(&mut self) -> Result<Vec<JournalRecord>> {
+        let mut tables = Vec::new();
+        let mut dirs = Vec::new();
+        for (_, _, w) in &mut self.extents {
+            let ((t, d), path, file) = match w {
+                ExtW::Sparse(s) => (s.metadata_writes(), &s.path, &s.file),
+                ExtW::Cowd(c) => (c.metadata_writes(), &c.path, &c.file),
+                ExtW::Flat(f) => ((vec![], vec![]), &f.path, &f.file),
+                ExtW::ReadOnly(_) => continue,
+            };
+            sync(file, path)?;
+            let rec = |(offset, bytes)| JournalRecord {
+                file: path.clone(),
+                offset,
+                bytes,
+            };
+            tables.extend(t.into_iter().map(rec));
+            dirs.extend(d.into_iter().map(rec));
+        }
+        tables.extend(dirs);
+        Ok(tables)
+    }
+
+    /// The files of extents this writer can change, with their current lengths.
+    pub fn extent_files(&self) -> Vec<(PathBuf, u64)> {
+        self.extents
+            .iter()
+            .filter_map(|(_, _, w)| match w {
+                ExtW::Sparse(s) => Some((s.path.clone(), s.file.metadata().ok()?.len())),
+                ExtW::Cowd(c) => Some((c.path.clone(), c.file.metadata().ok()?.len())),
+                ExtW::Flat(f) => Some((f.path.clone(), f.file.metadata().ok()?.len())),
+                ExtW::ReadOnly(_) => None,
+            })
+            .collect()
+    }
+
     /// Make everything written durable (data before tables, tables before directories).
     pub fn flush(&mut self) -> Result<()> {
         for (_, _, w) in &mut self.extents {
@@ -593,6 +661,37 @@ impl LayerWriter {
         }
         Ok(())
     }
+}
+
+/// One metadata write of a journal (see [`LayerWriter::take_journal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalRecord {
+    /// The extent file.
+    pub file: PathBuf,
+    /// Byte offset in it.
+    pub offset: u64,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Apply journal records (idempotent: replaying them again writes the same bytes), then
+/// sync every file touched.
+pub fn apply_journal(records: &[JournalRecord]) -> Result<()> {
+    let mut files: Vec<(PathBuf, File)> = Vec::new();
+    for r in records {
+        let i = match files.iter().position(|(p, _)| *p == r.file) {
+            Some(i) => i,
+            None => {
+                files.push((r.file.clone(), open_rw(&r.file)?));
+                files.len() - 1
+            }
+        };
+        pwrite(&files[i].1, &r.file, &r.bytes, r.offset)?;
+    }
+    for (p, f) in &files {
+        sync(f, p)?;
+    }
+    Ok(())
 }
 
 /// Give `layer` a new CID and write its descriptor back (atomically for a separate
@@ -656,13 +755,21 @@ pub fn write_descriptor(layer: &Layer) -> Result<()> {
             layer.path.display()
         )));
     }
-    std::fs::write(&tmp, text.as_bytes()).map_err(|e| Error::io("write", &tmp, 0, e))?;
-    let f = File::open(&tmp).map_err(|e| Error::io("open", &tmp, 0, e))?;
-    f.sync_all().map_err(|e| Error::io("flush", &tmp, 0, e))?;
-    let _ = std::fs::set_permissions(&tmp, perms);
-    fault_point();
-    std::fs::rename(&tmp, &layer.path)
-        .map_err(|e| Error::io("rename into place", &layer.path, 0, e))?;
+    crate::guard::register_temporary(&tmp);
+    let written = (|| {
+        std::fs::write(&tmp, text.as_bytes()).map_err(|e| Error::io("write", &tmp, 0, e))?;
+        let f = File::open(&tmp).map_err(|e| Error::io("open", &tmp, 0, e))?;
+        f.sync_all().map_err(|e| Error::io("flush", &tmp, 0, e))?;
+        let _ = std::fs::set_permissions(&tmp, perms);
+        fault_point();
+        std::fs::rename(&tmp, &layer.path)
+            .map_err(|e| Error::io("rename into place", &layer.path, 0, e))
+    })();
+    crate::guard::unregister_temporary(&tmp);
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     if let Ok(d) = File::open(&dir) {
         let _ = d.sync_all();
     }

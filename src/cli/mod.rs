@@ -139,9 +139,12 @@ enum Cmd {
         zero: Option<u64>,
         /// Input file, or `-` for stdin (the default).
         input: Option<PathBuf>,
-        /// Allow writing into fullDevice / partitionedDevice / vmfsRaw disks.
+        /// Allow writing into block devices and fullDevice / partitionedDevice / vmfsRaw disks.
         #[arg(long)]
         allow_device_write: bool,
+        /// Write although other deltas name this disk as their parent (breaks them).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         read: ReadArgs,
     },
@@ -257,6 +260,10 @@ enum Cmd {
         /// Mend what has one right answer (each fix reported).
         #[arg(long)]
         repair: bool,
+        /// With --repair: also free leaked grains that hold data. That data is lost:
+        /// it may be guest data whose table entry was lost.
+        #[arg(long, requires = "repair")]
+        discard_unreferenced: bool,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -487,23 +494,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             zero,
             input,
             allow_device_write,
+            force,
             read,
         } => {
-            use vmdkit::ops::redo::{write_with, WriteData};
-            let write = |d: &std::path::Path, o: u64, w: WriteData<'_>, ic: bool| {
-                write_with(d, o, w, ic, allow_device_write)
+            use vmdkit::ops::redo::{write_opts, WriteData, WriteOptions};
+            let wopts = WriteOptions {
+                ignore_cid: read.ignore_cid,
+                allow_device_write,
+                force,
             };
             let n = match (zero, input) {
-                (Some(len), None) => write(&disk, offset, WriteData::Zeros(len), read.ignore_cid)?,
+                (Some(len), None) => write_opts(&disk, offset, WriteData::Zeros(len), &wopts)?,
                 (Some(_), Some(_)) => anyhow::bail!("give either --zero LEN or an input, not both"),
                 (None, Some(p)) if p.as_os_str() != "-" => {
                     let mut f = std::fs::File::open(&p)
                         .with_context(|| format!("opening `{}`", p.display()))?;
-                    write(&disk, offset, WriteData::Reader(&mut f), read.ignore_cid)?
+                    write_opts(&disk, offset, WriteData::Reader(&mut f), &wopts)?
                 }
                 (None, _) => {
                     let mut i = std::io::stdin().lock();
-                    write(&disk, offset, WriteData::Reader(&mut i), read.ignore_cid)?
+                    write_opts(&disk, offset, WriteData::Reader(&mut i), &wopts)?
                 }
             };
             eprintln!(
@@ -737,8 +747,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
-        Cmd::Check { disk, repair, json } => {
-            let r = match vmdkit::ops::check::check(&disk, repair) {
+        Cmd::Check {
+            disk,
+            repair,
+            discard_unreferenced,
+            json,
+        } => {
+            let copts = vmdkit::ops::check::CheckOptions {
+                repair,
+                discard_unreferenced,
+            };
+            let r = match vmdkit::ops::check::check_with(&disk, &copts) {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("vmdkit: error: {e}");
@@ -747,7 +766,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let mut out = stdout.lock();
             if json {
-                let v = serde_json::json!({ "exit_code": r.exit_code(), "findings": r.findings, "incomplete": r.incomplete, "leaked_bytes": r.leaked_bytes });
+                let v = serde_json::json!({ "exit_code": r.exit_code(), "findings": r.findings, "incomplete": r.incomplete, "leaked_bytes": r.leaked_bytes, "lost": r.lost });
                 serde_json::to_writer_pretty(&mut out, &v)?;
                 writeln!(out)?;
             } else {
@@ -768,6 +787,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 if let Some(why) = &r.incomplete {
                     writeln!(out, "The check could not finish: {why}")?;
+                }
+                if !r.lost.is_empty() {
+                    let total: u64 = r.lost.iter().map(|(a, b)| b - a).sum();
+                    writeln!(
+                        out,
+                        "Lost guest data: {total} bytes in {} ranges (first {:#x}..{:#x}); repair cannot bring them back.",
+                        r.lost.len(),
+                        r.lost[0].0,
+                        r.lost[0].1
+                    )?;
                 }
                 match r.exit_code() {
                     0 => writeln!(out, "No errors were found on the image.")?,
@@ -847,9 +876,26 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// On SIGINT, SIGTERM or SIGHUP: remove the temporaries of unfinished outputs, then exit
+/// with 128 + the signal's number, as a shell reports a death by signal. (A commit killed
+/// this way is finished by running it again; see `ops::commit`.)
+fn remove_temporaries_on_signals() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            vmdkit::guard::remove_registered_temporaries();
+            std::process::exit(128 + sig);
+        }
+    });
+}
+
 /// Entry point.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    remove_temporaries_on_signals();
     match run(cli) {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,

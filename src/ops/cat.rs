@@ -71,6 +71,10 @@ pub fn cat_to_file(
     opts: PipelineOptions,
     progress: &dyn Progress,
 ) -> Result<()> {
+    let sources = disk.source_files();
+    crate::guard::refuse_source_as_target(target, &sources)?;
+    let mut locks = crate::guard::LockSet::new();
+    locks.shared_all(&sources)?;
     let out = AtomicFile::create(target, force)?;
     let file = out.file();
     let tmp = out.tmp_path().to_path_buf();

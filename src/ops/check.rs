@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use byteorder::{ByteOrder, LittleEndian as LE};
@@ -63,6 +63,18 @@ pub struct CheckReport {
     pub incomplete: Option<String>,
     /// Bytes of leaked space found.
     pub leaked_bytes: u64,
+    /// Guest byte ranges `[start, end)` whose data is gone (grains past the end of a
+    /// truncated file...); repair cannot bring them back.
+    pub lost: Vec<(u64, u64)>,
+}
+
+/// What `check` may change.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// Mend what has one right answer.
+    pub repair: bool,
+    /// With `repair`: also free leaked grains that hold data (the data is lost).
+    pub discard_unreferenced: bool,
 }
 
 impl CheckReport {
@@ -109,14 +121,49 @@ fn wr32(f: &File, path: &Path, at: u64, v: &[u32]) -> Result<()> {
         .map_err(|e| crate::ops::output::write_error(path, at, e))
 }
 
-/// Check (and optionally repair) one hosted sparse extent file.
-fn check_sparse(
-    path: &Path,
-    repair_tables: bool,
-    repair_rest: bool,
-    r: &mut CheckReport,
-) -> Result<()> {
-    let repair = repair_tables;
+/// What `--repair` may do in one pass over a sparse extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Only look.
+    Look,
+    /// Restore directory and table entries that one copy lost.
+    Tables,
+    /// Reclaim leaks, clear the unclean flag (only after a clean re-check).
+    Rest {
+        /// Also free leaked grains that hold data (`--discard-unreferenced`).
+        discard_data: bool,
+    },
+}
+
+/// Guest byte range `[a, b)` of grain `g` (clipped to the capacity).
+fn grain_range(h: &SparseHeader, g: u64) -> (u64, u64) {
+    let gb = h.grain_size * SECTOR;
+    let a = g * gb;
+    (a, (a + gb).min(h.capacity * SECTOR))
+}
+
+/// Whether `t` looks like a grain table of a file of `fsect` sectors: every entry empty,
+/// a zeroed grain, or a grain-aligned sector past the overhead inside the file; at least
+/// one grain.
+fn looks_like_table(h: &SparseHeader, t: &[u32], fsect: u64) -> bool {
+    let mut grains = 0;
+    for &e in t {
+        let e = u64::from(e);
+        if e == 0 || (e == 1 && h.zero_grain()) {
+            continue;
+        }
+        if e < h.over_head || e >= fsect || (e - h.over_head) % h.grain_size != 0 {
+            return false;
+        }
+        grains += 1;
+    }
+    grains > 0
+}
+
+/// Check (and optionally repair) one hosted sparse extent file. Plain checks open the
+/// file read-only and never write.
+fn check_sparse(path: &Path, pass: Pass, r: &mut CheckReport) -> Result<()> {
+    let repair = pass == Pass::Tables;
     let src = Source::open(path, SourceMode::Pread)?;
     let h = match sparse::read_header(&src) {
         Ok(h) => h,
@@ -129,7 +176,7 @@ fn check_sparse(
         return check_stream(path, src, &h, r);
     }
     let flen = src.len();
-    let f = if repair_tables || repair_rest {
+    let f = if pass != Pass::Look {
         std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -174,15 +221,42 @@ fn check_sparse(
             );
         }
     }
-    // Metadata regions (sector ranges) grains must not overlap.
-    let mut meta: Vec<(u64, u64)> = vec![(0, 1), (h.gd_offset, h.gd_offset + gd_sectors)];
+    // Metadata regions (sector ranges, clipped to the file) grains must not overlap.
+    let clip = |a: u64, len: u64| (a.min(fsect), a.saturating_add(len).min(fsect));
+    let mut meta: Vec<(u64, u64)> = vec![(0, 1), clip(h.gd_offset, gd_sectors)];
     if h.descriptor_offset > 0 {
-        meta.push((h.descriptor_offset, h.descriptor_offset + h.descriptor_size));
+        meta.push(clip(h.descriptor_offset, h.descriptor_size));
     }
     if rgd.is_some() {
-        meta.push((h.rgd_offset, h.rgd_offset + gd_sectors));
+        meta.push(clip(h.rgd_offset, gd_sectors));
     }
     let table_ok = |e: u32| e == 0 || (u64::from(e) >= 1 && u64::from(e) + gt_sectors <= fsect);
+    // Directory entries sharing a table: one of them is wrong, and nothing says which.
+    let mut undecided = vec![false; n as usize];
+    for (which, dir, base) in [
+        ("", Some(&gd), h.gd_offset),
+        ("redundant ", rgd.as_ref(), h.rgd_offset),
+    ] {
+        let Some(dir) = dir else { continue };
+        let mut first: HashMap<u32, usize> = HashMap::new();
+        for (i, &e) in dir.iter().enumerate() {
+            if e == 0 {
+                continue;
+            }
+            if let Some(&j) = first.get(&e) {
+                r.add(
+                    path,
+                    base * SECTOR + 4 * i as u64,
+                    Severity::Corruption,
+                    format!("{which}grain directory entries {j} and {i} both point at the table at sector {e}"),
+                );
+                undecided[i] = true;
+                undecided[j] = true;
+            } else {
+                first.insert(e, i);
+            }
+        }
+    }
     let mut new_tables_at = flen.div_ceil(h.grain_size * SECTOR) * h.grain_size;
     let mut gd_dirty = false;
     let mut rgd_dirty = false;
@@ -210,12 +284,9 @@ fn check_sparse(
                 ),
             );
         }
-        if p == q {
-            continue;
-        }
         let (p_good, q_good) = (pok && p != 0, qok && q != 0);
-        if p_good && q_good {
-            continue; // both point at tables; the tables are compared below
+        if p == q || (p_good && q_good) {
+            continue; // both point at tables (their own copies); compared below
         }
         let idx = r.add(
             path,
@@ -223,7 +294,12 @@ fn check_sparse(
             Severity::Corruption,
             format!("grain directory entry {i} is {p}, the redundant copy says {q}"),
         );
-        if repair && (p_good != q_good) {
+        if repair && undecided[i] {
+            r.findings[idx]
+                .what
+                .push_str("; not repaired: the intact copy's table is shared with another entry");
+        }
+        if repair && (p_good != q_good) && !undecided[i] {
             // Restore the lost copy: a fresh table at the end with the intact one's entries.
             let from = if q_good { q } else { p };
             let t = rd32(&f, path, u64::from(from), per)?;
@@ -243,7 +319,7 @@ fn check_sparse(
             r.findings[idx].repaired = true;
         }
     }
-    if new_tables_at * SECTOR > flen {
+    if (gd_dirty || rgd_dirty) && new_tables_at * SECTOR > flen {
         // New tables live past the old end: make them part of the file before any
         // directory entry points at them.
         f.set_len(new_tables_at * SECTOR)
@@ -256,6 +332,11 @@ fn check_sparse(
     if let (true, Some(rg)) = (rgd_dirty, &rgd) {
         wr32(&f, path, h.rgd_offset * SECTOR, rg)?;
     }
+    let fsect = if gd_dirty || rgd_dirty {
+        new_tables_at.max(fsect)
+    } else {
+        fsect
+    };
     // Tables: in bounds, primary against redundant, grains in bounds, no overlap, no reuse.
     let grain = h.grain_size;
     let mut used: HashMap<u32, (usize, usize)> = HashMap::new();
@@ -271,18 +352,34 @@ fn check_sparse(
             }
         }
     }
-    let mut leak_map: Vec<bool> = Vec::new();
-    let over = h.over_head;
-    let total_grains = fsect.saturating_sub(over) / grain;
-    leak_map.resize(total_grains.min(1 << 28) as usize, true);
-    for &(a, b) in &meta {
-        for s in (a.max(over)..b).step_by(grain as usize) {
-            let k = ((s - over) / grain) as usize;
-            if k < leak_map.len() {
-                leak_map[k] = false;
+    // How often each grain sector appears in any table (a restore source must be unique).
+    let mut seen_count: HashMap<u32, u32> = HashMap::new();
+    if repair {
+        for i in 0..n as usize {
+            for dir in [Some(&gd), rgd.as_ref()].into_iter().flatten() {
+                if dir[i] != 0 && table_ok(dir[i]) {
+                    for e in rd32(&f, path, u64::from(dir[i]), per)? {
+                        if e > 1 {
+                            *seen_count.entry(e).or_default() += 1;
+                        }
+                    }
+                }
             }
         }
     }
+    let over = h.over_head;
+    let total_grains = fsect.saturating_sub(over) / grain;
+    let mut leak_map: Vec<bool> = vec![true; total_grains.min(1 << 28) as usize];
+    for &(a, b) in &meta {
+        let (a, b) = (a.max(over), b.min(fsect));
+        if a < b {
+            let (ka, kb) = ((a - over) / grain, (b - over).div_ceil(grain));
+            for k in ka..kb.min(leak_map.len() as u64) {
+                leak_map[k as usize] = false;
+            }
+        }
+    }
+    let mut lost: Vec<(u64, u64)> = Vec::new();
     for i in 0..n as usize {
         let p = gd[i];
         if p == 0 || !table_ok(p) {
@@ -312,8 +409,17 @@ fn check_sparse(
                             rt[j]
                         ),
                     );
-                    if repair && (e == 0) != (rt[j] == 0) {
-                        // The allocated copy wins: data is written before tables.
+                    let from = e.max(rt[j]);
+                    let sound = from == 1
+                        || (u64::from(from) >= over
+                            && u64::from(from) + grain <= fsect
+                            && !meta
+                                .iter()
+                                .any(|&(a, b)| u64::from(from) < b && u64::from(from) + grain > a)
+                            && seen_count.get(&from) == Some(&1));
+                    if repair && (e == 0) != (rt[j] == 0) && !undecided[i] && sound {
+                        // The allocated copy wins: data is written before tables, and the
+                        // grain it names is in the file and used by nothing else.
                         if e == 0 {
                             t[j] = rt[j];
                             t_dirty = true;
@@ -322,6 +428,10 @@ fn check_sparse(
                             rt_dirty = true;
                         }
                         r.findings[idx].repaired = true;
+                    } else if repair {
+                        r.findings[idx]
+                            .what
+                            .push_str("; not repaired: nothing shows which copy is right");
                     }
                 }
             }
@@ -332,11 +442,15 @@ fn check_sparse(
             let s = u64::from(e);
             let valid = ((h.capacity - g * grain).min(grain)).max(1);
             if s + valid > fsect {
+                let (a, b) = grain_range(&h, g);
+                lost.push((a, b));
                 r.add(
                     path,
                     entry_at,
                     Severity::Corruption,
-                    format!("grain {g} at sector {s} lies past the end of the file"),
+                    format!(
+                        "grain {g} at sector {s} lies past the end of the file: guest bytes {a:#x}..{b:#x} are lost"
+                    ),
                 );
                 continue;
             }
@@ -377,6 +491,70 @@ fn check_sparse(
             wr32(&f, path, u64::from(rg[i]) * SECTOR, rt)?;
         }
     }
+    r.lost.extend(lost);
+    // Orphaned tables: a block no directory entry points at that reads as a grain table
+    // (in the metadata area, or where a writer appends tables: at a leaked grain). The
+    // grains it names are guest data whose directory entry was lost, not leaks.
+    let mut covered = vec![false; over.min(fsect) as usize];
+    for &(a, b) in &meta {
+        for s in a.min(covered.len() as u64)..b.min(covered.len() as u64) {
+            covered[s as usize] = true;
+        }
+    }
+    let mut candidates: Vec<u64> = (1..over.min(fsect).saturating_sub(gt_sectors - 1))
+        .filter(|&s| !(s..s + gt_sectors).any(|x| covered[x as usize]))
+        .collect();
+    candidates.extend(
+        leak_map
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| l)
+            .map(|(k, _)| over + k as u64 * grain)
+            .take(1 << 16),
+    );
+    let mut orphans = 0u64;
+    let mut s_iter = candidates.into_iter().peekable();
+    while let Some(s) = s_iter.next() {
+        if s + gt_sectors > fsect {
+            continue;
+        }
+        let t = rd32(&f, path, s, per)?;
+        if !looks_like_table(&h, &t, fsect) {
+            continue;
+        }
+        // Only grains no live table reaches are lost: a table whose grains are all
+        // reachable is a stale copy (e.g. the old place of a repaired table).
+        let named: Vec<u64> = t
+            .iter()
+            .map(|&e| u64::from(e))
+            .filter(|&e| e >= over)
+            .filter(|&e| leak_map.get(((e - over) / grain) as usize) == Some(&true))
+            .collect();
+        if named.is_empty() {
+            continue;
+        }
+        orphans += 1;
+        for &e in &named {
+            let k = ((e - over) / grain) as usize;
+            if k < leak_map.len() {
+                leak_map[k] = false;
+            }
+        }
+        r.add(
+            path,
+            s * SECTOR,
+            Severity::Corruption,
+            format!(
+                "orphaned grain table at sector {s}: no directory entry points at it, and it names {} grains of guest data (where they belong is lost; not repairable)",
+                named.len()
+            ),
+        );
+        // Skip the candidates inside this table.
+        while s_iter.peek().is_some_and(|&x| x < s + gt_sectors) {
+            s_iter.next();
+        }
+    }
+    let _ = orphans;
     // Leaks: grain-sized pieces after overHead that nothing refers to.
     let leaked: Vec<usize> = leak_map
         .iter()
@@ -402,25 +580,46 @@ fn check_sparse(
         let clean = !r
             .findings
             .iter()
-            .any(|x| x.file == path && x.severity == Severity::Corruption);
-        if repair_rest && clean && !repair_tables {
-            // A leaked tail is cut off; leaks inside the file are zeroed (punched).
+            .any(|x| x.file == path && x.severity == Severity::Corruption && !x.repaired);
+        if let (Pass::Rest { discard_data }, true) = (pass, clean) {
+            let gbytes = (grain * SECTOR) as usize;
+            let mut buf = vec![0u8; gbytes];
+            let mut holding_data = 0u64;
+            let mut freed = vec![false; leak_map.len()];
+            for &k in &leaked {
+                let at = (over + k as u64 * grain) * SECTOR;
+                let n = f
+                    .read_at(&mut buf, at)
+                    .map_err(|e| Error::io("read", path, at, e))?;
+                let has_data = buf[..n].iter().any(|&b| b != 0);
+                if has_data && !discard_data {
+                    holding_data += 1;
+                    continue;
+                }
+                freed[k] = true;
+            }
+            // A freed tail is cut off; freed grains inside the file become holes.
             let mut keep = leak_map.len();
-            while keep > 0 && leak_map[keep - 1] {
+            while keep > 0 && freed[keep - 1] {
                 keep -= 1;
             }
-            for &k in leaked.iter().filter(|&&k| k < keep) {
+            for k in (0..keep).filter(|&k| freed[k]) {
                 let at = (over + k as u64 * grain) * SECTOR;
-                let z = vec![0u8; (grain * SECTOR) as usize];
-                f.write_all_at(&z, at)
-                    .map_err(|e| crate::ops::output::write_error(path, at, e))?;
+                punch_hole(&f, path, at, grain * SECTOR)?;
             }
             if keep < leak_map.len() {
                 let end = (over + keep as u64 * grain) * SECTOR;
                 f.set_len(end.min(flen))
                     .map_err(|e| Error::io("truncate", path, end, e))?;
             }
-            r.findings[idx].repaired = true;
+            if holding_data == 0 {
+                r.findings[idx].repaired = true;
+            } else {
+                r.findings[idx].what.push_str(&format!(
+                    "; {holding_data} of them hold data and were kept (they may be guest data whose table entry was lost); \
+                     pass --discard-unreferenced to free them, losing that data"
+                ));
+            }
         }
     }
     if h.unclean_shutdown {
@@ -434,37 +633,82 @@ fn check_sparse(
             Severity::Warning,
             "unclean-shutdown flag set (the disk was not closed cleanly)",
         );
-        if repair_rest && clean {
+        if matches!(pass, Pass::Rest { .. }) && clean {
             f.sync_all().map_err(|e| Error::io("flush", path, 0, e))?;
             f.write_all_at(&[0], 72)
                 .map_err(|e| crate::ops::output::write_error(path, 72, e))?;
             r.findings[idx].repaired = true;
         }
     }
-    if repair_tables || repair_rest {
+    if pass != Pass::Look {
         f.sync_all().map_err(|e| Error::io("flush", path, 0, e))?;
     }
     Ok(())
 }
 
+/// Give `len` bytes at `off` back to the file system (a hole; zeros where the file
+/// system cannot punch).
+fn punch_hole(f: &File, path: &Path, off: u64, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    if let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) {
+        // SAFETY: fallocate on a valid writable fd; no memory is touched.
+        let rc = unsafe {
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                o,
+                l,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+    }
+    let z = vec![0u8; len as usize];
+    f.write_all_at(&z, off)
+        .map_err(|e| crate::ops::output::write_error(path, off, e))
+}
+
 /// Check a sparse extent; with `repair`, mend tables first, re-check from scratch, and
 /// only then (when no corruption remains) reclaim leaks and clear the unclean flag.
-fn check_sparse_file(path: &Path, repair: bool, r: &mut CheckReport) -> Result<()> {
-    if !repair {
-        return check_sparse(path, false, false, r);
+fn check_sparse_file(path: &Path, opts: &CheckOptions, r: &mut CheckReport) -> Result<()> {
+    if !opts.repair {
+        return check_sparse(path, Pass::Look, r);
     }
     let mut a = CheckReport::default();
-    check_sparse(path, true, false, &mut a)?;
+    check_sparse(path, Pass::Tables, &mut a)?;
+    let declined: Vec<Finding> = a
+        .findings
+        .iter()
+        .filter(|f| !f.repaired && f.what.contains("not repaired"))
+        .cloned()
+        .collect();
     r.findings
         .extend(a.findings.into_iter().filter(|f| f.repaired));
     let mut b = CheckReport::default();
-    check_sparse(path, false, true, &mut b)?;
-    // Report what is left (and the fixes of this pass) as found after the table repair.
+    check_sparse(
+        path,
+        Pass::Rest {
+            discard_data: opts.discard_unreferenced,
+        },
+        &mut b,
+    )?;
+    // Report what is left (and the fixes of this pass) as found after the table repair;
+    // a finding repair declined keeps its reason.
+    for f in b.findings.iter_mut() {
+        if let Some(d) = declined
+            .iter()
+            .find(|d| d.offset == f.offset && d.what.starts_with(&f.what))
+        {
+            f.what = d.what.clone();
+        }
+    }
     let repaired_leaks = b
         .findings
         .iter()
         .any(|f| f.severity == Severity::Leak && f.repaired);
     r.findings.extend(b.findings);
+    r.lost.extend(b.lost);
     if !repaired_leaks {
         r.leaked_bytes += b.leaked_bytes;
     }
@@ -768,7 +1012,25 @@ fn check_cowd(path: &Path, repair: bool, r: &mut CheckReport) -> Result<()> {
 
 /// Check `disk` and every parent below it.
 pub fn check(disk: &Path, repair: bool) -> Result<CheckReport> {
+    check_with(
+        disk,
+        &CheckOptions {
+            repair,
+            ..Default::default()
+        },
+    )
+}
+
+/// Check `disk` and every parent below it, as `opts` says.
+pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
+    let repair = opts.repair;
     let mut r = CheckReport::default();
+    let mut locks = crate::guard::LockSet::new();
+    let kind = if repair {
+        crate::guard::LockKind::Exclusive
+    } else {
+        crate::guard::LockKind::Shared
+    };
     let mut next = Some(disk.to_path_buf());
     let mut seen = Vec::new();
     let mut child: Option<(PathBuf, Option<u32>)> = None;
@@ -783,6 +1045,11 @@ pub fn check(disk: &Path, repair: bool) -> Result<CheckReport> {
             break;
         }
         seen.push(path.clone());
+        if let Err(e) = crate::io::refuse_special(&path) {
+            r.incomplete = Some(e.to_string());
+            break;
+        }
+        locks.lock(&path, kind)?;
         let mut head = [0u8; 4];
         let f = match File::open(&path) {
             Ok(f) => f,
@@ -804,7 +1071,7 @@ pub fn check(disk: &Path, repair: bool) -> Result<CheckReport> {
                 .unwrap_or_default();
             (None, None, name.strip_suffix(".REDO").map(str::to_string))
         } else if &head == b"KDMV" || &head == b"vmdk" {
-            check_sparse_file(&path, repair, &mut r)?;
+            check_sparse_file(&path, opts, &mut r)?;
             match Layer::open(
                 &path,
                 &OpenOptions {
@@ -867,9 +1134,21 @@ pub fn check(disk: &Path, repair: bool) -> Result<CheckReport> {
                     );
                     continue;
                 };
+                if let Err(e) = crate::io::refuse_special(&p) {
+                    if !meta.file_type().is_block_device() {
+                        r.add(
+                            &path,
+                            0,
+                            Severity::Corruption,
+                            format!("extent {}: {e}", k + 1),
+                        );
+                        continue;
+                    }
+                }
+                locks.lock(&p, kind)?;
                 match line.kind {
                     ExtentType::Sparse => {
-                        check_sparse_file(&p, repair, &mut r)?;
+                        check_sparse_file(&p, opts, &mut r)?;
                         if let Ok(src) = Source::open(&p, SourceMode::Pread) {
                             if let Ok(h) = sparse::read_header(&src) {
                                 if h.capacity != line.sectors {

@@ -2,18 +2,26 @@
 //! offline, crash-safe and re-runnable.
 //!
 //! # Why the order is safe
+//! 0. The delta is locked (exclusive `flock`) before anything is read; then every merged
+//!    layer and the target exclusively, the layers below shared (see [`crate::guard`]).
 //! 1. A state file `<top>.vmdkit-commit` records the parent, its CID before the commit,
-//!    the CID it will get, and the files to remove (written atomically, phase `copy`).
-//! 2. Every range allocated in the delta(s) is written into the parent. Writing the same
-//!    bytes again is harmless, so a killed copy is simply redone by the next run; the
-//!    delta is untouched until step 5. The parent's writer syncs grain data before the
-//!    tables that point at it (see [`crate::write`]).
-//! 3. The parent is flushed, then gets its new CID (so stale children are detected).
-//!    A rerun accepts the parent's CID being either the old or the new value, because
-//!    the state file says so.
-//! 4. The state file moves to phase `remove` (atomically) only after the parent is durable.
-//! 5. The delta's files are removed, then the state file. A rerun in phase `remove` only
-//!    finishes the removals: nothing is removed before the parent is complete.
+//!    the CID it will get, the delta's files with their identity (device, inode, size,
+//!    mtime: a state file never acts on another delta that later took the same name),
+//!    and the parent's extent lengths (written atomically, phase `copy`).
+//! 2. Every range allocated in the delta(s) is written into the parent: into grains the
+//!    parent already has, in place; new grains are appended. No table or directory of
+//!    the parent is written in this phase. A killed copy is redone by the next run after
+//!    cutting the parent's extents back to the recorded lengths (nothing references what
+//!    was appended), so the rerun allocates the same places and nothing leaks.
+//! 3. The data is synced; the table and directory writes that make it visible go to a
+//!    journal `<top>.vmdkit-commit.journal` (checksummed, written atomically), and only
+//!    then the state moves to phase `tables`. The journal is applied and synced. A
+//!    rerun in phase `tables` replays the whole journal: the same bytes again.
+//! 4. The parent gets its new CID (so stale children are detected); a rerun accepts the
+//!    parent's CID being the old or the new value, because the state file says so.
+//! 5. The state moves to phase `remove` only after the parent is durable; the delta's
+//!    files are removed, then the journal and the state file. A rerun in phase `remove`
+//!    only finishes the removals of files that are still the recorded ones.
 
 use std::path::{Path, PathBuf};
 
@@ -24,11 +32,12 @@ use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
 use crate::format::descriptor::{random_cid, CreateType, Descriptor};
 use crate::format::Extent;
-use crate::image::{resolve_name, OpenOptions};
+use crate::guard::{LockKind, LockSet};
+use crate::image::{resolve_name, Layer, OpenOptions};
 use crate::io::SourceMode;
 use crate::ops::Progress;
 use crate::pipeline::{self, PipelineOptions, Unit};
-use crate::write::{fault_point, set_cid, LayerWriter};
+use crate::write::{apply_journal, fault_point, set_cid, JournalRecord, LayerWriter};
 
 /// Options of a commit.
 #[derive(Debug, Clone, Default)]
@@ -65,35 +74,198 @@ pub struct CommitReport {
     pub dry_run: bool,
 }
 
+/// Where a commit stands (recorded in the state file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Phase {
+    /// Grain data is being written into the parent; its tables are untouched.
+    Copy,
+    /// The data is durable and the journal of table writes is complete: replay it.
+    Tables,
+    /// The parent is complete and durable; the delta's files are being removed.
+    Remove,
+}
+
+/// A file of the delta, as it was when the commit began: a state file acts only on the
+/// very files it was written for (a later `redo add` may reuse the names).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Member {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl Member {
+    fn of(path: &Path) -> Result<Member> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).map_err(|e| Error::io("stat", path, 0, e))?;
+        Ok(Member {
+            path: path.to_path_buf(),
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+
+    /// `Some(true)` when the file is there and unchanged, `Some(false)` when another file
+    /// stands under the name, `None` when it is gone.
+    fn matches(&self) -> Option<bool> {
+        let now = Member::of(&self.path).ok()?;
+        Some(now == *self)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
     version: u32,
-    phase: String,
+    phase: Phase,
     target: PathBuf,
     target_old_cid: Option<u32>,
     target_new_cid: u32,
-    remove: Vec<PathBuf>,
+    /// The delta's files (descriptor first), to remove at the end.
+    remove: Vec<Member>,
+    /// The parent's extent files and their lengths before the copy: a rerun in phase
+    /// `copy` cuts them back, so grains the interrupted run appended do not leak.
+    target_lengths: Vec<(PathBuf, u64)>,
 }
+
+const STATE_VERSION: u32 = 2;
 
 fn state_path(top: &Path) -> PathBuf {
     PathBuf::from(format!("{}.vmdkit-commit", top.display()))
 }
 
-fn write_state(path: &Path, st: &State) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+fn journal_path(state: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.journal", state.display()))
+}
+
+/// Write `bytes` to `path` atomically (temporary, fsync, rename, fsync of the folder).
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = crate::guard::folder_of(path);
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    let text = serde_json::to_vec_pretty(st).expect("serializable");
     fault_point();
-    std::fs::write(&tmp, &text).map_err(|e| Error::io("write", &tmp, 0, e))?;
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io("write", &tmp, 0, e))?;
     std::fs::File::open(&tmp)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io("flush", &tmp, 0, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, 0, e))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn write_state(path: &Path, st: &State) -> Result<()> {
+    let text = serde_json::to_vec_pretty(st).expect("serializable");
+    write_atomically(path, &text)
+}
+
+fn read_state(sp: &Path) -> Result<Option<State>> {
+    let b = match std::fs::read(sp) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("read", sp, 0, e)),
+    };
+    let v: serde_json::Value = serde_json::from_slice(&b)
+        .map_err(|e| Error::corrupt(sp, 0, format!("unreadable commit state: {e}")))?;
+    if v.get("version").and_then(|v| v.as_u64()) != Some(u64::from(STATE_VERSION)) {
+        return Err(Error::chain(
+            sp,
+            "commit state written by an older vmdkit, which did not record which delta it belongs to; \
+             it cannot be resumed safely. Check the disk, then remove this file",
+        ));
+    }
+    serde_json::from_value(v)
+        .map(Some)
+        .map_err(|e| Error::corrupt(sp, 0, format!("unreadable commit state: {e}")))
+}
+
+/// Journal file: `VMDKJRN1`, records (u32 path length, path, u64 offset, u32 length,
+/// bytes), then the CRC-32 of everything before it. Written atomically before the
+/// state moves to phase `tables`.
+fn write_journal(path: &Path, records: &[JournalRecord]) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut b = b"VMDKJRN1".to_vec();
+    for r in records {
+        let p = r.file.as_os_str().as_bytes();
+        b.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        b.extend_from_slice(p);
+        b.extend_from_slice(&r.offset.to_le_bytes());
+        b.extend_from_slice(&(r.bytes.len() as u32).to_le_bytes());
+        b.extend_from_slice(&r.bytes);
+    }
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    write_atomically(path, &b)
+}
+
+fn read_journal(path: &Path) -> Result<Vec<JournalRecord>> {
+    use std::os::unix::ffi::OsStrExt;
+    let b = std::fs::read(path).map_err(|e| Error::io("read", path, 0, e))?;
+    let bad =
+        |at: usize, what: &str| Error::corrupt(path, at as u64, format!("commit journal: {what}"));
+    if b.len() < 12 || &b[..8] != b"VMDKJRN1" {
+        return Err(bad(0, "bad magic"));
+    }
+    let (body, crc) = b.split_at(b.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+        return Err(bad(body.len(), "checksum mismatch"));
+    }
+    let mut out = Vec::new();
+    let mut i = 8;
+    let take = |i: &mut usize, n: usize| -> Result<&[u8]> {
+        let s = body
+            .get(*i..*i + n)
+            .ok_or_else(|| bad(*i, "truncated record"))?;
+        *i += n;
+        Ok(s)
+    };
+    while i < body.len() {
+        let n = u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4")) as usize;
+        let file = PathBuf::from(std::ffi::OsStr::from_bytes(take(&mut i, n)?));
+        let offset = u64::from_le_bytes(take(&mut i, 8)?.try_into().expect("8"));
+        let len = u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4")) as usize;
+        let bytes = take(&mut i, len)?.to_vec();
+        out.push(JournalRecord {
+            file,
+            offset,
+            bytes,
+        });
+    }
+    Ok(out)
+}
+
+/// A state file acts only on the delta it was written for: every recorded file still
+/// there must be the same file (device, inode, size, mtime); in phases before `remove`
+/// all must still be there.
+fn verify_members(sp: &Path, st: &State) -> Result<()> {
+    for m in &st.remove {
+        match m.matches() {
+            Some(true) => {}
+            Some(false) => {
+                return Err(Error::chain(
+                    sp,
+                    format!(
+                        "this commit state belongs to an earlier delta, but `{}` is now a different file; \
+                         refusing to act on it (if no vmdkit commit is running, remove the state file and commit again)",
+                        m.path.display()
+                    ),
+                ))
+            }
+            None if st.phase != Phase::Remove => {
+                return Err(Error::chain(
+                    sp,
+                    format!(
+                        "an interrupted commit recorded `{}`, which is gone; it cannot be finished",
+                        m.path.display()
+                    ),
+                ))
+            }
+            None => {}
+        }
     }
     Ok(())
 }
@@ -108,6 +280,19 @@ fn remove_files(files: &[PathBuf]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Remove the delta's files (those still there and still the recorded files), the
+/// journal, then the state file.
+fn finish_removal(sp: &Path, st: &State) -> Result<()> {
+    let mine: Vec<PathBuf> = st
+        .remove
+        .iter()
+        .filter(|m| m.matches() == Some(true))
+        .map(|m| m.path.clone())
+        .collect();
+    remove_files(&mine)?;
+    remove_files(&[journal_path(sp), sp.to_path_buf()])
 }
 
 /// The parent a file names, if it is a delta (descriptor hint, or REDO naming).
@@ -174,33 +359,71 @@ pub fn children_of(disk: &Path) -> Vec<PathBuf> {
 /// Commit `top` into its parent (or, with `all`, every delta into the base).
 pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Result<CommitReport> {
     let sp = state_path(top);
-    let state: Option<State> = match std::fs::read(&sp) {
-        Ok(b) => Some(
-            serde_json::from_slice(&b)
-                .map_err(|e| Error::corrupt(&sp, 0, format!("unreadable commit state: {e}")))?,
-        ),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(Error::io("read", &sp, 0, e)),
-    };
+    let mut locks = LockSet::new();
+    // The delta first: a second commit or a write into it fails here, before anything
+    // is read or decided.
+    if top.exists() {
+        locks.lock(top, LockKind::Exclusive)?;
+    }
+    let state = read_state(&sp)?;
     if let Some(st) = &state {
-        if st.phase == "remove" {
-            if opts.dry_run {
-                return Ok(CommitReport {
-                    target: st.target.clone(),
-                    removed: st.remove.clone(),
-                    resumed: true,
-                    dry_run: true,
-                    ..Default::default()
-                });
+        verify_members(&sp, st)?;
+        let existing: Vec<PathBuf> = st
+            .remove
+            .iter()
+            .filter(|m| m.path.exists())
+            .map(|m| m.path.clone())
+            .collect();
+        locks.exclusive_all(&existing)?;
+        let done = CommitReport {
+            target: st.target.clone(),
+            removed: st.remove.iter().map(|m| m.path.clone()).collect(),
+            resumed: true,
+            dry_run: opts.dry_run,
+            ..Default::default()
+        };
+        match st.phase {
+            Phase::Copy => {}
+            _ if opts.dry_run => return Ok(done),
+            Phase::Remove => {
+                finish_removal(&sp, st)?;
+                return Ok(done);
             }
-            remove_files(&st.remove)?;
-            remove_files(std::slice::from_ref(&sp))?;
-            return Ok(CommitReport {
-                target: st.target.clone(),
-                removed: st.remove.clone(),
-                resumed: true,
-                ..Default::default()
-            });
+            Phase::Tables => {
+                let targets: Vec<PathBuf> = std::iter::once(st.target.clone())
+                    .chain(st.target_lengths.iter().map(|(p, _)| p.clone()))
+                    .collect();
+                locks.exclusive_all(&targets)?;
+                apply_journal(&read_journal(&journal_path(&sp))?)?;
+                let mut layer = Layer::open(
+                    &st.target,
+                    &OpenOptions {
+                        ignore_cid: true,
+                        mode: SourceMode::Pread,
+                    },
+                )?;
+                finish_target(&sp, st, &mut layer)?;
+                return Ok(done);
+            }
+        }
+    }
+    if let Some(st) = state.as_ref().filter(|_| !opts.dry_run) {
+        // Phase `copy` was interrupted: the parent's tables are untouched (they are only
+        // written from the journal), so what the run appended is referenced by nothing.
+        // Cut it off, and the rerun allocates the same places again.
+        let targets: Vec<PathBuf> = st.target_lengths.iter().map(|(p, _)| p.clone()).collect();
+        locks.exclusive_all(&targets)?;
+        for (p, len) in &st.target_lengths {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .map_err(|e| Error::io("open for writing", p, 0, e))?;
+            let now = f.metadata().map_err(|e| Error::io("stat", p, 0, e))?.len();
+            if now > *len && f.metadata().is_ok_and(|m| m.is_file()) {
+                f.set_len(*len)
+                    .map_err(|e| Error::io("truncate", p, *len, e))?;
+                f.sync_all().map_err(|e| Error::io("flush", p, 0, e))?;
+            }
         }
     }
     let mut chain = Chain::open(
@@ -218,6 +441,19 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
         )));
     }
     let target = if opts.all { n - 1 } else { 1 };
+    // Lock before deciding anything: the merged deltas and the target exclusively, the
+    // layers below shared.
+    for (i, l) in chain.layers.iter().enumerate() {
+        let kind = if i <= target {
+            LockKind::Exclusive
+        } else {
+            LockKind::Shared
+        };
+        for f in l.files() {
+            locks.lock(&f, kind)?;
+        }
+    }
+    crate::guard::test_hold_hook();
     let tl = &chain.layers[target];
     // Parents we cannot write into.
     if tl.create_type == CreateType::StreamOptimized
@@ -285,29 +521,17 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
     if state.is_none() && !opts.force {
         let members: Vec<&Path> = chain.layers.iter().map(|l| l.path.as_path()).collect();
         for l in chain.layers[1..=target].iter() {
-            let dir = match l.path.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            let Ok(rd) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let p = e.path();
-                if members.iter().any(|m| same_file(m, &p)) {
-                    continue;
-                }
-                if let Some(parent) = names_parent(&p) {
-                    if same_file(&parent, &l.path) {
-                        return Err(Error::chain(
-                            &p,
-                            format!(
-                                "this delta also has `{}` as its parent; committing would corrupt it (use --force to commit anyway)",
-                                l.path.display()
-                            ),
-                        ));
-                    }
-                }
+            if let Some(p) = children_of(&l.path)
+                .into_iter()
+                .find(|p| !members.iter().any(|m| same_file(m, p)))
+            {
+                return Err(Error::chain(
+                    &p,
+                    format!(
+                        "this delta also has `{}` as its parent; committing would corrupt it (use --force to commit anyway)",
+                        l.path.display()
+                    ),
+                ));
             }
         }
     }
@@ -356,24 +580,30 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
     report.removed = remove.clone();
     if opts.dry_run {
         report.dry_run = true;
+        report.resumed = state.is_some();
         return Ok(report);
     }
 
-    let st = State {
-        version: 1,
-        phase: "copy".into(),
-        target: chain.layers[target].path.clone(),
-        target_old_cid: state
-            .as_ref()
-            .map_or(chain.layers[target].cid(), |s| s.target_old_cid),
-        target_new_cid: state.as_ref().map_or_else(random_cid, |s| s.target_new_cid),
-        remove: remove.clone(),
+    let mut writer = LayerWriter::open_with(&chain.layers[target], opts.allow_device_write)?;
+    let st = match state {
+        Some(st) => st,
+        None => State {
+            version: STATE_VERSION,
+            phase: Phase::Copy,
+            target: chain.layers[target].path.clone(),
+            target_old_cid: chain.layers[target].cid(),
+            target_new_cid: random_cid(),
+            remove: remove
+                .iter()
+                .map(|p| Member::of(p))
+                .collect::<Result<Vec<_>>>()?,
+            target_lengths: writer.extent_files(),
+        },
     };
-    report.resumed = state.is_some();
+    report.resumed = st.phase != Phase::Copy || std::fs::metadata(&sp).is_ok();
     progress.set_total(report.data_bytes + report.zero_bytes);
     write_state(&sp, &st)?;
 
-    let mut writer = LayerWriter::open_with(&chain.layers[target], opts.allow_device_write)?;
     {
         let chain_ref = &chain;
         let below = move |buf: &mut [u8], off: u64| chain_ref.read_below(target + 1, buf, off);
@@ -403,18 +633,34 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
             },
         )?;
     }
-    writer.flush()?;
+    // Data is durable; record the table writes, then move to phase `tables`, then apply
+    // them. A crash before the phase change redoes the copy (after cutting the appended
+    // grains off); after it, the journal is replayed.
+    let journal = writer.take_journal()?;
     drop(writer);
-    if chain.layers[target].cid() != Some(st.target_new_cid) {
-        set_cid(&mut chain.layers[target], st.target_new_cid)?;
-    }
+    let jp = journal_path(&sp);
+    write_journal(&jp, &journal)?;
     let st = State {
-        phase: "remove".into(),
+        phase: Phase::Tables,
         ..st
     };
     write_state(&sp, &st)?;
+    apply_journal(&journal)?;
+    finish_target(&sp, &st, &mut chain.layers[target])?;
     drop(chain);
-    remove_files(&st.remove)?;
-    remove_files(std::slice::from_ref(&sp))?;
     Ok(report)
+}
+
+/// The parent's data and tables are durable: give it its new CID, then remove the
+/// delta.
+fn finish_target(sp: &Path, st: &State, target: &mut Layer) -> Result<()> {
+    if target.cid() != Some(st.target_new_cid) {
+        set_cid(target, st.target_new_cid)?;
+    }
+    let st = State {
+        phase: Phase::Remove,
+        ..st.clone()
+    };
+    write_state(sp, &st)?;
+    finish_removal(sp, &st)
 }

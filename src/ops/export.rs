@@ -1215,9 +1215,13 @@ pub fn export_fed(
         threads: opts.threads,
         unit: opts.unit,
     };
+    let sources = chain.source_files();
     if let Some(m) = &opts.manifest {
+        crate::guard::refuse_source_as_target(m, &sources)?;
         check_target(m, opts.force)?;
     }
+    let mut locks = crate::guard::LockSet::new();
+    locks.shared_all(&sources)?;
     let mut manifest = opts.manifest.as_ref().map(|_| ManifestBuilder::new(cap));
     let name = match &dest {
         Dest::Path(p) => p
@@ -1261,8 +1265,10 @@ pub fn export_fed(
                 _ => PathBuf::from("."),
             };
             // Refuse before doing any work.
+            crate::guard::refuse_source_as_target(&path, &sources)?;
             check_target(&path, opts.force)?;
             for p in &pieces {
+                crate::guard::refuse_source_as_target(&dir.join(&p.name), &sources)?;
                 check_target(&dir.join(&p.name), opts.force)?;
             }
             let separate_descriptor = matches!(

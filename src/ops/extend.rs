@@ -140,6 +140,8 @@ fn new_sparse_extent(path: &Path, sectors: u64) -> Result<()> {
 
 /// Grow `disk` to `new_size` bytes.
 pub fn extend(disk: &Path, new_size: u64, force: bool) -> Result<()> {
+    let mut locks = crate::guard::LockSet::new();
+    locks.lock(disk, crate::guard::LockKind::Exclusive)?;
     let mut chain = Chain::open(
         disk,
         &OpenOptions {
@@ -153,6 +155,7 @@ pub fn extend(disk: &Path, new_size: u64, force: bool) -> Result<()> {
             disk.display()
         )));
     }
+    locks.exclusive_all(&chain.layers[0].files())?;
     let layer = &mut chain.layers[0];
     let old = layer.capacity;
     if new_size % SECTOR != 0 {

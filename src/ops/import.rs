@@ -462,11 +462,16 @@ fn raw_in_place(
     opts: &ImportOptions,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
+    let sources = disk.source_files();
+    crate::guard::refuse_source_as_target(dst, &sources)?;
     let meta = std::fs::metadata(dst).map_err(|e| Error::io("stat", dst, 0, e))?;
     let block = meta.file_type().is_block_device();
     if !block && !opts.force {
         return Err(Error::AlreadyExists(dst.to_path_buf()));
     }
+    let mut locks = crate::guard::LockSet::new();
+    locks.shared_all(&sources)?;
+    locks.lock(dst, crate::guard::LockKind::Exclusive)?;
     let f = std::fs::OpenOptions::new()
         .write(true)
         .read(true)

@@ -35,6 +35,7 @@ impl AtomicFile {
         let name = target.file_name().ok_or_else(|| {
             Error::InvalidInput(format!("`{}` is not a file name", target.display()))
         })?;
+        crate::guard::sweep_stale_temporaries(&dir);
         for i in 0..1000u32 {
             let tmp = dir.join(format!(
                 ".{}.vmdkit-tmp.{}.{}",
@@ -49,12 +50,13 @@ impl AtomicFile {
                 .open(&tmp)
             {
                 Ok(file) => {
+                    crate::guard::register_temporary(&tmp);
                     return Ok(AtomicFile {
                         file: Some(file),
                         tmp,
                         target: target.to_path_buf(),
                         done: false,
-                    })
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(Error::io("create", &tmp, 0, e)),
@@ -91,6 +93,7 @@ impl AtomicFile {
         check_target(&self.target, force)?;
         std::fs::rename(&self.tmp, &self.target)
             .map_err(|e| Error::io("rename into place", &self.target, 0, e))?;
+        crate::guard::unregister_temporary(&self.tmp);
         self.done = true;
         if let Some(dir) = self.target.parent() {
             let dir = if dir.as_os_str().is_empty() {
@@ -111,6 +114,7 @@ impl Drop for AtomicFile {
         if !self.done {
             self.file.take();
             let _ = std::fs::remove_file(&self.tmp);
+            crate::guard::unregister_temporary(&self.tmp);
         }
     }
 }

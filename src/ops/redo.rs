@@ -12,6 +12,7 @@ use crate::format::descriptor::{
     random_cid, Access, CreateType, Descriptor, ExtentLine, ExtentType,
 };
 use crate::format::sparse::{SparseLayout, SECTOR};
+use crate::guard::{LockKind, LockSet};
 use crate::image::OpenOptions;
 use crate::io::SourceMode;
 use crate::ops::output::{check_target, AtomicFile};
@@ -68,6 +69,8 @@ fn base_stem(name: &str) -> String {
 
 /// Add an empty delta on top of `disk`'s chain; returns the new top's path.
 pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
+    let mut locks = LockSet::new();
+    locks.lock(disk, LockKind::Shared)?;
     let chain = Chain::open(
         disk,
         &OpenOptions {
@@ -75,6 +78,7 @@ pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
             mode: SourceMode::Pread,
         },
     )?;
+    locks.shared_all(&chain.source_files())?;
     let top = chain.top();
     if top.create_type == CreateType::VmfsPassthroughRawDeviceMap {
         return Err(Error::unsupported(
@@ -218,7 +222,15 @@ pub enum WriteData<'a> {
 /// (as VMware does on the first write after opening), so stale children are detected.
 /// Returns the bytes written.
 pub fn write(disk: &Path, offset: u64, data: WriteData<'_>, ignore_cid: bool) -> Result<u64> {
-    write_with(disk, offset, data, ignore_cid, false)
+    write_opts(
+        disk,
+        offset,
+        data,
+        &WriteOptions {
+            ignore_cid,
+            ..Default::default()
+        },
+    )
 }
 
 /// Like [`write`]; `allow_device` permits writing into device-backed disks.
@@ -229,59 +241,161 @@ pub fn write_with(
     ignore_cid: bool,
     allow_device: bool,
 ) -> Result<u64> {
+    write_opts(
+        disk,
+        offset,
+        data,
+        &WriteOptions {
+            ignore_cid,
+            allow_device_write: allow_device,
+            force: false,
+        },
+    )
+}
+
+/// Options of [`write_opts`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriteOptions {
+    /// Read through a parent whose CID does not match.
+    pub ignore_cid: bool,
+    /// Permit writing into block devices and device-backed disks.
+    pub allow_device_write: bool,
+    /// Write although other deltas name this disk as their parent (it breaks them).
+    pub force: bool,
+}
+
+/// Input held until it has been validated: in memory when small, else in an unnamed
+/// temporary file in the disk's folder (gone when closed, even on a crash).
+enum Spooled {
+    Mem(Vec<u8>),
+    File(std::fs::File, u64),
+}
+
+impl Spooled {
+    fn read(r: &mut dyn Read, dir: &Path, limit: u64) -> Result<Spooled> {
+        const IN_MEMORY: u64 = 64 << 20;
+        let mut mem = Vec::new();
+        let took = r
+            .take(IN_MEMORY + 1)
+            .read_to_end(&mut mem)
+            .map_err(|e| Error::io("read", Path::new("<input>"), 0, e))?;
+        if (took as u64) <= IN_MEMORY {
+            return Ok(Spooled::Mem(mem));
+        }
+        let mut f = tempfile::tempfile_in(dir)
+            .map_err(|e| Error::io("create a temporary in", dir, 0, e))?;
+        std::io::Write::write_all(&mut f, &mem).map_err(|e| Error::io("write", dir, 0, e))?;
+        // Copy at most one byte past the limit: enough to know the input is too long.
+        let rest = std::io::copy(
+            &mut r.take(limit.saturating_sub(mem.len() as u64) + 1),
+            &mut f,
+        )
+        .map_err(|e| Error::io("read", Path::new("<input>"), mem.len() as u64, e))?;
+        Ok(Spooled::File(f, mem.len() as u64 + rest))
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Spooled::Mem(m) => m.len() as u64,
+            Spooled::File(_, n) => *n,
+        }
+    }
+}
+
+/// Write into the top layer of `disk`'s chain. Everything is validated before the first
+/// byte changes (the range, every extent it touches, children that would break, the
+/// input's length); the disk is locked for the whole write.
+pub fn write_opts(
+    disk: &Path,
+    offset: u64,
+    data: WriteData<'_>,
+    opts: &WriteOptions,
+) -> Result<u64> {
+    let mut locks = LockSet::new();
+    locks.lock(disk, LockKind::Exclusive)?;
     let mut chain = Chain::open(
         disk,
         &OpenOptions {
-            ignore_cid,
+            ignore_cid: opts.ignore_cid,
             mode: SourceMode::Pread,
         },
     )?;
+    for (i, l) in chain.layers.iter().enumerate() {
+        let kind = if i == 0 {
+            LockKind::Exclusive
+        } else {
+            LockKind::Shared
+        };
+        for f in l.files() {
+            locks.lock(&f, kind)?;
+        }
+    }
     if offset % SECTOR != 0 {
         return Err(Error::InvalidInput(format!(
             "offset {offset} is not a multiple of 512"
         )));
     }
     let cap = chain.capacity();
-    let mut w = LayerWriter::open_with(chain.top(), allow_device)?;
-    let new_cid = random_cid();
-    set_cid(&mut chain.layers[0], new_cid)?;
+    if offset > cap {
+        return Err(Error::InvalidInput(format!(
+            "offset {offset} is past the end of the disk ({cap} bytes)"
+        )));
+    }
+    // The input, whole, before anything changes.
+    let (input, len) = match data {
+        WriteData::Zeros(len) => (None, len),
+        WriteData::Reader(r) => {
+            let sp = Spooled::read(r, &dir_of(disk), cap - offset)?;
+            let n = sp.len();
+            (Some(sp), n)
+        }
+    };
+    if offset.checked_add(len).is_none_or(|e| e > cap) {
+        return Err(Error::InvalidInput(format!(
+            "{len} bytes at offset {offset} run past the end of the disk ({cap} bytes); nothing was written"
+        )));
+    }
+    let mut w = LayerWriter::open_with(chain.top(), opts.allow_device_write)?;
+    w.check_writable(offset, len)?;
+    if !opts.force {
+        let children = crate::ops::commit::children_of(disk);
+        if !children.is_empty() {
+            return Err(Error::chain(
+                disk,
+                format!(
+                    "{} delta(s) name this disk as their parent ({}); writing into it would break them. \
+                     Write into the top of the chain instead, or pass --force",
+                    children.len(),
+                    children
+                        .iter()
+                        .map(|c| format!("`{}`", c.display()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+    }
+    if len == 0 {
+        return Ok(0);
+    }
+    set_cid(&mut chain.layers[0], random_cid())?;
     let chain_ref = &chain;
     let below = move |buf: &mut [u8], off: u64| chain_ref.read_below(1, buf, off);
-    let mut total = 0u64;
-    match data {
-        WriteData::Zeros(len) => {
-            w.write_zeroes(offset, len, &below)?;
-            total = len;
-        }
-        WriteData::Reader(r) => {
+    match input {
+        None => w.write_zeroes(offset, len, &below)?,
+        Some(Spooled::Mem(m)) => w.write_at(&m, offset, &below)?,
+        Some(Spooled::File(f, n)) => {
             let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let mut n = 0;
-                while n < buf.len() {
-                    match r.read(&mut buf[n..]) {
-                        Ok(0) => break,
-                        Ok(k) => n += k,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(Error::io("read", Path::new("<input>"), total, e)),
-                    }
-                }
-                if n == 0 {
-                    break;
-                }
-                if offset + total + n as u64 > cap {
-                    return Err(Error::InvalidInput(format!(
-                        "input runs past the end of the disk ({cap} bytes) at offset {}",
-                        offset + total
-                    )));
-                }
-                w.write_at(&buf[..n], offset + total, &below)?;
-                total += n as u64;
-                if n < buf.len() {
-                    break;
-                }
+            let mut done = 0u64;
+            while done < n {
+                let k = (n - done).min(buf.len() as u64) as usize;
+                f.read_exact_at(&mut buf[..k], done)
+                    .map_err(|e| Error::io("read", Path::new("<spooled input>"), done, e))?;
+                w.write_at(&buf[..k], offset + done, &below)?;
+                done += k as u64;
             }
         }
     }
     w.flush()?;
-    Ok(total)
+    Ok(len)
 }

@@ -12,3 +12,4 @@ mod mutate;
 mod props;
 mod read_qemu;
 mod redo;
+mod safety;

@@ -1,0 +1,269 @@
+//! Safety rails shared by every command that changes or creates files: file identity,
+//! advisory locks, the registry of temporaries (removed on signals and by later runs).
+//!
+//! # Locks
+//! A command that changes a disk takes an exclusive `flock(2)` on every file it changes
+//! and a shared one on every file it only reads, without waiting: a second writer (or a
+//! reader while a writer runs) gets [`Error::Busy`] at once. `flock` locks belong to an
+//! open file description, so one process must lock each file once: [`LockSet`] keeps one
+//! descriptor per file (device + inode) and upgrades shared to exclusive in place. The
+//! locks are advisory: they order vmdkit processes (and `flock(1)` scripts), not other
+//! tools.
+//!
+//! # Temporaries
+//! Outputs are written under `.NAME.vmdkit-tmp.PID[.N]` beside the target. Each is
+//! registered here while it exists; the binary removes the registered ones when it gets
+//! SIGINT, SIGTERM or SIGHUP. A temporary whose process no longer exists is removed by
+//! [`sweep_stale_temporaries`] before the next run writes into the folder.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+
+/// A file's identity: device and inode (after following links).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    /// Device number.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The identity of `path` (following links), if it exists.
+    pub fn of(path: &Path) -> Option<FileId> {
+        std::fs::metadata(path).ok().map(|m| FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// The folder a path lives in (`.` for a bare name).
+pub fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Refuse `target` when it is one of `sources` (same device and inode, through links
+/// and hard links), whatever `--force` says.
+pub fn refuse_source_as_target(target: &Path, sources: &[PathBuf]) -> Result<()> {
+    let Some(t) = FileId::of(target) else {
+        return Ok(());
+    };
+    for s in sources {
+        if FileId::of(s) == Some(t) {
+            return Err(Error::InvalidInput(format!(
+                "`{}` is `{}`, a file of the source disk: refusing to write over its own input (even with --force)",
+                target.display(),
+                s.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Lock kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LockKind {
+    /// Others may read (take shared locks) too.
+    Shared,
+    /// Nobody else may lock.
+    Exclusive,
+}
+
+/// Locks held by one operation; released when dropped.
+#[derive(Debug, Default)]
+pub struct LockSet {
+    held: HashMap<FileId, (File, LockKind, PathBuf)>,
+}
+
+/// Test hook: a command that changes a disk sleeps this many milliseconds once it holds
+/// all its locks, before it changes anything (race tests).
+pub fn test_hold_hook() {
+    if let Some(ms) = std::env::var("VMDKIT_TEST_HOLD_LOCK_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+impl LockSet {
+    /// No locks yet.
+    pub fn new() -> LockSet {
+        LockSet::default()
+    }
+
+    /// Take (or upgrade to) `kind` on `path`, without waiting.
+    pub fn lock(&mut self, path: &Path, kind: LockKind) -> Result<()> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io("stat", path, 0, e))?;
+        let id = FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        if let Some((_, have, _)) = self.held.get(&id) {
+            if *have >= kind {
+                return Ok(());
+            }
+        }
+        use std::os::unix::fs::FileTypeExt;
+        let ft = meta.file_type();
+        if !(ft.is_file() || ft.is_block_device()) {
+            // Nothing to lock on (and opening a FIFO would block).
+            return Ok(());
+        }
+        let file = match self.held.remove(&id) {
+            Some((f, _, _)) => f,
+            None => File::open(path).map_err(|e| Error::io("open", path, 0, e))?,
+        };
+        let op = match kind {
+            LockKind::Shared => libc::LOCK_SH,
+            LockKind::Exclusive => libc::LOCK_EX,
+        } | libc::LOCK_NB;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(Error::Busy(path.to_path_buf()));
+            }
+            return Err(Error::io("lock", path, 0, e));
+        }
+        self.held.insert(id, (file, kind, path.to_path_buf()));
+        Ok(())
+    }
+
+    /// Shared locks on every file in `paths`.
+    pub fn shared_all<'a>(&mut self, paths: impl IntoIterator<Item = &'a PathBuf>) -> Result<()> {
+        for p in paths {
+            self.lock(p, LockKind::Shared)?;
+        }
+        Ok(())
+    }
+
+    /// Exclusive locks on every file in `paths`.
+    pub fn exclusive_all<'a>(
+        &mut self,
+        paths: impl IntoIterator<Item = &'a PathBuf>,
+    ) -> Result<()> {
+        for p in paths {
+            self.lock(p, LockKind::Exclusive)?;
+        }
+        Ok(())
+    }
+}
+
+static TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Record a temporary file so a signal can remove it.
+pub fn register_temporary(path: &Path) {
+    if let Ok(mut t) = TEMPS.lock() {
+        t.push(path.to_path_buf());
+    }
+}
+
+/// Forget a temporary (renamed into place or removed).
+pub fn unregister_temporary(path: &Path) {
+    if let Ok(mut t) = TEMPS.lock() {
+        t.retain(|p| p != path);
+    }
+}
+
+/// Remove every registered temporary (called by the binary on SIGINT/SIGTERM/SIGHUP).
+/// Returns how many were removed.
+pub fn remove_registered_temporaries() -> usize {
+    let list = match TEMPS.lock() {
+        Ok(mut t) => std::mem::take(&mut *t),
+        Err(p) => std::mem::take(&mut *p.into_inner()),
+    };
+    list.iter()
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .count()
+}
+
+/// The temporary-name pattern: `.NAME.vmdkit-tmp.PID` or `.NAME.vmdkit-tmp.PID.N`.
+/// Returns the PID when `name` is one.
+pub fn temporary_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let i = rest.rfind(".vmdkit-tmp.")?;
+    let tail = &rest[i + ".vmdkit-tmp.".len()..];
+    let pid = tail.split('.').next()?;
+    let n = tail.split('.').nth(1);
+    if tail.split('.').count() > 2 || n.is_some_and(|n| n.parse::<u32>().is_err()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(p) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 only checks for existence; it sends nothing.
+    let rc = unsafe { libc::kill(p, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Temporaries in `dir` whose process no longer exists.
+pub fn stale_temporaries(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    rd.flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = temporary_pid(&name)?;
+            (!process_alive(pid) && pid != std::process::id()).then(|| e.path())
+        })
+        .collect()
+}
+
+/// Remove the temporaries of dead processes in `dir` (before writing into it).
+pub fn sweep_stale_temporaries(dir: &Path) {
+    for p in stale_temporaries(dir) {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporary_names_are_recognised() {
+        assert_eq!(temporary_pid(".a.vmdk.vmdkit-tmp.123.0"), Some(123));
+        assert_eq!(temporary_pid(".a.vmdk.vmdkit-tmp.77"), Some(77));
+        assert_eq!(temporary_pid("a.vmdk.vmdkit-tmp.77"), None);
+        assert_eq!(temporary_pid(".a.vmdk"), None);
+        assert_eq!(temporary_pid(".a.vmdk.vmdkit-tmp.x"), None);
+    }
+
+    #[test]
+    fn a_second_exclusive_lock_is_busy_and_shared_locks_coexist() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, b"x").unwrap();
+        let mut a = LockSet::new();
+        a.lock(&p, LockKind::Shared).unwrap();
+        let mut b = LockSet::new();
+        b.lock(&p, LockKind::Shared).unwrap();
+        let mut c = LockSet::new();
+        assert!(matches!(
+            c.lock(&p, LockKind::Exclusive),
+            Err(Error::Busy(_))
+        ));
+        drop(b);
+        // Upgrading our own shared lock works once nobody else holds one.
+        a.lock(&p, LockKind::Exclusive).unwrap();
+        assert!(matches!(c.lock(&p, LockKind::Shared), Err(Error::Busy(_))));
+    }
+}
