@@ -68,7 +68,20 @@ impl Chain {
                         _ => PathBuf::from("."),
                     };
                     let mut notes = Vec::new();
-                    let p = resolve_name(&dir, hint, false, "parent", &layer.path, &mut notes)?;
+                    let abs = Path::new(hint);
+                    let p = if opts.allow_outside_paths && abs.is_absolute() && abs.exists() {
+                        abs.to_path_buf()
+                    } else {
+                        resolve_name(&dir, hint, false, "parent", &layer.path, &mut notes)?
+                    };
+                    crate::image::confine(
+                        &p,
+                        &dir,
+                        crate::format::descriptor::CreateType::Custom,
+                        opts,
+                        "parent",
+                        &layer.path,
+                    )?;
                     if !p.exists() {
                         return Err(Error::chain(
                             &layer.path,

@@ -89,6 +89,7 @@ pub fn image(data: &[u8]) {
     let opts = crate::image::OpenOptions {
         ignore_cid: true,
         mode: crate::io::SourceMode::Pread,
+        ..Default::default()
     };
     if let Ok(chain) = crate::chain::Chain::open(&top, &opts) {
         let cap = chain.capacity().min(FUZZ_MAP_BYTES);

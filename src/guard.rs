@@ -161,6 +161,20 @@ impl LockSet {
     }
 }
 
+static OUTSIDE_PATHS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The process-wide default of [`crate::image::OpenOptions::allow_outside_paths`] (what
+/// `OpenOptions::default()` gives, so that the opens inside commit, write and extend
+/// follow it too). The binary sets it from `--allow-outside-paths`.
+pub fn allow_outside_paths(allow: bool) {
+    OUTSIDE_PATHS.store(allow, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`allow_outside_paths`].
+pub fn outside_paths_allowed() -> bool {
+    OUTSIDE_PATHS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 static TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
 /// Record a temporary file so a signal can remove it.
@@ -212,18 +226,30 @@ fn process_alive(pid: u32) -> bool {
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-/// Temporaries in `dir` whose process no longer exists.
-pub fn stale_temporaries(dir: &Path) -> Vec<PathBuf> {
+/// Every vmdkit temporary in `dir`, with whether its process still runs.
+pub fn temporaries(dir: &Path) -> Vec<(PathBuf, bool)> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return vec![];
     };
-    rd.flatten()
+    let mut v: Vec<(PathBuf, bool)> = rd
+        .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let pid = temporary_pid(&name)?;
-            (!process_alive(pid) && pid != std::process::id()).then(|| e.path())
+            Some((e.path(), pid == std::process::id() || process_alive(pid)))
         })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Temporaries in `dir` whose process no longer exists.
+pub fn stale_temporaries(dir: &Path) -> Vec<PathBuf> {
+    temporaries(dir)
+        .into_iter()
+        .filter(|(_, alive)| !alive)
+        .map(|(p, _)| p)
         .collect()
 }
 

@@ -59,6 +59,10 @@ pub struct OpenOptions {
     pub ignore_cid: bool,
     /// How to read files.
     pub mode: SourceMode,
+    /// Follow extent and parent names (through links or absolute paths) that lead out of
+    /// the descriptor's folder (`--allow-outside-paths`). Without it only block devices
+    /// named by device and RDM createTypes may lie outside.
+    pub allow_outside_paths: bool,
 }
 
 impl Default for OpenOptions {
@@ -66,6 +70,7 @@ impl Default for OpenOptions {
         OpenOptions {
             ignore_cid: false,
             mode: SourceMode::Mmap,
+            allow_outside_paths: crate::guard::outside_paths_allowed(),
         }
     }
 }
@@ -116,6 +121,50 @@ pub fn resolve_name(
         return Ok(local);
     }
     Ok(dir.join(p))
+}
+
+/// The folder rule: after following links, an extent must lie inside the descriptor's
+/// folder, unless it is a block device named by a device or RDM createType, or the caller
+/// allowed outside paths. A missing file passes here (opening it reports it).
+pub(crate) fn confine(
+    p: &Path,
+    dir: &Path,
+    ct: CreateType,
+    opts: &OpenOptions,
+    what: &str,
+    descriptor: &Path,
+) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if opts.allow_outside_paths {
+        return Ok(());
+    }
+    let Ok(real) = fs::canonicalize(p) else {
+        return Ok(());
+    };
+    let real_dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    if real.starts_with(&real_dir) {
+        return Ok(());
+    }
+    let block = fs::metadata(&real).is_ok_and(|m| m.file_type().is_block_device());
+    let device_type = ct.is_device()
+        || matches!(
+            ct,
+            CreateType::VmfsRawDeviceMap | CreateType::VmfsPassthroughRawDeviceMap
+        );
+    if block && device_type {
+        return Ok(());
+    }
+    Err(Error::chain(
+        descriptor,
+        format!(
+            "{what}: `{}` leads to `{}`, outside the descriptor's folder `{}`{}; refusing to follow it \
+             (pass --allow-outside-paths if the disk's files are kept elsewhere)",
+            p.display(),
+            real.display(),
+            real_dir.display(),
+            if block { "" } else { " (only block devices of device and RDM descriptors may be)" }
+        ),
+    ))
 }
 
 fn folder_of(path: &Path) -> PathBuf {
@@ -455,7 +504,15 @@ impl Layer {
                 (Extent::Zero { len: declared }, None)
             } else {
                 let name = line.file.as_deref().unwrap_or("");
-                let p = resolve_name(&dir, name, ct.is_device(), &what, path, &mut notes)?;
+                let p = resolve_name(
+                    &dir,
+                    name,
+                    ct.is_device() || opts.allow_outside_paths,
+                    &what,
+                    path,
+                    &mut notes,
+                )?;
+                confine(&p, &dir, ct, opts, &what, path)?;
                 let ext = match line.kind {
                     ExtentType::Sparse => {
                         let src = open_extent(&p, opts, &what, name, &dir, path)?;

@@ -477,6 +477,20 @@ impl LayerWriter {
         }
         let mut extents = Vec::new();
         for slot in &layer.extents {
+            use std::os::unix::fs::FileTypeExt;
+            if let Some(p) = &slot.path {
+                let block = std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device());
+                if block && !allow_device {
+                    return Err(Error::unsupported(
+                        &layer.path,
+                        format!(
+                            "extent `{}` is the block device `{}`; writing into a device needs --allow-device-write",
+                            slot.line.file.as_deref().unwrap_or(""),
+                            std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display()
+                        ),
+                    ));
+                }
+            }
             let len = slot.extent.len();
             let w = match (&slot.extent, &slot.path) {
                 (_, _) if slot.line.access != crate::format::descriptor::Access::Rw => {

@@ -19,6 +19,11 @@ use vmdkit::{Chain, OpenOptions, VirtualDisk};
     about = "VMware virtual disk (VMDK) toolkit: inspect, export, import, commit"
 )]
 struct Cli {
+    /// Follow extent and parent names that lead out of the descriptor's folder (through
+    /// symbolic links or absolute paths). Without it, only block devices named by device
+    /// and RDM descriptors may lie outside.
+    #[arg(long, global = true)]
+    allow_outside_paths: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -42,6 +47,7 @@ impl ReadArgs {
             } else {
                 SourceMode::Mmap
             },
+            ..Default::default()
         };
         // Library errors name the file (and offset) already.
         let chain = Chain::open(path, &opts)?;
@@ -363,6 +369,7 @@ impl Progress for Bar {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let stdout = std::io::stdout();
+    vmdkit::guard::allow_outside_paths(cli.allow_outside_paths);
     match cli.cmd {
         Cmd::Info { disk, json, read } => {
             let chain = read.open(&disk)?;
@@ -745,6 +752,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 for e in &entries {
                     show(&mut out, e, 0, human_readable, mappings)?;
                 }
+            }
+            for (t, alive) in vmdkit::guard::temporaries(&dir) {
+                eprintln!(
+                    "vmdkit: temporary `{}`: {}",
+                    t.display(),
+                    if alive {
+                        "an output being written by a running vmdkit"
+                    } else {
+                        "left by a vmdkit that no longer runs; the next vmdkit writing into this folder removes it"
+                    }
+                );
             }
         }
         Cmd::Check {

@@ -1077,6 +1077,7 @@ pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
                 &OpenOptions {
                     ignore_cid: true,
                     mode: SourceMode::Pread,
+                    ..Default::default()
                 },
             ) {
                 Ok(l) => (
@@ -1125,6 +1126,18 @@ pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
                         continue;
                     }
                 };
+                if let Err(e) = crate::image::confine(
+                    &p,
+                    &dir,
+                    d.create_type()
+                        .unwrap_or(crate::format::descriptor::CreateType::Custom),
+                    &OpenOptions::default(),
+                    &format!("extent {}", k + 1),
+                    &path,
+                ) {
+                    r.incomplete = Some(e.to_string());
+                    continue;
+                }
                 let Ok(meta) = std::fs::metadata(&p) else {
                     r.add(
                         &path,
@@ -1187,6 +1200,7 @@ pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
                     &OpenOptions {
                         ignore_cid: true,
                         mode: SourceMode::Pread,
+                        ..Default::default()
                     },
                 )
                 .map_err(|e| Error::InvalidInput(format!("reopening after repair: {e}")))?;
@@ -1217,7 +1231,19 @@ pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
             }
         }
         if let Some(h) = parent_hint {
-            match resolve_name(&dir, &h, false, "parent", &path, &mut Vec::new()) {
+            let resolved = resolve_name(&dir, &h, false, "parent", &path, &mut Vec::new())
+                .and_then(|p| {
+                    crate::image::confine(
+                        &p,
+                        &dir,
+                        crate::format::descriptor::CreateType::Custom,
+                        &OpenOptions::default(),
+                        "parent",
+                        &path,
+                    )
+                    .map(|()| p)
+                });
+            match resolved {
                 Ok(p) if p.exists() => {
                     child = Some((path.clone(), parent_cid.filter(|_| &head != b"COWD")));
                     next = Some(p);

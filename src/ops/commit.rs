@@ -318,6 +318,7 @@ fn names_parent(path: &Path) -> Option<PathBuf> {
             &OpenOptions {
                 ignore_cid: true,
                 mode: SourceMode::Pread,
+                ..Default::default()
             },
         )
         .ok()?;
@@ -400,6 +401,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
                     &OpenOptions {
                         ignore_cid: true,
                         mode: SourceMode::Pread,
+                        ..Default::default()
                     },
                 )?;
                 finish_target(&sp, st, &mut layer)?;
@@ -431,6 +433,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
         &OpenOptions {
             ignore_cid: true,
             mode: SourceMode::Pread,
+            ..Default::default()
         },
     )?;
     let n = chain.layers.len();

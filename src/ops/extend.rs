@@ -147,6 +147,7 @@ pub fn extend(disk: &Path, new_size: u64, force: bool) -> Result<()> {
         &OpenOptions {
             ignore_cid: true,
             mode: SourceMode::Pread,
+            ..Default::default()
         },
     )?;
     if chain.layers.len() > 1 {

@@ -51,6 +51,7 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>> {
     let opts = OpenOptions {
         ignore_cid: true,
         mode: SourceMode::Pread,
+        ..Default::default()
     };
     let mut layers: BTreeMap<PathBuf, (Entry, Option<PathBuf>)> = BTreeMap::new();
     let mut owned: Vec<PathBuf> = Vec::new();

@@ -76,6 +76,7 @@ pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
         &OpenOptions {
             ignore_cid: false,
             mode: SourceMode::Pread,
+            ..Default::default()
         },
     )?;
     locks.shared_all(&chain.source_files())?;
@@ -115,6 +116,7 @@ pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
                     &OpenOptions {
                         ignore_cid: false,
                         mode: SourceMode::Pread,
+                        ..Default::default()
                     },
                 )?;
             }
@@ -318,6 +320,7 @@ pub fn write_opts(
         &OpenOptions {
             ignore_cid: opts.ignore_cid,
             mode: SourceMode::Pread,
+            ..Default::default()
         },
     )?;
     for (i, l) in chain.layers.iter().enumerate() {

@@ -330,3 +330,281 @@ fn wiped_directories_are_corruption_and_repair_discards_nothing() {
         img.len() as u64
     );
 }
+
+/// Item 7: writing into a disk other deltas name as parent breaks them: refused
+/// without --force, naming the children; exporting over a base of the chain always is.
+#[test]
+fn writes_into_a_parent_are_refused_naming_its_children() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    parent_and_child(d);
+    let before = sha256_file(&d.join("p.vmdk"));
+    let err = vmdkit_err(d, &["write", "p.vmdk", "--offset", "0", "--zero", "65536"]);
+    assert!(err.contains("c.vmdk") && err.contains("--force"), "{err}");
+    assert_eq!(sha256_file(&d.join("p.vmdk")), before);
+    let err = vmdkit_err(
+        d,
+        &[
+            "export", "c.vmdk", "p.vmdk", "--format", "sparse", "--force",
+        ],
+    );
+    assert!(err.contains("its own input"), "{err}");
+    assert_eq!(sha256_file(&d.join("p.vmdk")), before);
+    // The child still reads through its parent.
+    qemu_img(d, &["check", "c.vmdk"]);
+    vmdkit_ok(
+        d,
+        &[
+            "write", "p.vmdk", "--offset", "0", "--zero", "65536", "--force",
+        ],
+    );
+}
+
+/// Item 8: a refused write changes nothing, not even the descriptor's CID or spacing.
+#[test]
+fn a_refused_write_changes_nothing() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            "f.vmdk",
+            "8M",
+        ],
+    );
+    // Trailing spaces that a rewrite would strip.
+    let text = std::fs::read_to_string(d.join("f.vmdk"))
+        .unwrap()
+        .replace("CID=", "CID=")
+        + "  \n";
+    std::fs::write(d.join("f.vmdk"), &text).unwrap();
+    let sums = || {
+        (
+            sha256_file(&d.join("f.vmdk")),
+            sha256_file(&d.join("f-flat.vmdk")),
+        )
+    };
+    let before = sums();
+    std::fs::write(d.join("in.bin"), vec![7u8; 4096]).unwrap();
+    for args in [
+        &["write", "f.vmdk", "--offset", "8388608", "in.bin"][..],
+        &["write", "f.vmdk", "--offset", "8384512", "--zero", "8192"],
+        &["write", "f.vmdk", "--offset", "16777216", "--zero", "512"],
+    ] {
+        let err = vmdkit_err(d, args);
+        assert!(
+            err.contains("past the end") || err.contains("past the capacity"),
+            "{err}"
+        );
+        assert_eq!(sums(), before, "{args:?}");
+    }
+    // A read-only extent.
+    let ro = text.replace("RW ", "RDONLY ");
+    std::fs::write(d.join("f.vmdk"), &ro).unwrap();
+    let ro_sum = sha256_file(&d.join("f.vmdk"));
+    let err = vmdkit_err(d, &["write", "f.vmdk", "--offset", "0", "in.bin"]);
+    assert!(
+        err.contains("RDONLY") && err.contains("nothing was written"),
+        "{err}"
+    );
+    assert_eq!(sha256_file(&d.join("f.vmdk")), ro_sum);
+    // From stdin, an input longer than the disk is refused before anything changes.
+    std::fs::write(d.join("f.vmdk"), &text).unwrap();
+    let mut child = Command::new(bin())
+        .args(["write", "f.vmdk", "--offset", "4194304", "-"])
+        .current_dir(d)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut i = child.stdin.take().unwrap();
+        let _ = i.write_all(&vec![9u8; 5 << 20]);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert_eq!(sums(), before);
+}
+
+/// Item 9: SIGINT, SIGTERM and SIGHUP remove the temporaries of unfinished outputs
+/// (exit 128 + signal); a dead process's temporaries are removed by the next run
+/// writing into the folder, and `ls` shows them.
+#[test]
+fn signals_and_later_runs_leave_no_temporaries() {
+    let t = tmp();
+    let d = t.path();
+    for (sig, name) in [
+        (libc::SIGINT, "int"),
+        (libc::SIGTERM, "term"),
+        (libc::SIGHUP, "hup"),
+    ] {
+        let out = format!("{name}.vmdk");
+        let mut child = Command::new(bin())
+            .args(["import", "-", &out, "-q", "--type", "monolithicSparse"])
+            .current_dir(d)
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Feed the start of a stream and keep the pipe open: the import waits for more.
+        let mut stdin = child.stdin.take().unwrap();
+        let src = tmp();
+        vmdkit_ok(
+            src.path(),
+            &[
+                "create",
+                "s.vmdk",
+                "--size",
+                "64m",
+                "--type",
+                "monolithicSparse",
+            ],
+        );
+        let noise: Vec<u8> = (0..40u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(src.path().join("n.bin"), noise).unwrap();
+        vmdkit_ok(src.path(), &["write", "s.vmdk", "--offset", "0", "n.bin"]);
+        let stream = vmdkit_ok(src.path(), &["export", "s.vmdk", "-", "-q", "--level", "1"]).stdout;
+        {
+            use std::io::Write;
+            stdin.write_all(&stream[..stream.len() * 3 / 4]).unwrap();
+            stdin.flush().unwrap();
+        }
+        let mut tries = 0;
+        while !std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains("vmdkit-tmp"))
+        {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            tries += 1;
+            assert!(tries < 200, "no temporary appeared");
+        }
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        let status = child.wait().unwrap();
+        drop(stdin);
+        assert_eq!(status.code(), Some(128 + sig), "{name}");
+        let left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(left.is_empty(), "{name}: left {left:?}");
+    }
+    // A temporary of a process that is gone (PIDs never reach 2^22 + 1 on Linux).
+    std::fs::write(d.join(".old.vmdk.vmdkit-tmp.4194305.0"), b"debris").unwrap();
+    let ls = vmdkit_ok(d, &["ls"]);
+    assert!(
+        String::from_utf8_lossy(&ls.stderr).contains(".old.vmdk.vmdkit-tmp.4194305.0"),
+        "ls shows it"
+    );
+    vmdkit_ok(
+        d,
+        &[
+            "create",
+            "new.vmdk",
+            "--size",
+            "1m",
+            "--type",
+            "monolithicSparse",
+        ],
+    );
+    assert!(!d.join(".old.vmdk.vmdkit-tmp.4194305.0").exists());
+}
+
+/// Item 11: after following links, an extent outside the descriptor's folder is
+/// refused (read or written) unless --allow-outside-paths; so is a fullDevice
+/// descriptor naming a regular file elsewhere. Absolute parent hints open with the flag.
+#[test]
+fn links_and_absolute_names_never_leave_the_folder_unasked() {
+    need_qemu!();
+    let t = tmp();
+    let outside = t.path().join("outside");
+    let d = t.path().join("vm");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(outside.join("secret"), vec![0x5au8; 1 << 20]).unwrap();
+    let secret_sum = sha256_file(&outside.join("secret"));
+    // A flat descriptor whose extent is a link out of the folder.
+    qemu_img(
+        &d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            "f.vmdk",
+            "1M",
+        ],
+    );
+    std::fs::remove_file(d.join("f-flat.vmdk")).unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), d.join("f-flat.vmdk")).unwrap();
+    for args in [
+        &["cat", "f.vmdk"][..],
+        &["export", "f.vmdk", "x.vmdk"],
+        &["info", "f.vmdk"],
+        &["write", "f.vmdk", "--offset", "0", "--zero", "512"],
+        &["extend", "f.vmdk", "--size", "2m"],
+    ] {
+        let err = vmdkit_err(&d, args);
+        assert!(
+            err.contains("outside the descriptor's folder"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(sha256_file(&outside.join("secret")), secret_sum);
+    let raw = vmdkit_ok(&d, &["cat", "f.vmdk", "--allow-outside-paths"]).stdout;
+    assert_eq!(raw, vec![0x5au8; 1 << 20]);
+    // A fullDevice descriptor naming a regular file outside the folder.
+    let desc = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"fullDevice\"\n\nRW 2048 FLAT \"{}\" 0\n",
+        outside.join("secret").display()
+    );
+    std::fs::write(d.join("dev.vmdk"), desc).unwrap();
+    for args in [
+        &["cat", "dev.vmdk"][..],
+        &["extend", "dev.vmdk", "--size", "4m"],
+    ] {
+        let err = vmdkit_err(&d, args);
+        assert!(err.contains("only block devices"), "{args:?}: {err}");
+    }
+    assert_eq!(
+        std::fs::metadata(outside.join("secret")).unwrap().len(),
+        1 << 20
+    );
+    // A hosted linked clone whose parent hint is an absolute path elsewhere.
+    qemu_img(&outside, &["create", "-q", "-f", "vmdk", "base.vmdk", "4M"]);
+    qemu_io(&outside, "base.vmdk", &["write -P 0x66 0 64k"]);
+    let base = outside.join("base.vmdk");
+    qemu_img(
+        &d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "vmdk",
+            "clone.vmdk",
+        ],
+    );
+    let err = vmdkit_err(&d, &["cat", "clone.vmdk"]);
+    assert!(err.contains("not found"), "{err}");
+    let raw = vmdkit_ok(&d, &["cat", "clone.vmdk", "--allow-outside-paths"]).stdout;
+    assert_same(&raw, &qemu_raw(&d, "clone.vmdk"), "linked clone");
+}
