@@ -69,7 +69,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             ignore_cid: false,
-            mode: SourceMode::Mmap,
+            mode: SourceMode::Pread,
             allow_outside_paths: crate::guard::outside_paths_allowed(),
         }
     }

@@ -33,19 +33,20 @@ struct ReadArgs {
     /// Read through a parent whose CID does not match the child's parentCID (warns).
     #[arg(long)]
     ignore_cid: bool,
-    /// Use positional reads instead of memory maps.
+    /// Memory-map source files instead of positional reads (resident memory then grows
+    /// with what is read).
     #[arg(long, hide = true)]
-    no_mmap: bool,
+    mmap: bool,
 }
 
 impl ReadArgs {
     fn open(&self, path: &Path) -> Result<Chain> {
         let opts = OpenOptions {
             ignore_cid: self.ignore_cid,
-            mode: if self.no_mmap {
-                SourceMode::Pread
-            } else {
+            mode: if self.mmap {
                 SourceMode::Mmap
+            } else {
+                SourceMode::Pread
             },
             ..Default::default()
         };

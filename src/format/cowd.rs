@@ -15,8 +15,6 @@
 //! Grain tables have a fixed 4096 entries (16 KiB); a GTE is the sector of the grain, 0 =
 //! not in this layer. There is no zeroed-grain value.
 
-use std::sync::OnceLock;
-
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use crate::disk::{Alloc, Run};
@@ -157,7 +155,7 @@ pub struct CowdExtent {
     src: Source,
     header: CowdHeader,
     gd: Vec<u32>,
-    gts: Vec<OnceLock<Box<[u32]>>>,
+    gts: super::TableCache<u32>,
     grain_bytes: u64,
     len: u64,
 }
@@ -249,7 +247,7 @@ impl CowdExtent {
         Ok(CowdExtent {
             grain_bytes: u64::from(header.grain_size) * SECTOR,
             len: u64::from(header.num_sectors) * SECTOR,
-            gts: (0..n).map(|_| OnceLock::new()).collect(),
+            gts: super::TableCache::new(n as usize, COWD_GTES as usize),
             src,
             header,
             gd,
@@ -282,8 +280,8 @@ impl CowdExtent {
     }
 
     /// Grain table `i`.
-    pub fn gt(&self, i: usize) -> Result<&[u32]> {
-        super::cached_table(&self.gts[i], &self.src, self.gd[i], COWD_GTES as usize)
+    pub fn gt(&self, i: usize) -> Result<std::sync::Arc<[u32]>> {
+        super::cached_table(&self.gts, i, &self.src, self.gd[i], COWD_GTES as usize)
     }
 
     /// Allocation runs of the extent-relative range `rel`, placed at `base + rel`.

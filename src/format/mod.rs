@@ -19,22 +19,67 @@ use cowd::CowdExtent;
 use sesparse::SeSparseExtent;
 use sparse::SparseExtent;
 
-/// Read `n` little-endian u32 table entries at `sector` of `src` once, then share them:
-/// the grain-table cache of hosted sparse and COWD extents.
-pub(crate) fn cached_table<'a>(
-    cell: &'a std::sync::OnceLock<Box<[u32]>>,
+/// A bounded cache of grain tables, shared by the readers' threads.
+///
+/// Direct-mapped: table `i` lives in slot `i % slots`, so memory is bounded by the slot
+/// count (about [`TableCache::BUDGET_BYTES`] of tables per extent), never by the disk's
+/// capacity, and a sequential walk (map, export) evicts as it goes. A table read twice
+/// costs one more small `pread`.
+pub(crate) struct TableCache<E> {
+    slots: Box<[std::sync::Mutex<Option<(usize, std::sync::Arc<[E]>)>>]>,
+}
+
+impl<E: Copy + Default> TableCache<E> {
+    /// Bytes of tables one extent may keep.
+    pub(crate) const BUDGET_BYTES: usize = 4 << 20;
+
+    /// A cache for `tables` tables of `entries` entries each.
+    pub(crate) fn new(tables: usize, entries: usize) -> TableCache<E> {
+        let per = (entries * std::mem::size_of::<E>()).max(1);
+        let n = (Self::BUDGET_BYTES / per).clamp(1, tables.max(1));
+        TableCache {
+            slots: (0..n).map(|_| std::sync::Mutex::new(None)).collect(),
+        }
+    }
+
+    /// Table `i`, from the cache or from `load`.
+    pub(crate) fn get(
+        &self,
+        i: usize,
+        load: impl FnOnce() -> Result<Vec<E>>,
+    ) -> Result<std::sync::Arc<[E]>> {
+        let slot = &self.slots[i % self.slots.len()];
+        if let Ok(g) = slot.lock() {
+            if let Some((j, t)) = g.as_ref() {
+                if *j == i {
+                    return Ok(t.clone());
+                }
+            }
+        }
+        let t: std::sync::Arc<[E]> = load()?.into();
+        if let Ok(mut g) = slot.lock() {
+            *g = Some((i, t.clone()));
+        }
+        Ok(t)
+    }
+}
+
+/// Read `n` little-endian u32 table entries at `sector` of `src`, through `cache`: the
+/// grain tables of hosted sparse and COWD extents.
+pub(crate) fn cached_table(
+    cache: &TableCache<u32>,
+    i: usize,
     src: &Source,
     sector: u32,
     n: usize,
-) -> Result<&'a [u32]> {
-    if let Some(t) = cell.get() {
-        return Ok(t);
-    }
-    let mut raw = vec![0u8; n * 4];
-    src.read_exact_at(&mut raw, u64::from(sector) * sparse::SECTOR)?;
-    let mut t = vec![0u32; n];
-    byteorder::LittleEndian::read_u32_into(&raw, &mut t);
-    Ok(cell.get_or_init(|| t.into_boxed_slice()))
+) -> Result<std::sync::Arc<[u32]>> {
+    cache.get(i, || {
+        let mut raw = vec![0u8; n * 4];
+        src.read_exact_at(&mut raw, u64::from(sector) * sparse::SECTOR)?;
+        let mut t = vec![0u32; n];
+        byteorder::LittleEndian::read_u32_into(&raw, &mut t);
+        Ok(t)
+    })
 }
 
 /// Map `rel` (extent-relative, clipped to `len`) over a two-level grain table, pushing

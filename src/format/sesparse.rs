@@ -5,8 +5,6 @@
 //! of 4096 u64 entries whose top nibble says: 0 unallocated, 1 unmapped (zeros), 2 zero,
 //! 3 allocated (grain index scrambled across the low bits, §7.3).
 
-use std::sync::OnceLock;
-
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use crate::disk::{Alloc, Run};
@@ -52,7 +50,7 @@ pub struct SeSparseExtent {
     src: Source,
     header: SeSparseHeader,
     gd: Vec<u64>,
-    gts: Vec<OnceLock<Box<[u64]>>>,
+    gts: super::TableCache<u64>,
     len: u64,
 }
 
@@ -181,7 +179,7 @@ impl SeSparseExtent {
             }
         }
         Ok(SeSparseExtent {
-            gts: (0..needed).map(|_| OnceLock::new()).collect(),
+            gts: super::TableCache::new(needed as usize, GTES as usize),
             src,
             header: h,
             gd,
@@ -206,16 +204,15 @@ impl SeSparseExtent {
         &self.header
     }
 
-    fn gt(&self, i: usize) -> Result<&[u64]> {
-        if let Some(t) = self.gts[i].get() {
-            return Ok(t);
-        }
-        let sector = self.header.gt_offset + (self.gd[i] & 0xffff_ffff) * GT_SECTORS;
-        let mut raw = vec![0u8; (GTES * 8) as usize];
-        self.src.read_exact_at(&mut raw, sector * SECTOR)?;
-        let mut t = vec![0u64; GTES as usize];
-        LE::read_u64_into(&raw, &mut t);
-        Ok(self.gts[i].get_or_init(|| t.into_boxed_slice()))
+    fn gt(&self, i: usize) -> Result<std::sync::Arc<[u64]>> {
+        self.gts.get(i, || {
+            let sector = self.header.gt_offset + (self.gd[i] & 0xffff_ffff) * GT_SECTORS;
+            let mut raw = vec![0u8; (GTES * 8) as usize];
+            self.src.read_exact_at(&mut raw, sector * SECTOR)?;
+            let mut t = vec![0u64; GTES as usize];
+            LE::read_u64_into(&raw, &mut t);
+            Ok(t)
+        })
     }
 
     /// Allocation runs of `rel`, placed at `base + rel`.

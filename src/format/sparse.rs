@@ -16,7 +16,6 @@
 //! ```
 
 use std::io::Read;
-use std::sync::OnceLock;
 
 use byteorder::{ByteOrder, LittleEndian as LE};
 
@@ -256,7 +255,7 @@ pub struct SparseExtent {
     /// Header as stored at sector 0 (differs from `header` for GD_AT_END streams).
     raw_header: SparseHeader,
     gd: Vec<u32>,
-    gts: Vec<OnceLock<Box<[u32]>>>,
+    gts: super::TableCache<u32>,
     grain_bytes: u64,
     len: u64,
 }
@@ -355,7 +354,7 @@ impl SparseExtent {
                 ));
             }
         }
-        let gts = (0..num_gts).map(|_| OnceLock::new()).collect();
+        let gts = super::TableCache::new(num_gts as usize, header.num_gtes_per_gt as usize);
         Ok(SparseExtent {
             src,
             header,
@@ -397,9 +396,9 @@ impl SparseExtent {
     }
 
     /// Grain table `i` (loaded once, then shared).
-    pub fn gt(&self, i: usize) -> Result<&[u32]> {
+    pub fn gt(&self, i: usize) -> Result<std::sync::Arc<[u32]>> {
         let n = self.header.num_gtes_per_gt as usize;
-        super::cached_table(&self.gts[i], &self.src, self.gd[i], n)
+        super::cached_table(&self.gts, i, &self.src, self.gd[i], n)
     }
 
     /// The grain-table entry of grain `g`, with the file offset of that entry.
@@ -712,30 +711,119 @@ impl SparseLayout {
         self.grain_sector(allocated) * SECTOR
     }
 
-    /// The bytes of sectors `[0, overHead)`: header, descriptor, both directories and all
-    /// tables. `gtes` holds one entry per grain (0 = unallocated).
-    pub fn metadata(&self, gtes: &[u32], descriptor: Option<&[u8]>) -> Vec<u8> {
-        let mut b = vec![0u8; (self.over_head * SECTOR) as usize];
-        b[..512].copy_from_slice(&self.header().to_bytes());
+    /// Sector of the first table of the redundant (`redundant`) or primary copy.
+    fn tables_at(&self, redundant: bool) -> u64 {
+        (if redundant { self.rgd } else { self.gd }) + self.gd_sectors
+    }
+
+    /// The writes that put table `i` (both copies) in place: (byte offset, bytes).
+    pub fn table_writes(&self, i: u64, t: &[u32]) -> [(u64, Vec<u8>); 2] {
+        let mut b = vec![0u8; t.len() * 4];
+        LE::write_u32_into(t, &mut b);
+        [
+            ((self.tables_at(true) + 4 * i) * SECTOR, b.clone()),
+            ((self.tables_at(false) + 4 * i) * SECTOR, b),
+        ]
+    }
+
+    /// The metadata of sectors `[0, overHead)` as writes (byte offset, bytes) in
+    /// ascending order: header, descriptor, both directories and the tables `entries`
+    /// holds. Everything else reads as zeros: holes in a file, zeros in a stream, so a
+    /// 16 TiB disk's empty tables cost neither memory nor disk.
+    pub fn metadata_writes(
+        &self,
+        entries: &GrainEntries,
+        descriptor: Option<&[u8]>,
+    ) -> Vec<(u64, Vec<u8>)> {
+        let mut w = vec![(0, self.header().to_bytes().to_vec())];
         if let Some(d) = descriptor {
-            let at = (self.desc_offset * SECTOR) as usize;
             let n = d.len().min((self.desc_sectors * SECTOR) as usize);
-            b[at..at + n].copy_from_slice(&d[..n]);
+            w.push((self.desc_offset * SECTOR, d[..n].to_vec()));
         }
-        for (dir, tables) in [
-            (self.rgd, self.rgd + self.gd_sectors),
-            (self.gd, self.gd + self.gd_sectors),
-        ] {
-            for i in 0..self.num_gts {
-                let gt_sector = tables + 4 * i;
-                let at = (dir * SECTOR + 4 * i) as usize;
-                LE::write_u32(&mut b[at..at + 4], gt_sector as u32);
-                let first = (i * self.gtes) as usize;
-                let last = (first + self.gtes as usize).min(gtes.len());
-                let t = (gt_sector * SECTOR) as usize;
-                LE::write_u32_into(&gtes[first..last], &mut b[t..t + 4 * (last - first)]);
+        for redundant in [true, false] {
+            let dir = if redundant { self.rgd } else { self.gd };
+            let tables = self.tables_at(redundant);
+            let gd: Vec<u32> = (0..self.num_gts).map(|i| (tables + 4 * i) as u32).collect();
+            let mut b = vec![0u8; gd.len() * 4];
+            LE::write_u32_into(&gd, &mut b);
+            w.push((dir * SECTOR, b));
+            for (i, t) in entries.tables() {
+                let mut b = vec![0u8; t.len() * 4];
+                LE::write_u32_into(t, &mut b);
+                w.push(((tables + 4 * i) * SECTOR, b));
             }
+        }
+        w.sort_by_key(|(o, _)| *o);
+        w
+    }
+
+    /// The bytes of sectors `[0, overHead)` (small layouts and tests; writers use
+    /// [`metadata_writes`](Self::metadata_writes)).
+    pub fn metadata(&self, entries: &GrainEntries, descriptor: Option<&[u8]>) -> Vec<u8> {
+        let mut b = vec![0u8; (self.over_head * SECTOR) as usize];
+        for (at, bytes) in self.metadata_writes(entries, descriptor) {
+            b[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
         }
         b
     }
+}
+
+/// Grain-table entries of an extent being written, kept only for tables that have one:
+/// memory follows the data, not the capacity.
+#[derive(Debug, Clone, Default)]
+pub struct GrainEntries {
+    per: u64,
+    tables: std::collections::BTreeMap<u64, Box<[u32]>>,
+}
+
+impl GrainEntries {
+    /// No entries; tables of `per` entries.
+    pub fn new(per: u64) -> GrainEntries {
+        GrainEntries {
+            per,
+            tables: Default::default(),
+        }
+    }
+
+    /// Set grain `g`'s entry.
+    pub fn set(&mut self, g: u64, v: u32) {
+        let per = self.per;
+        let t = self
+            .tables
+            .entry(g / per)
+            .or_insert_with(|| vec![0; per as usize].into_boxed_slice());
+        t[(g % per) as usize] = v;
+    }
+
+    /// Grain `g`'s entry (0 when unset).
+    pub fn get(&self, g: u64) -> u32 {
+        self.tables
+            .get(&(g / self.per))
+            .map_or(0, |t| t[(g % self.per) as usize])
+    }
+
+    /// Tables holding entries, by index.
+    pub fn tables(&self) -> impl Iterator<Item = (u64, &[u32])> {
+        self.tables.iter().map(|(i, t)| (*i, &t[..]))
+    }
+
+    /// Remove and return the tables with index below `i` (complete once the writer is
+    /// past them).
+    pub fn take_before(&mut self, i: u64) -> Vec<(u64, Box<[u32]>)> {
+        let rest = self.tables.split_off(&i);
+        std::mem::replace(&mut self.tables, rest)
+            .into_iter()
+            .collect()
+    }
+}
+
+/// Sector number `s` as a 32-bit grain-table entry, or an error saying to split the disk.
+pub fn sector_entry(path: &std::path::Path, s: u64) -> Result<u32> {
+    u32::try_from(s).map_err(|_| {
+        Error::unsupported(
+            path,
+            "a monolithic sparse file cannot hold grains past 2 TiB of file (32-bit sector \
+             numbers in its tables); export to twoGbMaxExtentSparse (split) instead",
+        )
+    })
 }

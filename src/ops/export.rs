@@ -28,8 +28,8 @@ use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
 use crate::format::descriptor::{Access, CreateType, Descriptor, ExtentLine, ExtentType};
 use crate::format::sparse::{
-    SparseHeader, SparseLayout, FLAG_COMPRESSED, FLAG_MARKERS, FLAG_VALID_NEWLINE, GD_AT_END,
-    MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
+    sector_entry, GrainEntries, SparseHeader, SparseLayout, FLAG_COMPRESSED, FLAG_MARKERS,
+    FLAG_VALID_NEWLINE, GD_AT_END, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
 };
 use crate::ops::manifest::ManifestBuilder;
 use crate::ops::output::{check_target, write_error, AtomicFile};
@@ -658,7 +658,7 @@ struct SparseFileSink {
     dir: PathBuf,
     embedded: Option<Vec<u8>>,
     descriptor_file: Option<(PathBuf, Vec<u8>)>,
-    cur: Option<(usize, AtomicFile, SparseLayout, Vec<u32>, u64)>,
+    cur: Option<(usize, AtomicFile, SparseLayout, GrainEntries, u64)>,
     next: usize,
     pending: Vec<Pending>,
     force: bool,
@@ -672,17 +672,18 @@ impl SparseFileSink {
         let desc_sectors = self.embedded.as_deref().map_or(0, embedded_sectors);
         let layout = SparseLayout::new(p.len / SECTOR, desc_sectors);
         let f = AtomicFile::create(&self.dir.join(&p.name), self.force)?;
-        self.cur = Some((i, f, layout, vec![0; layout.num_grains as usize], 0));
+        self.cur = Some((i, f, layout, GrainEntries::new(layout.gtes), 0));
         self.next += 1;
         Ok(())
     }
 
     fn close_cur(&mut self) -> Result<()> {
         if let Some((_, f, layout, gtes, k)) = self.cur.take() {
-            let meta = layout.metadata(&gtes, self.embedded.as_deref());
             let file = f.file();
-            file.write_all_at(&meta, 0)
-                .map_err(|e| write_error(f.tmp_path(), 0, e))?;
+            for (at, bytes) in layout.metadata_writes(&gtes, self.embedded.as_deref()) {
+                file.write_all_at(&bytes, at)
+                    .map_err(|e| write_error(f.tmp_path(), at, e))?;
+            }
             let size = layout.file_bytes(k);
             file.set_len(size)
                 .map_err(|e| write_error(f.tmp_path(), size, e))?;
@@ -731,7 +732,8 @@ impl Sink for SparseFileSink {
             let first_local = (u.start - base) / GRAIN + run_start as u64;
             let at = layout.grain_sector(*k) * SECTOR;
             for j in 0..(g - run_start) as u64 {
-                gtes[(first_local + j) as usize] = layout.grain_sector(*k + j) as u32;
+                let e = sector_entry(f.target(), layout.grain_sector(*k + j))?;
+                gtes.set(first_local + j, e);
             }
             let from = run_start * GRAIN as usize;
             let to = (g * GRAIN as usize).min(buf.len());
@@ -740,6 +742,16 @@ impl Sink for SparseFileSink {
                 .map_err(|e| write_error(f.tmp_path(), at, e))?;
             *k += (g - run_start) as u64;
             self.report.grains += (g - run_start) as u64;
+        }
+        // Tables wholly before this unit's end are complete: write them now and forget
+        // them, so memory stays bounded by one table's span, not the disk.
+        let done_to = (u.start + u.len - base) / GRAIN / layout.gtes;
+        for (t, entries) in gtes.take_before(done_to) {
+            for (at, bytes) in layout.table_writes(t, &entries) {
+                f.file()
+                    .write_all_at(&bytes, at)
+                    .map_err(|e| write_error(f.tmp_path(), at, e))?;
+            }
         }
         Ok(())
     }
@@ -906,7 +918,7 @@ struct SeqSink {
     out: Out,
     pieces: Vec<Piece0>,
     /// Per piece: for sparse, (layout, gtes, allocated grains); None for flat.
-    sparse: Vec<Option<(SparseLayout, Vec<u32>, u64)>>,
+    sparse: Vec<Option<(SparseLayout, GrainEntries, u64)>>,
     embedded: Option<Vec<u8>>,
     tar: bool,
     mtime: u64,
@@ -921,12 +933,19 @@ impl SeqSink {
         let p = &self.pieces[i];
         match &self.sparse[i] {
             Some((layout, gtes, k)) => {
-                let meta = layout.metadata(gtes, self.embedded.as_deref());
+                let meta = layout.metadata_writes(gtes, self.embedded.as_deref());
                 if self.tar {
                     let h = tar_header(&p.name, layout.file_bytes(*k), self.mtime)?;
                     self.out.write(&h)?;
                 }
-                self.out.write(&meta)?;
+                // In order, the gaps (empty tables, padding) streamed as zeros.
+                let mut pos = 0u64;
+                for (at, bytes) in meta {
+                    self.out.zeros(at - pos)?;
+                    self.out.write(&bytes)?;
+                    pos = at + bytes.len() as u64;
+                }
+                self.out.zeros(layout.over_head * SECTOR - pos)?;
             }
             None => {
                 if self.tar {
@@ -1369,19 +1388,23 @@ pub fn export_fed(
                             .iter()
                             .map(|p| {
                                 let layout = SparseLayout::new(p.len / SECTOR, desc_sectors);
-                                let mut gtes = vec![0u32; layout.num_grains as usize];
+                                let mut gtes = GrainEntries::new(layout.gtes);
                                 let mut k = 0u64;
                                 let g0 = p.start / GRAIN;
-                                for (j, e) in gtes.iter_mut().enumerate() {
-                                    let g = g0 + j as u64;
+                                for j in 0..layout.num_grains {
+                                    let g = g0 + j;
                                     if bits[(g / 64) as usize] >> (g % 64) & 1 == 1 {
-                                        *e = layout.grain_sector(k) as u32;
+                                        let e = sector_entry(
+                                            std::path::Path::new(&p.name),
+                                            layout.grain_sector(k),
+                                        )?;
+                                        gtes.set(j, e);
                                         k += 1;
                                     }
                                 }
-                                Some((layout, gtes, k))
+                                Ok(Some((layout, gtes, k)))
                             })
-                            .collect()
+                            .collect::<Result<Vec<_>>>()?
                     } else {
                         vec![None; pieces.len()]
                     };

@@ -130,11 +130,17 @@ fn grow_sparse(path: &Path, h: &SparseHeader, new_cap: u64) -> Result<()> {
 
 fn new_sparse_extent(path: &Path, sectors: u64) -> Result<()> {
     let layout = SparseLayout::new(sectors, 0);
-    let meta = layout.metadata(&vec![0; layout.num_grains as usize], None);
     let f = AtomicFile::create(path, false)?;
+    let none = crate::format::sparse::GrainEntries::new(layout.gtes);
+    for (at, bytes) in layout.metadata_writes(&none, None) {
+        f.file()
+            .write_all_at(&bytes, at)
+            .map_err(io_err("write", f.tmp_path(), at))?;
+    }
+    let end = layout.over_head * SECTOR;
     f.file()
-        .write_all_at(&meta, 0)
-        .map_err(io_err("write", f.tmp_path(), 0))?;
+        .set_len(end)
+        .map_err(io_err("set the length of", f.tmp_path(), end))?;
     f.commit(false)
 }
 

@@ -200,11 +200,17 @@ pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
                 let text = d.to_text().into_bytes();
                 let layout =
                     SparseLayout::new(cap / SECTOR, (text.len() as u64).div_ceil(SECTOR).max(20));
-                let meta = layout.metadata(&vec![0; layout.num_grains as usize], Some(&text));
                 let f = AtomicFile::create(&desc, false)?;
+                let none = crate::format::sparse::GrainEntries::new(layout.gtes);
+                for (at, bytes) in layout.metadata_writes(&none, Some(&text)) {
+                    f.file()
+                        .write_all_at(&bytes, at)
+                        .map_err(|e| Error::io("write", f.tmp_path(), at, e))?;
+                }
+                let end = layout.over_head * SECTOR;
                 f.file()
-                    .write_all_at(&meta, 0)
-                    .map_err(|e| Error::io("write", f.tmp_path(), 0, e))?;
+                    .set_len(end)
+                    .map_err(|e| Error::io("set the length of", f.tmp_path(), end, e))?;
                 f.commit(false)?;
             }
             Ok(desc)
