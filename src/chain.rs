@@ -97,7 +97,12 @@ impl Chain {
                     warnings.extend(notes);
                     Some(p)
                 }
-                None => None,
+                None => {
+                    if let Some(msg) = missing_parent_hint(&layer) {
+                        warnings.push(msg);
+                    }
+                    None
+                }
             };
             layers.push(layer);
             let Some(p) = parent else { break };
@@ -231,6 +236,19 @@ impl Chain {
         }
         Ok(())
     }
+}
+
+/// A layer that names a parent CID but no parent file: read as a base, though its
+/// unallocated ranges belong to a parent nobody can find.
+pub fn missing_parent_hint(layer: &Layer) -> Option<String> {
+    let c = layer.parent_cid()?;
+    if layer.parent_hint().is_some() || layer.bare_cowd {
+        return None;
+    }
+    Some(format!(
+        "`{}` has parentCID {c:08x} but no parentFileNameHint: it is a delta whose parent is not named; read as a base disk, the ranges it does not hold read as zeros",
+        layer.path.display()
+    ))
 }
 
 fn fmt_cid(c: Option<u32>) -> String {

@@ -541,8 +541,18 @@ impl Layer {
                                     line: 0,
                                     what: format!("{what}: offset overflows"),
                                 })?;
-                        let end = offset.checked_add(declared);
-                        match end {
+                        let Some(end) = offset.checked_add(declared) else {
+                            return Err(Error::Descriptor {
+                                path: path.to_path_buf(),
+                                line: 0,
+                                what: format!(
+                                    "{what}: offset {} sectors plus size {} sectors overflows",
+                                    line.offset.unwrap_or(0),
+                                    line.sectors
+                                ),
+                            });
+                        };
+                        match Some(end) {
                             Some(end) if end <= src.len() => {}
                             _ => notes.push(format!(
                                 "{what}: `{}` is {} bytes, shorter than the extent ({} bytes from offset {}); the rest reads as zeros",

@@ -151,8 +151,20 @@ impl Default for PipelineOptions {
     }
 }
 
-/// Build the rayon pool for `threads` (0 = all cores).
+/// The most worker threads a run uses: more than a few per core only adds memory (each
+/// thread's window share) and switching, and a huge `--threads` must not start 100000.
+pub fn max_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) * 4
+}
+
+/// `threads` (0 = all cores) capped at [`max_threads`].
+pub fn capped_threads(threads: usize) -> usize {
+    threads.min(max_threads())
+}
+
+/// Build the rayon pool for `threads` (0 = all cores; capped at [`max_threads`]).
 pub fn pool(threads: usize) -> Result<rayon::ThreadPool> {
+    let threads = capped_threads(threads);
     let mut b = rayon::ThreadPoolBuilder::new();
     if threads > 0 {
         b = b.num_threads(threads);

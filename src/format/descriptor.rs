@@ -403,9 +403,14 @@ impl Descriptor {
                 ),
             ));
         }
+        // A UTF-8 byte-order mark before the first line (some editors add one; qemu
+        // reads such descriptors) is not part of the text.
+        let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
         let text = String::from_utf8_lossy(bytes);
         let mut lines = Vec::new();
         let mut n_extents = 0usize;
+        // Lower-cased key -> value, for the duplicate check (linear in the line count).
+        let mut seen: std::collections::HashMap<String, String> = Default::default();
         for (i, raw) in text.split('\n').enumerate() {
             let lineno = i + 1;
             // CRLF (or stray CRs) end a line; they are not kept, so a rewrite (LF) reads
@@ -445,17 +450,10 @@ impl Descriptor {
             let is_ddb =
                 key.len() > 4 && key.get(..4).is_some_and(|p| p.eq_ignore_ascii_case("ddb."));
             // A key given twice with different values is ambiguous.
-            let dup = lines.iter().find_map(|l| match l {
-                Line::Header {
-                    key: k, value: v, ..
-                }
-                | Line::Ddb { key: k, value: v }
-                    if k.eq_ignore_ascii_case(key) =>
-                {
-                    Some(v.clone())
-                }
-                _ => None,
-            });
+            let dup = seen.get(&key.to_ascii_lowercase()).cloned();
+            if dup.is_none() {
+                seen.insert(key.to_ascii_lowercase(), value.clone());
+            }
             if let Some(prev) = dup {
                 if prev != value {
                     return Err(derr(

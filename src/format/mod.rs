@@ -26,8 +26,11 @@ use sparse::SparseExtent;
 /// capacity, and a sequential walk (map, export) evicts as it goes. A table read twice
 /// costs one more small `pread`.
 pub(crate) struct TableCache<E> {
-    slots: Box<[std::sync::Mutex<Option<(usize, std::sync::Arc<[E]>)>>]>,
+    slots: Box<[CacheSlot<E>]>,
 }
+
+/// One slot: which table it holds, and the table.
+type CacheSlot<E> = std::sync::Mutex<Option<(usize, std::sync::Arc<[E]>)>>;
 
 impl<E: Copy + Default> TableCache<E> {
     /// Bytes of tables one extent may keep.

@@ -173,7 +173,17 @@ impl SeSparseExtent {
                     format!("grain directory entry {i} is {e:#x}: top bits must be 0x10000000"),
                 ));
             }
-            let gt_sector = h.gt_offset + (e & 0xffff_ffff) * GT_SECTORS;
+            let gt_sector = (e & 0xffff_ffff)
+                .checked_mul(GT_SECTORS)
+                .and_then(|s| s.checked_add(h.gt_offset))
+                .filter(|s| {
+                    s.checked_add(GT_SECTORS)
+                        .and_then(|e| e.checked_mul(SECTOR))
+                        .is_some_and(|e| e <= src.len())
+                });
+            let Some(gt_sector) = gt_sector else {
+                return Err(Error::corrupt(&path, at, format!("grain table {i} (entry {e:#x}, tables at sector {}) lies past the end of the {}-byte file", h.gt_offset, src.len())));
+            };
             if (gt_sector + GT_SECTORS) * SECTOR > src.len() {
                 return Err(Error::corrupt(&path, at, format!("grain table {i} at sector {gt_sector} lies past the end of the {}-byte file", src.len())));
             }

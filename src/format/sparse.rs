@@ -726,44 +726,52 @@ impl SparseLayout {
         ]
     }
 
-    /// The metadata of sectors `[0, overHead)` as writes (byte offset, bytes) in
-    /// ascending order: header, descriptor, both directories and the tables `entries`
-    /// holds. Everything else reads as zeros: holes in a file, zeros in a stream, so a
-    /// 16 TiB disk's empty tables cost neither memory nor disk.
-    pub fn metadata_writes(
+    /// The metadata of sectors `[0, overHead)`, handed to `put` as writes (byte offset,
+    /// bytes) in ascending order: header, descriptor, both directories (in pieces of at
+    /// most 1 MiB) and the tables `entries` holds. Everything else reads as zeros: holes
+    /// in a file, zeros in a stream, so a 16 TiB disk's empty tables cost neither memory
+    /// nor disk.
+    pub fn for_each_metadata_write(
         &self,
         entries: &GrainEntries,
         descriptor: Option<&[u8]>,
-    ) -> Vec<(u64, Vec<u8>)> {
-        let mut w = vec![(0, self.header().to_bytes().to_vec())];
+        mut put: impl FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        put(0, &self.header().to_bytes())?;
         if let Some(d) = descriptor {
             let n = d.len().min((self.desc_sectors * SECTOR) as usize);
-            w.push((self.desc_offset * SECTOR, d[..n].to_vec()));
+            put(self.desc_offset * SECTOR, &d[..n])?;
         }
+        const CHUNK: u64 = 1 << 18; // entries per directory piece
         for redundant in [true, false] {
             let dir = if redundant { self.rgd } else { self.gd };
             let tables = self.tables_at(redundant);
-            let gd: Vec<u32> = (0..self.num_gts).map(|i| (tables + 4 * i) as u32).collect();
-            let mut b = vec![0u8; gd.len() * 4];
-            LE::write_u32_into(&gd, &mut b);
-            w.push((dir * SECTOR, b));
+            let mut i = 0;
+            while i < self.num_gts {
+                let n = (self.num_gts - i).min(CHUNK);
+                let gd: Vec<u32> = (i..i + n).map(|j| (tables + 4 * j) as u32).collect();
+                let mut b = vec![0u8; gd.len() * 4];
+                LE::write_u32_into(&gd, &mut b);
+                put(dir * SECTOR + 4 * i, &b)?;
+                i += n;
+            }
             for (i, t) in entries.tables() {
                 let mut b = vec![0u8; t.len() * 4];
                 LE::write_u32_into(t, &mut b);
-                w.push(((tables + 4 * i) * SECTOR, b));
+                put((tables + 4 * i) * SECTOR, &b)?;
             }
         }
-        w.sort_by_key(|(o, _)| *o);
-        w
+        Ok(())
     }
 
     /// The bytes of sectors `[0, overHead)` (small layouts and tests; writers use
-    /// [`metadata_writes`](Self::metadata_writes)).
+    /// [`for_each_metadata_write`](Self::for_each_metadata_write)).
     pub fn metadata(&self, entries: &GrainEntries, descriptor: Option<&[u8]>) -> Vec<u8> {
         let mut b = vec![0u8; (self.over_head * SECTOR) as usize];
-        for (at, bytes) in self.metadata_writes(entries, descriptor) {
-            b[at as usize..at as usize + bytes.len()].copy_from_slice(&bytes);
-        }
+        let _ = self.for_each_metadata_write(entries, descriptor, |at, bytes| {
+            b[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+            Ok(())
+        });
         b
     }
 }

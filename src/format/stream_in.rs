@@ -235,7 +235,20 @@ pub fn read_sparse(
     let desc = read_embedded(r, h)?;
     let per = u64::from(h.num_gtes_per_gt);
     let num_gts = h.num_gts();
-    let gd_bytes = num_gts * 4;
+    // From a pipe the directory is held whole: cap it (256 MiB covers 64 Mi tables,
+    // 2 PiB of 64 KiB grains) rather than trusting the header.
+    const MAX_PIPE_DIRECTORY: u64 = 256 << 20;
+    let gd_bytes = num_gts.saturating_mul(4);
+    if gd_bytes > MAX_PIPE_DIRECTORY {
+        return Err(Error::corrupt(
+            name,
+            12,
+            format!(
+                "a grain directory of {num_gts} entries (capacity {} sectors) is more than vmdkit reads from a pipe; pass the file instead",
+                h.capacity
+            ),
+        ));
+    }
     // Use whichever directory comes first (the redundant one, in the usual layout); its
     // tables then follow in the stream.
     let dir = if h.rgd_offset != 0 && h.rgd_offset < h.gd_offset {
@@ -380,8 +393,8 @@ pub fn read_tar(input: &mut dyn Read, name: &Path, emit: Emit<'_>) -> Result<Str
                 }
             }
             ExtentType::Flat | ExtentType::Vmfs => {
-                c.skip_to(line.offset.unwrap_or(0) * SECTOR)?;
-                let len = line.sectors * SECTOR;
+                c.skip_to(line.offset.unwrap_or(0).saturating_mul(SECTOR))?;
+                let len = line.sectors.saturating_mul(SECTOR);
                 let mut buf = vec![0u8; 1 << 20];
                 let mut done = 0u64;
                 while done < len {

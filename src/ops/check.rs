@@ -1262,5 +1262,41 @@ pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
             }
         }
     }
+    // check agrees with the readers: a disk they refuse is never clean.
+    if r.incomplete.is_none() {
+        let opened = crate::chain::Chain::open(
+            disk,
+            &OpenOptions {
+                ignore_cid: true,
+                ..Default::default()
+            },
+        );
+        match opened {
+            Ok(chain) => {
+                for l in &chain.layers {
+                    if let Some(msg) = crate::chain::missing_parent_hint(l) {
+                        r.add(&l.path, 0, Severity::Corruption, msg);
+                    }
+                }
+            }
+            Err(e) if e.kind() == crate::error::ErrorKind::Io => {
+                r.incomplete = Some(e.to_string());
+            }
+            Err(e) => {
+                if !r
+                    .findings
+                    .iter()
+                    .any(|f| f.severity == Severity::Corruption && !f.repaired)
+                {
+                    r.add(
+                        disk,
+                        0,
+                        Severity::Corruption,
+                        format!("the disk cannot be opened: {e}"),
+                    );
+                }
+            }
+        }
+    }
     Ok(r)
 }

@@ -365,9 +365,10 @@ impl OutputMeta {
     /// settings, then keys only children have) and a fresh CID.
     pub fn from_chain(chain: &Chain, format: ExportFormat) -> OutputMeta {
         let mut ddb: Vec<(String, String)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for layer in chain.layers.iter().rev() {
             for (k, v) in layer.descriptor.ddb_entries() {
-                if !ddb.iter().any(|(k2, _)| k2.eq_ignore_ascii_case(&k)) {
+                if seen.insert(k.to_ascii_lowercase()) {
                     ddb.push((k, v));
                 }
             }
@@ -680,10 +681,10 @@ impl SparseFileSink {
     fn close_cur(&mut self) -> Result<()> {
         if let Some((_, f, layout, gtes, k)) = self.cur.take() {
             let file = f.file();
-            for (at, bytes) in layout.metadata_writes(&gtes, self.embedded.as_deref()) {
-                file.write_all_at(&bytes, at)
-                    .map_err(|e| write_error(f.tmp_path(), at, e))?;
-            }
+            layout.for_each_metadata_write(&gtes, self.embedded.as_deref(), |at, bytes| {
+                file.write_all_at(bytes, at)
+                    .map_err(|e| write_error(f.tmp_path(), at, e))
+            })?;
             let size = layout.file_bytes(k);
             file.set_len(size)
                 .map_err(|e| write_error(f.tmp_path(), size, e))?;
@@ -933,18 +934,19 @@ impl SeqSink {
         let p = &self.pieces[i];
         match &self.sparse[i] {
             Some((layout, gtes, k)) => {
-                let meta = layout.metadata_writes(gtes, self.embedded.as_deref());
                 if self.tar {
                     let h = tar_header(&p.name, layout.file_bytes(*k), self.mtime)?;
                     self.out.write(&h)?;
                 }
                 // In order, the gaps (empty tables, padding) streamed as zeros.
                 let mut pos = 0u64;
-                for (at, bytes) in meta {
-                    self.out.zeros(at - pos)?;
-                    self.out.write(&bytes)?;
+                let out = &mut self.out;
+                layout.for_each_metadata_write(gtes, self.embedded.as_deref(), |at, bytes| {
+                    out.zeros(at - pos)?;
+                    out.write(bytes)?;
                     pos = at + bytes.len() as u64;
-                }
+                    Ok(())
+                })?;
                 self.out.zeros(layout.over_head * SECTOR - pos)?;
             }
             None => {

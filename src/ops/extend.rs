@@ -132,11 +132,11 @@ fn new_sparse_extent(path: &Path, sectors: u64) -> Result<()> {
     let layout = SparseLayout::new(sectors, 0);
     let f = AtomicFile::create(path, false)?;
     let none = crate::format::sparse::GrainEntries::new(layout.gtes);
-    for (at, bytes) in layout.metadata_writes(&none, None) {
+    layout.for_each_metadata_write(&none, None, |at, bytes| {
         f.file()
-            .write_all_at(&bytes, at)
-            .map_err(io_err("write", f.tmp_path(), at))?;
-    }
+            .write_all_at(bytes, at)
+            .map_err(io_err("write", f.tmp_path(), at))
+    })?;
     let end = layout.over_head * SECTOR;
     f.file()
         .set_len(end)

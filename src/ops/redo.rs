@@ -202,11 +202,11 @@ pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
                     SparseLayout::new(cap / SECTOR, (text.len() as u64).div_ceil(SECTOR).max(20));
                 let f = AtomicFile::create(&desc, false)?;
                 let none = crate::format::sparse::GrainEntries::new(layout.gtes);
-                for (at, bytes) in layout.metadata_writes(&none, Some(&text)) {
+                layout.for_each_metadata_write(&none, Some(&text), |at, bytes| {
                     f.file()
-                        .write_all_at(&bytes, at)
-                        .map_err(|e| Error::io("write", f.tmp_path(), at, e))?;
-                }
+                        .write_all_at(bytes, at)
+                        .map_err(|e| Error::io("write", f.tmp_path(), at, e))
+                })?;
                 let end = layout.over_head * SECTOR;
                 f.file()
                     .set_len(end)
