@@ -70,6 +70,82 @@ pub fn sesparse(data: &[u8]) {
     exercise(Extent::SeSparse(Box::new(ext)));
 }
 
+/// The sequential (pipe) reader that `import -` uses: a stream, a tables-first sparse
+/// file or export's tar, read from a byte slice, with the content discarded after
+/// [`FUZZ_MAP_BYTES`].
+pub fn pipe(data: &[u8]) {
+    use crate::format::stream_in::{parse_first, read_sparse, read_stream, read_tar, Counted};
+    let name = std::path::Path::new("<stdin>");
+    let mut emitted = 0u64;
+    let mut emit = |_: u64, b: &[u8]| -> crate::Result<()> {
+        emitted += b.len() as u64;
+        if emitted > FUZZ_MAP_BYTES {
+            return Err(crate::Error::InvalidInput("fuzz cap".into()));
+        }
+        Ok(())
+    };
+    let mut input: &[u8] = data;
+    if data.get(257..262) == Some(b"ustar") {
+        let _ = read_tar(&mut input, name, &mut emit);
+        return;
+    }
+    let mut c = Counted::new(&mut input, name);
+    let mut first = [0u8; 512];
+    if !matches!(c.fill(&mut first), Ok(true)) {
+        return;
+    }
+    let Ok(h) = parse_first(&first, name) else {
+        return;
+    };
+    let _ = if h.compressed() {
+        read_stream(&mut c, &h, 0, &mut emit)
+    } else {
+        read_sparse(&mut c, &h, 0, &mut emit)
+    };
+}
+
+/// Hand-made hostile inputs (issue 9): each once crashed, hung or ran away with memory.
+/// The mutation suite starts from them too.
+pub fn hostile_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::format::sparse::SparseLayout;
+    let mut v = Vec::new();
+    // A sparse file whose header claims a descriptor of 2^45 sectors.
+    let layout = SparseLayout::new(2048, 0);
+    let mut meta = layout.metadata(&crate::format::sparse::GrainEntries::new(layout.gtes), None);
+    meta[28..36].copy_from_slice(&1u64.to_le_bytes());
+    meta[36..44].copy_from_slice(&(1u64 << 45).to_le_bytes());
+    v.push(("descriptor-size-2^45", meta.clone()));
+    // The same, capacity 2^50 bytes (a stream header on a pipe once allocated 32 TiB).
+    let mut huge = meta;
+    huge[28..44].fill(0);
+    huge[12..20].copy_from_slice(&((1u64 << 50) / 512).to_le_bytes());
+    v.push(("capacity-2^50", huge.clone()));
+    let mut stream = huge;
+    stream[8..12]
+        .copy_from_slice(&(FLAG_VALID_NEWLINE | FLAG_COMPRESSED | FLAG_MARKERS).to_le_bytes());
+    stream[77..79].copy_from_slice(&1u16.to_le_bytes());
+    v.push(("stream-capacity-2^50", stream));
+    // Descriptors: a BOM, a flat extent whose offset + size overflows, a parentCID
+    // without a parent name, an absolute device path.
+    v.push((
+        "bom",
+        b"\xef\xbb\xbf# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 2048 FLAT \"fuzz-extent.vmdk\" 0\n".to_vec(),
+    ));
+    v.push((
+        "flat-overflow",
+        b"# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 18014398509481983 FLAT \"fuzz-extent.vmdk\" 18014398509481983\n".to_vec(),
+    ));
+    v.push((
+        "unnamed-parent",
+        b"# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=87654321\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"fuzz-extent.vmdk\" 0\n".to_vec(),
+    ));
+    v.push((
+        "device-outside",
+        b"# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"fullDevice\"\nRW 8 FLAT \"/etc/hostname\" 0\n".to_vec(),
+    ));
+    v
+}
+
 /// A whole image: the bytes as a file in a private temporary folder (a descriptor, a
 /// sparse, stream or COWD file; an RDM descriptor), opened as a chain and read with a
 /// cap on work. Descriptors may name `fuzz-extent.vmdk`, which holds the same bytes.

@@ -500,6 +500,15 @@ impl LayerWriter {
                         slot.line.access.as_str()
                     ))
                 }
+                (Extent::Sparse(s), Some(p))
+                    if s.header().version >= 3 && !s.header().compressed() =>
+                {
+                    let _ = p;
+                    ExtW::ReadOnly(
+                        "a version-3 sparse extent carries change tracking that a write would leave stale; it is read-only here (qemu opens it read-only too)"
+                            .into(),
+                    )
+                }
                 (Extent::Sparse(s), Some(p)) => {
                     ExtW::Sparse(Box::new(SparseW::open(p, *s.header())?))
                 }

@@ -189,8 +189,8 @@ enum Cmd {
         /// twoGbMaxExtentSparse, raw, streamOptimized.
         #[arg(long = "type", short = 'd', default_value = "thin")]
         kind: String,
-        /// Adapter type (ide, buslogic, lsilogic, lsisas1068, pvscsi); geometry recomputed.
-        #[arg(long, short = 'a')]
+        /// Adapter type (ide, buslogic, lsilogic, legacyESX, pvscsi); geometry recomputed.
+        #[arg(long, short = 'a', value_parser = adapter_arg)]
         adapter: Option<String>,
         /// Overwrite existing outputs.
         #[arg(long)]
@@ -215,8 +215,8 @@ enum Cmd {
         /// twoGbMaxExtentSparse, streamOptimized.
         #[arg(long = "type", short = 'd', default_value = "zeroedthick")]
         kind: String,
-        /// Adapter type (default lsilogic).
-        #[arg(long, short = 'a')]
+        /// Adapter type: ide, buslogic, lsilogic (default), legacyESX, pvscsi.
+        #[arg(long, short = 'a', value_parser = adapter_arg)]
         adapter: Option<String>,
         /// Overwrite existing files.
         #[arg(long)]
@@ -305,8 +305,8 @@ enum RdmCmd {
         /// Physical (pass-through) compatibility mode.
         #[arg(long)]
         physical: bool,
-        /// Adapter type for the geometry.
-        #[arg(long, default_value = "lsilogic")]
+        /// Adapter type for the geometry (ide, buslogic, lsilogic, legacyESX, pvscsi).
+        #[arg(long, default_value = "lsilogic", value_parser = adapter_arg)]
         adapter: String,
     },
     /// Describe a mapping (vmkfstools -q / -P).
@@ -893,6 +893,12 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
             || c.downcast_ref::<vmdkit::Error>()
                 .is_some_and(|v| v.is_broken_pipe())
     })
+}
+
+fn adapter_arg(s: &str) -> std::result::Result<String, String> {
+    vmdkit::ops::geometry::parse_adapter(s)
+        .map(str::to_string)
+        .map_err(|e| e.to_string())
 }
 
 /// On SIGINT, SIGTERM or SIGHUP: remove the temporaries of unfinished outputs, then exit

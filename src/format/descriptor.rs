@@ -718,6 +718,23 @@ impl Descriptor {
     }
 }
 
+/// Refuse a file name that cannot stand in a descriptor line: a `"` would end the
+/// quoted name early and a line break would inject a line of its own.
+pub fn check_file_name(name: &str) -> Result<()> {
+    if let Some(c) = name.chars().find(|c| *c == '"' || c.is_control()) {
+        return Err(Error::InvalidInput(format!(
+            "file name `{}` holds {}, which a VMDK descriptor cannot carry; choose another name",
+            name.escape_debug(),
+            if c == '"' {
+                "a double quote".to_string()
+            } else {
+                format!("the control character {:?}", c)
+            }
+        )));
+    }
+    Ok(())
+}
+
 /// The parentCID value meaning "no parent".
 pub const NO_PARENT_CID: u32 = 0xffff_ffff;
 

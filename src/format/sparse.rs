@@ -564,14 +564,9 @@ pub fn inflate_grain(
 
 /// Read the footer of a GD_AT_END stream (formats.md §3.3).
 fn read_footer(src: &Source, header: &SparseHeader) -> Result<SparseHeader> {
+    // Uncompressed files may put the directory at the end too (qemu reads them): the
+    // footer is found the same way, by the file's last three sectors.
     let path = src.path();
-    if !header.markers() {
-        return Err(Error::corrupt(
-            path,
-            56,
-            "grain directory is \"at the end\" but the file has no markers to find it",
-        ));
-    }
     let len = src.len();
     if len < 3 * 512 + 512 {
         return Err(Error::corrupt(path, 0, "stream too short to hold a footer"));

@@ -176,6 +176,20 @@ fn check_sparse(path: &Path, pass: Pass, r: &mut CheckReport) -> Result<()> {
         return check_stream(path, src, &h, r);
     }
     let flen = src.len();
+    // Directory at the end (uncompressed, as qemu reads it): the footer's header counts,
+    // and the footer's three sectors are metadata.
+    let at_end = h.gd_offset == sparse::GD_AT_END;
+    let h = if at_end {
+        match SparseExtent::open(Source::open(path, SourceMode::Pread)?) {
+            Ok(e) => *e.header(),
+            Err(e) => {
+                r.add(path, 0, Severity::Corruption, e.to_string());
+                return Ok(());
+            }
+        }
+    } else {
+        h
+    };
     let f = if pass != Pass::Look {
         std::fs::OpenOptions::new()
             .read(true)
@@ -229,6 +243,9 @@ fn check_sparse(path: &Path, pass: Pass, r: &mut CheckReport) -> Result<()> {
     }
     if rgd.is_some() {
         meta.push(clip(h.rgd_offset, gd_sectors));
+    }
+    if at_end {
+        meta.push((fsect.saturating_sub(3), fsect));
     }
     let table_ok = |e: u32| e == 0 || (u64::from(e) >= 1 && u64::from(e) + gt_sectors <= fsect);
     // Directory entries sharing a table: one of them is wrong, and nothing says which.

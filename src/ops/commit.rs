@@ -588,6 +588,9 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
     }
 
     let mut writer = LayerWriter::open_with(&chain.layers[target], opts.allow_device_write)?;
+    for r in &runs {
+        writer.check_writable(r.start, r.len)?;
+    }
     let st = match state {
         Some(st) => st,
         None => State {

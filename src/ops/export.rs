@@ -1252,6 +1252,7 @@ pub fn export_fed(
             .into_owned(),
         Dest::Writer { name, .. } => name.clone(),
     };
+    crate::format::descriptor::check_file_name(&name)?;
     let pieces = plan_extents(format, cap, &name);
     let descriptor = format.create_type().map(|ct| {
         let lines = match format {

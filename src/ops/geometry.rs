@@ -11,6 +11,23 @@ pub struct Chs {
     pub sectors: u64,
 }
 
+/// The adapter types a descriptor's `ddb.adapterType` may name, canonical spelling.
+pub const ADAPTERS: [&str; 5] = ["ide", "buslogic", "lsilogic", "legacyESX", "pvscsi"];
+
+/// An adapter name, any case in, canonical out; anything else is refused.
+pub fn parse_adapter(s: &str) -> crate::Result<&'static str> {
+    ADAPTERS
+        .iter()
+        .find(|a| a.eq_ignore_ascii_case(s.trim()))
+        .copied()
+        .ok_or_else(|| {
+            crate::Error::InvalidInput(format!(
+                "unknown adapter type `{s}` (one of {})",
+                ADAPTERS.join(", ")
+            ))
+        })
+}
+
 /// VMware's geometry for a disk of `sectors` on `adapter`: IDE 16/63 with cylinders
 /// clamped to 16383; SCSI 64/32 below 1 GiB, else 255/63.
 pub fn compute(sectors: u64, adapter: &str) -> Chs {

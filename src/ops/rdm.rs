@@ -57,6 +57,7 @@ pub fn create(disk: &Path, device: &Path, physical: bool, adapter: &str) -> Resu
     let suffix = if physical { "rdmp" } else { "rdm" };
     let map_name = format!("{stem}-{suffix}.vmdk");
     let map_path = disk.with_file_name(&map_name);
+    crate::format::descriptor::check_file_name(&map_name)?;
     check_target(disk, false)?;
     check_target(&map_path, false)?;
     let ct = if physical {

@@ -90,6 +90,7 @@ pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
     let cap = chain.capacity();
     let dir = dir_of(disk);
     let parent_name = file_name(disk);
+    crate::format::descriptor::check_file_name(&parent_name)?;
     let ddb: Vec<(String, String)> = top
         .descriptor
         .ddb_entries()

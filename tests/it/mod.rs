@@ -6,6 +6,7 @@ mod corpus;
 mod corrupt;
 mod deltas_handmade;
 mod export;
+mod hostile;
 mod import;
 mod model;
 mod mutate;

@@ -13,6 +13,10 @@ pub fn have_qemu() -> bool {
     let ok = Command::new("qemu-img").arg("--version").output().is_ok()
         && Command::new("qemu-io").arg("--version").output().is_ok();
     if !ok {
+        assert!(
+            !in_ci(),
+            "CI=true but qemu-img/qemu-io (the oracle) are missing"
+        );
         eprintln!("skipping: qemu-img/qemu-io not installed");
     }
     ok
@@ -26,6 +30,11 @@ macro_rules! need_qemu {
     };
 }
 pub(crate) use need_qemu;
+
+/// Under `CI=true` a missing oracle is a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
 
 pub fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new()
@@ -149,7 +158,91 @@ pub fn corpus() -> Option<PathBuf> {
     if p.is_dir() {
         Some(p)
     } else {
+        assert!(
+            !in_ci(),
+            "CI=true but ../shared/corpus (the oracle) is missing"
+        );
         eprintln!("skipping: ../shared/corpus not present");
         None
+    }
+}
+
+/// What [`vmdkit_limited`] saw: exit code, outputs, peak resident memory.
+pub struct Limited {
+    pub code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+    pub max_rss_kib: u64,
+}
+
+/// Run vmdkit in `dir` with `stdin` bytes (or none), and fail the test if it has not
+/// ended within `secs` (a hang, not a speed check: the limit is many times the normal
+/// time). Returns the peak RSS the kernel counted for the process (getrusage via
+/// wait4).
+// The child is reaped by wait4 (for its rusage), which clippy cannot see.
+#[allow(clippy::zombie_processes)]
+pub fn vmdkit_limited(dir: &Path, args: &[&str], stdin: Option<&[u8]>, secs: u64) -> Limited {
+    use std::io::{Read, Write};
+    let mut child = Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run vmdkit");
+    let feeder = stdin.map(|b| {
+        let mut i = child.stdin.take().unwrap();
+        let b = b.to_vec();
+        std::thread::spawn(move || {
+            let _ = i.write_all(&b);
+        })
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let o = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let e = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let pid = child.id() as libc::pid_t;
+    let start = std::time::Instant::now();
+    let (status, rss) = loop {
+        let mut status = 0;
+        // SAFETY: a zeroed rusage is a valid value; wait4 writes into our locals only.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: waiting for our own child, non-blocking.
+        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut ru) };
+        if r == pid {
+            break (status, ru.ru_maxrss as u64);
+        }
+        if start.elapsed().as_secs() > secs {
+            let _ = child.kill();
+            panic!("vmdkit {args:?} did not end within {secs} s (a hang)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    let stderr = String::from_utf8_lossy(&e.join().unwrap()).into_owned();
+    assert!(
+        !stderr.contains("panicked"),
+        "vmdkit {args:?} panicked: {stderr}"
+    );
+    Limited {
+        code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+        stdout: o.join().unwrap(),
+        stderr,
+        max_rss_kib: rss,
     }
 }
