@@ -10,6 +10,9 @@ use crate::error::{Error, Result};
 /// A file being written under a temporary name.
 #[derive(Debug)]
 pub struct AtomicFile {
+    /// An exclusive lock on the file being replaced (with `--force`), held until the
+    /// rename: nobody reads or writes it half-replaced through vmdkit.
+    _replaced: Option<crate::guard::LockSet>,
     file: Option<File>,
     tmp: PathBuf,
     target: PathBuf,
@@ -28,6 +31,13 @@ impl AtomicFile {
     /// Start writing `target` (created under a temporary name in the same folder).
     pub fn create(target: &Path, force: bool) -> Result<AtomicFile> {
         check_target(target, force)?;
+        let replaced = if target.exists() {
+            let mut l = crate::guard::LockSet::new();
+            l.lock(target, crate::guard::LockKind::Exclusive)?;
+            Some(l)
+        } else {
+            None
+        };
         let dir = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -52,6 +62,7 @@ impl AtomicFile {
                 Ok(file) => {
                     crate::guard::register_temporary(&tmp);
                     return Ok(AtomicFile {
+                        _replaced: replaced,
                         file: Some(file),
                         tmp,
                         target: target.to_path_buf(),
