@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use crate::disk::{Alloc, Run, VirtualDisk};
 use crate::error::{Error, Result};
-use crate::image::{push_unallocated, resolve_name, Layer, OpenOptions};
+use crate::layer::{push_unallocated, Layer, OpenOptions};
+use crate::resolve::resolve_name;
 
 /// Deepest chain we open (ESXi allows 32 snapshots per disk; REDO chains are shorter).
 pub const MAX_CHAIN_DEPTH: usize = 255;
@@ -63,10 +64,7 @@ impl Chain {
             let layer = Layer::open(&next, opts)?;
             let parent = match layer.parent_hint() {
                 Some(hint) => {
-                    let dir = match layer.path.parent() {
-                        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                        _ => PathBuf::from("."),
-                    };
+                    let dir = crate::resolve::folder_of(&layer.path);
                     let mut notes = Vec::new();
                     let abs = Path::new(hint);
                     let p = if opts.allow_outside_paths && abs.is_absolute() && abs.exists() {
@@ -74,7 +72,7 @@ impl Chain {
                     } else {
                         resolve_name(&dir, hint, false, "parent", &layer.path, &mut notes)?
                     };
-                    crate::image::confine(
+                    crate::resolve::confine(
                         &p,
                         &dir,
                         crate::format::descriptor::CreateType::Custom,

@@ -162,7 +162,7 @@ pub fn image(data: &[u8]) {
     let top = dir.join("fuzz.vmdk");
     let _ = std::fs::write(&top, data);
     let _ = std::fs::write(dir.join("fuzz-extent.vmdk"), data);
-    let opts = crate::image::OpenOptions {
+    let opts = crate::layer::OpenOptions {
         ignore_cid: true,
         mode: crate::io::SourceMode::Pread,
         ..Default::default()

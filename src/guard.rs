@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
+pub use crate::resolve::folder_of;
 
 /// A file's identity: device and inode (after following links).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -41,14 +42,6 @@ impl FileId {
             dev: m.dev(),
             ino: m.ino(),
         })
-    }
-}
-
-/// The folder a path lives in (`.` for a bare name).
-pub fn folder_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
     }
 }
 
@@ -163,7 +156,7 @@ impl LockSet {
 
 static OUTSIDE_PATHS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// The process-wide default of [`crate::image::OpenOptions::allow_outside_paths`] (what
+/// The process-wide default of [`crate::layer::OpenOptions::allow_outside_paths`] (what
 /// `OpenOptions::default()` gives, so that the opens inside commit, write and extend
 /// follow it too). The binary sets it from `--allow-outside-paths`.
 pub fn allow_outside_paths(allow: bool) {

@@ -15,13 +15,14 @@ pub mod error;
 pub mod format;
 pub mod fuzzing;
 pub mod guard;
-pub mod image;
 pub mod io;
+pub mod layer;
 pub mod ops;
 pub mod pipeline;
+pub mod resolve;
 pub mod write;
 
 pub use chain::Chain;
 pub use disk::{Alloc, Run, VirtualDisk};
 pub use error::{Error, ErrorKind, Result};
-pub use image::{Layer, OpenOptions};
+pub use layer::{Layer, OpenOptions};

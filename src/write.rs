@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::format::cowd::{self, CowdHeader, COWD_GTES};
 use crate::format::sparse::{SparseHeader, SECTOR};
 use crate::format::Extent;
-use crate::image::Layer;
+use crate::layer::Layer;
 
 /// Reads the content below the layer being written (for copy-on-write fills).
 pub type Below<'a> = &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync);
@@ -756,10 +756,7 @@ pub fn write_descriptor(layer: &Layer) -> Result<()> {
         return sync(&f, &layer.path);
     }
     // Separate file: temporary beside it, fsync, rename (keeps the old on any failure).
-    let dir = match layer.path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = crate::resolve::folder_of(&layer.path);
     let tmp = dir.join(format!(
         ".{}.vmdkit-tmp.{}",
         layer

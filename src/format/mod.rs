@@ -1,6 +1,6 @@
 //! On-disk formats: descriptors, hosted sparse and stream extents, flat extents.
 //!
-//! [`Extent`] is one extent of a layer; [`crate::image::Layer`] concatenates them.
+//! [`Extent`] is one extent of a layer; [`crate::layer::Layer`] concatenates them.
 
 pub mod cowd;
 pub mod descriptor;

@@ -24,8 +24,9 @@ use crate::error::{Error, Result};
 use crate::format::cowd::{self, COWD_GTES};
 use crate::format::descriptor::{Descriptor, ExtentType, NO_PARENT_CID};
 use crate::format::sparse::{self, SparseExtent, SparseHeader, FLAG_REDUNDANT_GD, SECTOR};
-use crate::image::{resolve_name, Layer, OpenOptions};
 use crate::io::{Source, SourceMode};
+use crate::layer::{Layer, OpenOptions};
+use crate::resolve::resolve_name;
 
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -1143,7 +1144,7 @@ pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
                         continue;
                     }
                 };
-                if let Err(e) = crate::image::confine(
+                if let Err(e) = crate::resolve::confine(
                     &p,
                     &dir,
                     d.create_type()
@@ -1250,7 +1251,7 @@ pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
         if let Some(h) = parent_hint {
             let resolved = resolve_name(&dir, &h, false, "parent", &path, &mut Vec::new())
                 .and_then(|p| {
-                    crate::image::confine(
+                    crate::resolve::confine(
                         &p,
                         &dir,
                         crate::format::descriptor::CreateType::Custom,

@@ -30,13 +30,15 @@ use serde::{Deserialize, Serialize};
 use crate::chain::Chain;
 use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
-use crate::format::descriptor::{random_cid, CreateType, Descriptor};
+use crate::format::descriptor::{random_cid, CreateType};
 use crate::format::Extent;
 use crate::guard::{LockKind, LockSet};
-use crate::image::{resolve_name, Layer, OpenOptions};
 use crate::io::SourceMode;
+use crate::layer::{Layer, OpenOptions};
 use crate::ops::Progress;
 use crate::pipeline::{self, PipelineOptions, Unit};
+pub use crate::resolve::children_of;
+use crate::resolve::same_file;
 use crate::write::{apply_journal, fault_point, set_cid, JournalRecord, LayerWriter};
 
 /// Options of a commit.
@@ -293,68 +295,6 @@ fn finish_removal(sp: &Path, st: &State) -> Result<()> {
         .collect();
     remove_files(&mine)?;
     remove_files(&[journal_path(sp), sp.to_path_buf()])
-}
-
-/// The parent a file names, if it is a delta (descriptor hint, or REDO naming).
-fn names_parent(path: &Path) -> Option<PathBuf> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_file() {
-        return None;
-    }
-    let mut head = vec![0u8; 4];
-    use std::io::Read;
-    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
-    let name = path.file_name()?.to_string_lossy().into_owned();
-    if &head == b"COWD" {
-        return name.strip_suffix(".REDO").map(|p| dir.join(p));
-    }
-    let text = if &head == b"KDMV" {
-        let l = crate::image::Layer::open(
-            path,
-            &OpenOptions {
-                ignore_cid: true,
-                mode: SourceMode::Pread,
-                ..Default::default()
-            },
-        )
-        .ok()?;
-        l.descriptor.to_text().into_bytes()
-    } else if meta.len() <= 1 << 20 {
-        std::fs::read(path).ok()?
-    } else {
-        return None;
-    };
-    let d = Descriptor::parse(&text, path).ok()?;
-    let hint = d.get("parentFileNameHint")?;
-    resolve_name(&dir, hint, false, "parent", path, &mut Vec::new()).ok()
-}
-
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
-}
-
-/// Deltas in `disk`'s folder that name `disk` as their parent.
-pub fn children_of(disk: &Path) -> Vec<PathBuf> {
-    let dir = match disk.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let Ok(rd) = std::fs::read_dir(&dir) else {
-        return vec![];
-    };
-    rd.flatten()
-        .map(|e| e.path())
-        .filter(|p| !same_file(p, disk))
-        .filter(|p| names_parent(p).is_some_and(|parent| same_file(&parent, disk)))
-        .collect()
 }
 
 /// Commit `top` into its parent (or, with `all`, every delta into the base).

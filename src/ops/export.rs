@@ -1282,10 +1282,7 @@ pub fn export_fed(
 
     let report = match dest {
         Dest::Path(path) => {
-            let dir = match path.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
+            let dir = crate::resolve::folder_of(&path);
             // Refuse before doing any work.
             crate::guard::refuse_source_as_target(&path, &sources)?;
             check_target(&path, opts.force)?;

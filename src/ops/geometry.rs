@@ -55,7 +55,7 @@ pub fn compute(sectors: u64, adapter: &str) -> Chs {
 
 /// The geometry of a layer: from its descriptor, else computed for its adapter (or
 /// lsilogic) and capacity.
-pub fn of_layer(l: &crate::image::Layer) -> (Chs, bool) {
+pub fn of_layer(l: &crate::layer::Layer) -> (Chs, bool) {
     if let Some(g) = crate::ops::info::geometry_of(l) {
         return (
             Chs {

@@ -8,7 +8,7 @@ use crate::chain::Chain;
 use crate::disk::{Alloc, Run, VirtualDisk};
 use crate::error::Result;
 use crate::format::Extent;
-use crate::image::Layer;
+use crate::layer::Layer;
 
 /// Geometry from the disk database.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

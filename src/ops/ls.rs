@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::descriptor::CreateType;
-use crate::image::{Layer, OpenOptions};
 use crate::io::SourceMode;
+use crate::layer::{Layer, OpenOptions};
 
 /// One disk or delta in a listing.
 #[derive(Debug, Clone, Serialize)]
@@ -62,7 +62,7 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>> {
                 let extents: Vec<PathBuf> = l.files().into_iter().filter(|x| x != f).collect();
                 owned.extend(extents.iter().cloned());
                 let parent = l.parent_hint().map(|h| {
-                    crate::image::resolve_name(dir, h, false, "parent", f, &mut Vec::new())
+                    crate::resolve::resolve_name(dir, h, false, "parent", f, &mut Vec::new())
                         .unwrap_or_else(|_| dir.join(h))
                 });
                 let device = matches!(

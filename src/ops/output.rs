@@ -38,10 +38,7 @@ impl AtomicFile {
         } else {
             None
         };
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let dir = crate::resolve::folder_of(target);
         let name = target.file_name().ok_or_else(|| {
             Error::InvalidInput(format!("`{}` is not a file name", target.display()))
         })?;

@@ -132,7 +132,7 @@ pub fn query(disk: &Path) -> Result<RdmInfo> {
             what: "no extent".into(),
         })?;
     let name = e.file.clone().unwrap_or_default();
-    let map = crate::image::resolve_name(
+    let map = crate::resolve::resolve_name(
         &disk
             .parent()
             .filter(|p| !p.as_os_str().is_empty())

@@ -13,8 +13,8 @@ use crate::format::descriptor::{
 };
 use crate::format::sparse::{SparseLayout, SECTOR};
 use crate::guard::{LockKind, LockSet};
-use crate::image::OpenOptions;
 use crate::io::SourceMode;
+use crate::layer::OpenOptions;
 use crate::ops::output::{check_target, AtomicFile};
 use crate::write::{set_cid, LayerWriter};
 
@@ -41,11 +41,7 @@ impl RedoStyle {
     }
 }
 
-fn file_name(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
+use crate::resolve::file_name_of as file_name;
 
 /// The folder of `p` as a prefix to join names to (empty for a bare file name, so
 /// printed paths stay as the user wrote them).

@@ -5,7 +5,9 @@
 
 use std::fs;
 use std::ops::Range;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
+
+use crate::resolve::{confine, folder_of, rdm_owner, resolve_name};
 
 use crate::disk::{push_run, Alloc, Run};
 use crate::error::{Error, Result};
@@ -72,105 +74,6 @@ impl Default for OpenOptions {
             mode: SourceMode::Pread,
             allow_outside_paths: crate::guard::outside_paths_allowed(),
         }
-    }
-}
-
-/// Resolve a file name from a descriptor against `dir`.
-///
-/// `..` components are refused. An absolute path is used as is only for device-backed
-/// createTypes; otherwise (ESXi's `/vmfs/volumes/...` hints) the same base name in `dir`
-/// is used, and a note says so.
-pub fn resolve_name(
-    dir: &Path,
-    name: &str,
-    allow_absolute: bool,
-    what: &str,
-    descriptor: &Path,
-    notes: &mut Vec<String>,
-) -> Result<PathBuf> {
-    let p = Path::new(name);
-    if name.is_empty() {
-        return Err(Error::chain(
-            descriptor,
-            format!("{what} has an empty file name"),
-        ));
-    }
-    if p.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(Error::chain(
-            descriptor,
-            format!(
-                "{what} `{name}` has a `..` component; refusing to leave the descriptor's folder"
-            ),
-        ));
-    }
-    if p.is_absolute() {
-        if allow_absolute {
-            return Ok(p.to_path_buf());
-        }
-        let Some(base) = p.file_name() else {
-            return Err(Error::chain(
-                descriptor,
-                format!("{what} `{name}` names no file"),
-            ));
-        };
-        let local = dir.join(base);
-        notes.push(format!(
-            "{what} `{name}` is an absolute path; using `{}` from the descriptor's folder",
-            local.display()
-        ));
-        return Ok(local);
-    }
-    Ok(dir.join(p))
-}
-
-/// The folder rule: after following links, an extent must lie inside the descriptor's
-/// folder, unless it is a block device named by a device or RDM createType, or the caller
-/// allowed outside paths. A missing file passes here (opening it reports it).
-pub(crate) fn confine(
-    p: &Path,
-    dir: &Path,
-    ct: CreateType,
-    opts: &OpenOptions,
-    what: &str,
-    descriptor: &Path,
-) -> Result<()> {
-    use std::os::unix::fs::FileTypeExt;
-    if opts.allow_outside_paths {
-        return Ok(());
-    }
-    let Ok(real) = fs::canonicalize(p) else {
-        return Ok(());
-    };
-    let real_dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    if real.starts_with(&real_dir) {
-        return Ok(());
-    }
-    let block = fs::metadata(&real).is_ok_and(|m| m.file_type().is_block_device());
-    let device_type = ct.is_device()
-        || matches!(
-            ct,
-            CreateType::VmfsRawDeviceMap | CreateType::VmfsPassthroughRawDeviceMap
-        );
-    if block && device_type {
-        return Ok(());
-    }
-    Err(Error::chain(
-        descriptor,
-        format!(
-            "{what}: `{}` leads to `{}`, outside the descriptor's folder `{}`{}; refusing to follow it \
-             (pass --allow-outside-paths if the disk's files are kept elsewhere)",
-            p.display(),
-            real.display(),
-            real_dir.display(),
-            if block { "" } else { " (only block devices of device and RDM descriptors may be)" }
-        ),
-    ))
-}
-
-fn folder_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
     }
 }
 
@@ -707,43 +610,6 @@ impl Layer {
             }
         }
     }
-}
-
-/// The RDM descriptor in `dir` whose VMFSRDM extent is the mapping file `map`, when
-/// `map` is a link (to a device) rather than a VMDK of its own.
-fn rdm_owner(dir: &Path, map: &str) -> Option<String> {
-    let p = dir.join(map);
-    if !fs::symlink_metadata(&p).ok()?.file_type().is_symlink() {
-        return None;
-    }
-    let mut head = [0u8; 4];
-    if let Ok(mut f) = fs::File::open(&p) {
-        use std::io::Read;
-        let _ = f.read_exact(&mut head);
-        if &head == b"KDMV" || &head == b"COWD" {
-            return None;
-        }
-    }
-    for e in fs::read_dir(dir).ok()?.flatten() {
-        let q = e.path();
-        if fs::symlink_metadata(&q)
-            .map(|m| !m.is_file() || m.len() > 65536)
-            .unwrap_or(true)
-        {
-            continue;
-        }
-        let Ok(text) = fs::read(&q) else { continue };
-        let Ok(d) = Descriptor::parse(&text, &q) else {
-            continue;
-        };
-        if d.extents()
-            .iter()
-            .any(|x| x.kind == ExtentType::VmfsRdm && x.file.as_deref() == Some(map))
-        {
-            return q.file_name().map(|n| n.to_string_lossy().into_owned());
-        }
-    }
-    None
 }
 
 /// Open an extent's file; a missing file is a chain error naming the folder searched.
