@@ -74,7 +74,7 @@ pub fn sesparse(data: &[u8]) {
 /// file or export's tar, read from a byte slice, with the content discarded after
 /// [`FUZZ_MAP_BYTES`].
 pub fn pipe(data: &[u8]) {
-    use crate::format::stream_in::{parse_first, read_sparse, read_stream, read_tar, Counted};
+    use crate::format::stream::pipe::{parse_first, read_sparse, read_stream, read_tar, Counted};
     let name = std::path::Path::new("<stdin>");
     let mut emitted = 0u64;
     let mut emit = |_: u64, b: &[u8]| -> crate::Result<()> {

@@ -6,7 +6,7 @@ pub mod cowd;
 pub mod descriptor;
 pub mod sesparse;
 pub mod sparse;
-pub mod stream_in;
+pub mod stream;
 
 use std::ops::Range;
 

@@ -21,16 +21,12 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
-use byteorder::{ByteOrder, LittleEndian as LE};
-
 use crate::chain::Chain;
 use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
 use crate::format::descriptor::{Access, CreateType, Descriptor, ExtentLine, ExtentType};
-use crate::format::sparse::{
-    sector_entry, GrainEntries, SparseHeader, SparseLayout, FLAG_COMPRESSED, FLAG_MARKERS,
-    FLAG_VALID_NEWLINE, GD_AT_END, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
-};
+use crate::format::sparse::{sector_entry, GrainEntries, SparseLayout, SECTOR};
+use crate::format::stream::{grain_record, StreamWriter};
 use crate::ops::manifest::ManifestBuilder;
 use crate::ops::output::{check_target, write_error, AtomicFile};
 use crate::ops::Progress;
@@ -217,64 +213,6 @@ impl Producer<'_> {
             crc,
         })
     }
-}
-
-/// Shannon entropy of the byte histogram above which a grain is stored, not deflated.
-/// Random or already-compressed data measures ~7.99 bits/byte; text ~4-5, machine code ~6.
-/// Deflating such data costs most of the stream's time and gains nothing (level 6 output
-/// is even a few bytes larger than stored blocks).
-const STORE_ENTROPY: f64 = 7.9;
-
-/// Whether `data` looks incompressible (byte entropy above [`STORE_ENTROPY`]).
-pub fn looks_incompressible(data: &[u8]) -> bool {
-    if data.len() < 4096 {
-        return false;
-    }
-    let mut hist = [0u32; 256];
-    for &b in data {
-        hist[b as usize] += 1;
-    }
-    let n = data.len() as f64;
-    let h: f64 = hist
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
-            let p = f64::from(c) / n;
-            -p * p.log2()
-        })
-        .sum();
-    h > STORE_ENTROPY
-}
-
-/// A stream grain record: LBA, compressed size, one zlib stream, zero pad to a sector.
-/// Incompressible grains get a zlib stream of stored blocks (still zlib, as readers need).
-fn grain_record(lba: u64, data: &[u8], level: u32) -> Result<Vec<u8>> {
-    let mut rec = Vec::with_capacity(data.len() / 2 + 512);
-    rec.extend_from_slice(&lba.to_le_bytes());
-    rec.extend_from_slice(&[0u8; 4]);
-    let level = if level > 0 && looks_incompressible(data) {
-        0
-    } else {
-        level
-    };
-    let mut enc = flate2::write::ZlibEncoder::new(rec, flate2::Compression::new(level));
-    enc.write_all(data)
-        .map_err(|e| Error::InvalidInput(format!("compression failed: {e}")))?;
-    let mut rec = enc
-        .finish()
-        .map_err(|e| Error::InvalidInput(format!("compression failed: {e}")))?;
-    let size = (rec.len() - 12) as u32;
-    LE::write_u32(&mut rec[8..12], size);
-    let padded = rec.len().div_ceil(512) * 512;
-    rec.resize(padded, 0);
-    Ok(rec)
-}
-
-fn marker(num_sectors: u64, kind: u32) -> [u8; 512] {
-    let mut m = [0u8; 512];
-    LE::write_u64(&mut m[0..8], num_sectors);
-    LE::write_u32(&mut m[12..16], kind);
-    m
 }
 
 // ---------------------------------------------------------------------------------------
@@ -530,55 +468,28 @@ impl Out {
     }
 }
 
-/// streamOptimized, VMware layout, strictly sequential.
+impl Write for Out {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let n = self.w.write(b)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// streamOptimized, VMware layout, strictly sequential: the stream writer fed by the engine: records were compressed in parallel.
 struct StreamSink {
-    out: Out,
-    gd: Vec<u32>,
-    win: u64,
-    gt: Vec<u32>,
-    any: bool,
-    header: SparseHeader,
-    grains: u64,
+    w: Option<StreamWriter<Out>>,
 }
 
 impl StreamSink {
-    fn new(mut out: Out, capacity: u64, descriptor: &[u8]) -> Result<StreamSink> {
-        let sectors = capacity / SECTOR;
-        let mut h = SparseHeader::new(sectors, GRAIN / SECTOR);
-        h.version = 3;
-        h.flags = FLAG_VALID_NEWLINE | FLAG_COMPRESSED | FLAG_MARKERS;
-        h.compress_algorithm = 1;
-        h.descriptor_offset = 1;
-        h.descriptor_size = (descriptor.len() as u64).div_ceil(SECTOR);
-        h.rgd_offset = 0;
-        h.gd_offset = GD_AT_END;
-        h.over_head = (1 + h.descriptor_size).div_ceil(128) * 128;
-        out.write(&h.to_bytes())?;
-        out.write(descriptor)?;
-        out.zeros(h.over_head * SECTOR - out.pos)?;
-        let num_gts = h.num_gts() as usize;
+    fn new(out: Out, capacity: u64, descriptor: &[u8]) -> Result<StreamSink> {
+        let name = out.name.clone();
         Ok(StreamSink {
-            out,
-            gd: vec![0; num_gts],
-            win: 0,
-            gt: vec![0; 512],
-            any: false,
-            header: h,
-            grains: 0,
+            w: Some(StreamWriter::new(out, capacity, descriptor, &name)?),
         })
-    }
-
-    fn flush_window(&mut self) -> Result<()> {
-        if self.any {
-            self.out.write(&marker(4, MARKER_GT))?;
-            self.gd[self.win as usize] = (self.out.pos / SECTOR) as u32;
-            let mut b = vec![0u8; 2048];
-            LE::write_u32_into(&self.gt, &mut b);
-            self.out.write(&b)?;
-            self.gt.fill(0);
-            self.any = false;
-        }
-        Ok(())
     }
 }
 
@@ -590,51 +501,23 @@ impl Sink for StreamSink {
         else {
             return Ok(());
         };
+        let w = self.w.as_mut().expect("open until finish");
         let first = u.start / GRAIN;
         let mut recs = records.iter();
-        for (i, nz) in nonzero.iter().enumerate() {
-            if !nz {
-                continue;
-            }
-            let g = first + i as u64;
-            if g / 512 != self.win {
-                self.flush_window()?;
-                self.win = g / 512;
-            }
-            let sector = self.out.pos / SECTOR;
-            let sector = u32::try_from(sector).map_err(|_| {
-                Error::InvalidInput(
-                    "stream output exceeds 2 TiB of compressed data (32-bit grain table entries)"
-                        .into(),
-                )
-            })?;
-            self.gt[(g % 512) as usize] = sector;
-            self.any = true;
-            self.out
-                .write(recs.next().expect("one record per nonzero grain"))?;
-            self.grains += 1;
+        for (i, _) in nonzero.iter().enumerate().filter(|(_, nz)| **nz) {
+            let rec = recs.next().expect("one record per nonzero grain");
+            w.write_record(first + i as u64, rec)?;
         }
         Ok(())
     }
 
     fn finish(&mut self) -> Result<ExportReport> {
-        self.flush_window()?;
-        let gd_sectors = (self.gd.len() as u64 * 4).div_ceil(SECTOR);
-        self.out.write(&marker(gd_sectors, MARKER_GD))?;
-        let gd_at = self.out.pos / SECTOR;
-        let mut b = vec![0u8; (gd_sectors * SECTOR) as usize];
-        LE::write_u32_into(&self.gd, &mut b[..self.gd.len() * 4]);
-        self.out.write(&b)?;
-        self.out.write(&marker(1, MARKER_FOOTER))?;
-        let mut footer = self.header;
-        footer.gd_offset = gd_at;
-        self.out.write(&footer.to_bytes())?;
-        self.out.write(&[0u8; 512])?; // end-of-stream marker
-        self.out.flush()?;
+        let w = self.w.take().expect("finish once");
+        let (_, bytes_out, grains) = w.finish()?;
         Ok(ExportReport {
             files: vec![],
-            bytes_out: self.out.pos,
-            grains: self.grains,
+            bytes_out,
+            grains,
         })
     }
 }

@@ -10,7 +10,7 @@ use crate::disk::{VirtualDisk, ZeroDisk};
 use crate::error::{Error, Result};
 use crate::format::descriptor::random_cid;
 use crate::format::sparse::SECTOR;
-use crate::format::stream_in::{self, Counted};
+use crate::format::stream::pipe::{self as stream_in, Counted};
 use crate::ops::export::{
     export_fed, Dest, ExportFormat, ExportOptions, ExportReport, Feed, OutputMeta, Prealloc,
 };

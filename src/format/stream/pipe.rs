@@ -15,7 +15,8 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::format::descriptor::{Descriptor, ExtentType, MAX_DESCRIPTOR_BYTES};
-use crate::format::sparse::{inflate_grain, SparseHeader, GD_AT_END, SECTOR};
+use crate::format::sparse::{SparseHeader, GD_AT_END, SECTOR};
+use crate::format::stream::inflate_grain;
 
 /// Receives content pieces in ascending offset order.
 pub type Emit<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<()>;

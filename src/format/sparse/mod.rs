@@ -1,0 +1,10 @@
+//! Hosted sparse extents ("KDMV", formats.md §2): the header, reading, and the layout
+//! vmdkit writes. Streams (compressed sparse files) live in [`crate::format::stream`].
+
+mod header;
+mod layout;
+mod read;
+
+pub use header::*;
+pub use layout::*;
+pub use read::*;

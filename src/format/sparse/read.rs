@@ -1,0 +1,285 @@
+//! Reading hosted sparse extents and, by random access, streamOptimized files (§2, §3):
+//! the grain directory and tables, zeroed-grain entries, compressed grain records.
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+use super::header::*;
+use crate::disk::{Alloc, Run};
+use crate::error::{Error, Result};
+use crate::format::stream::read::{inflate_grain, read_footer};
+use crate::io::Source;
+
+/// One hosted sparse extent file, opened for reading.
+pub struct SparseExtent {
+    src: Source,
+    header: SparseHeader,
+    /// Header as stored at sector 0 (differs from `header` for GD_AT_END streams).
+    raw_header: SparseHeader,
+    gd: Vec<u32>,
+    gts: crate::format::TableCache<u32>,
+    grain_bytes: u64,
+    len: u64,
+}
+
+impl std::fmt::Debug for SparseExtent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparseExtent")
+            .field("src", &self.src)
+            .field("header", &self.header)
+            .finish()
+    }
+}
+
+impl SparseExtent {
+    /// Open a sparse extent from a source, checking every structure that addressing
+    /// depends on.
+    pub fn open(src: Source) -> Result<SparseExtent> {
+        let raw_header = read_header(&src)?;
+        let path = src.path().to_path_buf();
+        let mut header = raw_header;
+        if header.gd_offset == GD_AT_END {
+            header = read_footer(&src, &raw_header)?;
+        }
+        let len = header.capacity * SECTOR;
+        // Grains start at or after overHead: a file that ends before it was cut short.
+        // (An empty qemu stream ends exactly at overHead.)
+        if raw_header.over_head.saturating_mul(SECTOR) > src.len() {
+            return Err(Error::corrupt(
+                &path,
+                64,
+                format!(
+                    "file is {} bytes, shorter than its {} sectors of metadata (overHead): truncated",
+                    src.len(),
+                    raw_header.over_head
+                ),
+            ));
+        }
+        let grain_bytes = header.grain_size * SECTOR;
+        let num_gts = header.num_gts();
+        let gd_bytes = num_gts
+            .checked_mul(4)
+            .ok_or_else(|| Error::corrupt(&path, 12, "grain directory size overflows"))?;
+        let gd_start = header
+            .gd_offset
+            .checked_mul(SECTOR)
+            .filter(|s| s.checked_add(gd_bytes).is_some_and(|e| e <= src.len()))
+            .ok_or_else(|| {
+                Error::corrupt(
+                    &path,
+                    56,
+                    format!(
+                        "grain directory ({num_gts} entries at sector {}) does not fit in the {}-byte file (capacity {} sectors, grain {}, {} per table)",
+                        header.gd_offset,
+                        src.len(),
+                        header.capacity,
+                        header.grain_size,
+                        header.num_gtes_per_gt
+                    ),
+                )
+            })?;
+        // Bounded by the file length just checked.
+        let mut raw = vec![0u8; gd_bytes as usize];
+        src.read_exact_at(&mut raw, gd_start)?;
+        let mut gd = vec![0u32; num_gts as usize];
+        LE::read_u32_into(&raw, &mut gd);
+        for (i, &e) in gd.iter().enumerate() {
+            if e == 0 {
+                continue;
+            }
+            let end = u64::from(e) * SECTOR + header.gt_bytes();
+            if end > src.len() {
+                return Err(Error::corrupt(
+                    &path,
+                    gd_start + 4 * i as u64,
+                    format!(
+                        "grain table {i} at sector {e} lies past the end of the {}-byte file",
+                        src.len()
+                    ),
+                ));
+            }
+        }
+        let gts = crate::format::TableCache::new(num_gts as usize, header.num_gtes_per_gt as usize);
+        Ok(SparseExtent {
+            src,
+            header,
+            raw_header,
+            gd,
+            gts,
+            grain_bytes,
+            len,
+        })
+    }
+
+    /// The effective header (the footer's for GD_AT_END streams).
+    pub fn header(&self) -> &SparseHeader {
+        &self.header
+    }
+    /// The header as stored at sector 0.
+    pub fn raw_header(&self) -> &SparseHeader {
+        &self.raw_header
+    }
+    /// The source.
+    pub fn source(&self) -> &Source {
+        &self.src
+    }
+    /// Virtual length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+    /// Whether the extent is empty (never: capacity 0 is refused).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Grain size in bytes.
+    pub fn grain_bytes(&self) -> u64 {
+        self.grain_bytes
+    }
+    /// The grain directory.
+    pub fn gd(&self) -> &[u32] {
+        &self.gd
+    }
+
+    /// Grain table `i` (loaded once, then shared).
+    pub fn gt(&self, i: usize) -> Result<std::sync::Arc<[u32]>> {
+        let n = self.header.num_gtes_per_gt as usize;
+        crate::format::cached_table(&self.gts, i, &self.src, self.gd[i], n)
+    }
+
+    /// The grain-table entry of grain `g`, with the file offset of that entry.
+    pub fn gte(&self, g: u64) -> Result<(u32, u64)> {
+        let per = u64::from(self.header.num_gtes_per_gt);
+        let gdi = (g / per) as usize;
+        let gti = (g % per) as usize;
+        if self.gd[gdi] == 0 {
+            return Ok((0, 0));
+        }
+        let t = self.gt(gdi)?;
+        Ok((t[gti], u64::from(self.gd[gdi]) * SECTOR + 4 * gti as u64))
+    }
+
+    /// Allocation runs for the extent-relative byte range `rel`, appended to `out` with
+    /// virtual starts `base + rel`, depth 0.
+    pub fn map(
+        &self,
+        index: usize,
+        rel: std::ops::Range<u64>,
+        base: u64,
+        out: &mut Vec<Run>,
+    ) -> Result<()> {
+        let per = u64::from(self.header.num_gtes_per_gt);
+        crate::format::map_grains(
+            index,
+            self.len,
+            self.grain_bytes,
+            per,
+            rel,
+            base,
+            out,
+            |gdi| {
+                if self.gd[gdi] == 0 {
+                    Ok(None)
+                } else {
+                    self.gt(gdi).map(Some)
+                }
+            },
+            |t, g, gdi| self.classify(t[(g % per) as usize], g, gdi),
+        )
+    }
+
+    /// What a grain-table entry means, with bounds checks against the file.
+    fn classify(&self, gte: u32, g: u64, gdi: usize) -> Result<Alloc> {
+        if gte == 0 {
+            return Ok(Alloc::Unallocated);
+        }
+        if gte == 1 && self.header.zero_grain() {
+            return Ok(Alloc::Zero);
+        }
+        let off = u64::from(gte) * SECTOR;
+        let per = u64::from(self.header.num_gtes_per_gt);
+        let entry_at = u64::from(self.gd[gdi]) * SECTOR + 4 * (g % per);
+        if self.header.compressed() {
+            if off >= self.src.len() {
+                return Err(Error::corrupt(
+                    self.src.path(),
+                    entry_at,
+                    format!(
+                        "grain {g} record at sector {gte} lies past the end of the {}-byte file",
+                        self.src.len()
+                    ),
+                ));
+            }
+            return Ok(Alloc::Compressed {
+                extent: 0,
+                offset: off,
+            });
+        }
+        let valid = (self.len - g * self.grain_bytes).min(self.grain_bytes);
+        if off + valid > self.src.len() {
+            return Err(Error::corrupt(
+                self.src.path(),
+                entry_at,
+                format!(
+                    "grain {g} at sector {gte} lies past the end of the {}-byte file",
+                    self.src.len()
+                ),
+            ));
+        }
+        Ok(Alloc::Data {
+            extent: 0,
+            offset: off,
+        })
+    }
+
+    /// Read uncompressed data at a file offset found by [`map`](Self::map).
+    pub fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
+        self.src.read_at_zero_fill(buf, file_offset).map(|_| ())
+    }
+
+    /// Inflate the grain whose record starts at `record` (extent-relative grain start
+    /// `grain_start`), returning the whole grain (short for a partial last grain).
+    pub fn read_grain(&self, record: u64, grain_start: u64) -> Result<Vec<u8>> {
+        let path = self.src.path();
+        let want = (self.len - grain_start).min(self.grain_bytes) as usize;
+        let max_cmp = 2 * self.grain_bytes + 4096;
+        let (data_at, cmp_len) = if self.header.markers() {
+            let mut h = [0u8; 12];
+            self.src.read_exact_at(&mut h, record)?;
+            let lba = LE::read_u64(&h[0..8]);
+            let size = u64::from(LE::read_u32(&h[8..12]));
+            if lba != grain_start / SECTOR {
+                return Err(Error::corrupt(
+                    path,
+                    record,
+                    format!(
+                        "grain record says LBA {lba} but the grain table puts it at sector {}",
+                        grain_start / SECTOR
+                    ),
+                ));
+            }
+            if size == 0 || size > max_cmp {
+                return Err(Error::corrupt(
+                    path,
+                    record + 8,
+                    format!("compressed grain size {size} is outside 1..={max_cmp}"),
+                ));
+            }
+            if record + 12 + size > self.src.len() {
+                return Err(Error::corrupt(
+                    path,
+                    record + 8,
+                    format!(
+                        "compressed grain of {size} bytes runs past the end of the {}-byte file",
+                        self.src.len()
+                    ),
+                ));
+            }
+            (record + 12, size)
+        } else {
+            (record, max_cmp.min(self.src.len() - record))
+        };
+        let mut cmp = vec![0u8; cmp_len as usize];
+        self.src.read_exact_at(&mut cmp, data_at)?;
+        inflate_grain(&cmp, want, self.grain_bytes as usize)
+            .map_err(|what| Error::corrupt(path, record, what))
+    }
+}

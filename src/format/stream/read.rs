@@ -1,0 +1,74 @@
+//! The stream-specific parts of reading streamOptimized files by random access: grain
+//! records inflate to grains, and the footer of a GD_AT_END file (formats.md §3.3).
+
+use std::io::Read;
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+
+use crate::error::{Error, Result};
+use crate::format::sparse::{SparseHeader, GD_AT_END, MARKER_FOOTER};
+use crate::io::Source;
+
+/// Inflate one zlib stream into a grain: at most `grain` bytes, zero-filled up to `want`.
+pub fn inflate_grain(
+    cmp: &[u8],
+    want: usize,
+    grain: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(want);
+    let mut d = flate2::read::ZlibDecoder::new(cmp);
+    let n = (&mut d)
+        .take(grain as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("compressed grain does not inflate: {e}"))?;
+    if n > grain {
+        return Err(format!(
+            "compressed grain inflates past the {grain}-byte grain size"
+        ));
+    }
+    out.truncate(want);
+    out.resize(want, 0);
+    Ok(out)
+}
+
+/// Read the footer of a GD_AT_END stream (formats.md §3.3).
+pub(crate) fn read_footer(src: &Source, header: &SparseHeader) -> Result<SparseHeader> {
+    // Uncompressed files may put the directory at the end too (qemu reads them): the
+    // footer is found the same way, by the file's last three sectors.
+    let path = src.path();
+    let len = src.len();
+    if len < 3 * 512 + 512 {
+        return Err(Error::corrupt(path, 0, "stream too short to hold a footer"));
+    }
+    let at = (len & !511) - 1536;
+    let mut b = [0u8; 1536];
+    src.read_exact_at(&mut b, at)?;
+    let marker_ok = LE::read_u32(&b[8..12]) == 0 && LE::read_u32(&b[12..16]) == MARKER_FOOTER;
+    let eos_ok = b[1024..1040].iter().all(|&x| x == 0);
+    let footer = SparseHeader::parse(b[512..1024].try_into().expect("512 bytes"));
+    match footer {
+        Some(f) if marker_ok && eos_ok => {
+            f.validate(src)?;
+            if f.gd_offset == GD_AT_END {
+                return Err(Error::corrupt(
+                    path,
+                    at + 512 + 56,
+                    "footer also says the grain directory is at the end",
+                ));
+            }
+            if f.capacity != header.capacity || f.grain_size != header.grain_size {
+                return Err(Error::corrupt(
+                    path,
+                    at + 512,
+                    "footer disagrees with the header on capacity or grain size",
+                ));
+            }
+            Ok(f)
+        }
+        _ => Err(Error::corrupt(
+            path,
+            at,
+            "invalid footer: the header puts the grain directory at the end, but the file does not end with footer marker, footer and end-of-stream marker (truncated or unfinished stream?)",
+        )),
+    }
+}
