@@ -11,7 +11,7 @@ fn zero_detect(c: &mut Criterion) {
     let mut g = c.benchmark_group("zero_detect");
     g.throughput(Throughput::Bytes(buf.len() as u64));
     g.bench_function("1MiB_zeros", |b| {
-        b.iter(|| vmdkit::pipeline::is_zero(std::hint::black_box(&buf)))
+        b.iter(|| vmdkit::copy::is_zero(std::hint::black_box(&buf)))
     });
     g.finish();
 }

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod chain;
+pub mod copy;
 pub mod disk;
 pub mod error;
 pub mod format;
@@ -18,7 +19,7 @@ pub mod guard;
 pub mod io;
 pub mod layer;
 pub mod ops;
-pub mod pipeline;
+pub mod output;
 pub mod resolve;
 pub mod write;
 

@@ -62,7 +62,7 @@ fn open_rw(path: &Path) -> Result<File> {
 fn pwrite(f: &File, path: &Path, buf: &[u8], off: u64) -> Result<()> {
     fault_point();
     f.write_all_at(buf, off)
-        .map_err(|e| crate::ops::output::write_error(path, off, e))
+        .map_err(|e| crate::output::write_error(path, off, e))
 }
 
 fn pread(f: &File, path: &Path, buf: &mut [u8], off: u64) -> Result<()> {

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use vmdkit::copy::PipelineOptions;
 use vmdkit::io::SourceMode;
 use vmdkit::ops::{self, Progress};
-use vmdkit::pipeline::PipelineOptions;
 use vmdkit::{Chain, OpenOptions, VirtualDisk};
 
 #[derive(Parser)]

@@ -5,11 +5,11 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use crate::copy::{self as pipeline, is_zero, PipelineOptions, Planner};
 use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
-use crate::ops::output::{write_error, AtomicFile};
 use crate::ops::Progress;
-use crate::pipeline::{self, is_zero, PipelineOptions, Planner};
+use crate::output::{write_error, AtomicFile};
 
 /// A produced unit: its bytes, or None when it is all zeros.
 type Chunk = Option<Vec<u8>>;

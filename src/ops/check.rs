@@ -119,7 +119,7 @@ fn wr32(f: &File, path: &Path, at: u64, v: &[u32]) -> Result<()> {
     let mut b = vec![0u8; v.len() * 4];
     LE::write_u32_into(v, &mut b);
     f.write_all_at(&b, at)
-        .map_err(|e| crate::ops::output::write_error(path, at, e))
+        .map_err(|e| crate::output::write_error(path, at, e))
 }
 
 /// What `--repair` may do in one pass over a sparse extent.
@@ -654,7 +654,7 @@ fn check_sparse(path: &Path, pass: Pass, r: &mut CheckReport) -> Result<()> {
         if matches!(pass, Pass::Rest { .. }) && clean {
             f.sync_all().map_err(|e| Error::io("flush", path, 0, e))?;
             f.write_all_at(&[0], 72)
-                .map_err(|e| crate::ops::output::write_error(path, 72, e))?;
+                .map_err(|e| crate::output::write_error(path, 72, e))?;
             r.findings[idx].repaired = true;
         }
     }
@@ -684,7 +684,7 @@ fn punch_hole(f: &File, path: &Path, off: u64, len: u64) -> Result<()> {
     }
     let z = vec![0u8; len as usize];
     f.write_all_at(&z, off)
-        .map_err(|e| crate::ops::output::write_error(path, off, e))
+        .map_err(|e| crate::output::write_error(path, off, e))
 }
 
 /// Check a sparse extent; with `repair`, mend tables first, re-check from scratch, and

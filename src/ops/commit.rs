@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::chain::Chain;
+use crate::copy::{self as pipeline, PipelineOptions, Unit};
 use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
 use crate::format::descriptor::{random_cid, CreateType};
@@ -36,7 +37,6 @@ use crate::guard::{LockKind, LockSet};
 use crate::io::SourceMode;
 use crate::layer::{Layer, OpenOptions};
 use crate::ops::Progress;
-use crate::pipeline::{self, PipelineOptions, Unit};
 pub use crate::resolve::children_of;
 use crate::resolve::same_file;
 use crate::write::{apply_journal, fault_point, set_cid, JournalRecord, LayerWriter};

@@ -17,7 +17,7 @@ use crate::format::Extent;
 use crate::io::SourceMode;
 use crate::layer::OpenOptions;
 use crate::ops::export::SPLIT_SECTORS;
-use crate::ops::output::AtomicFile;
+use crate::output::AtomicFile;
 use crate::write::write_descriptor;
 
 fn io_err<'a>(op: &'static str, p: &'a Path, off: u64) -> impl Fn(std::io::Error) -> Error + 'a {
@@ -220,7 +220,7 @@ pub fn extend(disk: &Path, new_size: u64, force: bool) -> Result<()> {
                     .map_err(io_err("open for writing", p, 0))?;
                 let end = fl.offset + target * SECTOR;
                 if thick {
-                    crate::ops::export::allocate(&f, p, end)?;
+                    crate::copy::sink::allocate(&f, p, end)?;
                 }
                 if f.metadata().map_err(io_err("stat", p, 0))?.len() < end {
                     f.set_len(end).map_err(io_err("extend", p, end))?;

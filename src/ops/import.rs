@@ -6,6 +6,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 use crate::chain::Chain;
+use crate::copy::{self as pipeline, is_zero, PipelineOptions, Planner, Unit};
 use crate::disk::{VirtualDisk, ZeroDisk};
 use crate::error::{Error, Result};
 use crate::format::descriptor::random_cid;
@@ -15,7 +16,6 @@ use crate::ops::export::{
     export_fed, Dest, ExportFormat, ExportOptions, ExportReport, Feed, OutputMeta, Prealloc,
 };
 use crate::ops::Progress;
-use crate::pipeline::{self, is_zero, PipelineOptions, Planner, Unit};
 
 /// Target types (vmkfstools `-d` names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -447,7 +447,7 @@ fn zero_range(f: &std::fs::File, path: &Path, block: bool, off: u64, len: u64) -
     while done < len {
         let n = (len - done).min(z.len() as u64) as usize;
         f.write_all_at(&z[..n], off + done)
-            .map_err(|e| crate::ops::output::write_error(path, off + done, e))?;
+            .map_err(|e| crate::output::write_error(path, off + done, e))?;
         done += n as u64;
     }
     Ok(())
@@ -498,7 +498,7 @@ fn raw_in_place(
         match buf {
             Some(b) if !is_zero(&b) => {
                 f.write_all_at(&b, u.start)
-                    .map_err(|e| crate::ops::output::write_error(dst, u.start, e))?;
+                    .map_err(|e| crate::output::write_error(dst, u.start, e))?;
                 report.bytes_out += b.len() as u64;
             }
             _ => zero_range(&f, dst, block && !eager, u.start, u.len)?,

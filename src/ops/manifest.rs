@@ -15,10 +15,10 @@
 use std::io::Write;
 use std::path::Path;
 
+use crate::copy::{self as pipeline, PipelineOptions, Planner};
 use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
 use crate::ops::Progress;
-use crate::pipeline::{self, PipelineOptions, Planner};
 
 /// Block size of manifests.
 pub const BLOCK: u64 = 1 << 20;

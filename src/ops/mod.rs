@@ -1,4 +1,7 @@
-//! Operations built on the read model: info/map, cat, export.
+//! The commands: info/map, cat, export, import, create, extend, geometry, redo add and
+//! write, commit, check, verify (manifests), rdm, ls. Each depends on the copy engine
+//! ([`crate::copy`]) and the formats, never on another command except through the small
+//! shared modules ([`crate::output`], [`crate::resolve`], [`crate::guard`]).
 
 pub mod cat;
 pub mod check;
@@ -10,22 +13,7 @@ pub mod import;
 pub mod info;
 pub mod ls;
 pub mod manifest;
-pub mod output;
 pub mod rdm;
 pub mod redo;
 
-/// Progress reporting hook (the CLI draws a bar; the library only counts).
-pub trait Progress: Sync {
-    /// `n` more bytes of logical content are done.
-    fn inc(&self, n: u64);
-    /// The total is now known to be `n` bytes.
-    fn set_total(&self, _n: u64) {}
-}
-
-/// No progress reporting.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoProgress;
-
-impl Progress for NoProgress {
-    fn inc(&self, _n: u64) {}
-}
+pub use crate::copy::{NoProgress, Progress};

@@ -12,7 +12,7 @@ use crate::format::descriptor::{
     random_cid, Access, CreateType, Descriptor, ExtentLine, ExtentType,
 };
 use crate::format::sparse::SECTOR;
-use crate::ops::output::{check_target, AtomicFile};
+use crate::output::{check_target, AtomicFile};
 
 /// What `rdm query` reports.
 #[derive(Debug, Clone, Serialize)]

@@ -15,7 +15,7 @@ use crate::format::sparse::{SparseLayout, SECTOR};
 use crate::guard::{LockKind, LockSet};
 use crate::io::SourceMode;
 use crate::layer::OpenOptions;
-use crate::ops::output::{check_target, AtomicFile};
+use crate::output::{check_target, AtomicFile};
 use crate::write::{set_cid, LayerWriter};
 
 /// Delta styles.

@@ -1,16 +1,10 @@
-//! The ordered parallel pipeline: plan from `map()` (metadata only), produce in parallel
-//! on rayon (read, zero-detect, compress), one sink consuming results in order.
-//!
-//! Work moves in windows of `window` units. While the pool produces window k+1, the sink
-//! consumes window k (`rayon::join`), so reading/compressing and writing overlap.
-//! Memory: at most two windows of produced units are alive, i.e. about
-//! `2 × window × unit_bytes` (plus compressed output of the same order); with the
-//! defaults (`window = 4 × threads`, 1 MiB units) that is 16 MiB on 2 threads.
-
-use rayon::prelude::*;
+//! Planning a copy: which units to read (from `map()`, metadata only), which are known
+//! zeros, and the output files a disk is cut into.
 
 use crate::disk::VirtualDisk;
-use crate::error::{Error, Result};
+use crate::error::Result;
+
+use super::{Piece, PipelineOptions, Producer, Progress, GRAIN};
 
 /// One piece of work: `len` bytes at `start`. `read` is false for ranges the map says
 /// read as zeros (no I/O needed).
@@ -133,124 +127,69 @@ impl<'a> Planner<'a> {
     }
 }
 
-/// Pipeline settings.
-#[derive(Debug, Clone, Copy)]
-pub struct PipelineOptions {
-    /// Worker threads (0 = all cores).
-    pub threads: usize,
-    /// Unit size in bytes.
-    pub unit: u64,
-}
-
-impl Default for PipelineOptions {
-    fn default() -> Self {
-        PipelineOptions {
-            threads: 0,
-            unit: DEFAULT_UNIT,
-        }
-    }
-}
-
-/// The most worker threads a run uses: more than a few per core only adds memory (each
-/// thread's window share) and switching, and a huge `--threads` must not start 100000.
-pub fn max_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get()) * 4
-}
-
-/// `threads` (0 = all cores) capped at [`max_threads`].
-pub fn capped_threads(threads: usize) -> usize {
-    threads.min(max_threads())
-}
-
-/// Build the rayon pool for `threads` (0 = all cores; capped at [`max_threads`]).
-pub fn pool(threads: usize) -> Result<rayon::ThreadPool> {
-    let threads = capped_threads(threads);
-    let mut b = rayon::ThreadPoolBuilder::new();
-    if threads > 0 {
-        b = b.num_threads(threads);
-    }
-    b.build()
-        .map_err(|e| Error::InvalidInput(format!("cannot start worker threads: {e}")))
-}
-
 /// A source of units in address order.
-pub trait Units {
+pub trait UnitSource {
     /// The next unit, or None at the end.
     fn next_unit(&mut self) -> Result<Option<Unit>>;
 }
 
-impl Units for Planner<'_> {
+impl UnitSource for Planner<'_> {
     fn next_unit(&mut self) -> Result<Option<Unit>> {
         Planner::next_unit(self)
     }
 }
 
-impl Units for std::vec::IntoIter<Unit> {
+impl UnitSource for std::vec::IntoIter<Unit> {
     fn next_unit(&mut self) -> Result<Option<Unit>> {
         Ok(self.next())
     }
 }
 
-/// Run the pipeline over every unit `planner` yields: `produce` runs in parallel,
-/// `sink` sees every unit and its product in address order.
-pub fn run<O, P, S>(
-    planner: &mut dyn Units,
-    opts: PipelineOptions,
-    produce: P,
-    mut sink: S,
-) -> Result<()>
-where
-    O: Send,
-    P: Fn(&Unit) -> Result<O> + Sync,
-    S: FnMut(Unit, O) -> Result<()> + Send,
-{
-    let pool = pool(opts.threads)?;
-    let window = pool.current_num_threads() * 4;
-    let mut pending: Vec<(Unit, Result<O>)> = Vec::new();
-    loop {
-        let mut next = Vec::with_capacity(window);
-        // A window holds `window` read units (holes ride along for free).
-        let mut reads = 0;
-        while reads < window {
-            match planner.next_unit()? {
-                Some(u) => {
-                    reads += usize::from(u.read);
-                    next.push(u);
-                }
-                None => break,
-            }
-        }
-        if next.is_empty() && pending.is_empty() {
-            return Ok(());
-        }
-        let to_sink = std::mem::take(&mut pending);
-        let (produced, sunk) = pool.install(|| {
-            rayon::join(
-                || next.par_iter().map(&produce).collect::<Vec<Result<O>>>(),
-                || -> Result<()> {
-                    for (u, o) in to_sink {
-                        sink(u, o?)?;
-                    }
-                    Ok(())
-                },
-            )
-        });
-        sunk?;
-        pending = next.into_iter().zip(produced).collect();
-    }
+/// One output file: a byte range of the disk and the file's name.
+#[derive(Debug, Clone)]
+pub struct OutputFile {
+    /// First byte of the disk it holds.
+    pub start: u64,
+    /// Bytes of the disk it holds.
+    pub len: u64,
+    /// File name (no folder).
+    pub name: String,
 }
 
-/// Whether a buffer is all zeros (64-byte blocks OR-ed as words; vectorizes well).
-pub fn is_zero(buf: &[u8]) -> bool {
-    let mut chunks = buf.chunks_exact(64);
-    for c in &mut chunks {
-        let mut acc = 0u64;
-        for w in c.chunks_exact(8) {
-            acc |= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
-        }
-        if acc != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&b| b == 0)
+/// The zero-scan pass: which 64 KiB grains hold non-zero data.
+pub fn scan(
+    disk: &dyn VirtualDisk,
+    popts: PipelineOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<u64>> {
+    let grains = disk.capacity().div_ceil(GRAIN);
+    let mut bits = vec![0u64; grains.div_ceil(64) as usize];
+    let producer = Producer {
+        disk,
+        compress: None,
+        crc: false,
+    };
+    let mut planner = Planner::new(disk, popts.unit);
+    super::run(
+        &mut planner,
+        popts,
+        |u| {
+            Ok(match producer.produce(u)? {
+                Piece::Hole => Vec::new(),
+                Piece::Data { nonzero, .. } => nonzero,
+            })
+        },
+        |u, nonzero| {
+            let first = u.start / GRAIN;
+            for (i, nz) in nonzero.iter().enumerate() {
+                if *nz {
+                    let g = first + i as u64;
+                    bits[(g / 64) as usize] |= 1 << (g % 64);
+                }
+            }
+            progress.inc(u.len);
+            Ok(())
+        },
+    )?;
+    Ok(bits)
 }

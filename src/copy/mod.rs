@@ -1,0 +1,290 @@
+//! The one copy engine: plan from `map()` (metadata only, [`plan`]), produce in parallel
+//! on rayon (read, zero-detect, compress, checksum: [`Producer`]), one [`sink::Sink`]
+//! consuming the results in address order. export, import (from disks and from pipes),
+//! cat, verify and commit all run on it.
+//!
+//! Dependencies point one way: commands (`ops`) use the engine and the formats; the
+//! engine's sinks adapt units to the format writers' calls; the format writers know
+//! nothing of either.
+//!
+//! Work moves in windows of `window` units. While the pool produces window k+1, the sink
+//! consumes window k (`rayon::join`), so reading/compressing and writing overlap.
+//! Memory: at most two windows of produced units are alive, i.e. about
+//! `2 × window × unit_bytes` (plus compressed output of the same order); with the
+//! defaults (`window = 4 × threads`, 1 MiB units) that is 16 MiB on 2 threads.
+
+use rayon::prelude::*;
+
+pub mod plan;
+pub mod sink;
+
+pub use plan::{scan, OutputFile, Planner, Unit, UnitSource, DEFAULT_UNIT};
+pub use sink::{CopyReport, Sink};
+
+use crate::disk::VirtualDisk;
+use crate::error::{Error, Result};
+use crate::format::sparse::SECTOR;
+use crate::format::stream::grain_record;
+
+/// Grain size of every sparse output (VMware's only accepted value for streams).
+pub const GRAIN: u64 = 65536;
+
+/// Progress reporting hook (the CLI draws a bar; the library only counts).
+pub trait Progress: Sync {
+    /// `n` more bytes of logical content are done.
+    fn inc(&self, n: u64);
+    /// The total is now known to be `n` bytes.
+    fn set_total(&self, _n: u64) {}
+}
+
+/// No progress reporting.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn inc(&self, _n: u64) {}
+}
+
+/// Pipeline settings.
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineOptions {
+    /// Worker threads (0 = all cores).
+    pub threads: usize,
+    /// Unit size in bytes.
+    pub unit: u64,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            threads: 0,
+            unit: DEFAULT_UNIT,
+        }
+    }
+}
+
+/// The most worker threads a run uses: more than a few per core only adds memory (each
+/// thread's window share) and switching, and a huge `--threads` must not start 100000.
+pub fn max_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) * 4
+}
+
+/// `threads` (0 = all cores) capped at [`max_threads`].
+pub fn capped_threads(threads: usize) -> usize {
+    threads.min(max_threads())
+}
+
+/// Build the rayon pool for `threads` (0 = all cores; capped at [`max_threads`]).
+pub fn pool(threads: usize) -> Result<rayon::ThreadPool> {
+    let threads = capped_threads(threads);
+    let mut b = rayon::ThreadPoolBuilder::new();
+    if threads > 0 {
+        b = b.num_threads(threads);
+    }
+    b.build()
+        .map_err(|e| Error::InvalidInput(format!("cannot start worker threads: {e}")))
+}
+
+/// Run the pipeline over every unit `planner` yields: `produce` runs in parallel,
+/// `sink` sees every unit and its product in address order.
+pub fn run<O, P, S>(
+    planner: &mut dyn UnitSource,
+    opts: PipelineOptions,
+    produce: P,
+    mut sink: S,
+) -> Result<()>
+where
+    O: Send,
+    P: Fn(&Unit) -> Result<O> + Sync,
+    S: FnMut(Unit, O) -> Result<()> + Send,
+{
+    let pool = pool(opts.threads)?;
+    let window = pool.current_num_threads() * 4;
+    let mut pending: Vec<(Unit, Result<O>)> = Vec::new();
+    loop {
+        let mut next = Vec::with_capacity(window);
+        // A window holds `window` read units (holes ride along for free).
+        let mut reads = 0;
+        while reads < window {
+            match planner.next_unit()? {
+                Some(u) => {
+                    reads += usize::from(u.read);
+                    next.push(u);
+                }
+                None => break,
+            }
+        }
+        if next.is_empty() && pending.is_empty() {
+            return Ok(());
+        }
+        let to_sink = std::mem::take(&mut pending);
+        let (produced, sunk) = pool.install(|| {
+            rayon::join(
+                || next.par_iter().map(&produce).collect::<Vec<Result<O>>>(),
+                || -> Result<()> {
+                    for (u, o) in to_sink {
+                        sink(u, o?)?;
+                    }
+                    Ok(())
+                },
+            )
+        });
+        sunk?;
+        pending = next.into_iter().zip(produced).collect();
+    }
+}
+
+/// Whether a buffer is all zeros (64-byte blocks OR-ed as words; vectorizes well).
+pub fn is_zero(buf: &[u8]) -> bool {
+    let mut chunks = buf.chunks_exact(64);
+    for c in &mut chunks {
+        let mut acc = 0u64;
+        for w in c.chunks_exact(8) {
+            acc |= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// What the parallel stage hands the sink for one unit.
+pub enum Piece {
+    /// All zeros: nothing to write.
+    Hole,
+    /// Bytes with something in them.
+    Data {
+        /// The unit's bytes.
+        buf: Vec<u8>,
+        /// One flag per 64 KiB grain of the unit.
+        nonzero: Vec<bool>,
+        /// Stream records of the nonzero grains, in order.
+        records: Vec<Vec<u8>>,
+        /// CRC-32 of the unit, when asked for.
+        crc: Option<crc32fast::Hasher>,
+    },
+}
+
+/// The parallel stage of a copy: reads a unit, finds its zero grains, compresses and
+/// checksums what the sink needs.
+pub struct Producer<'a> {
+    /// The disk read.
+    pub disk: &'a dyn VirtualDisk,
+    /// zlib level of the stream records to make, or None.
+    pub compress: Option<u32>,
+    /// Whether to checksum each unit (manifests).
+    pub crc: bool,
+}
+
+impl Producer<'_> {
+    /// Read unit `u` and make its piece.
+    pub fn produce(&self, u: &Unit) -> Result<Piece> {
+        if !u.read {
+            return Ok(Piece::Hole);
+        }
+        let mut buf = vec![0u8; u.len as usize];
+        self.disk.read_at(&mut buf, u.start)?;
+        self.piece(u, buf)
+    }
+
+    /// The piece of unit `u` whose bytes are `buf` (zero flags, records, checksum).
+    pub fn piece(&self, u: &Unit, buf: Vec<u8>) -> Result<Piece> {
+        let nonzero: Vec<bool> = buf.chunks(GRAIN as usize).map(|g| !is_zero(g)).collect();
+        if !nonzero.contains(&true) {
+            return Ok(Piece::Hole);
+        }
+        let mut records = Vec::new();
+        if let Some(level) = self.compress {
+            for (i, g) in buf.chunks(GRAIN as usize).enumerate() {
+                if nonzero[i] {
+                    let lba = (u.start + i as u64 * GRAIN) / SECTOR;
+                    records.push(grain_record(lba, g, level)?);
+                }
+            }
+        }
+        let crc = self.crc.then(|| {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&buf);
+            h
+        });
+        Ok(Piece::Data {
+            buf,
+            nonzero,
+            records,
+            crc,
+        })
+    }
+}
+
+/// Copy `disk` through `producer` into `sink`, in order; `observe` sees every unit and
+/// its piece first (manifests).
+pub fn drive(
+    disk: &dyn VirtualDisk,
+    popts: PipelineOptions,
+    producer: &Producer<'_>,
+    sink: &mut dyn Sink,
+    observe: &mut (dyn FnMut(&Unit, &Piece) + Send),
+    progress: &dyn Progress,
+) -> Result<()> {
+    let mut planner = Planner::new(disk, popts.unit);
+    run(
+        &mut planner,
+        popts,
+        |u| producer.produce(u),
+        |u, p| {
+            observe(&u, &p);
+            sink.put(&u, &p)?;
+            progress.inc(u.len);
+            Ok(())
+        },
+    )
+}
+
+/// Content pushed from a sequential source (import from a pipe) instead of read from a
+/// disk: `run` calls `put(unit, bytes)` for 1 MiB-aligned units in ascending order (units
+/// it skips are zeros).
+pub trait Feed {
+    /// Push every unit.
+    fn run(&mut self, put: &mut dyn FnMut(Unit, Vec<u8>) -> Result<()>) -> Result<()>;
+}
+
+/// Like [`drive`], for content pushed by a [`Feed`] (a pipe): gaps are holes.
+pub fn drive_feed(
+    feed: &mut dyn Feed,
+    producer: &Producer<'_>,
+    sink: &mut dyn Sink,
+    observe: &mut (dyn FnMut(&Unit, &Piece) + Send),
+    progress: &dyn Progress,
+) -> Result<()> {
+    let mut next = 0u64;
+    let cap = producer.disk.capacity();
+    feed.run(&mut |u: Unit, buf: Vec<u8>| {
+        if u.start > next {
+            let gap = Unit {
+                start: next,
+                len: u.start - next,
+                read: false,
+            };
+            observe(&gap, &Piece::Hole);
+            sink.put(&gap, &Piece::Hole)?;
+            progress.inc(gap.len);
+        }
+        let p = producer.piece(&u, buf)?;
+        observe(&u, &p);
+        sink.put(&u, &p)?;
+        progress.inc(u.len);
+        next = u.start + u.len;
+        Ok(())
+    })?;
+    if next < cap {
+        let gap = Unit {
+            start: next,
+            len: cap - next,
+            read: false,
+        };
+        observe(&gap, &Piece::Hole);
+        sink.put(&gap, &Piece::Hole)?;
+    }
+    Ok(())
+}
