@@ -417,8 +417,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     if stdout.is_terminal() && !force {
                         anyhow::bail!("refusing to write binary data to a terminal (redirect stdout, use -o FILE, or --force)");
                     }
-                    let mut out = raw_stdout()?;
-                    ops::cat::cat_to_writer(&chain, &mut out, popts, &bar)?;
+                    ops::cat::cat_to_writer(&chain, Box::new(raw_stdout()?), popts, &bar)?;
                 }
             }
             bar.finish();
