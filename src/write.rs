@@ -9,16 +9,14 @@
 //! that points at them. A crash can therefore leak space (data no table references) but
 //! never make a table point at garbage.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use byteorder::{ByteOrder, LittleEndian as LE};
-
 use crate::error::{Error, Result};
 use crate::format::cowd::{self, CowdHeader, COWD_GTES};
 use crate::format::sparse::{SparseHeader, SECTOR};
+use crate::format::tables::{GrainTables, MetaWrite};
 use crate::format::Extent;
 use crate::layer::Layer;
 
@@ -65,44 +63,34 @@ fn pwrite(f: &File, path: &Path, buf: &[u8], off: u64) -> Result<()> {
         .map_err(|e| crate::output::write_error(path, off, e))
 }
 
-fn pread(f: &File, path: &Path, buf: &mut [u8], off: u64) -> Result<()> {
-    f.read_exact_at(buf, off)
-        .map_err(|e| Error::io("read", path, off, e))
-}
-
 fn sync(f: &File, path: &Path) -> Result<()> {
     f.sync_data().map_err(|e| Error::io("flush", path, 0, e))
 }
 
-/// Writable hosted sparse extent.
+/// Writable hosted sparse extent: new grains (and tables) are appended at the
+/// grain-aligned end of the file.
 struct SparseW {
     file: File,
     path: PathBuf,
     h: SparseHeader,
-    gd: Vec<u32>,
-    rgd: Option<Vec<u32>>,
-    gts: BTreeMap<usize, Vec<u32>>,
-    rgts: BTreeMap<usize, Vec<u32>>,
-    dirty: BTreeSet<usize>,
-    gd_dirty: bool,
+    tables: GrainTables,
+    /// Next free sector.
     cursor: u64,
     len: u64,
     grain: u64,
 }
 
-/// Read `n` little-endian u32 entries at `sector` of an open file.
-pub(crate) fn read_u32s(f: &File, path: &Path, sector: u64, n: usize) -> Result<Vec<u32>> {
-    let mut raw = vec![0u8; n * 4];
-    pread(f, path, &mut raw, sector * SECTOR)?;
-    let mut v = vec![0u32; n];
-    LE::read_u32_into(&raw, &mut v);
-    Ok(v)
-}
-
-fn u32s_bytes(v: &[u32]) -> Vec<u8> {
-    let mut b = vec![0u8; v.len() * 4];
-    LE::write_u32_into(v, &mut b);
-    b
+/// Sector numbers handed out from a cursor, in whole grains (tables take a grain each,
+/// as qemu and VMware lay them out when they grow a file).
+fn take_sectors(cursor: &mut u64, sectors: u64, grain: u64, path: &Path) -> Result<u32> {
+    let at = *cursor;
+    *cursor += sectors.div_ceil(grain) * grain;
+    u32::try_from(at).map_err(|_| {
+        Error::unsupported(
+            path,
+            "the file would grow past 2 TiB (32-bit sector numbers in its tables)",
+        )
+    })
 }
 
 impl SparseW {
@@ -114,13 +102,16 @@ impl SparseW {
             ));
         }
         let file = open_rw(path)?;
-        let n = h.num_gts() as usize;
-        let gd = read_u32s(&file, path, h.gd_offset, n)?;
-        let rgd = if h.flags & crate::format::sparse::FLAG_REDUNDANT_GD != 0 && h.rgd_offset != 0 {
-            Some(read_u32s(&file, path, h.rgd_offset, n)?)
-        } else {
-            None
-        };
+        let redundant =
+            h.flags & crate::format::sparse::FLAG_REDUNDANT_GD != 0 && h.rgd_offset != 0;
+        let tables = GrainTables::load(
+            &file,
+            path,
+            h.gd_offset,
+            redundant.then_some(h.rgd_offset),
+            h.num_gts() as usize,
+            h.num_gtes_per_gt as usize,
+        )?;
         let flen = file
             .metadata()
             .map_err(|e| Error::io("stat", path, 0, e))?
@@ -133,93 +124,24 @@ impl SparseW {
             len: h.capacity * SECTOR,
             grain,
             h,
-            gd,
-            rgd,
-            gts: BTreeMap::new(),
-            rgts: BTreeMap::new(),
-            dirty: BTreeSet::new(),
-            gd_dirty: false,
+            tables,
             cursor,
         })
     }
 
-    fn per(&self) -> usize {
-        self.h.num_gtes_per_gt as usize
-    }
-
-    fn alloc_sectors(&mut self, sectors: u64) -> Result<u32> {
-        let at = self.cursor;
-        self.cursor += sectors.div_ceil(self.h.grain_size) * self.h.grain_size;
-        u32::try_from(at).map_err(|_| {
-            Error::unsupported(
-                &self.path,
-                "hosted sparse file would grow past 2 TiB (32-bit sector numbers)",
-            )
-        })
-    }
-
-    fn table(&mut self, gdi: usize) -> Result<&mut Vec<u32>> {
-        if !self.gts.contains_key(&gdi) {
-            let per = self.per();
-            let t = if self.gd[gdi] == 0 {
-                // A directory entry with no table: allocate tables at the end.
-                let s = self.alloc_sectors(((per * 4) as u64).div_ceil(SECTOR))?;
-                self.gd[gdi] = s;
-                if let Some(r) = self.rgd.as_mut() {
-                    let rs = {
-                        let at = self.cursor;
-                        self.cursor += ((per * 4) as u64)
-                            .div_ceil(SECTOR)
-                            .div_ceil(self.h.grain_size)
-                            * self.h.grain_size;
-                        at as u32
-                    };
-                    r[gdi] = rs;
-                    self.rgts.insert(gdi, vec![0; per]);
-                }
-                self.gd_dirty = true;
-                self.dirty.insert(gdi);
-                vec![0; per]
-            } else {
-                if let Some(r) = &self.rgd {
-                    if r[gdi] != 0 {
-                        let rt = read_u32s(&self.file, &self.path, u64::from(r[gdi]), per)?;
-                        self.rgts.insert(gdi, rt);
-                    }
-                }
-                read_u32s(&self.file, &self.path, u64::from(self.gd[gdi]), per)?
-            };
-            self.gts.insert(gdi, t);
-        }
-        Ok(self.gts.get_mut(&gdi).expect("inserted"))
-    }
-
     fn set_gte(&mut self, g: u64, v: u32) -> Result<()> {
-        let per = self.per();
-        let gdi = (g / per as u64) as usize;
-        let i = (g % per as u64) as usize;
-        self.table(gdi)?[i] = v;
-        if let Some(rt) = self.rgts.get_mut(&gdi) {
-            rt[i] = v;
-        }
-        self.dirty.insert(gdi);
-        Ok(())
-    }
-
-    fn gte(&mut self, g: u64) -> Result<u32> {
-        let per = self.per() as u64;
-        let gdi = (g / per) as usize;
-        if self.gd[gdi] == 0 && !self.gts.contains_key(&gdi) {
-            return Ok(0);
-        }
-        Ok(self.table(gdi)?[(g % per) as usize])
+        let (cursor, gs, path) = (&mut self.cursor, self.h.grain_size, &self.path);
+        let table_sectors = (self.tables.per_table() as u64 * 4).div_ceil(SECTOR);
+        self.tables.set(&self.file, g, v, &mut || {
+            take_sectors(cursor, table_sectors, gs, path)
+        })
     }
 
     /// Write `data` at extent-relative `off` (within one grain).
     fn write_in_grain(&mut self, data: &[u8], off: u64, base: u64, below: Below<'_>) -> Result<()> {
         let g = off / self.grain;
         let gstart = g * self.grain;
-        let gte = self.gte(g)?;
+        let gte = self.tables.get(&self.file, g)?;
         if gte >= 2 || (gte == 1 && !self.h.zero_grain()) {
             return pwrite(
                 &self.file,
@@ -236,7 +158,12 @@ impl SparseW {
         }
         let o = (off - gstart) as usize;
         full[o..o + data.len()].copy_from_slice(data);
-        let s = self.alloc_sectors(self.h.grain_size)?;
+        let s = take_sectors(
+            &mut self.cursor,
+            self.h.grain_size,
+            self.h.grain_size,
+            &self.path,
+        )?;
         pwrite(&self.file, &self.path, &full, u64::from(s) * SECTOR)?;
         self.set_gte(g, s)
     }
@@ -249,64 +176,18 @@ impl SparseW {
         Ok(false)
     }
 
-    /// The pending metadata writes, tables (both copies) first, then the directories;
-    /// the in-memory state counts as clean afterwards.
     fn metadata_writes(&mut self) -> (Vec<MetaWrite>, Vec<MetaWrite>) {
-        let mut tables = Vec::new();
-        for &gdi in &self.dirty {
-            tables.push((
-                u64::from(self.gd[gdi]) * SECTOR,
-                u32s_bytes(&self.gts[&gdi]),
-            ));
-            if let (Some(r), Some(rt)) = (&self.rgd, self.rgts.get(&gdi)) {
-                tables.push((u64::from(r[gdi]) * SECTOR, u32s_bytes(rt)));
-            }
-        }
-        let mut dirs = Vec::new();
-        if self.gd_dirty {
-            dirs.push((self.h.gd_offset * SECTOR, u32s_bytes(&self.gd)));
-            if let Some(r) = &self.rgd {
-                dirs.push((self.h.rgd_offset * SECTOR, u32s_bytes(r)));
-            }
-        }
-        self.dirty.clear();
-        self.gd_dirty = false;
-        (tables, dirs)
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        if self.dirty.is_empty() && !self.gd_dirty {
-            return Ok(());
-        }
-        // 1. Grain data durable before any table points at it.
-        sync(&self.file, &self.path)?;
-        // 2. Tables (both copies), then 3. directories.
-        let (tables, dirs) = self.metadata_writes();
-        for (off, b) in &tables {
-            pwrite(&self.file, &self.path, b, *off)?;
-        }
-        if !dirs.is_empty() {
-            sync(&self.file, &self.path)?;
-        }
-        for (off, b) in &dirs {
-            pwrite(&self.file, &self.path, b, *off)?;
-        }
-        sync(&self.file, &self.path)
+        self.tables.take_writes()
     }
 }
 
-/// One metadata write: byte offset and bytes.
-type MetaWrite = (u64, Vec<u8>);
-
-/// Writable COWD extent.
+/// Writable COWD extent (one sector grains by default; 4096-entry tables, no redundant
+/// copy; the header's freeSector kept current).
 struct CowdW {
     file: File,
     path: PathBuf,
     h: CowdHeader,
-    gd: Vec<u32>,
-    gts: BTreeMap<usize, Vec<u32>>,
-    dirty: BTreeSet<usize>,
-    gd_dirty: bool,
+    tables: GrainTables,
     cursor: u64,
     len: u64,
     grain: u64,
@@ -322,53 +203,36 @@ impl CowdW {
             crate::io::SourceMode::Pread,
         )?;
         let h = cowd::read_header(&src)?;
-        let n = u64::from(h.num_sectors).div_ceil(COWD_GTES * u64::from(h.grain_size)) as usize;
-        let gd = read_u32s(&file, path, u64::from(h.gd_offset), n)?;
-        let flen = src.len();
-        let cursor = (flen.div_ceil(SECTOR)).max(u64::from(h.free_sector));
+        let n = cowd::directory_entries(&h) as usize;
+        let tables = GrainTables::load(
+            &file,
+            path,
+            u64::from(h.gd_offset),
+            None,
+            n,
+            COWD_GTES as usize,
+        )?;
+        let cursor = (src.len().div_ceil(SECTOR)).max(u64::from(h.free_sector));
         Ok(CowdW {
             file,
             path: path.to_path_buf(),
             len: u64::from(h.num_sectors) * SECTOR,
             grain: u64::from(h.grain_size) * SECTOR,
             h,
-            gd,
-            gts: BTreeMap::new(),
-            dirty: BTreeSet::new(),
-            gd_dirty: false,
+            tables,
             cursor,
         })
-    }
-
-    fn table(&mut self, gdi: usize) -> Result<&mut Vec<u32>> {
-        if !self.gts.contains_key(&gdi) {
-            let t = if self.gd[gdi] == 0 {
-                let at = self.cursor;
-                self.cursor += COWD_GTES * 4 / SECTOR;
-                self.gd[gdi] = u32::try_from(at)
-                    .map_err(|_| Error::unsupported(&self.path, "COWD file past 2 TiB"))?;
-                self.gd_dirty = true;
-                self.dirty.insert(gdi);
-                vec![0; COWD_GTES as usize]
-            } else {
-                read_u32s(
-                    &self.file,
-                    &self.path,
-                    u64::from(self.gd[gdi]),
-                    COWD_GTES as usize,
-                )?
-            };
-            self.gts.insert(gdi, t);
-        }
-        Ok(self.gts.get_mut(&gdi).expect("inserted"))
     }
 
     fn write_in_grain(&mut self, data: &[u8], off: u64, base: u64, below: Below<'_>) -> Result<()> {
         let g = off / self.grain;
         let gstart = g * self.grain;
-        let gdi = (g / COWD_GTES) as usize;
-        let i = (g % COWD_GTES) as usize;
-        let gte = self.table(gdi)?[i];
+        // COWD places a new table before the grain that needs it.
+        let (cursor, path) = (&mut self.cursor, &self.path);
+        self.tables.ensure_table(&self.file, g, &mut || {
+            take_sectors(cursor, COWD_GTES * 4 / SECTOR, 1, path)
+        })?;
+        let gte = self.tables.get(&self.file, g)?;
         if gte != 0 {
             return pwrite(
                 &self.file,
@@ -384,55 +248,40 @@ impl CowdW {
         }
         let o = (off - gstart) as usize;
         full[o..o + data.len()].copy_from_slice(data);
-        let at = self.cursor;
-        self.cursor += self.grain / SECTOR;
-        let at32 = u32::try_from(at)
-            .map_err(|_| Error::unsupported(&self.path, "COWD file past 2 TiB"))?;
-        pwrite(&self.file, &self.path, &full, at * SECTOR)?;
-        self.table(gdi)?[i] = at32;
-        self.dirty.insert(gdi);
-        Ok(())
+        let at = take_sectors(&mut self.cursor, self.grain / SECTOR, 1, &self.path)?;
+        pwrite(&self.file, &self.path, &full, u64::from(at) * SECTOR)?;
+        let (cursor, path) = (&mut self.cursor, &self.path);
+        self.tables.set(&self.file, g, at, &mut || {
+            take_sectors(cursor, COWD_GTES * 4 / SECTOR, 1, path)
+        })
     }
 
     /// Pending metadata writes: tables, then the directory and the header's freeSector.
     fn metadata_writes(&mut self) -> (Vec<MetaWrite>, Vec<MetaWrite>) {
-        let tables = self
-            .dirty
-            .iter()
-            .map(|&gdi| {
-                (
-                    u64::from(self.gd[gdi]) * SECTOR,
-                    u32s_bytes(&self.gts[&gdi]),
-                )
-            })
-            .collect();
-        let mut dirs = Vec::new();
-        if self.gd_dirty {
-            dirs.push((u64::from(self.h.gd_offset) * SECTOR, u32s_bytes(&self.gd)));
-        }
+        let (tables, mut dirs) = self.tables.take_writes();
         // qemu leaves freeSector stale; we keep it current (formats.md §6.3).
         self.h.free_sector = u32::try_from(self.cursor).unwrap_or(u32::MAX);
         dirs.push((28, self.h.free_sector.to_le_bytes().to_vec()));
-        self.dirty.clear();
-        self.gd_dirty = false;
         (tables, dirs)
     }
+}
 
-    fn flush(&mut self) -> Result<()> {
-        if self.dirty.is_empty() && !self.gd_dirty {
-            return Ok(());
-        }
-        sync(&self.file, &self.path)?;
-        let (tables, dirs) = self.metadata_writes();
-        for (off, b) in &tables {
-            pwrite(&self.file, &self.path, b, *off)?;
-        }
-        sync(&self.file, &self.path)?;
-        for (off, b) in &dirs {
-            pwrite(&self.file, &self.path, b, *off)?;
-        }
-        sync(&self.file, &self.path)
+/// Write metadata writes in crash-safe order: grain data synced first, then the tables,
+/// a sync, the directories, a sync.
+fn flush_metadata(
+    file: &File,
+    path: &Path,
+    (tables, dirs): (Vec<MetaWrite>, Vec<MetaWrite>),
+) -> Result<()> {
+    sync(file, path)?;
+    for (off, b) in &tables {
+        pwrite(file, path, b, *off)?;
     }
+    sync(file, path)?;
+    for (off, b) in &dirs {
+        pwrite(file, path, b, *off)?;
+    }
+    sync(file, path)
 }
 
 /// Writable flat extent.
@@ -676,8 +525,15 @@ impl LayerWriter {
     pub fn flush(&mut self) -> Result<()> {
         for (_, _, w) in &mut self.extents {
             match w {
-                ExtW::Sparse(s) => s.flush()?,
-                ExtW::Cowd(c) => c.flush()?,
+                ExtW::Sparse(s) if s.tables.is_dirty() => {
+                    let w = s.metadata_writes();
+                    flush_metadata(&s.file, &s.path, w)?
+                }
+                ExtW::Cowd(c) if c.tables.is_dirty() => {
+                    let w = c.metadata_writes();
+                    flush_metadata(&c.file, &c.path, w)?
+                }
+                ExtW::Sparse(_) | ExtW::Cowd(_) => {}
                 ExtW::Flat(f) => sync(&f.file, &f.path)?,
                 ExtW::ReadOnly(_) => {}
             }

@@ -60,11 +60,21 @@ pub struct CowdHeader {
     pub unclean_shutdown: bool,
 }
 
+/// Directory entries needed to cover `num_sectors` with grains of `grain_size` sectors
+/// (4096 grains per table).
+pub fn entries_for(num_sectors: u32, grain_size: u32) -> u64 {
+    u64::from(num_sectors).div_ceil(COWD_GTES * u64::from(grain_size.max(1)))
+}
+
+/// Directory entries the header's capacity uses.
+pub fn directory_entries(h: &CowdHeader) -> u64 {
+    entries_for(h.num_sectors, h.grain_size)
+}
+
 impl CowdHeader {
     /// A header for a new child of `num_sectors` with grain `grain_size`.
     pub fn new_child(num_sectors: u32, grain_size: u32, parent: &str) -> CowdHeader {
-        let num_gd_entries =
-            (u64::from(num_sectors)).div_ceil(COWD_GTES * u64::from(grain_size)) as u32;
+        let num_gd_entries = entries_for(num_sectors, grain_size) as u32;
         let gd_sectors = (u64::from(num_gd_entries) * 4).div_ceil(SECTOR) as u32;
         CowdHeader {
             version: 1,
@@ -195,7 +205,7 @@ pub fn read_header(src: &Source) -> Result<CowdHeader> {
             ),
         ));
     }
-    let need = u64::from(h.num_sectors).div_ceil(COWD_GTES * u64::from(h.grain_size));
+    let need = directory_entries(&h);
     if u64::from(h.num_gd_entries) < need {
         return Err(Error::corrupt(
             path,
@@ -215,7 +225,7 @@ impl CowdExtent {
         let header = read_header(&src)?;
         let path = src.path().to_path_buf();
         // Only the entries that cover the capacity are used.
-        let n = u64::from(header.num_sectors).div_ceil(COWD_GTES * u64::from(header.grain_size));
+        let n = directory_entries(&header);
         let gd_start = u64::from(header.gd_offset) * SECTOR;
         if gd_start + n * 4 > src.len() || header.gd_offset < 4 {
             return Err(Error::corrupt(

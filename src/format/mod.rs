@@ -7,6 +7,7 @@ pub mod descriptor;
 pub mod sesparse;
 pub mod sparse;
 pub mod stream;
+pub mod tables;
 
 use std::ops::Range;
 

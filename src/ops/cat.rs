@@ -23,7 +23,14 @@ fn copy(
         compress: None,
         crc: false,
     };
-    pipeline::drive(disk, opts, &producer, sink.as_mut(), &mut |_, _| {}, progress)?;
+    pipeline::drive(
+        disk,
+        opts,
+        &producer,
+        sink.as_mut(),
+        &mut |_, _| {},
+        progress,
+    )?;
     sink.finish()?;
     Ok(())
 }

@@ -112,7 +112,7 @@ impl CheckReport {
 }
 
 fn rd32(f: &File, path: &Path, sector: u64, n: u64) -> Result<Vec<u32>> {
-    crate::write::read_u32s(f, path, sector, n as usize)
+    crate::format::tables::read_u32s(f, path, sector, n as usize)
 }
 
 fn wr32(f: &File, path: &Path, at: u64, v: &[u32]) -> Result<()> {
@@ -891,7 +891,7 @@ fn check_cowd(path: &Path, repair: bool, r: &mut CheckReport) -> Result<()> {
         }
     };
     let fsect = src.len() / SECTOR;
-    let n = u64::from(h.num_sectors).div_ceil(COWD_GTES * u64::from(h.grain_size));
+    let n = cowd::directory_entries(&h);
     let gd_at = u64::from(h.gd_offset);
     if gd_at < 4 || gd_at + (n * 4).div_ceil(SECTOR) > fsect {
         r.add(

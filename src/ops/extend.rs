@@ -40,14 +40,7 @@ fn grow_sparse(path: &Path, h: &SparseHeader, new_cap: u64) -> Result<()> {
     nh.capacity = new_cap;
     let new_gts = nh.num_gts();
     let grain = h.grain_size * SECTOR;
-    let read_dir = |at: u64, n: u64| -> Result<Vec<u32>> {
-        let mut raw = vec![0u8; (n * 4) as usize];
-        f.read_exact_at(&mut raw, at * SECTOR)
-            .map_err(io_err("read", path, at * SECTOR))?;
-        let mut v = vec![0u32; n as usize];
-        LE::read_u32_into(&raw, &mut v);
-        Ok(v)
-    };
+    let read_dir = |at: u64, n: u64| crate::format::tables::read_u32s(&f, path, at, n as usize);
     let has_rgd = h.flags & crate::format::sparse::FLAG_REDUNDANT_GD != 0 && h.rgd_offset != 0;
     let mut gd = read_dir(h.gd_offset, old_gts)?;
     let mut rgd = if has_rgd {
