@@ -1,0 +1,123 @@
+//! `check` and `check --repair`: every layer of a chain, every finding (not only the
+//! first), each with the file, the byte offset and what is wrong.
+//!
+//! Exit codes follow `qemu-img check`: 0 clean, 1 the check could not finish, 2
+//! corruption found, 3 only leaks found. Warnings (the unclean-shutdown flag on tables
+//! that check out, a stale allocation hint) do not change the code.
+//!
+//! `--repair` mends only what has one right answer: a directory entry or grain-table
+//! entry that one copy has and the other lost (restored from the intact copy), leaked
+//! space (a tail truncated, the rest zeroed), the unclean-shutdown flag once the tables
+//! check out, a descriptor extent size that disagrees with its sparse header. Table
+//! copies are written and synced before the directory entries that point at them, and
+//! the header flag last, so an interrupted repair leaves the file no worse.
+
+mod chain;
+mod cowd;
+mod sparse;
+mod stream;
+
+pub use chain::{check, check_with};
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use byteorder::{ByteOrder, LittleEndian as LE};
+use serde::Serialize;
+
+use crate::error::Result;
+
+/// How bad a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Data may read wrong.
+    Corruption,
+    /// Space nothing refers to.
+    Leak,
+    /// Worth knowing; not damage.
+    Warning,
+}
+
+/// One finding.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    /// The file.
+    pub file: PathBuf,
+    /// Byte offset in it.
+    pub offset: u64,
+    /// Severity.
+    pub severity: Severity,
+    /// What is wrong.
+    pub what: String,
+    /// Mended by `--repair`.
+    pub repaired: bool,
+}
+
+/// Result of a check.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    /// Every finding.
+    pub findings: Vec<Finding>,
+    /// Set when the check could not finish, with the reason.
+    pub incomplete: Option<String>,
+    /// Bytes of leaked space found.
+    pub leaked_bytes: u64,
+    /// Guest byte ranges `[start, end)` whose data is gone (grains past the end of a
+    /// truncated file...); repair cannot bring them back.
+    pub lost: Vec<(u64, u64)>,
+}
+
+/// What `check` may change.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// Mend what has one right answer.
+    pub repair: bool,
+    /// With `repair`: also free leaked grains that hold data (the data is lost).
+    pub discard_unreferenced: bool,
+}
+
+impl CheckReport {
+    /// Exit code as `qemu-img check`.
+    pub fn exit_code(&self) -> u8 {
+        let open = |s: Severity| self.findings.iter().any(|f| f.severity == s && !f.repaired);
+        if self.incomplete.is_some() {
+            1
+        } else if open(Severity::Corruption) {
+            2
+        } else if open(Severity::Leak) {
+            3
+        } else {
+            0
+        }
+    }
+
+    fn add(
+        &mut self,
+        file: &Path,
+        offset: u64,
+        severity: Severity,
+        what: impl Into<String>,
+    ) -> usize {
+        self.findings.push(Finding {
+            file: file.to_path_buf(),
+            offset,
+            severity,
+            what: what.into(),
+            repaired: false,
+        });
+        self.findings.len() - 1
+    }
+}
+
+pub(super) fn rd32(f: &File, path: &Path, sector: u64, n: u64) -> Result<Vec<u32>> {
+    crate::format::tables::read_u32s(f, path, sector, n as usize)
+}
+
+pub(super) fn wr32(f: &File, path: &Path, at: u64, v: &[u32]) -> Result<()> {
+    let mut b = vec![0u8; v.len() * 4];
+    LE::write_u32_into(v, &mut b);
+    f.write_all_at(&b, at)
+        .map_err(|e| crate::output::write_error(path, at, e))
+}
