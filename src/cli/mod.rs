@@ -551,23 +551,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 &bar,
             )?;
             bar.finish();
-            let mut out = stdout.lock();
             if dry_run {
-                writeln!(out, "would write into: {}", r.target.display())?;
-                writeln!(out, "data: {} bytes in {} runs", r.data_bytes, r.runs)?;
-                writeln!(out, "zeros: {} bytes", r.zero_bytes)?;
-                for f in &r.removed {
-                    writeln!(out, "would remove: {}", f.display())?;
-                }
+                r.write_plan(&mut stdout.lock())?;
             } else if !quiet {
-                eprintln!(
-                    "vmdkit: committed into `{}`: {} bytes of data, {} bytes of zeros{}; removed {}",
-                    r.target.display(),
-                    r.data_bytes,
-                    r.zero_bytes,
-                    if r.resumed { " (finished an interrupted commit)" } else { "" },
-                    r.removed.iter().map(|p| format!("`{}`", p.display())).collect::<Vec<_>>().join(", ")
-                );
+                eprintln!("vmdkit: {}", r.summary());
             }
         }
         Cmd::Import {
@@ -675,22 +662,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 serde_json::to_writer_pretty(&mut out, &q)?;
                 writeln!(out)?;
             } else {
-                writeln!(
-                    out,
-                    "Disk {} is a {} mode Raw Device Mapping",
-                    q.disk,
-                    if q.mode == "physical" {
-                        "Passthrough (physical)"
-                    } else {
-                        "Non-passthrough (virtual)"
-                    }
-                )?;
-                writeln!(out, "Maps to: {} (via {})", q.device, q.mapping)?;
-                writeln!(out, "Capacity: {} bytes", q.capacity)?;
-                match q.device_size {
-                    Some(s) => writeln!(out, "Device: present, {s} bytes")?,
-                    None => writeln!(out, "Device: MISSING")?,
-                }
+                q.write_text(&mut out)?;
             }
             if !q.present {
                 return Ok(ExitCode::FAILURE);
@@ -709,49 +681,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 serde_json::to_writer_pretty(&mut out, &entries)?;
                 writeln!(out)?;
             } else {
-                fn show(
-                    out: &mut dyn Write,
-                    e: &vmdkit::ops::ls::Entry,
-                    indent: usize,
-                    h: bool,
-                    m: bool,
-                ) -> std::io::Result<()> {
-                    let size = |n: u64| {
-                        if h {
-                            ops::info::human(n)
-                        } else {
-                            n.to_string()
-                        }
-                    };
-                    let pad = "  ".repeat(indent);
-                    if let Some(err) = &e.error {
-                        return writeln!(out, "{pad}{} ?  ({err})", e.file);
-                    }
-                    write!(
-                        out,
-                        "{pad}{}  {}  capacity {}  used {}",
-                        e.file,
-                        e.create_type,
-                        size(e.capacity),
-                        size(e.used)
-                    )?;
-                    if m {
-                        if let Some(d) = &e.device {
-                            write!(out, "  -> {d}")?;
-                        }
-                    }
-                    writeln!(out)?;
-                    for x in &e.extents {
-                        writeln!(out, "{pad}  extent {x}")?;
-                    }
-                    for d in &e.deltas {
-                        show(out, d, indent + 1, h, m)?;
-                    }
-                    Ok(())
-                }
-                for e in &entries {
-                    show(&mut out, e, 0, human_readable, mappings)?;
-                }
+                vmdkit::ops::ls::write_text(&mut out, &entries, human_readable, mappings)?;
             }
             for (t, alive) in vmdkit::guard::temporaries(&dir) {
                 eprintln!(
@@ -784,44 +714,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let mut out = stdout.lock();
             if json {
-                let v = serde_json::json!({ "exit_code": r.exit_code(), "findings": r.findings, "incomplete": r.incomplete, "leaked_bytes": r.leaked_bytes, "lost": r.lost });
-                serde_json::to_writer_pretty(&mut out, &v)?;
-                writeln!(out)?;
+                r.write_json(&mut out)?;
             } else {
-                for f in &r.findings {
-                    let sev = match f.severity {
-                        vmdkit::ops::check::Severity::Corruption => "ERROR",
-                        vmdkit::ops::check::Severity::Leak => "Leak",
-                        vmdkit::ops::check::Severity::Warning => "Warning",
-                    };
-                    writeln!(
-                        out,
-                        "{sev}: `{}` at {:#x}: {}{}",
-                        f.file.display(),
-                        f.offset,
-                        f.what,
-                        if f.repaired { " (repaired)" } else { "" }
-                    )?;
-                }
-                if let Some(why) = &r.incomplete {
-                    writeln!(out, "The check could not finish: {why}")?;
-                }
-                if !r.lost.is_empty() {
-                    let total: u64 = r.lost.iter().map(|(a, b)| b - a).sum();
-                    writeln!(
-                        out,
-                        "Lost guest data: {total} bytes in {} ranges (first {:#x}..{:#x}); repair cannot bring them back.",
-                        r.lost.len(),
-                        r.lost[0].0,
-                        r.lost[0].1
-                    )?;
-                }
-                match r.exit_code() {
-                    0 => writeln!(out, "No errors were found on the image.")?,
-                    2 => writeln!(out, "{} errors were found on the image; data may be corrupted.", r.findings.iter().filter(|f| f.severity == vmdkit::ops::check::Severity::Corruption && !f.repaired).count())?,
-                    3 => writeln!(out, "{} bytes of leaked space were found; this is harmless (--repair reclaims it).", r.leaked_bytes)?,
-                    _ => {}
-                }
+                r.write_text(&mut out)?;
             }
             return Ok(ExitCode::from(r.exit_code()));
         }
@@ -843,20 +738,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let v = vmdkit::ops::manifest::verify(&chain, &m, popts, &bar)?;
             bar.finish();
-            let mut out = stdout.lock();
-            for r in &v.differing {
-                writeln!(
-                    out,
-                    "differs: bytes {:#x}..{:#x} (blocks {}..={})",
-                    r.start,
-                    r.end,
-                    r.start / vmdkit::ops::manifest::BLOCK,
-                    (r.end - 1) / vmdkit::ops::manifest::BLOCK
-                )?;
-            }
-            if let Some(msg) = &v.capacity_mismatch {
-                writeln!(out, "differs: {msg}")?;
-            }
+            v.write_text(&mut stdout.lock())?;
             if v.ok() {
                 if !quiet {
                     eprintln!(

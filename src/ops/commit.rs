@@ -76,6 +76,39 @@ pub struct CommitReport {
     pub dry_run: bool,
 }
 
+impl CommitReport {
+    /// What a dry run would do: the target, data and zeros, the files to remove.
+    pub fn write_plan(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        writeln!(out, "would write into: {}", self.target.display())?;
+        writeln!(out, "data: {} bytes in {} runs", self.data_bytes, self.runs)?;
+        writeln!(out, "zeros: {} bytes", self.zero_bytes)?;
+        for f in &self.removed {
+            writeln!(out, "would remove: {}", f.display())?;
+        }
+        Ok(())
+    }
+
+    /// One line saying what was done.
+    pub fn summary(&self) -> String {
+        format!(
+            "committed into `{}`: {} bytes of data, {} bytes of zeros{}; removed {}",
+            self.target.display(),
+            self.data_bytes,
+            self.zero_bytes,
+            if self.resumed {
+                " (finished an interrupted commit)"
+            } else {
+                ""
+            },
+            self.removed
+                .iter()
+                .map(|p| format!("`{}`", p.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
 /// Where a commit stands (recorded in the state file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

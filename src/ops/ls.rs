@@ -151,3 +151,57 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>> {
     }
     Ok(out)
 }
+
+/// The listing as a tree: each disk with its type, capacity and space used (`human`:
+/// KiB/MiB/GiB), its extents, its RDM device (`mappings`), then its deltas indented.
+pub fn write_text(
+    out: &mut dyn std::io::Write,
+    entries: &[Entry],
+    human: bool,
+    mappings: bool,
+) -> std::io::Result<()> {
+    fn show(
+        out: &mut dyn std::io::Write,
+        e: &Entry,
+        indent: usize,
+        h: bool,
+        m: bool,
+    ) -> std::io::Result<()> {
+        let size = |n: u64| {
+            if h {
+                crate::ops::info::human(n)
+            } else {
+                n.to_string()
+            }
+        };
+        let pad = "  ".repeat(indent);
+        if let Some(err) = &e.error {
+            return writeln!(out, "{pad}{} ?  ({err})", e.file);
+        }
+        write!(
+            out,
+            "{pad}{}  {}  capacity {}  used {}",
+            e.file,
+            e.create_type,
+            size(e.capacity),
+            size(e.used)
+        )?;
+        if m {
+            if let Some(d) = &e.device {
+                write!(out, "  -> {d}")?;
+            }
+        }
+        writeln!(out)?;
+        for x in &e.extents {
+            writeln!(out, "{pad}  extent {x}")?;
+        }
+        for d in &e.deltas {
+            show(out, d, indent + 1, h, m)?;
+        }
+        Ok(())
+    }
+    for e in entries {
+        show(out, e, 0, human, mappings)?;
+    }
+    Ok(())
+}

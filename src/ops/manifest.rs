@@ -185,6 +185,24 @@ impl Verification {
     pub fn ok(&self) -> bool {
         self.differing.is_empty() && self.capacity_mismatch.is_none() && self.total_matches
     }
+
+    /// One line per differing range (bytes and 1 MiB blocks), and a capacity mismatch.
+    pub fn write_text(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        for r in &self.differing {
+            writeln!(
+                out,
+                "differs: bytes {:#x}..{:#x} (blocks {}..={})",
+                r.start,
+                r.end,
+                r.start / BLOCK,
+                (r.end - 1) / BLOCK
+            )?;
+        }
+        if let Some(msg) = &self.capacity_mismatch {
+            writeln!(out, "differs: {msg}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Re-read `disk` and compare every block with `m`.

@@ -33,6 +33,28 @@ pub struct RdmInfo {
     pub present: bool,
 }
 
+impl RdmInfo {
+    /// As `vmkfstools -q` words it.
+    pub fn write_text(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "Disk {} is a {} mode Raw Device Mapping",
+            self.disk,
+            if self.mode == "physical" {
+                "Passthrough (physical)"
+            } else {
+                "Non-passthrough (virtual)"
+            }
+        )?;
+        writeln!(out, "Maps to: {} (via {})", self.device, self.mapping)?;
+        writeln!(out, "Capacity: {} bytes", self.capacity)?;
+        match self.device_size {
+            Some(s) => writeln!(out, "Device: present, {s} bytes"),
+            None => writeln!(out, "Device: MISSING"),
+        }
+    }
+}
+
 fn device_size(p: &Path) -> Result<u64> {
     let f = std::fs::File::open(p).map_err(|e| Error::io("open", p, 0, e))?;
     crate::io::device_size(&f).map_err(|e| Error::io("get the size of", p, 0, e))

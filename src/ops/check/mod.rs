@@ -79,6 +79,71 @@ pub struct CheckOptions {
 }
 
 impl CheckReport {
+    /// The report as JSON: `exit_code`, `findings` (each `file`, `offset`, `severity`,
+    /// `what`, `repaired`), `incomplete`, `leaked_bytes`, `lost` (guest byte ranges).
+    pub fn write_json(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let v = serde_json::json!({
+            "exit_code": self.exit_code(),
+            "findings": self.findings,
+            "incomplete": self.incomplete,
+            "leaked_bytes": self.leaked_bytes,
+            "lost": self.lost,
+        });
+        serde_json::to_writer_pretty(&mut *out, &v)?;
+        writeln!(out)
+    }
+
+    /// The report as text, as `qemu-img check` words it: one line per finding, then the
+    /// lost guest data and a summary.
+    pub fn write_text(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        for f in &self.findings {
+            let sev = match f.severity {
+                Severity::Corruption => "ERROR",
+                Severity::Leak => "Leak",
+                Severity::Warning => "Warning",
+            };
+            writeln!(
+                out,
+                "{sev}: `{}` at {:#x}: {}{}",
+                f.file.display(),
+                f.offset,
+                f.what,
+                if f.repaired { " (repaired)" } else { "" }
+            )?;
+        }
+        if let Some(why) = &self.incomplete {
+            writeln!(out, "The check could not finish: {why}")?;
+        }
+        if let Some(first) = self.lost.first() {
+            let total: u64 = self.lost.iter().map(|(a, b)| b - a).sum();
+            writeln!(
+                out,
+                "Lost guest data: {total} bytes in {} ranges (first {:#x}..{:#x}); repair cannot bring them back.",
+                self.lost.len(),
+                first.0,
+                first.1
+            )?;
+        }
+        let open_errors = self
+            .findings
+            .iter()
+            .filter(|f| f.severity == Severity::Corruption && !f.repaired)
+            .count();
+        match self.exit_code() {
+            0 => writeln!(out, "No errors were found on the image."),
+            2 => writeln!(
+                out,
+                "{open_errors} errors were found on the image; data may be corrupted."
+            ),
+            3 => writeln!(
+                out,
+                "{} bytes of leaked space were found; this is harmless (--repair reclaims it).",
+                self.leaked_bytes
+            ),
+            _ => Ok(()),
+        }
+    }
+
     /// Exit code as `qemu-img check`.
     pub fn exit_code(&self) -> u8 {
         let open = |s: Severity| self.findings.iter().any(|f| f.severity == s && !f.repaired);
