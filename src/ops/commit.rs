@@ -34,7 +34,6 @@ use crate::error::{Error, Result};
 use crate::format::descriptor::{random_cid, CreateType};
 use crate::format::Extent;
 use crate::guard::{LockKind, LockSet};
-use crate::io::SourceMode;
 use crate::layer::{Layer, OpenOptions};
 use crate::ops::Progress;
 pub use crate::resolve::children_of;
@@ -340,72 +339,13 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
         locks.lock(top, LockKind::Exclusive)?;
     }
     let state = read_state(&sp)?;
-    if let Some(st) = &state {
-        verify_members(&sp, st)?;
-        let existing: Vec<PathBuf> = st
-            .remove
-            .iter()
-            .filter(|m| m.path.exists())
-            .map(|m| m.path.clone())
-            .collect();
-        locks.exclusive_all(&existing)?;
-        let done = CommitReport {
-            target: st.target.clone(),
-            removed: st.remove.iter().map(|m| m.path.clone()).collect(),
-            resumed: true,
-            dry_run: opts.dry_run,
-            ..Default::default()
-        };
-        match st.phase {
-            Phase::Copy => {}
-            _ if opts.dry_run => return Ok(done),
-            Phase::Remove => {
-                finish_removal(&sp, st)?;
-                return Ok(done);
-            }
-            Phase::Tables => {
-                let targets: Vec<PathBuf> = std::iter::once(st.target.clone())
-                    .chain(st.target_lengths.iter().map(|(p, _)| p.clone()))
-                    .collect();
-                locks.exclusive_all(&targets)?;
-                apply_journal(&read_journal(&journal_path(&sp))?)?;
-                let mut layer = Layer::open(
-                    &st.target,
-                    &OpenOptions {
-                        ignore_cid: true,
-                        mode: SourceMode::Pread,
-                        ..Default::default()
-                    },
-                )?;
-                finish_target(&sp, st, &mut layer)?;
-                return Ok(done);
-            }
-        }
-    }
-    if let Some(st) = state.as_ref().filter(|_| !opts.dry_run) {
-        // Phase `copy` was interrupted: the parent's tables are untouched (they are only
-        // written from the journal), so what the run appended is referenced by nothing.
-        // Cut it off, and the rerun allocates the same places again.
-        let targets: Vec<PathBuf> = st.target_lengths.iter().map(|(p, _)| p.clone()).collect();
-        locks.exclusive_all(&targets)?;
-        for (p, len) in &st.target_lengths {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(p)
-                .map_err(|e| Error::io("open for writing", p, 0, e))?;
-            let now = f.metadata().map_err(|e| Error::io("stat", p, 0, e))?.len();
-            if now > *len && f.metadata().is_ok_and(|m| m.is_file()) {
-                f.set_len(*len)
-                    .map_err(|e| Error::io("truncate", p, *len, e))?;
-                f.sync_all().map_err(|e| Error::io("flush", p, 0, e))?;
-            }
-        }
+    if let Some(done) = resume(&sp, state.as_ref(), opts, &mut locks)? {
+        return Ok(done);
     }
     let mut chain = Chain::open(
         top,
         &OpenOptions {
             ignore_cid: true,
-            mode: SourceMode::Pread,
             ..Default::default()
         },
     )?;
@@ -430,8 +370,139 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
         }
     }
     crate::guard::test_hold_hook();
-    let tl = &chain.layers[target];
-    // Parents we cannot write into.
+    refuse_target(&chain.layers[target])?;
+    check_links(&chain, target, state.as_ref())?;
+    if state.is_none() && !opts.force {
+        check_siblings(&chain, target)?;
+    }
+    let (units, runs, mut report) = plan(&chain, target)?;
+    let remove = files_to_remove(&chain, target);
+    report.removed = remove.clone();
+    if opts.dry_run {
+        report.dry_run = true;
+        report.resumed = state.is_some();
+        return Ok(report);
+    }
+
+    let mut writer = LayerWriter::open_with(&chain.layers[target], opts.allow_device_write)?;
+    for r in &runs {
+        writer.check_writable(r.start, r.len)?;
+    }
+    let st = match state {
+        Some(st) => st,
+        None => State {
+            version: STATE_VERSION,
+            phase: Phase::Copy,
+            target: chain.layers[target].path.clone(),
+            target_old_cid: chain.layers[target].cid(),
+            target_new_cid: random_cid(),
+            remove: remove
+                .iter()
+                .map(|p| Member::of(p))
+                .collect::<Result<Vec<_>>>()?,
+            target_lengths: writer.extent_files(),
+        },
+    };
+    report.resumed = st.phase != Phase::Copy || std::fs::metadata(&sp).is_ok();
+    progress.set_total(report.data_bytes + report.zero_bytes);
+    write_state(&sp, &st)?;
+    copy_into(&chain, target, &mut writer, units, opts, progress)?;
+    // Data is durable; record the table writes, then move to phase `tables`, then apply
+    // them. A crash before the phase change redoes the copy (after cutting the appended
+    // grains off); after it, the journal is replayed.
+    let journal = writer.take_journal()?;
+    drop(writer);
+    write_journal(&journal_path(&sp), &journal)?;
+    let st = State {
+        phase: Phase::Tables,
+        ..st
+    };
+    write_state(&sp, &st)?;
+    apply_journal(&journal)?;
+    finish_target(&sp, &st, &mut chain.layers[target])?;
+    drop(chain);
+    Ok(report)
+}
+
+/// An interrupted commit: finish it when it is past the copy (phases `tables` and
+/// `remove`, returning its report), or prepare a redo of the copy (cut the parent back).
+fn resume(
+    sp: &Path,
+    state: Option<&State>,
+    opts: &CommitOptions,
+    locks: &mut LockSet,
+) -> Result<Option<CommitReport>> {
+    let Some(st) = state else {
+        return Ok(None);
+    };
+    verify_members(sp, st)?;
+    let existing: Vec<PathBuf> = st
+        .remove
+        .iter()
+        .filter(|m| m.path.exists())
+        .map(|m| m.path.clone())
+        .collect();
+    locks.exclusive_all(&existing)?;
+    let done = CommitReport {
+        target: st.target.clone(),
+        removed: st.remove.iter().map(|m| m.path.clone()).collect(),
+        resumed: true,
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+    match st.phase {
+        Phase::Copy if opts.dry_run => Ok(None),
+        Phase::Copy => {
+            cut_back(st, locks)?;
+            Ok(None)
+        }
+        _ if opts.dry_run => Ok(Some(done)),
+        Phase::Remove => {
+            finish_removal(sp, st)?;
+            Ok(Some(done))
+        }
+        Phase::Tables => {
+            let targets: Vec<PathBuf> = std::iter::once(st.target.clone())
+                .chain(st.target_lengths.iter().map(|(p, _)| p.clone()))
+                .collect();
+            locks.exclusive_all(&targets)?;
+            apply_journal(&read_journal(&journal_path(sp))?)?;
+            let mut layer = Layer::open(
+                &st.target,
+                &OpenOptions {
+                    ignore_cid: true,
+                    ..Default::default()
+                },
+            )?;
+            finish_target(sp, st, &mut layer)?;
+            Ok(Some(done))
+        }
+    }
+}
+
+/// Phase `copy` was interrupted: the parent's tables are untouched (they are only
+/// written from the journal), so what the run appended is referenced by nothing. Cut
+/// it off, and the rerun allocates the same places again.
+fn cut_back(st: &State, locks: &mut LockSet) -> Result<()> {
+    let targets: Vec<PathBuf> = st.target_lengths.iter().map(|(p, _)| p.clone()).collect();
+    locks.exclusive_all(&targets)?;
+    for (p, len) in &st.target_lengths {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .map_err(|e| Error::io("open for writing", p, 0, e))?;
+        let meta = f.metadata().map_err(|e| Error::io("stat", p, 0, e))?;
+        if meta.len() > *len && meta.is_file() {
+            f.set_len(*len)
+                .map_err(|e| Error::io("truncate", p, *len, e))?;
+            f.sync_all().map_err(|e| Error::io("flush", p, 0, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Parents we cannot write into.
+fn refuse_target(tl: &Layer) -> Result<()> {
     if tl.create_type == CreateType::StreamOptimized
         || tl
             .extents
@@ -467,8 +538,12 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
             )));
         }
     }
-    // CID links of the merged part: each must match, except that a resumed commit may
-    // already have given the target its new CID.
+    Ok(())
+}
+
+/// CID links of the merged part: each must match, except that a resumed commit may
+/// already have given the target its new CID.
+fn check_links(chain: &Chain, target: usize, state: Option<&State>) -> Result<()> {
     for d in 0..target {
         let child = &chain.layers[d];
         let parent = &chain.layers[d + 1];
@@ -478,9 +553,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
         let want = child.descriptor.parent_cid();
         let have = parent.cid();
         let resumed_ok = d + 1 == target
-            && state
-                .as_ref()
-                .is_some_and(|s| have == Some(s.target_new_cid) || have == s.target_old_cid);
+            && state.is_some_and(|s| have == Some(s.target_new_cid) || have == s.target_old_cid);
         if want != have && !resumed_ok {
             return Err(Error::chain(
                 &child.path,
@@ -493,26 +566,31 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
             ));
         }
     }
-    // Siblings: another delta naming the target (or a layer we remove) would be corrupted.
-    if state.is_none() && !opts.force {
-        let members: Vec<&Path> = chain.layers.iter().map(|l| l.path.as_path()).collect();
-        for l in chain.layers[1..=target].iter() {
-            if let Some(p) = children_of(&l.path)
-                .into_iter()
-                .find(|p| !members.iter().any(|m| same_file(m, p)))
-            {
-                return Err(Error::chain(
-                    &p,
-                    format!(
-                        "this delta also has `{}` as its parent; committing would corrupt it (use --force to commit anyway)",
-                        l.path.display()
-                    ),
-                ));
-            }
+    Ok(())
+}
+
+/// Siblings: another delta naming the target (or a layer we remove) would be corrupted.
+fn check_siblings(chain: &Chain, target: usize) -> Result<()> {
+    let members: Vec<&Path> = chain.layers.iter().map(|l| l.path.as_path()).collect();
+    for l in chain.layers[1..=target].iter() {
+        if let Some(p) = children_of(&l.path)
+            .into_iter()
+            .find(|p| !members.iter().any(|m| same_file(m, p)))
+        {
+            return Err(Error::chain(
+                &p,
+                format!(
+                    "this delta also has `{}` as its parent; committing would corrupt it (use --force to commit anyway)",
+                    l.path.display()
+                ),
+            ));
         }
     }
+    Ok(())
+}
 
-    // Plan: every range decided above the target.
+/// Plan: every range decided above the target, as engine units; the runs; the report.
+fn plan(chain: &Chain, target: usize) -> Result<(Vec<Unit>, Vec<crate::disk::Run>, CommitReport)> {
     let cap = chain.capacity().min(chain.layers[target].capacity);
     let runs: Vec<_> = chain
         .map(0..cap)?
@@ -543,6 +621,12 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
             p += len;
         }
     }
+    Ok((units, runs, report))
+}
+
+/// The merged deltas' files, each descriptor before its extents: a half-removed delta is
+/// never openable.
+fn files_to_remove(chain: &Chain, target: usize) -> Vec<PathBuf> {
     let mut remove = Vec::new();
     for l in &chain.layers[..target] {
         // The descriptor first, then extents: a half-removed delta is never openable.
@@ -553,81 +637,47 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
             }
         }
     }
-    report.removed = remove.clone();
-    if opts.dry_run {
-        report.dry_run = true;
-        report.resumed = state.is_some();
-        return Ok(report);
-    }
+    remove
+}
 
-    let mut writer = LayerWriter::open_with(&chain.layers[target], opts.allow_device_write)?;
-    for r in &runs {
-        writer.check_writable(r.start, r.len)?;
-    }
-    let st = match state {
-        Some(st) => st,
-        None => State {
-            version: STATE_VERSION,
-            phase: Phase::Copy,
-            target: chain.layers[target].path.clone(),
-            target_old_cid: chain.layers[target].cid(),
-            target_new_cid: random_cid(),
-            remove: remove
-                .iter()
-                .map(|p| Member::of(p))
-                .collect::<Result<Vec<_>>>()?,
-            target_lengths: writer.extent_files(),
+/// Copy every planned unit into the target on the engine (reads in parallel, writes in
+/// order); data grains synced before the caller journals the tables.
+fn copy_into(
+    chain: &Chain,
+    target: usize,
+    writer: &mut LayerWriter,
+    units: Vec<Unit>,
+    opts: &CommitOptions,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let chain_ref = chain;
+    let below = move |buf: &mut [u8], off: u64| chain_ref.read_below(target + 1, buf, off);
+    let popts = PipelineOptions {
+        threads: opts.threads,
+        ..Default::default()
+    };
+    let mut it = units.into_iter();
+    pipeline::run(
+        &mut it,
+        popts,
+        |u| {
+            if !u.read {
+                return Ok(None);
+            }
+            let mut buf = vec![0u8; u.len as usize];
+            chain_ref.read_at(&mut buf, u.start)?;
+            Ok(Some(buf))
         },
-    };
-    report.resumed = st.phase != Phase::Copy || std::fs::metadata(&sp).is_ok();
-    progress.set_total(report.data_bytes + report.zero_bytes);
-    write_state(&sp, &st)?;
-
-    {
-        let chain_ref = &chain;
-        let below = move |buf: &mut [u8], off: u64| chain_ref.read_below(target + 1, buf, off);
-        let popts = PipelineOptions {
-            threads: opts.threads,
-            ..Default::default()
-        };
-        let mut it = units.into_iter();
-        pipeline::run(
-            &mut it,
-            popts,
-            |u| {
-                if !u.read {
-                    return Ok(None);
-                }
-                let mut buf = vec![0u8; u.len as usize];
-                chain_ref.read_at(&mut buf, u.start)?;
-                Ok(Some(buf))
-            },
-            |u, data| {
-                match data {
-                    Some(b) => writer.write_at(&b, u.start, &below)?,
-                    None => writer.write_zeroes(u.start, u.len, &below)?,
-                }
-                progress.inc(u.len);
-                Ok(())
-            },
-        )?;
-    }
-    // Data is durable; record the table writes, then move to phase `tables`, then apply
-    // them. A crash before the phase change redoes the copy (after cutting the appended
-    // grains off); after it, the journal is replayed.
-    let journal = writer.take_journal()?;
-    drop(writer);
-    let jp = journal_path(&sp);
-    write_journal(&jp, &journal)?;
-    let st = State {
-        phase: Phase::Tables,
-        ..st
-    };
-    write_state(&sp, &st)?;
-    apply_journal(&journal)?;
-    finish_target(&sp, &st, &mut chain.layers[target])?;
-    drop(chain);
-    Ok(report)
+        |u, data| {
+            match data {
+                Some(b) => writer.write_at(&b, u.start, &below)?,
+                None => writer.write_zeroes(u.start, u.len, &below)?,
+            }
+            progress.inc(u.len);
+            Ok(())
+        },
+    )?;
+    Ok(())
 }
 
 /// The parent's data and tables are durable: give it its new CID, then remove the
