@@ -1,5 +1,7 @@
 //! Walking a chain for `check`: each layer's descriptor, extents and files, the CID
-//! links, and at the end the readers' own verdict.
+//! links, and at the end the readers' own verdict. The walk goes on past damage (the
+//! chain opener stops at the first error), with the same name rules ([`crate::resolve`])
+//! and loop detection by device and inode.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
@@ -9,11 +11,12 @@ use super::cowd::check_cowd;
 use super::sparse::check_sparse_file;
 use super::{CheckOptions, CheckReport, Severity};
 use crate::error::{Error, Result};
-use crate::format::descriptor::{Descriptor, ExtentType, NO_PARENT_CID};
+use crate::format::descriptor::{CreateType, Descriptor, ExtentLine, ExtentType, NO_PARENT_CID};
 use crate::format::sparse::{self, SECTOR};
+use crate::guard::{FileId, LockKind, LockSet};
 use crate::io::{Source, SourceMode};
 use crate::layer::{Layer, OpenOptions};
-use crate::resolve::resolve_name;
+use crate::resolve::{confine, folder_of, resolve_name};
 
 /// Check `disk` and every parent below it.
 pub fn check(disk: &Path, repair: bool) -> Result<CheckReport> {
@@ -26,22 +29,41 @@ pub fn check(disk: &Path, repair: bool) -> Result<CheckReport> {
     )
 }
 
+/// What one layer says about its place in the chain.
+#[derive(Default)]
+struct Links {
+    cid: Option<u32>,
+    parent_cid: Option<u32>,
+    parent_hint: Option<String>,
+}
+
+/// The walk's state.
+struct Walk<'a> {
+    opts: &'a CheckOptions,
+    r: CheckReport,
+    locks: LockSet,
+    kind: LockKind,
+}
+
 /// Check `disk` and every parent below it, as `opts` says.
 pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
-    let repair = opts.repair;
-    let mut r = CheckReport::default();
-    let mut locks = crate::guard::LockSet::new();
-    let kind = if repair {
-        crate::guard::LockKind::Exclusive
-    } else {
-        crate::guard::LockKind::Shared
+    let mut w = Walk {
+        opts,
+        r: CheckReport::default(),
+        locks: LockSet::new(),
+        kind: if opts.repair {
+            LockKind::Exclusive
+        } else {
+            LockKind::Shared
+        },
     };
     let mut next = Some(disk.to_path_buf());
-    let mut seen = Vec::new();
+    let mut seen: Vec<FileId> = Vec::new();
     let mut child: Option<(PathBuf, Option<u32>)> = None;
     while let Some(path) = next.take() {
-        if seen.contains(&path) || seen.len() > crate::chain::MAX_CHAIN_DEPTH {
-            r.add(
+        let id = FileId::of(&path);
+        if id.is_some_and(|id| seen.contains(&id)) || seen.len() > crate::chain::MAX_CHAIN_DEPTH {
+            w.r.add(
                 &path,
                 0,
                 Severity::Corruption,
@@ -49,259 +71,247 @@ pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
             );
             break;
         }
-        seen.push(path.clone());
-        if let Err(e) = crate::io::refuse_special(&path) {
-            r.incomplete = Some(e.to_string());
+        seen.extend(id);
+        let Some((links, cowd)) = w.layer(&path)? else {
             break;
-        }
-        locks.lock(&path, kind)?;
-        let mut head = [0u8; 4];
-        let f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) => {
-                r.incomplete = Some(format!("cannot open `{}`: {e}", path.display()));
-                break;
-            }
-        };
-        let _ = f.read_exact_at(&mut head, 0);
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map_or(PathBuf::from("."), Path::to_path_buf);
-        let (cid, parent_cid, parent_hint) = if &head == b"COWD" {
-            check_cowd(&path, repair, &mut r)?;
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            (None, None, name.strip_suffix(".REDO").map(str::to_string))
-        } else if &head == b"KDMV" || &head == b"vmdk" {
-            check_sparse_file(&path, opts, &mut r)?;
-            match Layer::open(
-                &path,
-                &OpenOptions {
-                    ignore_cid: true,
-                    mode: SourceMode::Pread,
-                    ..Default::default()
-                },
-            ) {
-                Ok(l) => (
-                    l.cid(),
-                    l.descriptor.parent_cid(),
-                    l.parent_hint().map(str::to_string),
-                ),
-                Err(_) => (None, None, None),
-            }
-        } else {
-            let text = std::fs::read(&path).map_err(|e| Error::io("read", &path, 0, e))?;
-            let mut d = match Descriptor::parse(
-                &text[..text
-                    .len()
-                    .min(crate::format::descriptor::MAX_DESCRIPTOR_BYTES)],
-                &path,
-            ) {
-                Ok(d) => d,
-                Err(e) => {
-                    r.add(&path, 0, Severity::Corruption, e.to_string());
-                    break;
-                }
-            };
-            let mut desc_dirty = false;
-            for (k, line) in d
-                .extents()
-                .into_iter()
-                .cloned()
-                .enumerate()
-                .collect::<Vec<_>>()
-            {
-                let Some(name) = line.file.clone() else {
-                    continue;
-                };
-                let p = match resolve_name(
-                    &dir,
-                    &name,
-                    d.create_type().is_some_and(|c| c.is_device()),
-                    "extent",
-                    &path,
-                    &mut Vec::new(),
-                ) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        r.add(&path, 0, Severity::Corruption, e.to_string());
-                        continue;
-                    }
-                };
-                if let Err(e) = crate::resolve::confine(
-                    &p,
-                    &dir,
-                    d.create_type()
-                        .unwrap_or(crate::format::descriptor::CreateType::Custom),
-                    &OpenOptions::default(),
-                    &format!("extent {}", k + 1),
-                    &path,
-                ) {
-                    r.incomplete = Some(e.to_string());
-                    continue;
-                }
-                let Ok(meta) = std::fs::metadata(&p) else {
-                    r.add(
-                        &path,
-                        0,
-                        Severity::Corruption,
-                        format!("extent {}: `{name}` is missing", k + 1),
-                    );
-                    continue;
-                };
-                if let Err(e) = crate::io::refuse_special(&p) {
-                    if !meta.file_type().is_block_device() {
-                        r.add(
-                            &path,
-                            0,
-                            Severity::Corruption,
-                            format!("extent {}: {e}", k + 1),
-                        );
-                        continue;
-                    }
-                }
-                locks.lock(&p, kind)?;
-                match line.kind {
-                    ExtentType::Sparse => {
-                        check_sparse_file(&p, opts, &mut r)?;
-                        if let Ok(src) = Source::open(&p, SourceMode::Pread) {
-                            if let Ok(h) = sparse::read_header(&src) {
-                                if h.capacity != line.sectors {
-                                    let idx = r.add(&path, 0, Severity::Corruption, format!("extent {}: descriptor says {} sectors, `{name}` holds {}", k + 1, line.sectors, h.capacity));
-                                    if repair {
-                                        d.extents_mut()[k].sectors = h.capacity;
-                                        desc_dirty = true;
-                                        r.findings[idx].repaired = true;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    ExtentType::VmfsSparse => check_cowd(&p, repair, &mut r)?,
-                    ExtentType::Flat
-                    | ExtentType::Vmfs
-                    | ExtentType::VmfsRaw
-                    | ExtentType::VmfsRdm => {
-                        let need = (line.offset.unwrap_or(0) + line.sectors).saturating_mul(SECTOR);
-                        let have = if meta.is_file() { meta.len() } else { u64::MAX };
-                        if have < need {
-                            r.add(
-                                &p,
-                                have,
-                                Severity::Corruption,
-                                format!("flat extent is {have} bytes, the descriptor needs {need}"),
-                            );
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            if desc_dirty {
-                let mut l = Layer::open(
-                    &path,
-                    &OpenOptions {
-                        ignore_cid: true,
-                        mode: SourceMode::Pread,
-                        ..Default::default()
-                    },
-                )
-                .map_err(|e| Error::InvalidInput(format!("reopening after repair: {e}")))?;
-                l.descriptor = d.clone();
-                crate::write::write_descriptor(&l)?;
-            }
-            (
-                d.cid(),
-                d.parent_cid(),
-                d.get("parentFileNameHint")
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string),
-            )
         };
         if let Some((cpath, want)) = child.take() {
-            if want.is_some() && want != cid && want != Some(NO_PARENT_CID) {
-                r.add(
+            if want.is_some() && want != links.cid && want != Some(NO_PARENT_CID) {
+                w.r.add(
                     &cpath,
                     0,
                     Severity::Corruption,
                     format!(
                         "parentCID {:08x} does not match the CID {} of parent `{}`",
                         want.unwrap_or(0),
-                        cid.map_or("-".into(), |c| format!("{c:08x}")),
+                        links.cid.map_or("-".into(), |c| format!("{c:08x}")),
                         path.display()
                     ),
                 );
             }
         }
-        if let Some(h) = parent_hint {
-            let resolved = resolve_name(&dir, &h, false, "parent", &path, &mut Vec::new())
-                .and_then(|p| {
-                    crate::resolve::confine(
-                        &p,
-                        &dir,
-                        crate::format::descriptor::CreateType::Custom,
-                        &OpenOptions::default(),
-                        "parent",
-                        &path,
-                    )
-                    .map(|()| p)
-                });
-            match resolved {
-                Ok(p) if p.exists() => {
-                    child = Some((path.clone(), parent_cid.filter(|_| &head != b"COWD")));
-                    next = Some(p);
-                }
-                Ok(p) => {
-                    r.add(
-                        &path,
-                        0,
-                        Severity::Corruption,
-                        format!("parent `{h}` is missing (looked for `{}`)", p.display()),
+        if let Some(p) = w.parent(&path, links.parent_hint.as_deref()) {
+            child = Some((path.clone(), links.parent_cid.filter(|_| !cowd)));
+            next = Some(p);
+        }
+    }
+    w.agree_with_readers(disk);
+    Ok(w.r)
+}
+
+impl Walk<'_> {
+    /// Check one layer; its links and whether it is a bare COWD file, or None when the
+    /// walk cannot go on.
+    fn layer(&mut self, path: &Path) -> Result<Option<(Links, bool)>> {
+        if let Err(e) = crate::io::refuse_special(path) {
+            self.r.incomplete = Some(e.to_string());
+            return Ok(None);
+        }
+        self.locks.lock(path, self.kind)?;
+        let mut head = [0u8; 4];
+        let f = match File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                self.r.incomplete = Some(format!("cannot open `{}`: {e}", path.display()));
+                return Ok(None);
+            }
+        };
+        let _ = f.read_exact_at(&mut head, 0);
+        if &head == b"COWD" {
+            check_cowd(path, self.opts.repair, &mut self.r)?;
+            let name = crate::resolve::file_name_of(path);
+            let links = Links {
+                parent_hint: name.strip_suffix(".REDO").map(str::to_string),
+                ..Default::default()
+            };
+            return Ok(Some((links, true)));
+        }
+        if &head == b"KDMV" || &head == b"vmdk" {
+            check_sparse_file(path, self.opts, &mut self.r)?;
+            let links = match Layer::open(path, &open_options()) {
+                Ok(l) => Links {
+                    cid: l.cid(),
+                    parent_cid: l.descriptor.parent_cid(),
+                    parent_hint: l.parent_hint().map(str::to_string),
+                },
+                Err(_) => Links::default(),
+            };
+            return Ok(Some((links, false)));
+        }
+        Ok(self.descriptor(path)?.map(|l| (l, false)))
+    }
+
+    /// A text descriptor: every extent, and extent sizes mended from sparse headers.
+    fn descriptor(&mut self, path: &Path) -> Result<Option<Links>> {
+        let text = std::fs::read(path).map_err(|e| Error::io("read", path, 0, e))?;
+        let limit = text
+            .len()
+            .min(crate::format::descriptor::MAX_DESCRIPTOR_BYTES);
+        let mut d = match Descriptor::parse(&text[..limit], path) {
+            Ok(d) => d,
+            Err(e) => {
+                self.r.add(path, 0, Severity::Corruption, e.to_string());
+                return Ok(None);
+            }
+        };
+        let mut desc_dirty = false;
+        let lines: Vec<ExtentLine> = d.extents().into_iter().cloned().collect();
+        for (k, line) in lines.iter().enumerate() {
+            if let Some(sectors) = self.extent(path, &d, k, line)? {
+                d.extents_mut()[k].sectors = sectors;
+                desc_dirty = true;
+            }
+        }
+        if desc_dirty {
+            let mut l = Layer::open(path, &open_options())
+                .map_err(|e| Error::InvalidInput(format!("reopening after repair: {e}")))?;
+            l.descriptor = d.clone();
+            crate::write::write_descriptor(&l)?;
+        }
+        Ok(Some(Links {
+            cid: d.cid(),
+            parent_cid: d.parent_cid(),
+            parent_hint: d
+                .get("parentFileNameHint")
+                .filter(|s| !s.is_empty())
+                .map(str::to_string),
+        }))
+    }
+
+    /// Extent `k` of descriptor `d` at `path`; returns the size to write back into the
+    /// descriptor when repair mends it from the extent's header.
+    fn extent(
+        &mut self,
+        path: &Path,
+        d: &Descriptor,
+        k: usize,
+        line: &ExtentLine,
+    ) -> Result<Option<u64>> {
+        let Some(name) = line.file.clone() else {
+            return Ok(None);
+        };
+        let dir = folder_of(path);
+        let ct = d.create_type();
+        let device = ct.is_some_and(|c| c.is_device());
+        let p = match resolve_name(&dir, &name, device, "extent", path, &mut Vec::new()) {
+            Ok(p) => p,
+            Err(e) => {
+                self.r.add(path, 0, Severity::Corruption, e.to_string());
+                return Ok(None);
+            }
+        };
+        let what = format!("extent {}", k + 1);
+        let ct = ct.unwrap_or(CreateType::Custom);
+        if let Err(e) = confine(&p, &dir, ct, &OpenOptions::default(), &what, path) {
+            self.r.incomplete = Some(e.to_string());
+            return Ok(None);
+        }
+        let Ok(meta) = std::fs::metadata(&p) else {
+            let msg = format!("{what}: `{name}` is missing");
+            self.r.add(path, 0, Severity::Corruption, msg);
+            return Ok(None);
+        };
+        if let Err(e) = crate::io::refuse_special(&p) {
+            if !meta.file_type().is_block_device() {
+                self.r
+                    .add(path, 0, Severity::Corruption, format!("{what}: {e}"));
+                return Ok(None);
+            }
+        }
+        self.locks.lock(&p, self.kind)?;
+        match line.kind {
+            ExtentType::Sparse => {
+                check_sparse_file(&p, self.opts, &mut self.r)?;
+                let header = Source::open(&p, SourceMode::Pread)
+                    .ok()
+                    .and_then(|src| sparse::read_header(&src).ok());
+                if let Some(h) = header.filter(|h| h.capacity != line.sectors) {
+                    let msg = format!(
+                        "{what}: descriptor says {} sectors, `{name}` holds {}",
+                        line.sectors, h.capacity
                     );
+                    let idx = self.r.add(path, 0, Severity::Corruption, msg);
+                    if self.opts.repair {
+                        self.r.findings[idx].repaired = true;
+                        return Ok(Some(h.capacity));
+                    }
                 }
-                Err(e) => {
-                    r.add(&path, 0, Severity::Corruption, e.to_string());
+            }
+            ExtentType::VmfsSparse => check_cowd(&p, self.opts.repair, &mut self.r)?,
+            ExtentType::Flat | ExtentType::Vmfs | ExtentType::VmfsRaw | ExtentType::VmfsRdm => {
+                let need = (line.offset.unwrap_or(0) + line.sectors).saturating_mul(SECTOR);
+                let have = if meta.is_file() { meta.len() } else { u64::MAX };
+                if have < need {
+                    let msg = format!("flat extent is {have} bytes, the descriptor needs {need}");
+                    self.r.add(&p, have, Severity::Corruption, msg);
                 }
+            }
+            _ => {}
+        }
+        Ok(None)
+    }
+
+    /// The parent `hint` names, when it resolves inside the folder and exists (else a
+    /// finding).
+    fn parent(&mut self, path: &Path, hint: Option<&str>) -> Option<PathBuf> {
+        let h = hint?;
+        let dir = folder_of(path);
+        let resolved =
+            resolve_name(&dir, h, false, "parent", path, &mut Vec::new()).and_then(|p| {
+                confine(
+                    &p,
+                    &dir,
+                    CreateType::Custom,
+                    &OpenOptions::default(),
+                    "parent",
+                    path,
+                )
+                .map(|()| p)
+            });
+        match resolved {
+            Ok(p) if p.exists() => Some(p),
+            Ok(p) => {
+                let msg = format!("parent `{h}` is missing (looked for `{}`)", p.display());
+                self.r.add(path, 0, Severity::Corruption, msg);
+                None
+            }
+            Err(e) => {
+                self.r.add(path, 0, Severity::Corruption, e.to_string());
+                None
             }
         }
     }
-    // check agrees with the readers: a disk they refuse is never clean.
-    if r.incomplete.is_none() {
-        let opened = crate::chain::Chain::open(
-            disk,
-            &OpenOptions {
-                ignore_cid: true,
-                ..Default::default()
-            },
-        );
-        match opened {
+
+    /// check agrees with the readers: a disk they refuse is never clean.
+    fn agree_with_readers(&mut self, disk: &Path) {
+        if self.r.incomplete.is_some() {
+            return;
+        }
+        match crate::chain::Chain::open(disk, &open_options()) {
             Ok(chain) => {
                 for l in &chain.layers {
                     if let Some(msg) = crate::chain::missing_parent_hint(l) {
-                        r.add(&l.path, 0, Severity::Corruption, msg);
+                        self.r.add(&l.path, 0, Severity::Corruption, msg);
                     }
                 }
             }
             Err(e) if e.kind() == crate::error::ErrorKind::Io => {
-                r.incomplete = Some(e.to_string());
+                self.r.incomplete = Some(e.to_string());
             }
             Err(e) => {
-                if !r
-                    .findings
-                    .iter()
-                    .any(|f| f.severity == Severity::Corruption && !f.repaired)
-                {
-                    r.add(
-                        disk,
-                        0,
-                        Severity::Corruption,
-                        format!("the disk cannot be opened: {e}"),
-                    );
+                let open = |f: &super::Finding| f.severity == Severity::Corruption && !f.repaired;
+                if !self.r.findings.iter().any(open) {
+                    let msg = format!("the disk cannot be opened: {e}");
+                    self.r.add(disk, 0, Severity::Corruption, msg);
                 }
             }
         }
     }
-    Ok(r)
+}
+
+fn open_options() -> OpenOptions {
+    OpenOptions {
+        ignore_cid: true,
+        ..Default::default()
+    }
 }
