@@ -62,235 +62,287 @@ impl ReadArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// Describe a disk and its chain: type, capacity, extents, CIDs, layers.
-    Info {
-        /// The disk (descriptor or sparse file); the top of a chain.
-        disk: PathBuf,
-        /// One JSON object with stable keys.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        read: ReadArgs,
-    },
+    Info(InfoArgs),
     /// Allocation runs of the disk through its chain (metadata only).
-    Map {
-        /// The disk.
-        disk: PathBuf,
-        /// The same records as `qemu-img map --output=json`.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        read: ReadArgs,
-    },
+    Map(MapArgs),
     /// The disk's logical content as raw bytes (chain flattened).
-    Cat {
-        /// The disk.
-        disk: PathBuf,
-        /// Write to FILE (zero ranges become holes) instead of stdout.
-        #[arg(short = 'o', long = "output")]
-        output: Option<PathBuf>,
-        /// Overwrite FILE if it exists; write binary data to a terminal.
-        #[arg(long)]
-        force: bool,
-        /// Worker threads (default: all cores).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// No progress bar.
-        #[arg(short, long)]
-        quiet: bool,
-        #[command(flatten)]
-        read: ReadArgs,
-    },
+    Cat(CatArgs),
     /// Copy a disk or a whole chain (flattened) to compact files or stdout.
-    Export {
-        /// Source disk (the top of a chain: the output looks as if it were committed).
-        src: PathBuf,
-        /// Destination path, or `-` for stdout.
-        dst: PathBuf,
-        /// Output format: streamOptimized (stream), monolithicSparse (sparse),
-        /// twoGbMaxExtentSparse (split), monolithicFlat (flat), twoGbMaxExtentFlat, vmfs, raw.
-        /// Default: split for a path, stream for stdout.
-        #[arg(long, short = 'f')]
-        format: Option<String>,
-        /// Worker threads (default: all cores).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// zlib level for streamOptimized (0-9).
-        #[arg(long, default_value_t = 6)]
-        level: u32,
-        /// Also write a CRC-32 manifest of the content (per MiB and whole).
-        #[arg(long)]
-        manifest: Option<PathBuf>,
-        /// Overwrite existing outputs; allow binary output to a terminal.
-        #[arg(long)]
-        force: bool,
-        /// No progress bar.
-        #[arg(short, long)]
-        quiet: bool,
-        #[command(flatten)]
-        read: ReadArgs,
-    },
+    Export(ExportArgs),
     /// REDO logs and snapshot deltas.
     Redo {
         #[command(subcommand)]
         cmd: RedoCmd,
     },
     /// Write bytes (from FILE or stdin) or zeros into the top layer of a chain.
-    Write {
-        /// The disk (top of the chain).
-        disk: PathBuf,
-        /// Byte offset (a multiple of 512).
-        #[arg(long)]
-        offset: u64,
-        /// Write LEN zero bytes instead of data (zeroed grains where the format has them).
-        #[arg(long, value_name = "LEN")]
-        zero: Option<u64>,
-        /// Input file, or `-` for stdin (the default).
-        input: Option<PathBuf>,
-        /// Allow writing into block devices and fullDevice / partitionedDevice / vmfsRaw disks.
-        #[arg(long)]
-        allow_device_write: bool,
-        /// Write although other deltas name this disk as their parent (breaks them).
-        #[arg(long)]
-        force: bool,
-        #[command(flatten)]
-        read: ReadArgs,
-    },
+    Write(WriteArgs),
     /// Merge the top delta (COWD, SESparse or hosted sparse) into its parent, offline.
-    Commit {
-        /// The top delta.
-        disk: PathBuf,
-        /// Merge every delta into the base.
-        #[arg(long)]
-        all: bool,
-        /// Print what would be written and removed; change nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Commit although another delta in the folder names the same parent.
-        #[arg(long)]
-        force: bool,
-        /// Allow committing into a fullDevice / partitionedDevice / vmfsRaw parent.
-        #[arg(long)]
-        allow_device_write: bool,
-        /// Worker threads (default: all cores).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// No progress bar.
-        #[arg(short, long)]
-        quiet: bool,
-    },
+    Commit(CommitArgs),
     /// Restore: a disk or chain (flattened), or a stream on stdin (`-`), into a new disk.
-    Import {
-        /// Source disk, or `-` for stdin (streamOptimized, a sparse file with its tables
-        /// first, or the tar stream export writes).
-        src: PathBuf,
-        /// Destination (a raw target may be an existing device or stand-in file).
-        dst: PathBuf,
-        /// thin (default), zeroedthick, eagerzeroedthick, monolithicSparse,
-        /// twoGbMaxExtentSparse, raw, streamOptimized.
-        #[arg(long = "type", short = 'd', default_value = "thin")]
-        kind: String,
-        /// Adapter type (ide, buslogic, lsilogic, legacyESX, pvscsi); geometry recomputed.
-        #[arg(long, short = 'a', value_parser = adapter_arg)]
-        adapter: Option<String>,
-        /// Overwrite existing outputs.
-        #[arg(long)]
-        force: bool,
-        /// Worker threads (default: all cores).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// No progress bar.
-        #[arg(short, long)]
-        quiet: bool,
-        #[command(flatten)]
-        read: ReadArgs,
-    },
+    Import(ImportArgs),
     /// Create an empty disk (vmkfstools -c).
-    Create {
-        /// The new disk.
-        disk: PathBuf,
-        /// Size: a number with k, m, g, t (binary) or s (sectors).
-        #[arg(long, short = 's')]
-        size: String,
-        /// zeroedthick (default, as vmkfstools), thin, eagerzeroedthick, monolithicSparse,
-        /// twoGbMaxExtentSparse, streamOptimized.
-        #[arg(long = "type", short = 'd', default_value = "zeroedthick")]
-        kind: String,
-        /// Adapter type: ide, buslogic, lsilogic (default), legacyESX, pvscsi.
-        #[arg(long, short = 'a', value_parser = adapter_arg)]
-        adapter: Option<String>,
-        /// Overwrite existing files.
-        #[arg(long)]
-        force: bool,
-    },
+    Create(CreateArgs),
     /// Grow a disk (vmkfstools -X).
-    Extend {
-        /// The disk (a base, not a delta).
-        disk: PathBuf,
-        /// New size: a number with k, m, g, t or s.
-        #[arg(long, short = 's')]
-        size: String,
-        /// Extend although deltas sit on the disk.
-        #[arg(long)]
-        force: bool,
-    },
+    Extend(ExtendArgs),
     /// Print the disk's geometry (vmkfstools -g).
-    Geometry {
-        /// The disk.
-        disk: PathBuf,
-        #[command(flatten)]
-        read: ReadArgs,
-    },
+    Geometry(GeometryArgs),
     /// Raw device mappings.
     Rdm {
         #[command(subcommand)]
         cmd: RdmCmd,
     },
     /// List the disks in a folder with their extents and deltas (vmkfstools -l).
-    Ls {
-        /// The folder (default: the current one).
-        dir: Option<PathBuf>,
-        /// Sizes in KiB/MiB/GiB.
-        #[arg(long, short = 'H')]
-        human_readable: bool,
-        /// Show each RDM's device.
-        #[arg(long, short = 'M')]
-        mappings: bool,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
+    Ls(LsArgs),
     /// Check every layer of a chain; --repair mends what has one right answer.
     /// Exit: 0 clean, 1 check could not finish, 2 corruption, 3 only leaks.
-    Check {
-        /// The disk (top of the chain).
-        disk: PathBuf,
-        /// Mend what has one right answer (each fix reported).
-        #[arg(long)]
-        repair: bool,
-        /// With --repair: also free leaked grains that hold data. That data is lost:
-        /// it may be guest data whose table entry was lost.
-        #[arg(long, requires = "repair")]
-        discard_unreferenced: bool,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
+    Check(CheckArgs),
     /// Check a disk's content against a manifest written by `export --manifest`.
-    Verify {
-        /// The disk (any copy, e.g. restored from tape).
-        disk: PathBuf,
-        /// The manifest.
-        #[arg(long)]
-        manifest: PathBuf,
-        /// Worker threads (default: all cores).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// No progress bar.
-        #[arg(short, long)]
-        quiet: bool,
-        #[command(flatten)]
-        read: ReadArgs,
-    },
+    Verify(VerifyArgs),
+}
+
+/// Arguments of `info`.
+#[derive(clap::Args)]
+struct InfoArgs {
+    /// The disk (descriptor or sparse file); the top of a chain.
+    disk: PathBuf,
+    /// One JSON object with stable keys.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+/// Arguments of `map`.
+#[derive(clap::Args)]
+struct MapArgs {
+    /// The disk.
+    disk: PathBuf,
+    /// The same records as `qemu-img map --output=json`.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+/// Arguments of `cat`.
+#[derive(clap::Args)]
+struct CatArgs {
+    /// The disk.
+    disk: PathBuf,
+    /// Write to FILE (zero ranges become holes) instead of stdout.
+    #[arg(short = 'o', long = "output")]
+    output: Option<PathBuf>,
+    /// Overwrite FILE if it exists; write binary data to a terminal.
+    #[arg(long)]
+    force: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// No progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+/// Arguments of `export`.
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Source disk (the top of a chain: the output looks as if it were committed).
+    src: PathBuf,
+    /// Destination path, or `-` for stdout.
+    dst: PathBuf,
+    /// Output format: streamOptimized (stream), monolithicSparse (sparse),
+    /// twoGbMaxExtentSparse (split), monolithicFlat (flat), twoGbMaxExtentFlat, vmfs, raw.
+    /// Default: split for a path, stream for stdout.
+    #[arg(long, short = 'f')]
+    format: Option<String>,
+    /// Worker threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// zlib level for streamOptimized (0-9).
+    #[arg(long, default_value_t = 6)]
+    level: u32,
+    /// Also write a CRC-32 manifest of the content (per MiB and whole).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+    /// Overwrite existing outputs; allow binary output to a terminal.
+    #[arg(long)]
+    force: bool,
+    /// No progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+/// Arguments of `write`.
+#[derive(clap::Args)]
+struct WriteArgs {
+    /// The disk (top of the chain).
+    disk: PathBuf,
+    /// Byte offset (a multiple of 512).
+    #[arg(long)]
+    offset: u64,
+    /// Write LEN zero bytes instead of data (zeroed grains where the format has them).
+    #[arg(long, value_name = "LEN")]
+    zero: Option<u64>,
+    /// Input file, or `-` for stdin (the default).
+    input: Option<PathBuf>,
+    /// Allow writing into block devices and fullDevice / partitionedDevice / vmfsRaw disks.
+    #[arg(long)]
+    allow_device_write: bool,
+    /// Write although other deltas name this disk as their parent (breaks them).
+    #[arg(long)]
+    force: bool,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+/// Arguments of `commit`.
+#[derive(clap::Args)]
+struct CommitArgs {
+    /// The top delta.
+    disk: PathBuf,
+    /// Merge every delta into the base.
+    #[arg(long)]
+    all: bool,
+    /// Print what would be written and removed; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Commit although another delta in the folder names the same parent.
+    #[arg(long)]
+    force: bool,
+    /// Allow committing into a fullDevice / partitionedDevice / vmfsRaw parent.
+    #[arg(long)]
+    allow_device_write: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// No progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// Arguments of `import`.
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// Source disk, or `-` for stdin (streamOptimized, a sparse file with its tables
+    /// first, or the tar stream export writes).
+    src: PathBuf,
+    /// Destination (a raw target may be an existing device or stand-in file).
+    dst: PathBuf,
+    /// thin (default), zeroedthick, eagerzeroedthick, monolithicSparse,
+    /// twoGbMaxExtentSparse, raw, streamOptimized.
+    #[arg(long = "type", short = 'd', default_value = "thin")]
+    kind: String,
+    /// Adapter type (ide, buslogic, lsilogic, legacyESX, pvscsi); geometry recomputed.
+    #[arg(long, short = 'a', value_parser = adapter_arg)]
+    adapter: Option<String>,
+    /// Overwrite existing outputs.
+    #[arg(long)]
+    force: bool,
+    /// Worker threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// No progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+/// Arguments of `create`.
+#[derive(clap::Args)]
+struct CreateArgs {
+    /// The new disk.
+    disk: PathBuf,
+    /// Size: a number with k, m, g, t (binary) or s (sectors).
+    #[arg(long, short = 's')]
+    size: String,
+    /// zeroedthick (default, as vmkfstools), thin, eagerzeroedthick, monolithicSparse,
+    /// twoGbMaxExtentSparse, streamOptimized.
+    #[arg(long = "type", short = 'd', default_value = "zeroedthick")]
+    kind: String,
+    /// Adapter type: ide, buslogic, lsilogic (default), legacyESX, pvscsi.
+    #[arg(long, short = 'a', value_parser = adapter_arg)]
+    adapter: Option<String>,
+    /// Overwrite existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Arguments of `extend`.
+#[derive(clap::Args)]
+struct ExtendArgs {
+    /// The disk (a base, not a delta).
+    disk: PathBuf,
+    /// New size: a number with k, m, g, t or s.
+    #[arg(long, short = 's')]
+    size: String,
+    /// Extend although deltas sit on the disk.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Arguments of `geometry`.
+#[derive(clap::Args)]
+struct GeometryArgs {
+    /// The disk.
+    disk: PathBuf,
+    #[command(flatten)]
+    read: ReadArgs,
+}
+
+/// Arguments of `ls`.
+#[derive(clap::Args)]
+struct LsArgs {
+    /// The folder (default: the current one).
+    dir: Option<PathBuf>,
+    /// Sizes in KiB/MiB/GiB.
+    #[arg(long, short = 'H')]
+    human_readable: bool,
+    /// Show each RDM's device.
+    #[arg(long, short = 'M')]
+    mappings: bool,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `check`.
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// The disk (top of the chain).
+    disk: PathBuf,
+    /// Mend what has one right answer (each fix reported).
+    #[arg(long)]
+    repair: bool,
+    /// With --repair: also free leaked grains that hold data. That data is lost:
+    /// it may be guest data whose table entry was lost.
+    #[arg(long, requires = "repair")]
+    discard_unreferenced: bool,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `verify`.
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// The disk (any copy, e.g. restored from tape).
+    disk: PathBuf,
+    /// The manifest.
+    #[arg(long)]
+    manifest: PathBuf,
+    /// Worker threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// No progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+    #[command(flatten)]
+    read: ReadArgs,
 }
 
 #[derive(Subcommand)]
@@ -372,119 +424,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
     let stdout = std::io::stdout();
     vmdkit::guard::allow_outside_paths(cli.allow_outside_paths);
     match cli.cmd {
-        Cmd::Info { disk, json, read } => {
-            let chain = read.open(&disk)?;
-            let info = ops::info::info(&chain);
-            let mut out = stdout.lock();
-            if json {
-                serde_json::to_writer_pretty(&mut out, &info)?;
-                writeln!(out)?;
-            } else {
-                ops::info::write_info_text(&mut out, &info)?;
-            }
-            out.flush()?;
-        }
-        Cmd::Map { disk, json, read } => {
-            let chain = read.open(&disk)?;
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            if json {
-                ops::info::write_map_json(&mut out, &chain)?;
-            } else {
-                ops::info::write_map_text(&mut out, &chain)?;
-            }
-            out.flush()?;
-        }
-        Cmd::Cat {
-            disk,
-            output,
-            force,
-            threads,
-            quiet,
-            read,
-        } => {
-            let chain = read.open(&disk)?;
-            let popts = PipelineOptions {
-                threads,
-                ..Default::default()
-            };
-            let bar = Bar::new(chain.capacity(), quiet);
-            match output {
-                Some(p) if p.as_os_str() != "-" => {
-                    ops::cat::cat_to_file(&chain, &p, force, popts, &bar)
-                        .with_context(|| format!("writing `{}`", p.display()))?;
-                }
-                _ => {
-                    if stdout.is_terminal() && !force {
-                        anyhow::bail!("refusing to write binary data to a terminal (redirect stdout, use -o FILE, or --force)");
-                    }
-                    ops::cat::cat_to_writer(&chain, Box::new(raw_stdout()?), popts, &bar)?;
-                }
-            }
-            bar.finish();
-        }
-        Cmd::Export {
-            src,
-            dst,
-            format,
-            threads,
-            level,
-            manifest,
-            force,
-            quiet,
-            read,
-        } => {
-            use vmdkit::ops::export::{export, Dest, ExportFormat, ExportOptions};
-            let to_stdout = dst.as_os_str() == "-";
-            let format = match format {
-                Some(f) => ExportFormat::parse(&f).ok_or_else(|| {
-                    anyhow::anyhow!("unknown format `{f}` (stream, sparse, split, flat, twoGbMaxExtentFlat, vmfs, raw, or a createType name)")
-                })?,
-                None if to_stdout => ExportFormat::StreamOptimized,
-                None => ExportFormat::TwoGbMaxExtentSparse,
-            };
-            let chain = read.open(&src)?;
-            let opts = ExportOptions {
-                format,
-                threads,
-                level,
-                manifest,
-                force,
-                ..Default::default()
-            };
-            let bar = Bar::new(chain.capacity(), quiet);
-            let dest = if to_stdout {
-                if stdout.is_terminal() && !force {
-                    anyhow::bail!("refusing to write binary data to a terminal (redirect stdout or use --force)");
-                }
-                let name = src
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "disk.vmdk".into());
-                let name = if name.ends_with(".vmdk") {
-                    name
-                } else {
-                    format!("{name}.vmdk")
-                };
-                Dest::Writer {
-                    w: Box::new(raw_stdout()?),
-                    name,
-                }
-            } else {
-                Dest::Path(dst.clone())
-            };
-            let report = export(&chain, dest, &opts, &bar)
-                .with_context(|| format!("exporting `{}`", src.display()))?;
-            bar.finish();
-            if !quiet {
-                eprintln!(
-                    "vmdkit: exported `{}` ({} disk): {} grains of data, {} written",
-                    src.display(),
-                    ops::info::human(chain.capacity()),
-                    report.grains,
-                    ops::info::human(report.bytes_out)
-                );
-            }
-        }
+        Cmd::Info(a) => return run_info(a),
+        Cmd::Map(a) => return run_map(a),
+        Cmd::Cat(a) => return run_cat(a),
+        Cmd::Export(a) => return run_export(a),
         Cmd::Redo {
             cmd: RedoCmd::Add { disk, style },
         } => {
@@ -495,152 +438,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let new = add(&disk, style)?;
             writeln!(stdout.lock(), "{}", new.display())?;
         }
-        Cmd::Write {
-            disk,
-            offset,
-            zero,
-            input,
-            allow_device_write,
-            force,
-            read,
-        } => {
-            use vmdkit::ops::redo::{write_opts, WriteData, WriteOptions};
-            let wopts = WriteOptions {
-                ignore_cid: read.ignore_cid,
-                allow_device_write,
-                force,
-            };
-            let n = match (zero, input) {
-                (Some(len), None) => write_opts(&disk, offset, WriteData::Zeros(len), &wopts)?,
-                (Some(_), Some(_)) => anyhow::bail!("give either --zero LEN or an input, not both"),
-                (None, Some(p)) if p.as_os_str() != "-" => {
-                    let mut f = std::fs::File::open(&p)
-                        .with_context(|| format!("opening `{}`", p.display()))?;
-                    write_opts(&disk, offset, WriteData::Reader(&mut f), &wopts)?
-                }
-                (None, _) => {
-                    let mut i = std::io::stdin().lock();
-                    write_opts(&disk, offset, WriteData::Reader(&mut i), &wopts)?
-                }
-            };
-            eprintln!(
-                "vmdkit: wrote {n} bytes at offset {offset} into `{}`",
-                disk.display()
-            );
-        }
-        Cmd::Commit {
-            disk,
-            all,
-            dry_run,
-            force,
-            threads,
-            quiet,
-            allow_device_write,
-        } => {
-            use vmdkit::ops::commit::{commit, CommitOptions};
-            let bar = Bar::new(0, quiet || dry_run);
-            let r = commit(
-                &disk,
-                &CommitOptions {
-                    all,
-                    dry_run,
-                    force,
-                    threads,
-                    allow_device_write,
-                },
-                &bar,
-            )?;
-            bar.finish();
-            if dry_run {
-                r.write_plan(&mut stdout.lock())?;
-            } else if !quiet {
-                eprintln!("vmdkit: {}", r.summary());
-            }
-        }
-        Cmd::Import {
-            src,
-            dst,
-            kind,
-            adapter,
-            force,
-            threads,
-            quiet,
-            read,
-        } => {
-            use vmdkit::ops::import::{import_disk, import_stream, DiskType, ImportOptions};
-            let kind =
-                DiskType::parse(&kind).ok_or_else(|| anyhow::anyhow!("unknown type `{kind}`"))?;
-            let opts = ImportOptions {
-                kind,
-                adapter,
-                force,
-                threads,
-            };
-            let r = if src.as_os_str() == "-" {
-                let bar = Bar::new(0, quiet);
-                let mut input = std::io::stdin().lock();
-                let r = import_stream(&mut input, &dst, &opts, &bar)?;
-                bar.finish();
-                r
-            } else {
-                let chain = read.open(&src)?;
-                let bar = Bar::new(chain.capacity(), quiet);
-                let r = import_disk(&chain, &dst, &opts, &bar)?;
-                bar.finish();
-                r
-            };
-            if !quiet {
-                eprintln!(
-                    "vmdkit: imported into {}",
-                    r.files
-                        .iter()
-                        .map(|p| format!("`{}`", p.display()))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
-        }
-        Cmd::Create {
-            disk,
-            size,
-            kind,
-            adapter,
-            force,
-        } => {
-            use vmdkit::ops::import::{create, parse_size, DiskType, ImportOptions};
-            let kind =
-                DiskType::parse(&kind).ok_or_else(|| anyhow::anyhow!("unknown type `{kind}`"))?;
-            let size = parse_size(&size)?;
-            create(
-                &disk,
-                size,
-                &ImportOptions {
-                    kind,
-                    adapter,
-                    force,
-                    threads: 0,
-                },
-                &vmdkit::ops::NoProgress,
-            )?;
-        }
-        Cmd::Extend { disk, size, force } => {
-            let size = vmdkit::ops::import::parse_size(&size)?;
-            vmdkit::ops::extend::extend(&disk, size, force)?;
-        }
-        Cmd::Geometry { disk, read } => {
-            let chain = read.open(&disk)?;
-            let (g, stored) = vmdkit::ops::geometry::of_layer(chain.top());
-            writeln!(
-                stdout.lock(),
-                "Geometry information C/H/S is {}/{}/{}",
-                g.cylinders,
-                g.heads,
-                g.sectors
-            )?;
-            if !stored {
-                eprintln!("vmdkit: (not in the descriptor: computed for its adapter and capacity)");
-            }
-        }
+        Cmd::Write(a) => return run_write(a),
+        Cmd::Commit(a) => return run_commit(a),
+        Cmd::Import(a) => return run_import(a),
+        Cmd::Create(a) => return run_create(a),
+        Cmd::Extend(a) => return run_extend(a),
+        Cmd::Geometry(a) => return run_geometry(a),
         Cmd::Rdm {
             cmd:
                 RdmCmd::Create {
@@ -668,93 +471,412 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Cmd::Ls {
-            dir,
-            human_readable,
-            mappings,
-            json,
-        } => {
-            let dir = dir.unwrap_or_else(|| PathBuf::from("."));
-            let entries = vmdkit::ops::ls::list(&dir)?;
-            let mut out = stdout.lock();
-            if json {
-                serde_json::to_writer_pretty(&mut out, &entries)?;
-                writeln!(out)?;
-            } else {
-                vmdkit::ops::ls::write_text(&mut out, &entries, human_readable, mappings)?;
-            }
-            for (t, alive) in vmdkit::guard::temporaries(&dir) {
-                eprintln!(
-                    "vmdkit: temporary `{}`: {}",
-                    t.display(),
-                    if alive {
-                        "an output being written by a running vmdkit"
-                    } else {
-                        "left by a vmdkit that no longer runs; the next vmdkit writing into this folder removes it"
-                    }
-                );
-            }
-        }
-        Cmd::Check {
-            disk,
-            repair,
-            discard_unreferenced,
-            json,
-        } => {
-            let copts = vmdkit::ops::check::CheckOptions {
-                repair,
-                discard_unreferenced,
-            };
-            let r = match vmdkit::ops::check::check_with(&disk, &copts) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("vmdkit: error: {e}");
-                    return Ok(ExitCode::from(1));
-                }
-            };
-            let mut out = stdout.lock();
-            if json {
-                r.write_json(&mut out)?;
-            } else {
-                r.write_text(&mut out)?;
-            }
-            return Ok(ExitCode::from(r.exit_code()));
-        }
-        Cmd::Verify {
-            disk,
-            manifest,
-            threads,
-            quiet,
-            read,
-        } => {
-            let chain = read.open(&disk)?;
-            let text = std::fs::read_to_string(&manifest)
-                .with_context(|| format!("reading `{}`", manifest.display()))?;
-            let m = vmdkit::ops::manifest::Manifest::parse(&text, &manifest)?;
-            let bar = Bar::new(chain.capacity(), quiet);
-            let popts = PipelineOptions {
-                threads,
-                ..Default::default()
-            };
-            let v = vmdkit::ops::manifest::verify(&chain, &m, popts, &bar)?;
-            bar.finish();
-            v.write_text(&mut stdout.lock())?;
-            if v.ok() {
-                if !quiet {
-                    eprintln!(
-                        "vmdkit: {} matches the manifest ({} blocks, total CRC-32 {:08x})",
-                        disk.display(),
-                        m.blocks.len(),
-                        m.total
-                    );
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            eprintln!("vmdkit: {} does NOT match the manifest", disk.display());
-            return Ok(ExitCode::FAILURE);
-        }
+        Cmd::Ls(a) => return run_ls(a),
+        Cmd::Check(a) => return run_check(a),
+        Cmd::Verify(a) => return run_verify(a),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn run_info(args: InfoArgs) -> Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let InfoArgs { disk, json, read } = args;
+    let chain = read.open(&disk)?;
+    let info = ops::info::info(&chain);
+    let mut out = stdout.lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &info)?;
+        writeln!(out)?;
+    } else {
+        ops::info::write_info_text(&mut out, &info)?;
+    }
+    out.flush()?;
+
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_map(args: MapArgs) -> Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let MapArgs { disk, json, read } = args;
+    let chain = read.open(&disk)?;
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if json {
+        ops::info::write_map_json(&mut out, &chain)?;
+    } else {
+        ops::info::write_map_text(&mut out, &chain)?;
+    }
+    out.flush()?;
+
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_cat(args: CatArgs) -> Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let CatArgs {
+        disk,
+        output,
+        force,
+        threads,
+        quiet,
+        read,
+    } = args;
+    let chain = read.open(&disk)?;
+    let popts = PipelineOptions {
+        threads,
+        ..Default::default()
+    };
+    let bar = Bar::new(chain.capacity(), quiet);
+    match output {
+        Some(p) if p.as_os_str() != "-" => {
+            ops::cat::cat_to_file(&chain, &p, force, popts, &bar)
+                .with_context(|| format!("writing `{}`", p.display()))?;
+        }
+        _ => {
+            if stdout.is_terminal() && !force {
+                anyhow::bail!("refusing to write binary data to a terminal (redirect stdout, use -o FILE, or --force)");
+            }
+            ops::cat::cat_to_writer(&chain, Box::new(raw_stdout()?), popts, &bar)?;
+        }
+    }
+    bar.finish();
+
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_export(args: ExportArgs) -> Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let ExportArgs {
+        src,
+        dst,
+        format,
+        threads,
+        level,
+        manifest,
+        force,
+        quiet,
+        read,
+    } = args;
+    use vmdkit::ops::export::{export, Dest, ExportFormat, ExportOptions};
+    let to_stdout = dst.as_os_str() == "-";
+    let format = match format {
+            Some(f) => ExportFormat::parse(&f).ok_or_else(|| {
+                anyhow::anyhow!("unknown format `{f}` (stream, sparse, split, flat, twoGbMaxExtentFlat, vmfs, raw, or a createType name)")
+            })?,
+            None if to_stdout => ExportFormat::StreamOptimized,
+            None => ExportFormat::TwoGbMaxExtentSparse,
+        };
+    let chain = read.open(&src)?;
+    let opts = ExportOptions {
+        format,
+        threads,
+        level,
+        manifest,
+        force,
+        ..Default::default()
+    };
+    let bar = Bar::new(chain.capacity(), quiet);
+    let dest = if to_stdout {
+        if stdout.is_terminal() && !force {
+            anyhow::bail!(
+                "refusing to write binary data to a terminal (redirect stdout or use --force)"
+            );
+        }
+        let name = src
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "disk.vmdk".into());
+        let name = if name.ends_with(".vmdk") {
+            name
+        } else {
+            format!("{name}.vmdk")
+        };
+        Dest::Writer {
+            w: Box::new(raw_stdout()?),
+            name,
+        }
+    } else {
+        Dest::Path(dst.clone())
+    };
+    let report = export(&chain, dest, &opts, &bar)
+        .with_context(|| format!("exporting `{}`", src.display()))?;
+    bar.finish();
+    if !quiet {
+        eprintln!(
+            "vmdkit: exported `{}` ({} disk): {} grains of data, {} written",
+            src.display(),
+            ops::info::human(chain.capacity()),
+            report.grains,
+            ops::info::human(report.bytes_out)
+        );
+    }
+
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_write(args: WriteArgs) -> Result<ExitCode> {
+    let WriteArgs {
+        disk,
+        offset,
+        zero,
+        input,
+        allow_device_write,
+        force,
+        read,
+    } = args;
+    use vmdkit::ops::redo::{write_opts, WriteData, WriteOptions};
+    let wopts = WriteOptions {
+        ignore_cid: read.ignore_cid,
+        allow_device_write,
+        force,
+    };
+    let n = match (zero, input) {
+        (Some(len), None) => write_opts(&disk, offset, WriteData::Zeros(len), &wopts)?,
+        (Some(_), Some(_)) => anyhow::bail!("give either --zero LEN or an input, not both"),
+        (None, Some(p)) if p.as_os_str() != "-" => {
+            let mut f =
+                std::fs::File::open(&p).with_context(|| format!("opening `{}`", p.display()))?;
+            write_opts(&disk, offset, WriteData::Reader(&mut f), &wopts)?
+        }
+        (None, _) => {
+            let mut i = std::io::stdin().lock();
+            write_opts(&disk, offset, WriteData::Reader(&mut i), &wopts)?
+        }
+    };
+    eprintln!(
+        "vmdkit: wrote {n} bytes at offset {offset} into `{}`",
+        disk.display()
+    );
+
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_commit(args: CommitArgs) -> Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let CommitArgs {
+        disk,
+        all,
+        dry_run,
+        force,
+        threads,
+        quiet,
+        allow_device_write,
+    } = args;
+    use vmdkit::ops::commit::{commit, CommitOptions};
+    let bar = Bar::new(0, quiet || dry_run);
+    let r = commit(
+        &disk,
+        &CommitOptions {
+            all,
+            dry_run,
+            force,
+            threads,
+            allow_device_write,
+        },
+        &bar,
+    )?;
+    bar.finish();
+    if dry_run {
+        r.write_plan(&mut stdout.lock())?;
+    } else if !quiet {
+        eprintln!("vmdkit: {}", r.summary());
+    }
+
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_import(args: ImportArgs) -> Result<ExitCode> {
+    let ImportArgs {
+        src,
+        dst,
+        kind,
+        adapter,
+        force,
+        threads,
+        quiet,
+        read,
+    } = args;
+    use vmdkit::ops::import::{import_disk, import_stream, DiskType, ImportOptions};
+    let kind = DiskType::parse(&kind).ok_or_else(|| anyhow::anyhow!("unknown type `{kind}`"))?;
+    let opts = ImportOptions {
+        kind,
+        adapter,
+        force,
+        threads,
+    };
+    let r = if src.as_os_str() == "-" {
+        let bar = Bar::new(0, quiet);
+        let mut input = std::io::stdin().lock();
+        let r = import_stream(&mut input, &dst, &opts, &bar)?;
+        bar.finish();
+        r
+    } else {
+        let chain = read.open(&src)?;
+        let bar = Bar::new(chain.capacity(), quiet);
+        let r = import_disk(&chain, &dst, &opts, &bar)?;
+        bar.finish();
+        r
+    };
+    if !quiet {
+        eprintln!(
+            "vmdkit: imported into {}",
+            r.files
+                .iter()
+                .map(|p| format!("`{}`", p.display()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_create(args: CreateArgs) -> Result<ExitCode> {
+    let CreateArgs {
+        disk,
+        size,
+        kind,
+        adapter,
+        force,
+    } = args;
+    use vmdkit::ops::import::{create, parse_size, DiskType, ImportOptions};
+    let kind = DiskType::parse(&kind).ok_or_else(|| anyhow::anyhow!("unknown type `{kind}`"))?;
+    let size = parse_size(&size)?;
+    create(
+        &disk,
+        size,
+        &ImportOptions {
+            kind,
+            adapter,
+            force,
+            threads: 0,
+        },
+        &vmdkit::ops::NoProgress,
+    )?;
+
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_extend(args: ExtendArgs) -> Result<ExitCode> {
+    let ExtendArgs { disk, size, force } = args;
+    let size = vmdkit::ops::import::parse_size(&size)?;
+    vmdkit::ops::extend::extend(&disk, size, force)?;
+
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_geometry(args: GeometryArgs) -> Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let GeometryArgs { disk, read } = args;
+    let chain = read.open(&disk)?;
+    let (g, stored) = vmdkit::ops::geometry::of_layer(chain.top());
+    writeln!(
+        stdout.lock(),
+        "Geometry information C/H/S is {}/{}/{}",
+        g.cylinders,
+        g.heads,
+        g.sectors
+    )?;
+    if !stored {
+        eprintln!("vmdkit: (not in the descriptor: computed for its adapter and capacity)");
+    }
+
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_ls(args: LsArgs) -> Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let LsArgs {
+        dir,
+        human_readable,
+        mappings,
+        json,
+    } = args;
+    let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+    let entries = vmdkit::ops::ls::list(&dir)?;
+    let mut out = stdout.lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &entries)?;
+        writeln!(out)?;
+    } else {
+        vmdkit::ops::ls::write_text(&mut out, &entries, human_readable, mappings)?;
+    }
+    for (t, alive) in vmdkit::guard::temporaries(&dir) {
+        eprintln!(
+            "vmdkit: temporary `{}`: {}",
+            t.display(),
+            if alive {
+                "an output being written by a running vmdkit"
+            } else {
+                "left by a vmdkit that no longer runs; the next vmdkit writing into this folder removes it"
+            }
+        );
+    }
+
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_check(args: CheckArgs) -> Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let CheckArgs {
+        disk,
+        repair,
+        discard_unreferenced,
+        json,
+    } = args;
+    let copts = vmdkit::ops::check::CheckOptions {
+        repair,
+        discard_unreferenced,
+    };
+    let r = match vmdkit::ops::check::check_with(&disk, &copts) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmdkit: error: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    let mut out = stdout.lock();
+    if json {
+        r.write_json(&mut out)?;
+    } else {
+        r.write_text(&mut out)?;
+    }
+    Ok(ExitCode::from(r.exit_code()))
+}
+
+fn run_verify(args: VerifyArgs) -> Result<ExitCode> {
+    let stdout = std::io::stdout();
+    let VerifyArgs {
+        disk,
+        manifest,
+        threads,
+        quiet,
+        read,
+    } = args;
+    let chain = read.open(&disk)?;
+    let text = std::fs::read_to_string(&manifest)
+        .with_context(|| format!("reading `{}`", manifest.display()))?;
+    let m = vmdkit::ops::manifest::Manifest::parse(&text, &manifest)?;
+    let bar = Bar::new(chain.capacity(), quiet);
+    let popts = PipelineOptions {
+        threads,
+        ..Default::default()
+    };
+    let v = vmdkit::ops::manifest::verify(&chain, &m, popts, &bar)?;
+    bar.finish();
+    v.write_text(&mut stdout.lock())?;
+    if v.ok() {
+        if !quiet {
+            eprintln!(
+                "vmdkit: {} matches the manifest ({} blocks, total CRC-32 {:08x})",
+                disk.display(),
+                m.blocks.len(),
+                m.total
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("vmdkit: {} does NOT match the manifest", disk.display());
+    Ok(ExitCode::FAILURE)
 }
 
 /// Standard output as an unbuffered file (big sequential writes, no line buffering).
