@@ -288,3 +288,155 @@ pub fn drive_feed(
     }
     Ok(())
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::disk::{Alloc, Run};
+    use std::ops::Range;
+
+    /// An in-memory disk whose map says Data for grains holding data, Zero for the rest
+    /// (a model for the planner and the sinks).
+    pub(crate) struct MemDisk(pub Vec<u8>);
+
+    impl VirtualDisk for MemDisk {
+        fn capacity(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn granularity(&self) -> u64 {
+            GRAIN
+        }
+        fn map(&self, range: Range<u64>) -> Result<Vec<Run>> {
+            let mut out = Vec::new();
+            let mut p = range.start;
+            while p < range.end.min(self.capacity()) {
+                let g_end = ((p / GRAIN + 1) * GRAIN)
+                    .min(range.end)
+                    .min(self.capacity());
+                let data = !is_zero(&self.0[p as usize..g_end as usize]);
+                let alloc = if data {
+                    Alloc::Data {
+                        extent: 0,
+                        offset: p,
+                    }
+                } else {
+                    Alloc::Zero
+                };
+                crate::disk::push_run(
+                    &mut out,
+                    Run {
+                        start: p,
+                        len: g_end - p,
+                        alloc,
+                        depth: 0,
+                    },
+                );
+                p = g_end;
+            }
+            Ok(out)
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+
+    /// 8 MiB with data in grains 3, 40-41 and the last one.
+    pub(crate) fn sample() -> MemDisk {
+        let mut v = vec![0u8; 8 << 20];
+        for g in [3usize, 40, 41, 127] {
+            let a = g * GRAIN as usize;
+            v[a..a + GRAIN as usize].fill(g as u8 + 1);
+        }
+        MemDisk(v)
+    }
+
+    #[test]
+    fn the_planner_reads_only_units_with_data_and_merges_holes() {
+        let d = sample();
+        let mut p = Planner::new(&d, DEFAULT_UNIT);
+        let mut units = Vec::new();
+        while let Some(u) = p.next_unit().unwrap() {
+            units.push(u);
+        }
+        // Contiguous cover of the disk, in order.
+        let mut at = 0;
+        for u in &units {
+            assert_eq!(u.start, at);
+            at += u.len;
+        }
+        assert_eq!(at, d.capacity());
+        // Read units are the 1 MiB units holding grains 3, 40-41 and 127; the rest is
+        // holes, merged (never two hole units in a row).
+        let reads: Vec<u64> = units
+            .iter()
+            .filter(|u| u.read)
+            .map(|u| u.start >> 20)
+            .collect();
+        assert_eq!(reads, vec![0, 2, 7]);
+        assert!(units.iter().all(|u| !u.read || u.len == DEFAULT_UNIT));
+        assert!(units.windows(2).all(|w| w[0].read || w[1].read));
+    }
+
+    #[test]
+    fn the_raw_sequential_sink_writes_the_content_in_order() {
+        let d = sample();
+        struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Shared {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kind = sink::SeqKind::Files {
+            files: vec![OutputFile {
+                start: 0,
+                len: d.capacity(),
+                name: "raw".into(),
+            }],
+            nonzero_grains: None,
+            embedded: None,
+            tar: None,
+        };
+        let mut s = sink::to_writer(Box::new(Shared(out.clone())), kind, d.capacity()).unwrap();
+        let producer = Producer {
+            disk: &d,
+            compress: None,
+            crc: false,
+        };
+        for threads in [1, 2] {
+            out.lock().unwrap().clear();
+            let popts = PipelineOptions {
+                threads,
+                ..Default::default()
+            };
+            drive(
+                &d,
+                popts,
+                &producer,
+                s.as_mut(),
+                &mut |_, _| {},
+                &NoProgress,
+            )
+            .unwrap();
+            let r = s.finish().unwrap();
+            assert_eq!(r.grains, 4);
+            assert_eq!(*out.lock().unwrap(), d.0);
+            let kind = sink::SeqKind::Files {
+                files: vec![OutputFile {
+                    start: 0,
+                    len: d.capacity(),
+                    name: "raw".into(),
+                }],
+                nonzero_grains: None,
+                embedded: None,
+                tar: None,
+            };
+            s = sink::to_writer(Box::new(Shared(out.clone())), kind, d.capacity()).unwrap();
+        }
+    }
+}

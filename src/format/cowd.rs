@@ -343,3 +343,23 @@ impl CowdExtent {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips() {
+        let mut h = CowdHeader::new_child(409_600, 1, "base.vmdk");
+        h.free_sector = 1234;
+        h.generation = 7;
+        h.unclean_shutdown = true;
+        let b = h.to_bytes();
+        assert_eq!(b.len(), COWD_HEADER_BYTES);
+        assert_eq!(&b[0..4], b"COWD");
+        let back = CowdHeader::parse(&b).expect("parses");
+        assert_eq!(back, h);
+        assert_eq!(directory_entries(&back), 100);
+        assert_eq!(back.to_bytes(), b);
+    }
+}

@@ -24,13 +24,50 @@ const GTES: u64 = 4096;
 /// Most directory entries (qemu's cap: 32 Mi).
 pub const MAX_GD_ENTRIES: u64 = 32 << 20;
 
-/// The fields of the constant header we use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The constant header at sector 0: 26 little-endian u64 fields, then padding to 512
+/// bytes. Offsets and sizes are in sectors.
+///
+/// ```text
+/// off   field                    off   field
+/// 0x00  magic 0xcafebabe         0x68  journalHeaderSize
+/// 0x08  version 0x200000001      0x70  journalOffset
+/// 0x10  capacity                 0x78  journalSize
+/// 0x18  grainSize (8)            0x80  grainDirOffset
+/// 0x20  grainTableSize (64)      0x88  grainDirSize
+/// 0x28  flags (0)                0x90  grainTablesOffset
+/// 0x30  reserved1..4 (4 x u64)   0x98  grainTablesSize
+/// 0x50  volatileHeaderOffset     0xA0  freeBitmapOffset, 0xA8 freeBitmapSize
+/// 0x58  volatileHeaderSize       0xB0  backmapOffset,    0xB8 backmapSize
+/// 0x60  journalHeaderOffset      0xC0  grainsOffset,     0xC8 grainsSize
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SeSparseHeader {
+    /// `0xcafebabe`.
+    pub magic: u64,
+    /// `0x0000000200000001`.
+    pub version: u64,
     /// Capacity in sectors.
     pub capacity: u64,
+    /// Grain size in sectors (always 8).
+    pub grain_size: u64,
+    /// Grain table size in sectors (always 64).
+    pub grain_table_size: u64,
+    /// Flags (always 0).
+    pub flags: u64,
+    /// Reserved words.
+    pub reserved: [u64; 4],
     /// Volatile header sector.
     pub volatile_offset: u64,
+    /// Volatile header size in sectors.
+    pub volatile_size: u64,
+    /// Journal header sector.
+    pub journal_header_offset: u64,
+    /// Journal header size in sectors.
+    pub journal_header_size: u64,
+    /// Journal sector.
+    pub journal_offset: u64,
+    /// Journal size in sectors.
+    pub journal_size: u64,
     /// Grain directory sector.
     pub gd_offset: u64,
     /// Grain directory size in sectors.
@@ -39,10 +76,112 @@ pub struct SeSparseHeader {
     pub gt_offset: u64,
     /// Grain tables area size in sectors.
     pub gt_size: u64,
+    /// Free bitmap sector.
+    pub free_bitmap_offset: u64,
+    /// Free bitmap size in sectors.
+    pub free_bitmap_size: u64,
+    /// Backmap sector.
+    pub backmap_offset: u64,
+    /// Backmap size in sectors.
+    pub backmap_size: u64,
     /// Grains area sector.
     pub grains_offset: u64,
     /// Grains area size in sectors.
     pub grains_size: u64,
+}
+
+impl SeSparseHeader {
+    /// Decode the first 512 bytes of an SESparse file (no checks).
+    pub fn parse(b: &[u8; 512]) -> SeSparseHeader {
+        let f = |o: usize| LE::read_u64(&b[o..o + 8]);
+        SeSparseHeader {
+            magic: f(0x00),
+            version: f(0x08),
+            capacity: f(0x10),
+            grain_size: f(0x18),
+            grain_table_size: f(0x20),
+            flags: f(0x28),
+            reserved: [f(0x30), f(0x38), f(0x40), f(0x48)],
+            volatile_offset: f(0x50),
+            volatile_size: f(0x58),
+            journal_header_offset: f(0x60),
+            journal_header_size: f(0x68),
+            journal_offset: f(0x70),
+            journal_size: f(0x78),
+            gd_offset: f(0x80),
+            gd_size: f(0x88),
+            gt_offset: f(0x90),
+            gt_size: f(0x98),
+            free_bitmap_offset: f(0xa0),
+            free_bitmap_size: f(0xa8),
+            backmap_offset: f(0xb0),
+            backmap_size: f(0xb8),
+            grains_offset: f(0xc0),
+            grains_size: f(0xc8),
+        }
+    }
+
+    /// Encode to 512 bytes.
+    pub fn to_bytes(&self) -> [u8; 512] {
+        let mut b = [0u8; 512];
+        let fields = [
+            self.magic,
+            self.version,
+            self.capacity,
+            self.grain_size,
+            self.grain_table_size,
+            self.flags,
+            self.reserved[0],
+            self.reserved[1],
+            self.reserved[2],
+            self.reserved[3],
+            self.volatile_offset,
+            self.volatile_size,
+            self.journal_header_offset,
+            self.journal_header_size,
+            self.journal_offset,
+            self.journal_size,
+            self.gd_offset,
+            self.gd_size,
+            self.gt_offset,
+            self.gt_size,
+            self.free_bitmap_offset,
+            self.free_bitmap_size,
+            self.backmap_offset,
+            self.backmap_size,
+            self.grains_offset,
+            self.grains_size,
+        ];
+        LE::write_u64_into(&fields, &mut b[..fields.len() * 8]);
+        b
+    }
+}
+
+/// The volatile header (at `volatileHeaderOffset`): magic `0xcafecafe`, then
+/// freeGtNumber, nextTxnSeqNumber, replayJournal (u64 each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SeSparseVolatileHeader {
+    /// `0xcafecafe`.
+    pub magic: u64,
+    /// Next free grain table.
+    pub free_gt_number: u64,
+    /// Next journal transaction.
+    pub next_txn_seq_number: u64,
+    /// Non-zero: the journal must be replayed (the delta was not closed cleanly).
+    pub replay_journal: u64,
+}
+
+impl SeSparseVolatileHeader {
+    /// Decode the first 32 bytes of the volatile header sector.
+    pub fn parse(b: &[u8; 512]) -> SeSparseVolatileHeader {
+        let f = |o: usize| LE::read_u64(&b[o..o + 8]);
+        SeSparseVolatileHeader {
+            magic: f(0),
+            free_gt_number: f(8),
+            next_txn_seq_number: f(16),
+            replay_journal: f(24),
+        }
+    }
 }
 
 /// An SESparse extent opened for reading.
@@ -69,51 +208,44 @@ impl SeSparseExtent {
         let path = src.path().to_path_buf();
         let mut b = [0u8; 512];
         src.read_exact_at(&mut b, 0)?;
-        let f = |o: usize| LE::read_u64(&b[o..o + 8]);
-        if f(0) != SESPARSE_MAGIC {
+        let h = SeSparseHeader::parse(&b);
+        if h.magic != SESPARSE_MAGIC {
             return Err(Error::corrupt(
                 &path,
                 0,
                 "bad magic: not an SESparse extent",
             ));
         }
-        if f(8) != SESPARSE_VERSION {
+        if h.version != SESPARSE_VERSION {
             return Err(Error::unsupported(
                 &path,
-                format!("SESparse version {:#x}", f(8)),
+                format!("SESparse version {:#x}", h.version),
             ));
         }
-        if f(24) != GRAIN_SECTORS {
+        if h.grain_size != GRAIN_SECTORS {
             return Err(Error::unsupported(
                 &path,
-                format!("SESparse grain size {} sectors (only 8 exists)", f(24)),
+                format!(
+                    "SESparse grain size {} sectors (only 8 exists)",
+                    h.grain_size
+                ),
             ));
         }
-        if f(32) != GT_SECTORS {
+        if h.grain_table_size != GT_SECTORS {
             return Err(Error::unsupported(
                 &path,
                 format!(
                     "SESparse grain table size {} sectors (only 64 exists)",
-                    f(32)
+                    h.grain_table_size
                 ),
             ));
         }
-        if f(40) != 0 {
+        if h.flags != 0 {
             return Err(Error::unsupported(
                 &path,
-                format!("SESparse flags {:#x}", f(40)),
+                format!("SESparse flags {:#x}", h.flags),
             ));
         }
-        let h = SeSparseHeader {
-            capacity: f(16),
-            volatile_offset: f(80),
-            gd_offset: f(128),
-            gd_size: f(136),
-            gt_offset: f(144),
-            gt_size: f(152),
-            grains_offset: f(192),
-            grains_size: f(200),
-        };
         let len = h
             .capacity
             .checked_mul(SECTOR)
@@ -131,10 +263,11 @@ impl SeSparseExtent {
             .checked_mul(SECTOR)
             .ok_or_else(|| Error::corrupt(&path, 80, "volatile header offset overflows"))?;
         src.read_exact_at(&mut v, vat)?;
-        if LE::read_u64(&v[0..8]) != SESPARSE_VOLATILE_MAGIC {
+        let vh = SeSparseVolatileHeader::parse(&v);
+        if vh.magic != SESPARSE_VOLATILE_MAGIC {
             return Err(Error::corrupt(&path, vat, "bad volatile header magic"));
         }
-        if LE::read_u64(&v[24..32]) != 0 {
+        if vh.replay_journal != 0 {
             return Err(Error::unsupported(&path, "the journal must be replayed first (replayJournal is set: the delta was not closed cleanly)"));
         }
         let needed = len.div_ceil(GRAIN_SECTORS * SECTOR * GTES);
@@ -288,5 +421,36 @@ impl SeSparseExtent {
                 })
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_field_by_field() {
+        let mut h = SeSparseHeader {
+            magic: SESPARSE_MAGIC,
+            version: SESPARSE_VERSION,
+            capacity: 2048,
+            grain_size: 8,
+            grain_table_size: 64,
+            ..Default::default()
+        };
+        // Every field a distinct value, so a swapped offset shows.
+        let b0 = h.to_bytes();
+        let mut words = [0u64; 26];
+        LE::read_u64_into(&b0[..208], &mut words);
+        for (i, w) in words.iter_mut().enumerate().skip(5) {
+            *w = 1000 + i as u64;
+        }
+        let mut b = [0u8; 512];
+        LE::write_u64_into(&words, &mut b[..208]);
+        h = SeSparseHeader::parse(&b);
+        assert_eq!(h.gd_offset, 1000 + 16);
+        assert_eq!(h.volatile_offset, 1000 + 10);
+        assert_eq!(h.grains_size, 1000 + 25);
+        assert_eq!(h.to_bytes(), b);
     }
 }
