@@ -899,7 +899,7 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 fn adapter_arg(s: &str) -> std::result::Result<String, String> {
-    vmdkit::ops::geometry::parse_adapter(s)
+    vmdkit::format::geometry::parse_adapter(s)
         .map(str::to_string)
         .map_err(|e| e.to_string())
 }

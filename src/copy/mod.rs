@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 pub mod plan;
 pub mod sink;
+pub mod target;
 
 pub use plan::{scan, OutputFile, Planner, Unit, UnitSource, DEFAULT_UNIT};
 pub use sink::{CopyReport, Sink};

@@ -4,6 +4,8 @@
 
 pub mod cowd;
 pub mod descriptor;
+pub mod geometry;
+pub mod manifest;
 pub mod sesparse;
 pub mod sparse;
 pub mod stream;

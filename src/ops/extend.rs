@@ -12,11 +12,11 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 use crate::chain::Chain;
 use crate::error::{Error, Result};
 use crate::format::descriptor::{Access, CreateType, ExtentLine, ExtentType};
+use crate::format::sparse::SPLIT_SECTORS;
 use crate::format::sparse::{SparseHeader, SparseLayout, SECTOR};
 use crate::format::Extent;
 use crate::io::SourceMode;
 use crate::layer::OpenOptions;
-use crate::ops::export::SPLIT_SECTORS;
 use crate::output::AtomicFile;
 use crate::write::write_descriptor;
 
@@ -170,7 +170,7 @@ pub fn extend(disk: &Path, new_size: u64, force: bool) -> Result<()> {
         )));
     }
     if !force {
-        if let Some(child) = crate::ops::commit::children_of(disk).into_iter().next() {
+        if let Some(child) = crate::resolve::children_of(disk).into_iter().next() {
             return Err(Error::chain(
                 &child,
                 format!(
@@ -285,7 +285,7 @@ pub fn extend(disk: &Path, new_size: u64, force: bool) -> Result<()> {
         .ddb("adapterType")
         .unwrap_or("lsilogic")
         .to_string();
-    let g = crate::ops::geometry::compute(new_sectors, &adapter);
+    let g = crate::format::geometry::compute(new_sectors, &adapter);
     layer
         .descriptor
         .set_ddb("geometry.cylinders", &g.cylinders.to_string());

@@ -6,15 +6,16 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 use crate::chain::Chain;
+use crate::copy::target::{
+    export_fed, Dest, ExportFormat, ExportOptions, ExportReport, Feed, OutputMeta, Prealloc,
+    Provisioning,
+};
 use crate::copy::{self as pipeline, is_zero, PipelineOptions, Planner, Unit};
 use crate::disk::{VirtualDisk, ZeroDisk};
 use crate::error::{Error, Result};
 use crate::format::descriptor::random_cid;
 use crate::format::sparse::SECTOR;
 use crate::format::stream::pipe::{self as stream_in, Counted};
-use crate::ops::export::{
-    export_fed, Dest, ExportFormat, ExportOptions, ExportReport, Feed, OutputMeta, Prealloc,
-};
 use crate::ops::Progress;
 
 /// Target types (vmkfstools `-d` names).
@@ -87,7 +88,7 @@ fn meta_for(
         meta.set_adapter(a, capacity);
     }
     if matches!(kind, DiskType::ZeroedThick | DiskType::EagerZeroedThick) {
-        meta.ddb.push(("vmdkit.thick".into(), "1".into()));
+        meta.provisioning = Provisioning::Thick;
     }
     meta
 }
@@ -150,6 +151,7 @@ pub fn create(
     let mut meta = OutputMeta {
         ddb: vec![("ddb.virtualHWVersion".into(), "4".into())],
         cid: random_cid(),
+        provisioning: Provisioning::Thin,
     };
     meta.set_adapter(&adapter, capacity);
     let meta = meta_for(meta, opts.kind, None, capacity);
@@ -316,6 +318,7 @@ pub fn import_stream(
         let meta = OutputMeta {
             ddb: d.ddb_entries(),
             cid: random_cid(),
+            provisioning: Provisioning::Thin,
         };
         (Kind::Tar, cap, meta, head)
     } else {
@@ -346,6 +349,7 @@ pub fn import_stream(
             OutputMeta {
                 ddb,
                 cid: random_cid(),
+                provisioning: Provisioning::Thin,
             },
             head,
         )

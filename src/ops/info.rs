@@ -11,15 +11,7 @@ use crate::format::Extent;
 use crate::layer::Layer;
 
 /// Geometry from the disk database.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Geometry {
-    /// Cylinders.
-    pub cylinders: u64,
-    /// Heads.
-    pub heads: u64,
-    /// Sectors per track.
-    pub sectors: u64,
-}
+pub use crate::format::geometry::Chs as Geometry;
 
 /// One extent, as `info` reports it.
 #[derive(Debug, Clone, Serialize)]
@@ -113,13 +105,7 @@ fn layer_info(l: &Layer) -> LayerInfo {
 
 /// Geometry from a layer's DDB, if complete.
 pub fn geometry_of(l: &Layer) -> Option<Geometry> {
-    let d = &l.descriptor;
-    let g = |k: &str| d.ddb(k).and_then(|v| v.trim().parse::<u64>().ok());
-    Some(Geometry {
-        cylinders: g("geometry.cylinders")?,
-        heads: g("geometry.heads")?,
-        sectors: g("geometry.sectors")?,
-    })
+    crate::format::geometry::from_descriptor(&l.descriptor)
 }
 
 /// Gather [`DiskInfo`] for an opened chain.
@@ -269,21 +255,7 @@ pub fn write_info_text(out: &mut dyn Write, i: &DiskInfo) -> std::io::Result<()>
     Ok(())
 }
 
-/// Bytes in binary units, for people.
-pub fn human(n: u64) -> String {
-    const U: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
+pub use crate::ops::human;
 
 /// One record as `qemu-img map --output=json` prints it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

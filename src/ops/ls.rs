@@ -69,11 +69,7 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>> {
                     l.create_type,
                     CreateType::VmfsRawDeviceMap | CreateType::VmfsPassthroughRawDeviceMap
                 )
-                .then(|| {
-                    crate::ops::rdm::query(f)
-                        .map(|q| q.device)
-                        .unwrap_or_default()
-                });
+                .then(|| rdm_device(&l));
                 let e = Entry {
                     file: f
                         .file_name()
@@ -169,7 +165,7 @@ pub fn write_text(
     ) -> std::io::Result<()> {
         let size = |n: u64| {
             if h {
-                crate::ops::info::human(n)
+                crate::ops::human(n)
             } else {
                 n.to_string()
             }
@@ -204,4 +200,14 @@ pub fn write_text(
         show(out, e, 0, human, mappings)?;
     }
     Ok(())
+}
+
+/// The device an RDM layer's mapping file links to (or the mapping file itself).
+fn rdm_device(l: &Layer) -> String {
+    l.extents
+        .iter()
+        .find_map(|e| e.path.as_ref())
+        .map(|m| std::fs::read_link(m).unwrap_or_else(|_| m.clone()))
+        .map(|d| d.display().to_string())
+        .unwrap_or_default()
 }

@@ -87,7 +87,7 @@ pub fn create(disk: &Path, device: &Path, physical: bool, adapter: &str) -> Resu
     } else {
         CreateType::VmfsRawDeviceMap
     };
-    let g = crate::ops::geometry::compute(sectors, adapter);
+    let g = crate::format::geometry::compute(sectors, adapter);
     let ddb = vec![
         ("ddb.virtualHWVersion".to_string(), "4".to_string()),
         ("ddb.adapterType".to_string(), adapter.to_string()),

@@ -364,7 +364,7 @@ pub fn write_opts(
     let mut w = LayerWriter::open_with(chain.top(), opts.allow_device_write)?;
     w.check_writable(offset, len)?;
     if !opts.force {
-        let children = crate::ops::commit::children_of(disk);
+        let children = crate::resolve::children_of(disk);
         if !children.is_empty() {
             return Err(Error::chain(
                 disk,

@@ -4,6 +4,9 @@
 use byteorder::{ByteOrder, LittleEndian as LE};
 
 use super::header::*;
+
+/// Sectors per extent of the split formats, as VMware writes them (2047 MiB).
+pub const SPLIT_SECTORS: u64 = 4_192_256;
 use crate::error::{Error, Result};
 
 /// Layout of a hosted sparse extent as vmdkit (and qemu, and VMware's hosted products)
