@@ -134,3 +134,15 @@ pub fn write_error(path: &Path, offset: u64, e: std::io::Error) -> Error {
     }
     Error::io("write", path, offset, e)
 }
+
+/// `n` zero bytes as slices of a static buffer (for writers that count what they write).
+pub fn zero_chunks(mut n: u64) -> impl Iterator<Item = &'static [u8]> {
+    static Z: [u8; 65536] = [0; 65536];
+    std::iter::from_fn(move || {
+        (n > 0).then(|| {
+            let k = n.min(Z.len() as u64) as usize;
+            n -= k as u64;
+            &Z[..k]
+        })
+    })
+}

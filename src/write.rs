@@ -67,6 +67,32 @@ fn sync(f: &File, path: &Path) -> Result<()> {
     f.sync_data().map_err(|e| Error::io("flush", path, 0, e))
 }
 
+/// The bytes of a grain about to be allocated for `data` at extent offset `off`: what the
+/// layers below hold there (copy-on-write, when `fill` and the write does not cover the
+/// grain), with `data` laid over it. `len` is the extent's length (the last grain may be
+/// partial); `base` is the extent's first virtual byte.
+#[allow(clippy::too_many_arguments)]
+fn new_grain(
+    data: &[u8],
+    off: u64,
+    gstart: u64,
+    grain: u64,
+    len: u64,
+    base: u64,
+    fill: bool,
+    below: Below<'_>,
+) -> Result<Vec<u8>> {
+    let valid = (len - gstart).min(grain) as usize;
+    let mut full = vec![0u8; grain as usize];
+    let whole = off == gstart && data.len() == valid;
+    if fill && !whole {
+        below(&mut full[..valid], base + gstart)?;
+    }
+    let o = (off - gstart) as usize;
+    full[o..o + data.len()].copy_from_slice(data);
+    Ok(full)
+}
+
 /// Writable hosted sparse extent: new grains (and tables) are appended at the
 /// grain-aligned end of the file.
 struct SparseW {
@@ -150,14 +176,8 @@ impl SparseW {
                 u64::from(gte) * SECTOR + (off - gstart),
             );
         }
-        let valid = (self.len - gstart).min(self.grain) as usize;
-        let mut full = vec![0u8; self.grain as usize];
-        let whole = off == gstart && data.len() == valid;
-        if !whole && gte == 0 {
-            below(&mut full[..valid], base + gstart)?;
-        }
-        let o = (off - gstart) as usize;
-        full[o..o + data.len()].copy_from_slice(data);
+        // A zeroed grain (gte 1) reads as zeros: nothing to fill from below.
+        let full = new_grain(data, off, gstart, self.grain, self.len, base, gte == 0, below)?;
         let s = take_sectors(
             &mut self.cursor,
             self.h.grain_size,
@@ -241,13 +261,7 @@ impl CowdW {
                 u64::from(gte) * SECTOR + (off - gstart),
             );
         }
-        let valid = (self.len - gstart).min(self.grain) as usize;
-        let mut full = vec![0u8; self.grain as usize];
-        if !(off == gstart && data.len() == valid) {
-            below(&mut full[..valid], base + gstart)?;
-        }
-        let o = (off - gstart) as usize;
-        full[o..o + data.len()].copy_from_slice(data);
+        let full = new_grain(data, off, gstart, self.grain, self.len, base, true, below)?;
         let at = take_sectors(&mut self.cursor, self.grain / SECTOR, 1, &self.path)?;
         pwrite(&self.file, &self.path, &full, u64::from(at) * SECTOR)?;
         let (cursor, path) = (&mut self.cursor, &self.path);

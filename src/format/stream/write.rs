@@ -149,12 +149,9 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
-    fn zeros(&mut self, mut n: u64) -> Result<()> {
-        static Z: [u8; 65536] = [0; 65536];
-        while n > 0 {
-            let k = n.min(Z.len() as u64) as usize;
-            self.put(&Z[..k])?;
-            n -= k as u64;
+    fn zeros(&mut self, n: u64) -> Result<()> {
+        for z in crate::output::zero_chunks(n) {
+            self.put(z)?;
         }
         Ok(())
     }
