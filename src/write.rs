@@ -21,7 +21,7 @@ use crate::format::Extent;
 use crate::layer::Layer;
 
 /// Reads the content below the layer being written (for copy-on-write fills).
-pub type Below<'a> = &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync);
+pub type ReadBelow<'a> = &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync);
 
 /// Test hook: abort the process after this many data/metadata writes (crash tests).
 pub(crate) fn fault_point() {
@@ -80,7 +80,7 @@ fn new_grain(
     len: u64,
     base: u64,
     fill: bool,
-    below: Below<'_>,
+    below: ReadBelow<'_>,
 ) -> Result<Vec<u8>> {
     let valid = (len - gstart).min(grain) as usize;
     let mut full = vec![0u8; grain as usize];
@@ -95,7 +95,7 @@ fn new_grain(
 
 /// Writable hosted sparse extent: new grains (and tables) are appended at the
 /// grain-aligned end of the file.
-struct SparseW {
+struct SparseExtentWriter {
     file: File,
     path: PathBuf,
     h: SparseHeader,
@@ -119,8 +119,8 @@ fn take_sectors(cursor: &mut u64, sectors: u64, grain: u64, path: &Path) -> Resu
     })
 }
 
-impl SparseW {
-    fn open(path: &Path, h: SparseHeader) -> Result<SparseW> {
+impl SparseExtentWriter {
+    fn open(path: &Path, h: SparseHeader) -> Result<SparseExtentWriter> {
         if h.compressed() {
             return Err(Error::unsupported(
                 path,
@@ -144,7 +144,7 @@ impl SparseW {
             .len();
         let grain = h.grain_size * SECTOR;
         let cursor = flen.max(h.over_head * SECTOR).div_ceil(grain) * grain / SECTOR;
-        Ok(SparseW {
+        Ok(SparseExtentWriter {
             file,
             path: path.to_path_buf(),
             len: h.capacity * SECTOR,
@@ -164,7 +164,13 @@ impl SparseW {
     }
 
     /// Write `data` at extent-relative `off` (within one grain).
-    fn write_in_grain(&mut self, data: &[u8], off: u64, base: u64, below: Below<'_>) -> Result<()> {
+    fn write_in_grain(
+        &mut self,
+        data: &[u8],
+        off: u64,
+        base: u64,
+        below: ReadBelow<'_>,
+    ) -> Result<()> {
         let g = off / self.grain;
         let gstart = g * self.grain;
         let gte = self.tables.get(&self.file, g)?;
@@ -177,7 +183,16 @@ impl SparseW {
             );
         }
         // A zeroed grain (gte 1) reads as zeros: nothing to fill from below.
-        let full = new_grain(data, off, gstart, self.grain, self.len, base, gte == 0, below)?;
+        let full = new_grain(
+            data,
+            off,
+            gstart,
+            self.grain,
+            self.len,
+            base,
+            gte == 0,
+            below,
+        )?;
         let s = take_sectors(
             &mut self.cursor,
             self.h.grain_size,
@@ -203,7 +218,7 @@ impl SparseW {
 
 /// Writable COWD extent (one sector grains by default; 4096-entry tables, no redundant
 /// copy; the header's freeSector kept current).
-struct CowdW {
+struct CowdExtentWriter {
     file: File,
     path: PathBuf,
     h: CowdHeader,
@@ -213,8 +228,8 @@ struct CowdW {
     grain: u64,
 }
 
-impl CowdW {
-    fn open(path: &Path) -> Result<CowdW> {
+impl CowdExtentWriter {
+    fn open(path: &Path) -> Result<CowdExtentWriter> {
         let file = open_rw(path)?;
         let src = crate::io::Source::from_file(
             file.try_clone()
@@ -233,7 +248,7 @@ impl CowdW {
             COWD_GTES as usize,
         )?;
         let cursor = (src.len().div_ceil(SECTOR)).max(u64::from(h.free_sector));
-        Ok(CowdW {
+        Ok(CowdExtentWriter {
             file,
             path: path.to_path_buf(),
             len: u64::from(h.num_sectors) * SECTOR,
@@ -244,7 +259,13 @@ impl CowdW {
         })
     }
 
-    fn write_in_grain(&mut self, data: &[u8], off: u64, base: u64, below: Below<'_>) -> Result<()> {
+    fn write_in_grain(
+        &mut self,
+        data: &[u8],
+        off: u64,
+        base: u64,
+        below: ReadBelow<'_>,
+    ) -> Result<()> {
         let g = off / self.grain;
         let gstart = g * self.grain;
         // COWD places a new table before the grain that needs it.
@@ -270,7 +291,7 @@ impl CowdW {
         })
     }
 
-    /// Pending metadata writes: tables, then the directory and the header's freeSector.
+    /// WrittenFile metadata writes: tables, then the directory and the header's freeSector.
     fn metadata_writes(&mut self) -> (Vec<MetaWrite>, Vec<MetaWrite>) {
         let (tables, mut dirs) = self.tables.take_writes();
         // qemu leaves freeSector stale; we keep it current (formats.md §6.3).
@@ -299,22 +320,22 @@ fn flush_metadata(
 }
 
 /// Writable flat extent.
-struct FlatW {
+struct FlatExtentWriter {
     file: File,
     path: PathBuf,
     offset: u64,
 }
 
-enum ExtW {
-    Sparse(Box<SparseW>),
-    Cowd(Box<CowdW>),
-    Flat(FlatW),
+enum ExtentWriter {
+    Sparse(Box<SparseExtentWriter>),
+    Cowd(Box<CowdExtentWriter>),
+    Flat(FlatExtentWriter),
     ReadOnly(String),
 }
 
 /// Writes into one layer.
 pub struct LayerWriter {
-    extents: Vec<(u64, u64, ExtW)>,
+    extents: Vec<(u64, u64, ExtentWriter)>,
     capacity: u64,
     path: PathBuf,
 }
@@ -357,7 +378,7 @@ impl LayerWriter {
             let len = slot.extent.len();
             let w = match (&slot.extent, &slot.path) {
                 (_, _) if slot.line.access != crate::format::descriptor::Access::Rw => {
-                    ExtW::ReadOnly(format!(
+                    ExtentWriter::ReadOnly(format!(
                         "extent `{}` is {}",
                         slot.line.file.as_deref().unwrap_or(""),
                         slot.line.access.as_str()
@@ -367,22 +388,26 @@ impl LayerWriter {
                     if s.header().version >= 3 && !s.header().compressed() =>
                 {
                     let _ = p;
-                    ExtW::ReadOnly(
+                    ExtentWriter::ReadOnly(
                         "a version-3 sparse extent carries change tracking that a write would leave stale; it is read-only here (qemu opens it read-only too)"
                             .into(),
                     )
                 }
                 (Extent::Sparse(s), Some(p)) => {
-                    ExtW::Sparse(Box::new(SparseW::open(p, *s.header())?))
+                    ExtentWriter::Sparse(Box::new(SparseExtentWriter::open(p, *s.header())?))
                 }
-                (Extent::Cowd(_), Some(p)) => ExtW::Cowd(Box::new(CowdW::open(p)?)),
-                (Extent::Flat(f), Some(p)) => ExtW::Flat(FlatW {
+                (Extent::Cowd(_), Some(p)) => {
+                    ExtentWriter::Cowd(Box::new(CowdExtentWriter::open(p)?))
+                }
+                (Extent::Flat(f), Some(p)) => ExtentWriter::Flat(FlatExtentWriter {
                     file: open_rw(p)?,
                     path: p.clone(),
                     offset: f.offset,
                 }),
-                (Extent::SeSparse(_), _) => ExtW::ReadOnly("SESparse extents are read-only".into()),
-                _ => ExtW::ReadOnly("a ZERO extent stores nothing".into()),
+                (Extent::SeSparse(_), _) => {
+                    ExtentWriter::ReadOnly("SESparse extents are read-only".into())
+                }
+                _ => ExtentWriter::ReadOnly("a ZERO extent stores nothing".into()),
             };
             extents.push((slot.start, len, w));
         }
@@ -411,7 +436,7 @@ impl LayerWriter {
         let end = off + len;
         for (start, elen, w) in &self.extents {
             if *start < end && start + elen > off {
-                if let ExtW::ReadOnly(why) = w {
+                if let ExtentWriter::ReadOnly(why) = w {
                     return Err(Error::InvalidInput(format!(
                         "`{}`: {why}; nothing was written",
                         self.path.display()
@@ -423,7 +448,7 @@ impl LayerWriter {
     }
 
     /// Write `data` at virtual offset `off`. `below` reads the layers under this one.
-    pub fn write_at(&mut self, data: &[u8], off: u64, below: Below<'_>) -> Result<()> {
+    pub fn write_at(&mut self, data: &[u8], off: u64, below: ReadBelow<'_>) -> Result<()> {
         self.check(off, data.len() as u64)?;
         let mut done = 0usize;
         while done < data.len() {
@@ -432,13 +457,13 @@ impl LayerWriter {
             let (start, len, w) = &mut self.extents[i];
             let rel = pos - *start;
             let n = match w {
-                ExtW::Sparse(s) => {
+                ExtentWriter::Sparse(s) => {
                     let g_end = (rel / s.grain + 1) * s.grain;
                     let n = ((g_end.min(*len) - rel) as usize).min(data.len() - done);
                     s.write_in_grain(&data[done..done + n], rel, *start, below)?;
                     n
                 }
-                ExtW::Cowd(c) => {
+                ExtentWriter::Cowd(c) => {
                     let g_end = (rel / c.grain + 1) * c.grain;
                     // Whole grains in a row go through one grain at a time; COWD grains
                     // are small (one sector by default).
@@ -446,12 +471,12 @@ impl LayerWriter {
                     c.write_in_grain(&data[done..done + n], rel, *start, below)?;
                     n
                 }
-                ExtW::Flat(f) => {
+                ExtentWriter::Flat(f) => {
                     let n = ((*len - rel) as usize).min(data.len() - done);
                     pwrite(&f.file, &f.path, &data[done..done + n], f.offset + rel)?;
                     n
                 }
-                ExtW::ReadOnly(why) => {
+                ExtentWriter::ReadOnly(why) => {
                     return Err(Error::InvalidInput(format!(
                         "`{}`: {why}",
                         self.path.display()
@@ -464,7 +489,7 @@ impl LayerWriter {
     }
 
     /// Write zeros over `[off, off+len)`: zeroed grains where the format has them.
-    pub fn write_zeroes(&mut self, off: u64, len: u64, below: Below<'_>) -> Result<()> {
+    pub fn write_zeroes(&mut self, off: u64, len: u64, below: ReadBelow<'_>) -> Result<()> {
         self.check(off, len)?;
         let zeros = vec![0u8; 1 << 20];
         let mut pos = off;
@@ -472,7 +497,7 @@ impl LayerWriter {
         while pos < end {
             let i = self.extents.partition_point(|e| e.0 + e.1 <= pos);
             let (start, elen, w) = &mut self.extents[i];
-            if let ExtW::Sparse(s) = w {
+            if let ExtentWriter::Sparse(s) = w {
                 let rel = pos - *start;
                 let g = rel / s.grain;
                 let gstart = g * s.grain;
@@ -486,7 +511,7 @@ impl LayerWriter {
             let n = (end - pos).min(zeros.len() as u64).min(s0 + l0 - pos);
             // Keep zero runs grain-sized for sparse so whole grains can become zeroed grains.
             let n = match &self.extents[i].2 {
-                ExtW::Sparse(s) => n.min(((pos - s0) / s.grain + 1) * s.grain - (pos - s0)),
+                ExtentWriter::Sparse(s) => n.min(((pos - s0) / s.grain + 1) * s.grain - (pos - s0)),
                 _ => n,
             };
             self.write_at(&zeros[..n as usize], pos, below)?;
@@ -504,10 +529,10 @@ impl LayerWriter {
         let mut dirs = Vec::new();
         for (_, _, w) in &mut self.extents {
             let ((t, d), path, file) = match w {
-                ExtW::Sparse(s) => (s.metadata_writes(), &s.path, &s.file),
-                ExtW::Cowd(c) => (c.metadata_writes(), &c.path, &c.file),
-                ExtW::Flat(f) => ((vec![], vec![]), &f.path, &f.file),
-                ExtW::ReadOnly(_) => continue,
+                ExtentWriter::Sparse(s) => (s.metadata_writes(), &s.path, &s.file),
+                ExtentWriter::Cowd(c) => (c.metadata_writes(), &c.path, &c.file),
+                ExtentWriter::Flat(f) => ((vec![], vec![]), &f.path, &f.file),
+                ExtentWriter::ReadOnly(_) => continue,
             };
             sync(file, path)?;
             let rec = |(offset, bytes)| JournalRecord {
@@ -527,10 +552,10 @@ impl LayerWriter {
         self.extents
             .iter()
             .filter_map(|(_, _, w)| match w {
-                ExtW::Sparse(s) => Some((s.path.clone(), s.file.metadata().ok()?.len())),
-                ExtW::Cowd(c) => Some((c.path.clone(), c.file.metadata().ok()?.len())),
-                ExtW::Flat(f) => Some((f.path.clone(), f.file.metadata().ok()?.len())),
-                ExtW::ReadOnly(_) => None,
+                ExtentWriter::Sparse(s) => Some((s.path.clone(), s.file.metadata().ok()?.len())),
+                ExtentWriter::Cowd(c) => Some((c.path.clone(), c.file.metadata().ok()?.len())),
+                ExtentWriter::Flat(f) => Some((f.path.clone(), f.file.metadata().ok()?.len())),
+                ExtentWriter::ReadOnly(_) => None,
             })
             .collect()
     }
@@ -539,17 +564,17 @@ impl LayerWriter {
     pub fn flush(&mut self) -> Result<()> {
         for (_, _, w) in &mut self.extents {
             match w {
-                ExtW::Sparse(s) if s.tables.is_dirty() => {
+                ExtentWriter::Sparse(s) if s.tables.is_dirty() => {
                     let w = s.metadata_writes();
                     flush_metadata(&s.file, &s.path, w)?
                 }
-                ExtW::Cowd(c) if c.tables.is_dirty() => {
+                ExtentWriter::Cowd(c) if c.tables.is_dirty() => {
                     let w = c.metadata_writes();
                     flush_metadata(&c.file, &c.path, w)?
                 }
-                ExtW::Sparse(_) | ExtW::Cowd(_) => {}
-                ExtW::Flat(f) => sync(&f.file, &f.path)?,
-                ExtW::ReadOnly(_) => {}
+                ExtentWriter::Sparse(_) | ExtentWriter::Cowd(_) => {}
+                ExtentWriter::Flat(f) => sync(&f.file, &f.path)?,
+                ExtentWriter::ReadOnly(_) => {}
             }
         }
         Ok(())

@@ -51,13 +51,13 @@ pub trait Sink: Send {
 }
 
 /// Counts bytes through a writer and names it in errors.
-struct Out {
+struct CountingWriter {
     w: Box<dyn Write + Send>,
     pos: u64,
     name: PathBuf,
 }
 
-impl Out {
+impl CountingWriter {
     fn write(&mut self, b: &[u8]) -> Result<()> {
         self.w
             .write_all(b)
@@ -85,7 +85,7 @@ impl Out {
     }
 }
 
-impl Write for Out {
+impl Write for CountingWriter {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         let n = self.w.write(b)?;
         self.pos += n as u64;
@@ -98,11 +98,11 @@ impl Write for Out {
 
 /// streamOptimized, VMware layout, strictly sequential: the stream writer fed by the engine: records were compressed in parallel.
 struct StreamSink {
-    w: Option<StreamWriter<Out>>,
+    w: Option<StreamWriter<CountingWriter>>,
 }
 
 impl StreamSink {
-    fn new(out: Out, capacity: u64, descriptor: &[u8]) -> Result<StreamSink> {
+    fn new(out: CountingWriter, capacity: u64, descriptor: &[u8]) -> Result<StreamSink> {
         let name = out.name.clone();
         Ok(StreamSink {
             w: Some(StreamWriter::new(out, capacity, descriptor, &name)?),
@@ -140,9 +140,9 @@ impl Sink for StreamSink {
 }
 
 /// A file written under a temporary name, kept until every output is complete.
-struct Pending(AtomicFile);
+struct WrittenFile(AtomicFile);
 
-fn commit_all(pending: Vec<Pending>, force: bool) -> Result<Vec<PathBuf>> {
+fn commit_all(pending: Vec<WrittenFile>, force: bool) -> Result<Vec<PathBuf>> {
     let mut names = Vec::new();
     // Extents first, the descriptor (pushed last) last: an interrupted rename sequence
     // never leaves a descriptor pointing at missing extents.
@@ -161,7 +161,7 @@ struct SparseFileSink {
     descriptor_file: Option<(PathBuf, Vec<u8>)>,
     cur: Option<(usize, AtomicFile, SparseLayout, GrainEntries, u64)>,
     next: usize,
-    pending: Vec<Pending>,
+    pending: Vec<WrittenFile>,
     force: bool,
     report: CopyReport,
 }
@@ -189,7 +189,7 @@ impl SparseFileSink {
             file.set_len(size)
                 .map_err(|e| write_error(f.tmp_path(), size, e))?;
             self.report.bytes_out += size;
-            self.pending.push(Pending(f));
+            self.pending.push(WrittenFile(f));
         }
         Ok(())
     }
@@ -267,7 +267,7 @@ impl Sink for SparseFileSink {
                 .write_all_at(&text, 0)
                 .map_err(|e| write_error(f.tmp_path(), 0, e))?;
             self.report.bytes_out += text.len() as u64;
-            pending.push(Pending(f));
+            pending.push(WrittenFile(f));
         }
         self.report.files = commit_all(pending, self.force)?;
         Ok(std::mem::take(&mut self.report))
@@ -384,14 +384,14 @@ impl Sink for FlatFileSink {
             f.file()
                 .set_len(len)
                 .map_err(|e| write_error(f.tmp_path(), len, e))?;
-            pending.push(Pending(f));
+            pending.push(WrittenFile(f));
         }
         if let Some((path, text)) = self.descriptor_file.take() {
             let f = AtomicFile::create(&path, self.force)?;
             f.file()
                 .write_all_at(&text, 0)
                 .map_err(|e| write_error(f.tmp_path(), 0, e))?;
-            pending.push(Pending(f));
+            pending.push(WrittenFile(f));
         }
         self.report.bytes_out = self.pieces.iter().map(|p| p.len).sum();
         self.report.files = commit_all(pending, self.force)?;
@@ -416,7 +416,7 @@ fn tar_header(name: &str, size: u64, mtime: u64) -> Result<[u8; 512]> {
 /// Sequential outputs built from known extent sizes: raw content, flat extents in tar,
 /// sparse extents (tables computed by the zero-scan pass) alone or in tar.
 struct SeqSink {
-    out: Out,
+    out: CountingWriter,
     pieces: Vec<OutputFile>,
     /// Per piece: for sparse, (layout, gtes, allocated grains); None for flat.
     sparse: Vec<Option<(SparseLayout, GrainEntries, u64)>>,
@@ -549,13 +549,13 @@ impl Sink for SeqSink {
 }
 
 /// A single-file stream output: commit the temporary file after the stream is complete.
-struct FileWrapped {
+struct StreamFileSink {
     inner: StreamSink,
     file: Option<AtomicFile>,
     force: bool,
 }
 
-impl Sink for FileWrapped {
+impl Sink for StreamFileSink {
     fn put(&mut self, u: &Unit, p: &Piece) -> Result<()> {
         self.inner.put(u, p)
     }
@@ -605,12 +605,12 @@ pub fn to_files(
                 .file()
                 .try_clone()
                 .map_err(|e| Error::io("open", f.tmp_path(), 0, e))?;
-            let out = Out {
+            let out = CountingWriter {
                 w: Box::new(std::io::BufWriter::with_capacity(1 << 20, w)),
                 pos: 0,
                 name: f.tmp_path().to_path_buf(),
             };
-            Box::new(FileWrapped {
+            Box::new(StreamFileSink {
                 inner: StreamSink::new(out, capacity, &descriptor)?,
                 file: Some(f),
                 force,
@@ -664,7 +664,7 @@ pub enum SeqKind {
 
 /// A sink writing to a non-seekable writer (a pipe).
 pub fn to_writer(w: Box<dyn Write + Send>, kind: SeqKind, capacity: u64) -> Result<Box<dyn Sink>> {
-    let mut out = Out {
+    let mut out = CountingWriter {
         w: Box::new(std::io::BufWriter::with_capacity(1 << 20, w)),
         pos: 0,
         name: PathBuf::from("<stdout>"),

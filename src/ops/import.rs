@@ -229,7 +229,8 @@ impl Units<'_> {
     }
 }
 
-enum Kind {
+/// What arrives on stdin.
+enum StdinKind {
     Stream(crate::format::sparse::SparseHeader),
     Sparse(crate::format::sparse::SparseHeader),
     Tar,
@@ -238,7 +239,7 @@ enum Kind {
 struct StdinFeed<'a> {
     input: &'a mut dyn Read,
     head: Vec<u8>,
-    kind: Kind,
+    kind: StdinKind,
     cap: u64,
 }
 
@@ -254,15 +255,15 @@ impl Feed for StdinFeed<'_> {
         let mut chained = std::io::Read::chain(&head[..], &mut self.input);
         let mut emit = |off: u64, data: &[u8]| units.piece(off, data);
         match &self.kind {
-            Kind::Tar => {
+            StdinKind::Tar => {
                 stream_in::read_tar(&mut chained, name, &mut emit)?;
                 let _ = std::io::copy(&mut chained, &mut std::io::sink());
             }
-            Kind::Stream(h) | Kind::Sparse(h) => {
+            StdinKind::Stream(h) | StdinKind::Sparse(h) => {
                 let mut c = Counted::new(&mut chained, name);
                 let mut s = [0u8; 512];
                 c.exact(&mut s)?;
-                if matches!(self.kind, Kind::Stream(_)) {
+                if matches!(self.kind, StdinKind::Stream(_)) {
                     stream_in::read_stream(&mut c, h, 0, &mut emit)?;
                 } else {
                     stream_in::read_sparse(&mut c, h, 0, &mut emit)?;
@@ -320,7 +321,7 @@ pub fn import_stream(
             cid: random_cid(),
             provisioning: Provisioning::Thin,
         };
-        (Kind::Tar, cap, meta, head)
+        (StdinKind::Tar, cap, meta, head)
     } else {
         let h = stream_in::parse_first(&first, name)?;
         let mut head = first.to_vec();
@@ -339,9 +340,9 @@ pub fn import_stream(
         }
         let cap = h.capacity * SECTOR;
         let kind = if h.compressed() {
-            Kind::Stream(h)
+            StdinKind::Stream(h)
         } else {
-            Kind::Sparse(h)
+            StdinKind::Sparse(h)
         };
         (
             kind,
@@ -361,7 +362,7 @@ pub fn import_stream(
 fn finish_stream(
     input: &mut dyn Read,
     head: Vec<u8>,
-    kind: Kind,
+    kind: StdinKind,
     cap: u64,
     meta: OutputMeta,
     dst: &Path,
