@@ -341,19 +341,8 @@ fn extent_lines(format: ExportFormat, pieces: &[OutputFile]) -> Vec<ExtentLine> 
         .collect()
 }
 
-/// Export any disk with descriptor metadata `meta` (`mtime` dates tar members); when
-/// `feed` is given it pushes the content and `chain` only supplies the capacity (files
-/// only).
-pub fn export_fed(
-    chain: &dyn VirtualDisk,
-    feed: Option<&mut dyn Feed>,
-    meta: &OutputMeta,
-    mtime: u64,
-    dest: Dest,
-    opts: &ExportOptions,
-    progress: &dyn Progress,
-) -> Result<ExportReport> {
-    let cap = chain.capacity();
+/// Refuse options that make no sense before anything is opened for writing.
+fn check_options(opts: &ExportOptions, cap: u64) -> Result<()> {
     if opts.level > 9 {
         return Err(Error::InvalidInput(format!(
             "compression level {} is outside 0..=9",
@@ -370,6 +359,50 @@ pub fn export_fed(
             "capacity is not a whole number of sectors".into(),
         ));
     }
+    Ok(())
+}
+
+/// The descriptor text of an output named `name` (None for raw).
+fn describe(
+    format: ExportFormat,
+    meta: &OutputMeta,
+    cap: u64,
+    name: &str,
+    pieces: &[OutputFile],
+) -> Option<Vec<u8>> {
+    let ct = format.create_type()?;
+    let lines = match format {
+        ExportFormat::StreamOptimized | ExportFormat::MonolithicSparse => vec![ExtentLine {
+            access: Access::Rw,
+            sectors: cap / SECTOR,
+            kind: ExtentType::Sparse,
+            file: Some(name.to_string()),
+            offset: None,
+            extra: vec![],
+        }],
+        _ => extent_lines(format, pieces),
+    };
+    Some(
+        output_descriptor(meta, cap, ct, lines)
+            .to_text()
+            .into_bytes(),
+    )
+}
+
+/// Export any disk with descriptor metadata `meta` (`mtime` dates tar members); when
+/// `feed` is given it pushes the content and `chain` only supplies the capacity (files
+/// only).
+pub fn export_fed(
+    chain: &dyn VirtualDisk,
+    feed: Option<&mut dyn Feed>,
+    meta: &OutputMeta,
+    mtime: u64,
+    dest: Dest,
+    opts: &ExportOptions,
+    progress: &dyn Progress,
+) -> Result<ExportReport> {
+    let cap = chain.capacity();
+    check_options(opts, cap)?;
     let format = opts.format;
     let popts = PipelineOptions {
         threads: opts.threads,
@@ -393,22 +426,7 @@ pub fn export_fed(
     };
     crate::format::descriptor::check_file_name(&name)?;
     let pieces = plan_extents(format, cap, &name);
-    let descriptor = format.create_type().map(|ct| {
-        let lines = match format {
-            ExportFormat::StreamOptimized | ExportFormat::MonolithicSparse => vec![ExtentLine {
-                access: Access::Rw,
-                sectors: cap / SECTOR,
-                kind: ExtentType::Sparse,
-                file: Some(name.clone()),
-                offset: None,
-                extra: vec![],
-            }],
-            _ => extent_lines(format, &pieces),
-        };
-        output_descriptor(meta, cap, ct, lines)
-            .to_text()
-            .into_bytes()
-    });
+    let descriptor = describe(format, meta, cap, &name, &pieces);
     let embedded = match format {
         ExportFormat::MonolithicSparse => descriptor.clone(),
         _ => None,
