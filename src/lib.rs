@@ -5,6 +5,10 @@
 //! ranges are unallocated, zeroed, stored or compressed, and in which layer. [`Chain`]
 //! opens any disk vmdkit reads together with its parents.
 //!
+//! Layers, from the bottom: [`format`] (on-disk formats, reader and writer side by side),
+//! [`layer`] / [`chain`] (opening disks), [`copy`] (the one copy engine: plan, parallel
+//! produce, ordered sink), [`ops`] (the commands). Dependencies point down only.
+//!
 //! The library never prints and never exits; the `vmdkit` binary is a thin layer over it.
 
 #![warn(missing_docs)]

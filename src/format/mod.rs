@@ -1,4 +1,8 @@
-//! On-disk formats: descriptors, hosted sparse and stream extents, flat extents.
+//! On-disk formats, each reader beside its writer: descriptors, hosted sparse extents,
+//! streamOptimized files (random access, pipes, writing), flat extents, COWD (ESX 2 REDO
+//! logs, vmfsSparse deltas), SESparse (read-only), grain tables being changed, VMware's
+//! geometry rules and vmdkit's manifest format. Nothing here knows the copy engine or a
+//! command.
 //!
 //! [`Extent`] is one extent of a layer; [`crate::layer::Layer`] concatenates them.
 
