@@ -8,7 +8,9 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use crate::error::{Error, Result};
-use crate::format::sparse::{sector_entry, GrainEntries, SparseLayout, SECTOR};
+use crate::format::sparse::{
+    embedded_sectors, sector_entry, GrainEntries, SparseLayout, SparseWriter, SECTOR,
+};
 use crate::format::stream::StreamWriter;
 use crate::output::{write_error, AtomicFile};
 
@@ -24,11 +26,6 @@ pub enum Prealloc {
     Allocate,
     /// Every byte written (eagerzeroedthick).
     WriteZeros,
-}
-
-/// Descriptor sectors reserved in a monolithic sparse file (at least 20, as VMware).
-pub fn embedded_sectors(text: &[u8]) -> u64 {
-    (text.len() as u64).div_ceil(SECTOR).max(20)
 }
 
 /// What a copy wrote.
@@ -159,7 +156,8 @@ struct SparseFileSink {
     dir: PathBuf,
     embedded: Option<Vec<u8>>,
     descriptor_file: Option<(PathBuf, Vec<u8>)>,
-    cur: Option<(usize, AtomicFile, SparseLayout, GrainEntries, u64)>,
+    /// The extent being written: its index, its file, its writer.
+    cur: Option<(usize, AtomicFile, SparseWriter)>,
     next: usize,
     pending: Vec<WrittenFile>,
     force: bool,
@@ -170,24 +168,20 @@ impl SparseFileSink {
     fn open_next(&mut self) -> Result<()> {
         let i = self.next;
         let p = &self.pieces[i];
-        let desc_sectors = self.embedded.as_deref().map_or(0, embedded_sectors);
-        let layout = SparseLayout::new(p.len / SECTOR, desc_sectors);
         let f = AtomicFile::create(&self.dir.join(&p.name), self.force)?;
-        self.cur = Some((i, f, layout, GrainEntries::new(layout.gtes), 0));
+        let file = f
+            .file()
+            .try_clone()
+            .map_err(|e| Error::io("open", f.tmp_path(), 0, e))?;
+        let w = SparseWriter::new(file, p.len, self.embedded.as_deref(), f.tmp_path());
+        self.cur = Some((i, f, w));
         self.next += 1;
         Ok(())
     }
 
     fn close_cur(&mut self) -> Result<()> {
-        if let Some((_, f, layout, gtes, k)) = self.cur.take() {
-            let file = f.file();
-            layout.for_each_metadata_write(&gtes, self.embedded.as_deref(), |at, bytes| {
-                file.write_all_at(bytes, at)
-                    .map_err(|e| write_error(f.tmp_path(), at, e))
-            })?;
-            let size = layout.file_bytes(k);
-            file.set_len(size)
-                .map_err(|e| write_error(f.tmp_path(), size, e))?;
+        if let Some((_, f, w)) = self.cur.take() {
+            let (_, size, _) = w.finish()?;
             self.report.bytes_out += size;
             self.pending.push(WrittenFile(f));
         }
@@ -218,7 +212,7 @@ impl Sink for SparseFileSink {
         let Piece::Data { buf, nonzero, .. } = p else {
             return Ok(());
         };
-        let (i, f, layout, gtes, k) = self.cur.as_mut().expect("an extent covers every unit");
+        let (i, _, w) = self.cur.as_mut().expect("an extent covers every unit");
         let base = self.pieces[*i].start;
         let mut g = 0;
         while g < nonzero.len() {
@@ -230,31 +224,14 @@ impl Sink for SparseFileSink {
             while g < nonzero.len() && nonzero[g] {
                 g += 1;
             }
-            let first_local = (u.start - base) / GRAIN + run_start as u64;
-            let at = layout.grain_sector(*k) * SECTOR;
-            for j in 0..(g - run_start) as u64 {
-                let e = sector_entry(f.target(), layout.grain_sector(*k + j))?;
-                gtes.set(first_local + j, e);
-            }
+            let first = (u.start - base) / GRAIN + run_start as u64;
             let from = run_start * GRAIN as usize;
             let to = (g * GRAIN as usize).min(buf.len());
-            f.file()
-                .write_all_at(&buf[from..to], at)
-                .map_err(|e| write_error(f.tmp_path(), at, e))?;
-            *k += (g - run_start) as u64;
+            w.write_grains(first, &buf[from..to])?;
             self.report.grains += (g - run_start) as u64;
         }
-        // Tables wholly before this unit's end are complete: write them now and forget
-        // them, so memory stays bounded by one table's span, not the disk.
-        let done_to = (u.start + u.len - base) / GRAIN / layout.gtes;
-        for (t, entries) in gtes.take_before(done_to) {
-            for (at, bytes) in layout.table_writes(t, &entries) {
-                f.file()
-                    .write_all_at(&bytes, at)
-                    .map_err(|e| write_error(f.tmp_path(), at, e))?;
-            }
-        }
-        Ok(())
+        // Tables wholly before this unit's end are complete: written and forgotten.
+        w.flush_tables_before((u.start + u.len - base) / GRAIN)
     }
 
     fn finish(&mut self) -> Result<CopyReport> {

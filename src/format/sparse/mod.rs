@@ -4,7 +4,9 @@
 mod header;
 mod layout;
 mod read;
+mod write;
 
 pub use header::*;
 pub use layout::*;
 pub use read::*;
+pub use write::{embedded_sectors, SparseWriter};
