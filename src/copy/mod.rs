@@ -250,34 +250,34 @@ pub trait Feed {
     fn run(&mut self, put: &mut dyn FnMut(Unit, Vec<u8>) -> Result<()>) -> Result<()>;
 }
 
-/// Like [`drive`], for content pushed by a [`Feed`] (a pipe): gaps are holes.
+/// Like [`drive`], for content pushed by a [`Feed`] (a pipe): gaps are holes. Pushed
+/// units are batched by window and their pieces made in parallel (zero detection,
+/// stream compression, checksums), then handed to the sink in order.
 pub fn drive_feed(
     feed: &mut dyn Feed,
+    popts: PipelineOptions,
     producer: &Producer<'_>,
     sink: &mut dyn Sink,
     observe: &mut (dyn FnMut(&Unit, &Piece) + Send),
     progress: &dyn Progress,
 ) -> Result<()> {
+    let pool = pool(popts.threads)?;
+    let window = pool.current_num_threads() * 4;
     let mut next = 0u64;
     let cap = producer.disk.capacity();
+    let mut batch: Vec<(Unit, Vec<u8>)> = Vec::with_capacity(window);
     feed.run(&mut |u: Unit, buf: Vec<u8>| {
-        if u.start > next {
-            let gap = Unit {
-                start: next,
-                len: u.start - next,
-                read: false,
-            };
-            observe(&gap, &Piece::Hole);
-            sink.put(&gap, &Piece::Hole)?;
-            progress.inc(gap.len);
+        batch.push((u, buf));
+        if batch.len() < window {
+            return Ok(());
         }
-        let p = producer.piece(&u, buf)?;
-        observe(&u, &p);
-        sink.put(&u, &p)?;
-        progress.inc(u.len);
-        next = u.start + u.len;
-        Ok(())
+        put_batch(
+            &pool, &mut batch, &mut next, producer, sink, observe, progress,
+        )
     })?;
+    put_batch(
+        &pool, &mut batch, &mut next, producer, sink, observe, progress,
+    )?;
     if next < cap {
         let gap = Unit {
             start: next,
@@ -286,6 +286,43 @@ pub fn drive_feed(
         };
         observe(&gap, &Piece::Hole);
         sink.put(&gap, &Piece::Hole)?;
+    }
+    Ok(())
+}
+
+/// Make the pieces of a batch of pushed units in parallel, then put them (and the holes
+/// between them) into the sink in order.
+fn put_batch(
+    pool: &rayon::ThreadPool,
+    batch: &mut Vec<(Unit, Vec<u8>)>,
+    next: &mut u64,
+    producer: &Producer<'_>,
+    sink: &mut dyn Sink,
+    observe: &mut (dyn FnMut(&Unit, &Piece) + Send),
+    progress: &dyn Progress,
+) -> Result<()> {
+    let made: Vec<(Unit, Result<Piece>)> = pool.install(|| {
+        batch
+            .par_drain(..)
+            .map(|(u, buf)| (u, producer.piece(&u, buf)))
+            .collect()
+    });
+    for (u, p) in made {
+        let p = p?;
+        if u.start > *next {
+            let gap = Unit {
+                start: *next,
+                len: u.start - *next,
+                read: false,
+            };
+            observe(&gap, &Piece::Hole);
+            sink.put(&gap, &Piece::Hole)?;
+            progress.inc(gap.len);
+        }
+        observe(&u, &p);
+        sink.put(&u, &p)?;
+        progress.inc(u.len);
+        *next = u.start + u.len;
     }
     Ok(())
 }

@@ -513,7 +513,9 @@ pub fn export_fed(
         }
     };
     match feed {
-        Some(f) => pipeline::drive_feed(f, &producer, sink.as_mut(), &mut observe, progress)?,
+        Some(f) => {
+            pipeline::drive_feed(f, popts, &producer, sink.as_mut(), &mut observe, progress)?
+        }
         None => pipeline::drive(
             chain,
             popts,
