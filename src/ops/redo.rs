@@ -11,7 +11,7 @@ use crate::format::cowd::CowdHeader;
 use crate::format::descriptor::{
     random_cid, Access, CreateType, Descriptor, ExtentLine, ExtentType,
 };
-use crate::format::sparse::{SparseLayout, SECTOR};
+use crate::format::sparse::SECTOR;
 use crate::guard::{LockKind, LockSet};
 use crate::io::SourceMode;
 use crate::layer::OpenOptions;
@@ -156,19 +156,12 @@ pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
                 fd.file()
                     .write_all_at(&b, 0)
                     .map_err(|e| Error::io("write", fd.tmp_path(), 0, e))?;
-                let line = ExtentLine {
-                    access: Access::Rw,
-                    sectors: cap / SECTOR,
-                    kind: ExtentType::VmfsSparse,
-                    file: Some(file_name(&delta)),
-                    offset: None,
-                    extra: vec![],
-                };
-                let d = Descriptor::new(
+                let d = child_descriptor(
                     CreateType::VmfsSparse,
-                    cid,
-                    Some((parent_cid, &parent_name)),
-                    vec![line],
+                    ExtentType::VmfsSparse,
+                    file_name(&delta),
+                    cap,
+                    (cid, parent_cid, &parent_name),
                     &ddb,
                 );
                 let fdesc = AtomicFile::create(&desc, false)?;
@@ -179,40 +172,48 @@ pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
                 fd.commit(false)?;
                 fdesc.commit(false)?;
             } else {
-                let line = ExtentLine {
-                    access: Access::Rw,
-                    sectors: cap / SECTOR,
-                    kind: ExtentType::Sparse,
-                    file: Some(file_name(&desc)),
-                    offset: None,
-                    extra: vec![],
-                };
-                let d = Descriptor::new(
+                let d = child_descriptor(
                     CreateType::MonolithicSparse,
-                    cid,
-                    Some((parent_cid, &parent_name)),
-                    vec![line],
+                    ExtentType::Sparse,
+                    file_name(&desc),
+                    cap,
+                    (cid, parent_cid, &parent_name),
                     &ddb,
                 );
                 let text = d.to_text().into_bytes();
-                let layout =
-                    SparseLayout::new(cap / SECTOR, (text.len() as u64).div_ceil(SECTOR).max(20));
                 let f = AtomicFile::create(&desc, false)?;
-                let none = crate::format::sparse::GrainEntries::new(layout.gtes);
-                layout.for_each_metadata_write(&none, Some(&text), |at, bytes| {
-                    f.file()
-                        .write_all_at(bytes, at)
-                        .map_err(|e| Error::io("write", f.tmp_path(), at, e))
-                })?;
-                let end = layout.over_head * SECTOR;
-                f.file()
-                    .set_len(end)
-                    .map_err(|e| Error::io("set the length of", f.tmp_path(), end, e))?;
+                let file = f
+                    .file()
+                    .try_clone()
+                    .map_err(|e| Error::io("open", f.tmp_path(), 0, e))?;
+                crate::format::sparse::SparseWriter::new(file, cap, Some(&text), f.tmp_path())
+                    .finish()?;
                 f.commit(false)?;
             }
             Ok(desc)
         }
     }
+}
+
+/// The descriptor of a new child: one extent `file` of `kind` holding `cap` bytes,
+/// `(cid, parent_cid, parent_name)` linking it to its parent.
+fn child_descriptor(
+    ct: CreateType,
+    kind: ExtentType,
+    file: String,
+    cap: u64,
+    (cid, parent_cid, parent_name): (u32, u32, &str),
+    ddb: &[(String, String)],
+) -> Descriptor {
+    let line = ExtentLine {
+        access: Access::Rw,
+        sectors: cap / SECTOR,
+        kind,
+        file: Some(file),
+        offset: None,
+        extra: vec![],
+    };
+    Descriptor::new(ct, cid, Some((parent_cid, parent_name)), vec![line], ddb)
 }
 
 /// What to write with [`write`].
