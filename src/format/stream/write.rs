@@ -64,27 +64,38 @@ pub fn looks_incompressible(data: &[u8]) -> bool {
 
 /// A stream grain record: LBA (sectors), compressed size, one zlib stream, zero padding to
 /// a sector. Incompressible grains get a zlib stream of stored blocks (still zlib, as
-/// readers need). `level` is zlib's 0-9.
+/// readers need). `level` is zlib's 0-9, applied by libdeflate, which compresses a whole
+/// buffer (a grain's shape) several times faster than zlib at the same level, with
+/// output within a few percent (`cargo bench --bench pipeline` compares them).
 pub fn grain_record(lba: u64, data: &[u8], level: u32) -> Result<Vec<u8>> {
-    let mut rec = Vec::with_capacity(data.len() / 2 + 512);
-    rec.extend_from_slice(&lba.to_le_bytes());
-    rec.extend_from_slice(&[0u8; 4]);
+    thread_local! {
+        static DEFLATER: std::cell::RefCell<Option<(u32, libdeflater::Compressor)>> =
+            const { std::cell::RefCell::new(None) };
+    }
     let level = if level > 0 && looks_incompressible(data) {
         0
     } else {
-        level
+        level.min(9)
     };
-    let mut enc = flate2::write::ZlibEncoder::new(rec, flate2::Compression::new(level));
-    enc.write_all(data)
-        .map_err(|e| Error::InvalidInput(format!("compression failed: {e}")))?;
-    let mut rec = enc
-        .finish()
-        .map_err(|e| Error::InvalidInput(format!("compression failed: {e}")))?;
-    let size = (rec.len() - 12) as u32;
-    LE::write_u32(&mut rec[8..12], size);
-    let padded = rec.len().div_ceil(512) * 512;
-    rec.resize(padded, 0);
-    Ok(rec)
+    DEFLATER.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_none_or(|(l, _)| *l != level) {
+            let lvl = libdeflater::CompressionLvl::new(level as i32)
+                .map_err(|e| Error::InvalidInput(format!("compression level {level}: {e:?}")))?;
+            *cell = Some((level, libdeflater::Compressor::new(lvl)));
+        }
+        let (_, c) = cell.as_mut().expect("set above");
+        let mut rec = vec![0u8; 12 + c.zlib_compress_bound(data.len())];
+        rec[0..8].copy_from_slice(&lba.to_le_bytes());
+        let n = c
+            .zlib_compress(data, &mut rec[12..])
+            .map_err(|e| Error::InvalidInput(format!("compression failed: {e:?}")))?;
+        LE::write_u32(&mut rec[8..12], n as u32);
+        rec.truncate(12 + n);
+        let padded = rec.len().div_ceil(512) * 512;
+        rec.resize(padded, 0);
+        Ok(rec)
+    })
 }
 
 /// A marker sector: `num_sectors` of metadata of `kind` follow.
