@@ -292,7 +292,7 @@ impl Layer {
             .unwrap_or_default();
         let self_line = ExtentLine {
             access: Access::Rw,
-            sectors: h.capacity,
+            sectors: h.capacity_sectors,
             kind: ExtentType::Sparse,
             file: Some(name),
             offset: None,
@@ -325,10 +325,10 @@ impl Layer {
             ));
         }
         if let Some(e) = d.extents().first() {
-            if e.sectors != h.capacity {
+            if e.sectors != h.capacity_sectors {
                 notes.push(format!(
                     "embedded descriptor says {} sectors, header says {}; using the header",
-                    e.sectors, h.capacity
+                    e.sectors, h.capacity_sectors
                 ));
             }
         }

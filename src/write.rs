@@ -147,7 +147,7 @@ impl SparseExtentWriter {
         Ok(SparseExtentWriter {
             file,
             path: path.to_path_buf(),
-            len: h.capacity * SECTOR,
+            len: h.capacity_sectors * SECTOR,
             grain,
             h,
             tables,

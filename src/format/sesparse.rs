@@ -47,7 +47,7 @@ pub struct SeSparseHeader {
     /// `0x0000000200000001`.
     pub version: u64,
     /// Capacity in sectors.
-    pub capacity: u64,
+    pub capacity_sectors: u64,
     /// Grain size in sectors (always 8).
     pub grain_size: u64,
     /// Grain table size in sectors (always 64).
@@ -97,7 +97,7 @@ impl SeSparseHeader {
         SeSparseHeader {
             magic: f(0x00),
             version: f(0x08),
-            capacity: f(0x10),
+            capacity_sectors: f(0x10),
             grain_size: f(0x18),
             grain_table_size: f(0x20),
             flags: f(0x28),
@@ -127,7 +127,7 @@ impl SeSparseHeader {
         let fields = [
             self.magic,
             self.version,
-            self.capacity,
+            self.capacity_sectors,
             self.grain_size,
             self.grain_table_size,
             self.flags,
@@ -247,14 +247,14 @@ impl SeSparseExtent {
             ));
         }
         let len = h
-            .capacity
+            .capacity_sectors
             .checked_mul(SECTOR)
             .filter(|&l| l > 0)
             .ok_or_else(|| {
                 Error::corrupt(
                     &path,
                     16,
-                    format!("capacity {} sectors is 0 or overflows", h.capacity),
+                    format!("capacity {} sectors is 0 or overflows", h.capacity_sectors),
                 )
             })?;
         let mut v = [0u8; 512];
@@ -433,7 +433,7 @@ mod tests {
         let mut h = SeSparseHeader {
             magic: SESPARSE_MAGIC,
             version: SESPARSE_VERSION,
-            capacity: 2048,
+            capacity_sectors: 2048,
             grain_size: 8,
             grain_table_size: 64,
             ..Default::default()

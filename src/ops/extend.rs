@@ -37,7 +37,7 @@ fn grow_sparse(path: &Path, h: &SparseHeader, new_cap: u64) -> Result<()> {
     let per = u64::from(h.num_gtes_per_gt);
     let old_gts = h.num_gts();
     let mut nh = *h;
-    nh.capacity = new_cap;
+    nh.capacity_sectors = new_cap;
     let new_gts = nh.num_gts();
     let grain = h.grain_size * SECTOR;
     let read_dir = |at: u64, n: u64| crate::format::tables::read_u32s(&f, path, at, n as usize);
@@ -49,14 +49,14 @@ fn grow_sparse(path: &Path, h: &SparseHeader, new_cap: u64) -> Result<()> {
         None
     };
     // Zero the tail of a partial last grain so the newly exposed bytes read as zeros.
-    if h.capacity % h.grain_size != 0 {
-        let g = h.capacity / h.grain_size;
+    if h.capacity_sectors % h.grain_size != 0 {
+        let g = h.capacity_sectors / h.grain_size;
         let gdi = (g / per) as usize;
         if gd[gdi] != 0 {
             let t = read_dir(u64::from(gd[gdi]), per)?;
             let gte = t[(g % per) as usize];
             if gte >= 2 {
-                let valid = (h.capacity % h.grain_size) * SECTOR;
+                let valid = (h.capacity_sectors % h.grain_size) * SECTOR;
                 let z = vec![0u8; (grain - valid) as usize];
                 f.write_all_at(&z, u64::from(gte) * SECTOR + valid)
                     .map_err(io_err("write", path, 0))?;

@@ -328,7 +328,9 @@ pub fn import_stream(
         let mut ddb = Vec::new();
         // The embedded descriptor follows the header: read it now for the DDB keys.
         if h.descriptor_offset == 1 && h.descriptor_size > 0 {
-            let n = (h.descriptor_size * SECTOR)
+            let n = h
+                .descriptor_size
+                .saturating_mul(SECTOR)
                 .min(crate::format::descriptor::MAX_DESCRIPTOR_BYTES as u64)
                 as usize;
             let mut d = vec![0u8; n];
@@ -338,7 +340,8 @@ pub fn import_stream(
             }
             head.extend_from_slice(&d);
         }
-        let cap = h.capacity * SECTOR;
+        // validate() has checked that capacity * 512 does not overflow.
+        let cap = h.capacity_sectors * SECTOR;
         let kind = if h.compressed() {
             StdinKind::Stream(h)
         } else {

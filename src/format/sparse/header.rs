@@ -60,7 +60,7 @@ pub struct SparseHeader {
     /// Flag bits.
     pub flags: u32,
     /// Sectors addressed by this extent.
-    pub capacity: u64,
+    pub capacity_sectors: u64,
     /// Sectors per grain.
     pub grain_size: u64,
     /// Sector of the embedded descriptor (0 = none).
@@ -91,7 +91,7 @@ impl SparseHeader {
         SparseHeader {
             version: 1,
             flags: FLAG_VALID_NEWLINE | FLAG_REDUNDANT_GD,
-            capacity,
+            capacity_sectors: capacity,
             grain_size,
             descriptor_offset: 0,
             descriptor_size: 0,
@@ -113,7 +113,7 @@ impl SparseHeader {
         Some(SparseHeader {
             version: LE::read_u32(&b[4..8]),
             flags: LE::read_u32(&b[8..12]),
-            capacity: LE::read_u64(&b[12..20]),
+            capacity_sectors: LE::read_u64(&b[12..20]),
             grain_size: LE::read_u64(&b[20..28]),
             descriptor_offset: LE::read_u64(&b[28..36]),
             descriptor_size: LE::read_u64(&b[36..44]),
@@ -133,7 +133,7 @@ impl SparseHeader {
         LE::write_u32(&mut b[0..4], SPARSE_MAGIC);
         LE::write_u32(&mut b[4..8], self.version);
         LE::write_u32(&mut b[8..12], self.flags);
-        LE::write_u64(&mut b[12..20], self.capacity);
+        LE::write_u64(&mut b[12..20], self.capacity_sectors);
         LE::write_u64(&mut b[20..28], self.grain_size);
         LE::write_u64(&mut b[28..36], self.descriptor_offset);
         LE::write_u64(&mut b[36..44], self.descriptor_size);
@@ -161,7 +161,7 @@ impl SparseHeader {
     }
     /// Number of grains (the last may be partial).
     pub fn num_grains(&self) -> u64 {
-        self.capacity.div_ceil(self.grain_size.max(1))
+        self.capacity_sectors.div_ceil(self.grain_size.max(1))
     }
     /// Number of grain tables = grain-directory entries.
     pub fn num_gts(&self) -> u64 {
@@ -230,14 +230,17 @@ impl SparseHeader {
                 ),
             ));
         }
-        if self.capacity == 0 {
+        if self.capacity_sectors == 0 {
             return Err(Error::corrupt(path, 12, "capacity is 0 sectors"));
         }
-        if self.capacity.checked_mul(SECTOR).is_none() {
+        if self.capacity_sectors.checked_mul(SECTOR).is_none() {
             return Err(Error::corrupt(
                 path,
                 12,
-                format!("capacity {} sectors overflows a byte count", self.capacity),
+                format!(
+                    "capacity {} sectors overflows a byte count",
+                    self.capacity_sectors
+                ),
             ));
         }
         Ok(())

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SparseLayout {
     /// Capacity in sectors.
-    pub capacity: u64,
+    pub capacity_sectors: u64,
     /// Grain size in sectors.
     pub grain: u64,
     /// Entries per grain table.
@@ -52,7 +52,7 @@ impl SparseLayout {
         let gd = rgd + gd_sectors + 4 * num_gts;
         let end = gd + gd_sectors + 4 * num_gts;
         SparseLayout {
-            capacity,
+            capacity_sectors: capacity,
             grain,
             gtes,
             num_grains,
@@ -68,7 +68,7 @@ impl SparseLayout {
 
     /// The header for this layout.
     pub fn header(&self) -> SparseHeader {
-        let mut h = SparseHeader::new(self.capacity, self.grain);
+        let mut h = SparseHeader::new(self.capacity_sectors, self.grain);
         h.descriptor_offset = self.desc_offset;
         h.descriptor_size = self.desc_sectors;
         h.num_gtes_per_gt = self.gtes as u32;

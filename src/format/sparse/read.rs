@@ -40,7 +40,7 @@ impl SparseExtent {
         if header.gd_offset == GD_AT_END {
             header = read_footer(&src, &raw_header)?;
         }
-        let len = header.capacity * SECTOR;
+        let len = header.capacity_sectors * SECTOR;
         // Grains start at or after overHead: a file that ends before it was cut short.
         // (An empty qemu stream ends exactly at overHead.)
         if raw_header.over_head.saturating_mul(SECTOR) > src.len() {
@@ -71,7 +71,7 @@ impl SparseExtent {
                         "grain directory ({num_gts} entries at sector {}) does not fit in the {}-byte file (capacity {} sectors, grain {}, {} per table)",
                         header.gd_offset,
                         src.len(),
-                        header.capacity,
+                        header.capacity_sectors,
                         header.grain_size,
                         header.num_gtes_per_gt
                     ),

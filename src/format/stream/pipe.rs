@@ -142,7 +142,7 @@ pub fn read_stream(
     let desc = read_embedded(r, h)?;
     r.skip_to(h.over_head.saturating_mul(SECTOR).max(SECTOR))?;
     let grain = (h.grain_size * SECTOR) as usize;
-    let cap = h.capacity * SECTOR;
+    let cap = h.capacity_sectors * SECTOR;
     let max_cmp = 2 * grain as u64 + 4096;
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut last: Option<u64> = None;
@@ -246,7 +246,7 @@ pub fn read_sparse(
             12,
             format!(
                 "a grain directory of {num_gts} entries (capacity {} sectors) is more than vmdkit reads from a pipe; pass the file instead",
-                h.capacity
+                h.capacity_sectors
             ),
         ));
     }
@@ -297,7 +297,7 @@ pub fn read_sparse(
     }
     grains.sort_unstable();
     let grain = h.grain_size * SECTOR;
-    let cap = h.capacity * SECTOR;
+    let cap = h.capacity_sectors * SECTOR;
     let mut buf = vec![0u8; grain as usize];
     let mut last: Option<u64> = None;
     for (s, g) in grains {

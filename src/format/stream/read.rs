@@ -71,7 +71,7 @@ pub(crate) fn read_footer(src: &Source, header: &SparseHeader) -> Result<SparseH
                     "footer also says the grain directory is at the end",
                 ));
             }
-            if f.capacity != header.capacity || f.grain_size != header.grain_size {
+            if f.capacity_sectors != header.capacity_sectors || f.grain_size != header.grain_size {
                 return Err(Error::corrupt(
                     path,
                     at + 512,

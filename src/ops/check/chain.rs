@@ -225,15 +225,15 @@ impl Walk<'_> {
                 let header = Source::open(&p, SourceMode::Pread)
                     .ok()
                     .and_then(|src| sparse::read_header(&src).ok());
-                if let Some(h) = header.filter(|h| h.capacity != line.sectors) {
+                if let Some(h) = header.filter(|h| h.capacity_sectors != line.sectors) {
                     let msg = format!(
                         "{what}: descriptor says {} sectors, `{name}` holds {}",
-                        line.sectors, h.capacity
+                        line.sectors, h.capacity_sectors
                     );
                     let idx = self.r.add(path, 0, Severity::Corruption, msg);
                     if self.opts.repair {
                         self.r.findings[idx].repaired = true;
-                        return Ok(Some(h.capacity));
+                        return Ok(Some(h.capacity_sectors));
                     }
                 }
             }

@@ -515,7 +515,7 @@ impl<'a> SparseCheck<'a> {
         }
         let grain = h.grain_size;
         let s = u64::from(e);
-        let valid = ((h.capacity - g * grain).min(grain)).max(1);
+        let valid = ((h.capacity_sectors - g * grain).min(grain)).max(1);
         if s + valid > self.fsect {
             let (a, b) = grain_range(&h, g);
             r.lost.push((a, b));
@@ -731,7 +731,7 @@ impl<'a> SparseCheck<'a> {
 fn grain_range(h: &SparseHeader, g: u64) -> (u64, u64) {
     let gb = h.grain_size * SECTOR;
     let a = g * gb;
-    (a, (a + gb).min(h.capacity * SECTOR))
+    (a, (a + gb).min(h.capacity_sectors * SECTOR))
 }
 
 /// Whether `t` looks like a grain table of a file of `fsect` sectors: every entry empty,
