@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# vmdkit against qemu-img on the same input, in one run, alternating, medians of N runs.
+# vmdkit against qemu-img and open-vmdk on the same input, in one run, alternating, medians
+# of N runs, with each tool's peak RSS (one extra run under /usr/bin/time, when present).
 # Run by hand (not by CI): bash benches/compare.sh [SIZE_MIB=1024] [RUNS=3] [WORKDIR]
 # Each timed command includes a final `sync`, so both tools pay for durable output.
 set -euo pipefail
@@ -36,33 +37,55 @@ time_cmd() {
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 size_of() { du -cb "$@" | tail -1 | cut -f1; }
 
-printf '\n%-34s %9s %9s %7s %12s %12s %7s\n' case vmdkit_s qemu_s speedup vmdkit_bytes qemu_bytes size%
-row() { # name vmdkit-outs qemu-outs vmdkit-cmd qemu-cmd
-  local name=$1 vo=$2 qo=$3 vc=$4 qc=$5 tv=() tq=()
+OV=${OPEN_VMDK:-$OLDPWD/../shared/bench/open-vmdk/vmdk-convert}
+printf '\n%-34s %-9s %9s %9s %7s %12s %12s %7s %8s %8s\n' case peer vmdkit_s peer_s speedup vmdkit_bytes peer_bytes size% v_rssMiB p_rssMiB
+rss() { # outputs -- cmd: peak RSS in MiB of one run, or - without /usr/bin/time
+  local outs=()
+  while [ "$1" != "--" ]; do outs+=("$1"); shift; done; shift
+  rm -f "${outs[@]}"
+  if [ -x /usr/bin/time ]; then
+    /usr/bin/time -f %M -o rss.txt bash -c "exec $*" > /dev/null 2>&1 || true
+    echo $(( $(tail -1 rss.txt) / 1024 ))
+  else
+    echo -
+  fi
+}
+row() { # name peer vmdkit-outs peer-outs vmdkit-cmd peer-cmd
+  local name=$1 peer=$2 vo=$3 qo=$4 vc=$5 qc=$6 tv=() tq=()
   for _ in $(seq "$RUNS"); do
     tv+=("$(time_cmd $vo -- bash -c "$vc")")
     tq+=("$(time_cmd $qo -- bash -c "$qc")")
   done
-  local mv mq sv sq
+  local mv mq sv sq rv rq
   mv=$(printf '%s\n' "${tv[@]}" | median); mq=$(printf '%s\n' "${tq[@]}" | median)
   sv=$(size_of $vo); sq=$(size_of $qo)
-  printf '%-34s %9.2f %9.2f %6.2fx %12d %12d %+6.1f%%\n' "$name" "$mv" "$mq" "$(echo "$mq / $mv" | bc -l)" "$sv" "$sq" "$(echo "($sv - $sq) * 100 / $sq" | bc -l)"
+  rv=$(rss $vo -- "$vc"); rq=$(rss $qo -- "$qc")
+  printf '%-34s %-9s %9.2f %9.2f %6.2fx %12d %12d %+6.1f%% %8s %8s\n' "$name" "$peer" "$mv" "$mq" "$(echo "$mq / $mv" | bc -l)" "$sv" "$sq" "$(echo "($sv - $sq) * 100 / $sq" | bc -l)" "$rv" "$rq"
 }
 
-row "export streamOptimized" "v.vmdk" "q.vmdk" \
+row "export streamOptimized (level 6)" qemu-img "v.vmdk" "q.vmdk" \
   "$V export src.vmdk v.vmdk --format stream -q" \
   "qemu-img convert -O vmdk -o subformat=streamOptimized src.vmdk q.vmdk"
-row "export monolithicSparse" "v.vmdk" "q.vmdk" \
+if [ -x "$OV" ]; then
+  [ -f stream-src.vmdk ] || "$V" export src.vmdk stream-src.vmdk --format stream -q
+  row "export streamOptimized (level 6)" open-vmdk "v.vmdk" "o.vmdk" \
+    "$V export src.vmdk v.vmdk --format stream -q" \
+    "$OV -c 6 -n $(nproc) src-flat.vmdk o.vmdk"
+  row "stream -> raw file (restore)" open-vmdk "v.raw" "o.raw" \
+    "$V cat stream-src.vmdk -o v.raw -q" \
+    "$OV stream-src.vmdk o.raw"
+fi
+row "export monolithicSparse" qemu-img "v.vmdk" "q.vmdk" \
   "$V export src.vmdk v.vmdk --format sparse -q" \
   "qemu-img convert -O vmdk -o subformat=monolithicSparse src.vmdk q.vmdk"
-row "export twoGbMaxExtentSparse" "v.vmdk v-s*.vmdk" "q.vmdk q-s*.vmdk" \
+row "export twoGbMaxExtentSparse" qemu-img "v.vmdk v-s*.vmdk" "q.vmdk q-s*.vmdk" \
   "$V export src.vmdk v.vmdk --format split -q" \
   "qemu-img convert -O vmdk -o subformat=twoGbMaxExtentSparse src.vmdk q.vmdk"
-row "cat sparse disk -> raw file" "v.raw" "q.raw" \
+row "cat sparse disk -> raw file" qemu-img "v.raw" "q.raw" \
   "$V cat sparse-src.vmdk -o v.raw -q" \
   "qemu-img convert -O raw sparse-src.vmdk q.raw"
 if [ "${WITH_COMMIT:-1}" = 1 ] && [ -x "$OLDPWD/benches/commit-bench.sh" ]; then
   bash "$OLDPWD/benches/commit-bench.sh" "$V" "$RUNS"
 fi
 echo
-echo "(bytes: du of the outputs' apparent sizes; size%: vmdkit relative to qemu-img)"
+echo "(bytes: du of the outputs' apparent sizes; size%: vmdkit relative to the peer; rss: peak resident MiB of one run)"
