@@ -75,6 +75,13 @@ if [ -x "$OV" ]; then
     "$V cat stream-src.vmdk -o v.raw -q" \
     "$OV stream-src.vmdk o.raw"
 fi
+[ -f stream-src.vmdk ] || "$V" export src.vmdk stream-src.vmdk --format stream -q
+row "stream -> raw file (restore)" qemu-img "v.raw" "q.raw" \
+  "$V cat stream-src.vmdk -o v.raw -q" \
+  "qemu-img convert -O raw stream-src.vmdk q.raw"
+row "stream on stdin -> monolithicSparse" qemu-img "v.vmdk" "q.vmdk" \
+  "$V import - v.vmdk --type monolithicSparse -q < stream-src.vmdk" \
+  "qemu-img convert -O vmdk -o subformat=monolithicSparse stream-src.vmdk q.vmdk"
 row "export monolithicSparse" qemu-img "v.vmdk" "q.vmdk" \
   "$V export src.vmdk v.vmdk --format sparse -q" \
   "qemu-img convert -O vmdk -o subformat=monolithicSparse src.vmdk q.vmdk"
