@@ -85,6 +85,12 @@ row "stream on stdin -> monolithicSparse" qemu-img "v.vmdk" "q.vmdk" \
 row "export monolithicSparse" qemu-img "v.vmdk" "q.vmdk" \
   "$V export src.vmdk v.vmdk --format sparse -q" \
   "qemu-img convert -O vmdk -o subformat=monolithicSparse src.vmdk q.vmdk"
+row "export monolithicSparse" cp-floor "v.vmdk" "c.raw" \
+  "$V export src.vmdk v.vmdk --format sparse -q" \
+  "cp --sparse=always src-flat.vmdk c.raw"
+row "export streamOptimized --threads 1" qemu-img "v.vmdk" "q.vmdk" \
+  "$V export src.vmdk v.vmdk --format stream -q --threads 1" \
+  "qemu-img convert -O vmdk -o subformat=streamOptimized src.vmdk q.vmdk"
 row "export twoGbMaxExtentSparse" qemu-img "v.vmdk v-s*.vmdk" "q.vmdk q-s*.vmdk" \
   "$V export src.vmdk v.vmdk --format split -q" \
   "qemu-img convert -O vmdk -o subformat=twoGbMaxExtentSparse src.vmdk q.vmdk"
