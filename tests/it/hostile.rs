@@ -93,19 +93,7 @@ fn huge_empty_disks_stay_within_the_memory_bound() {
     need_qemu!();
     let t = tmp();
     let d = t.path();
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            "st16.vmdk",
-            "16T",
-        ],
-    );
+    qemu_create(d, "streamOptimized", "st16.vmdk", "16T");
     qemu_img(d, &["create", "-q", "-f", "vmdk", "sp16.vmdk", "16T"]);
     for args in [
         &["map", "st16.vmdk"][..],
@@ -248,19 +236,7 @@ fn descriptors_qemu_reads_vmdkit_reads() {
     let t = tmp();
     let d = t.path();
     // A UTF-8 byte-order mark before the first line.
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=monolithicFlat",
-            "b.vmdk",
-            "1M",
-        ],
-    );
+    qemu_create(d, "monolithicFlat", "b.vmdk", "1M");
     qemu_io(d, "b.vmdk", &["write -P 0x21 0 4k"]);
     let mut text = b"\xef\xbb\xbf".to_vec();
     text.extend(std::fs::read(d.join("b.vmdk")).unwrap());

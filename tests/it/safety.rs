@@ -85,19 +85,7 @@ fn outputs_never_overwrite_their_own_source() {
     let t = tmp();
     let d = t.path();
     parent_and_child(d);
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=monolithicFlat",
-            "f.vmdk",
-            "8M",
-        ],
-    );
+    qemu_create(d, "monolithicFlat", "f.vmdk", "8M");
     qemu_io(d, "f.vmdk", &["write -P 0x77 0 1M"]);
     std::os::unix::fs::symlink("p.vmdk", d.join("link-to-parent.vmdk")).unwrap();
     std::fs::hard_link(d.join("p.vmdk"), d.join("hard-parent.vmdk")).unwrap();
@@ -367,19 +355,7 @@ fn a_refused_write_changes_nothing() {
     need_qemu!();
     let t = tmp();
     let d = t.path();
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=monolithicFlat",
-            "f.vmdk",
-            "8M",
-        ],
-    );
+    qemu_create(d, "monolithicFlat", "f.vmdk", "8M");
     // Trailing spaces that a rewrite would strip.
     let text = std::fs::read_to_string(d.join("f.vmdk")).unwrap() + "  \n";
     std::fs::write(d.join("f.vmdk"), &text).unwrap();
@@ -534,19 +510,7 @@ fn links_and_absolute_names_never_leave_the_folder_unasked() {
     std::fs::write(outside.join("secret"), vec![0x5au8; 1 << 20]).unwrap();
     let secret_sum = sha256_file(&outside.join("secret"));
     // A flat descriptor whose extent is a link out of the folder.
-    qemu_img(
-        &d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=monolithicFlat",
-            "f.vmdk",
-            "1M",
-        ],
-    );
+    qemu_create(&d, "monolithicFlat", "f.vmdk", "1M");
     std::fs::remove_file(d.join("f-flat.vmdk")).unwrap();
     std::os::unix::fs::symlink(outside.join("secret"), d.join("f-flat.vmdk")).unwrap();
     for args in [

@@ -258,3 +258,9 @@ pub fn vmdkit_limited(dir: &Path, args: &[&str], stdin: Option<&[u8]>, secs: u64
         max_rss_kib: rss,
     }
 }
+
+/// `qemu-img create -f vmdk -o subformat=SUB NAME SIZE` in `dir`.
+pub fn qemu_create(dir: &Path, subformat: &str, name: &str, size: &str) {
+    let sub = format!("subformat={subformat}");
+    qemu_img(dir, &["create", "-q", "-f", "vmdk", "-o", &sub, name, size]);
+}
