@@ -527,6 +527,8 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
             || c.downcast_ref::<vmdkit::Error>()
                 .is_some_and(|v| v.is_broken_pipe())
+            || c.downcast_ref::<serde_json::Error>()
+                .is_some_and(|j| j.io_error_kind() == Some(std::io::ErrorKind::BrokenPipe))
     })
 }
 
@@ -552,9 +554,23 @@ fn remove_temporaries_on_signals() {
     });
 }
 
+/// Exit code of a usage error (sysexits' EX_USAGE): not check's "corruption" (2).
+const EX_USAGE: u8 = 64;
+
 /// Entry point.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EX_USAGE),
+            };
+        }
+    };
     remove_temporaries_on_signals();
     match run(cli) {
         Ok(code) => code,

@@ -182,3 +182,49 @@ fn readme_and_ci_agree_on_the_test_command() {
         assert!(readme.contains(section), "README lost `{section}`");
     }
 }
+
+/// Exit codes scripts can rely on (issue 12): usage errors are 64 (EX_USAGE), not check's
+/// "corruption" 2; help is 0; `check` of something that is not a VMDK could not run (1);
+/// JSON into a closed pipe ends quietly with 0.
+#[test]
+fn usage_errors_not_a_vmdk_and_closed_pipes_have_their_own_exit_codes() {
+    let t = tmp();
+    let d = t.path();
+    let out = vmdkit(d, &["info", "--no-such-flag", "x.vmdk"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(vmdkit(d, &["--help"]).status.code(), Some(0));
+    std::fs::write(d.join("passwd"), "root:x:0:0:root:/root:/bin/bash\n").unwrap();
+    let out = vmdkit(d, &["check", "passwd"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is not a VMDK"));
+    // A damaged descriptor is still corruption.
+    std::fs::write(
+        d.join("bad.vmdk"),
+        "# Disk DescriptorFile\nversion=1\ncreateType=\"monolithicFlat\"\nRW 8 FLAT\nthis is not a line\n",
+    )
+    .unwrap();
+    assert_eq!(vmdkit(d, &["check", "bad.vmdk"]).status.code(), Some(2));
+    // `info --json | head -c 1`: the reader goes away; vmdkit ends quietly.
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/demo-000001.vmdk");
+    let mut child = std::process::Command::new(bin())
+        .args(["info", "--json"])
+        .arg(&fixture)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -149,6 +149,14 @@ impl Walk<'_> {
             .min(crate::format::descriptor::MAX_DESCRIPTOR_BYTES);
         let mut d = match Descriptor::parse(&text[..limit], path) {
             Ok(d) => d,
+            Err(e) if !looks_like_descriptor(&text[..limit]) => {
+                // Not a VMDK at all: the check cannot run (exit 1), it found no damage.
+                self.r.incomplete = Some(format!(
+                    "`{}` is not a VMDK (no sparse, stream or COWD magic, and not a descriptor: {e})",
+                    path.display()
+                ));
+                return Ok(None);
+            }
             Err(e) => {
                 self.r.add(path, 0, Severity::Corruption, e.to_string());
                 return Ok(None);
@@ -307,6 +315,18 @@ impl Walk<'_> {
             }
         }
     }
+}
+
+/// Whether text that failed to parse was meant as a descriptor (a damaged one is
+/// corruption; anything else is just not a VMDK).
+fn looks_like_descriptor(text: &[u8]) -> bool {
+    let t = String::from_utf8_lossy(&text[..text.len().min(64 << 10)]).to_ascii_lowercase();
+    t.contains("descriptorfile")
+        || t.contains("createtype")
+        || t.lines().any(|l| {
+            let w = l.split_whitespace().next().unwrap_or("");
+            matches!(w, "rw" | "rdonly" | "noaccess")
+        })
 }
 
 fn open_options() -> OpenOptions {
