@@ -144,6 +144,15 @@ impl Chain {
         Ok(Chain { layers, warnings })
     }
 
+    /// Only the layer at `path`, for reporting on a disk whose chain cannot be opened
+    /// (a missing parent): `why` becomes the chain's warning.
+    pub fn top_only(path: &Path, opts: &OpenOptions, why: String) -> Result<Chain> {
+        Ok(Chain {
+            layers: vec![Layer::open(path, opts)?],
+            warnings: vec![why],
+        })
+    }
+
     /// The top layer.
     pub fn top(&self) -> &Layer {
         &self.layers[0]

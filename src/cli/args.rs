@@ -269,6 +269,9 @@ pub(super) struct CreateArgs {
     /// Overwrite existing files.
     #[arg(long)]
     pub(super) force: bool,
+    /// Quiet (accepted everywhere; create prints nothing on success).
+    #[arg(long, short = 'q')]
+    pub(super) quiet: bool,
 }
 
 /// Arguments of `extend`.
@@ -282,6 +285,9 @@ pub(super) struct ExtendArgs {
     /// Extend although deltas sit on the disk.
     #[arg(long)]
     pub(super) force: bool,
+    /// Quiet (accepted everywhere; extend prints nothing on success).
+    #[arg(long, short = 'q')]
+    pub(super) quiet: bool,
 }
 
 /// Arguments of `geometry`.
@@ -359,6 +365,9 @@ pub(super) enum RdmCmd {
         /// Adapter type for the geometry (ide, buslogic, lsilogic, legacyESX, pvscsi).
         #[arg(long, default_value = "lsilogic", value_parser = adapter_arg)]
         adapter: String,
+        /// Do not print the mapping file's path.
+        #[arg(long, short = 'q')]
+        quiet: bool,
     },
     /// Describe a mapping (vmkfstools -q / -P).
     Query {

@@ -83,10 +83,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     device,
                     physical,
                     adapter,
+                    quiet,
                 },
         } => {
             let map = vmdkit::ops::rdm::create(&disk, &device, physical, &adapter)?;
-            writeln!(stdout.lock(), "{}", map.display())?;
+            if !quiet {
+                writeln!(stdout.lock(), "{}", map.display())?;
+            }
         }
         Cmd::Rdm {
             cmd: RdmCmd::Query { disk, json },
@@ -113,7 +116,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn run_info(args: InfoArgs) -> Result<ExitCode> {
     let stdout = std::io::stdout();
     let InfoArgs { disk, json, read } = args;
-    let chain = read.open(&disk)?;
+    // A broken chain (a missing parent, say) still shows the layer named, with the
+    // reason as a warning, and exits 1, as qemu-img info shows what it can.
+    let (chain, code) = match read.open(&disk) {
+        Ok(c) => (c, ExitCode::SUCCESS),
+        Err(e) => match e.downcast_ref::<vmdkit::Error>() {
+            Some(err) if err.kind() == vmdkit::ErrorKind::Chain => {
+                let why = format!("{err}");
+                if json {
+                    eprintln!("vmdkit: warning: {why}");
+                }
+                let opts = vmdkit::OpenOptions {
+                    ignore_cid: true,
+                    ..Default::default()
+                };
+                match vmdkit::Chain::top_only(&disk, &opts, why) {
+                    Ok(c) => (c, ExitCode::FAILURE),
+                    Err(_) => return Err(e),
+                }
+            }
+            _ => return Err(e),
+        },
+    };
     let info = ops::info::info(&chain);
     let mut out = stdout.lock();
     if json {
@@ -123,8 +147,7 @@ fn run_info(args: InfoArgs) -> Result<ExitCode> {
         ops::info::write_info_text(&mut out, &info)?;
     }
     out.flush()?;
-
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
 fn run_map(args: MapArgs) -> Result<ExitCode> {
@@ -369,6 +392,7 @@ fn run_create(args: CreateArgs) -> Result<ExitCode> {
         kind,
         adapter,
         force,
+        quiet: _,
     } = args;
     use vmdkit::ops::import::{create, parse_size, DiskType, ImportOptions};
     let kind = DiskType::parse(&kind).ok_or_else(|| anyhow::anyhow!("unknown type `{kind}`"))?;
@@ -389,7 +413,12 @@ fn run_create(args: CreateArgs) -> Result<ExitCode> {
 }
 
 fn run_extend(args: ExtendArgs) -> Result<ExitCode> {
-    let ExtendArgs { disk, size, force } = args;
+    let ExtendArgs {
+        disk,
+        size,
+        force,
+        quiet: _,
+    } = args;
     let size = vmdkit::ops::import::parse_size(&size)?;
     vmdkit::ops::extend::extend(&disk, size, force)?;
 

@@ -228,3 +228,37 @@ fn usage_errors_not_a_vmdk_and_closed_pipes_have_their_own_exit_codes() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `info` on a delta whose parent is missing shows the layer and the reason, exit 1;
+/// `-q` is accepted by create, extend and rdm create (issue 12).
+#[test]
+fn info_shows_a_broken_chain_and_q_is_accepted_everywhere() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_img(d, &["create", "-q", "-f", "vmdk", "p.vmdk", "8M"]);
+    qemu_img(
+        d,
+        &[
+            "create", "-q", "-f", "vmdk", "-b", "p.vmdk", "-F", "vmdk", "c.vmdk",
+        ],
+    );
+    std::fs::remove_file(d.join("p.vmdk")).unwrap();
+    let out = vmdkit(d, &["info", "c.vmdk"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("c.vmdk") && text.contains("8388608 bytes"),
+        "{text}"
+    );
+    assert!(text.contains("parent `p.vmdk` not found"), "{text}");
+    let out = vmdkit(d, &["info", "--json", "c.vmdk"]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["capacity"], 8388608);
+    vmdkit_ok(d, &["create", "n.vmdk", "--size", "1m", "-q"]);
+    vmdkit_ok(d, &["extend", "n.vmdk", "--size", "2m", "-q"]);
+    std::fs::write(d.join("dev"), vec![0u8; 1 << 20]).unwrap();
+    let out = vmdkit_ok(d, &["rdm", "create", "r.vmdk", "--device", "dev", "-q"]);
+    assert!(out.stdout.is_empty());
+}
