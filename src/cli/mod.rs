@@ -123,15 +123,15 @@ fn run_info(args: InfoArgs) -> Result<ExitCode> {
         Err(e) => match e.downcast_ref::<vmdkit::Error>() {
             Some(err) if err.kind() == vmdkit::ErrorKind::Chain => {
                 let why = format!("{err}");
-                if json {
-                    eprintln!("vmdkit: warning: {why}");
-                }
                 let opts = vmdkit::OpenOptions {
                     ignore_cid: true,
                     ..Default::default()
                 };
-                match vmdkit::Chain::top_only(&disk, &opts, why) {
-                    Ok(c) => (c, ExitCode::FAILURE),
+                match vmdkit::Chain::top_only(&disk, &opts, why.clone()) {
+                    Ok(c) => {
+                        eprintln!("vmdkit: error: {why} (showing this layer alone)");
+                        (c, ExitCode::FAILURE)
+                    }
                     Err(_) => return Err(e),
                 }
             }
