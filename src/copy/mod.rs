@@ -439,17 +439,19 @@ pub(crate) mod tests {
             }
         }
         let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let kind = sink::SeqKind::Files {
-            files: vec![OutputFile {
-                start: 0,
-                len: d.capacity(),
-                name: "raw".into(),
-            }],
-            nonzero_grains: None,
-            embedded: None,
-            tar: None,
+        let raw_sink = || {
+            let kind = sink::SeqKind::Files {
+                files: vec![OutputFile {
+                    start: 0,
+                    len: d.capacity(),
+                    name: "raw".into(),
+                }],
+                nonzero_grains: None,
+                embedded: None,
+                tar: None,
+            };
+            sink::to_writer(Box::new(Shared(out.clone())), kind, d.capacity()).unwrap()
         };
-        let mut s = sink::to_writer(Box::new(Shared(out.clone())), kind, d.capacity()).unwrap();
         let producer = Producer {
             disk: &d,
             compress: None,
@@ -457,6 +459,7 @@ pub(crate) mod tests {
         };
         for threads in [1, 2] {
             out.lock().unwrap().clear();
+            let mut s = raw_sink();
             let popts = PipelineOptions {
                 threads,
                 ..Default::default()
@@ -473,17 +476,6 @@ pub(crate) mod tests {
             let r = s.finish().unwrap();
             assert_eq!(r.grains, 4);
             assert_eq!(*out.lock().unwrap(), d.0);
-            let kind = sink::SeqKind::Files {
-                files: vec![OutputFile {
-                    start: 0,
-                    len: d.capacity(),
-                    name: "raw".into(),
-                }],
-                nonzero_grains: None,
-                embedded: None,
-                tar: None,
-            };
-            s = sink::to_writer(Box::new(Shared(out.clone())), kind, d.capacity()).unwrap();
         }
     }
 }

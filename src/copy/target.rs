@@ -372,14 +372,11 @@ fn describe(
 ) -> Option<Vec<u8>> {
     let ct = format.create_type()?;
     let lines = match format {
-        ExportFormat::StreamOptimized | ExportFormat::MonolithicSparse => vec![ExtentLine {
-            access: Access::Rw,
-            sectors: cap / SECTOR,
-            kind: ExtentType::Sparse,
-            file: Some(name.to_string()),
-            offset: None,
-            extra: vec![],
-        }],
+        ExportFormat::StreamOptimized | ExportFormat::MonolithicSparse => vec![ExtentLine::rw(
+            ExtentType::Sparse,
+            cap / SECTOR,
+            name.to_string(),
+        )],
         _ => extent_lines(format, pieces),
     };
     Some(

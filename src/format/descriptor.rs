@@ -224,6 +224,20 @@ pub struct ExtentLine {
     pub extra: Vec<String>,
 }
 
+impl ExtentLine {
+    /// A read-write extent line: `sectors` of `kind` in `file` (no offset, no extras).
+    pub fn rw(kind: ExtentType, sectors: u64, file: impl Into<String>) -> ExtentLine {
+        ExtentLine {
+            access: Access::Rw,
+            sectors,
+            kind,
+            file: Some(file.into()),
+            offset: None,
+            extra: vec![],
+        }
+    }
+}
+
 impl fmt::Display for ExtentLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

@@ -420,47 +420,6 @@ fn is_existing_target(dst: &Path) -> Result<bool> {
     }
 }
 
-/// Zero a range of a device or stand-in file cheaply: BLKZEROOUT on block devices, a
-/// punched hole on files, written zeros where neither works.
-fn zero_range(f: &std::fs::File, path: &Path, block: bool, off: u64, len: u64) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    if len == 0 {
-        return Ok(());
-    }
-    let ok = if block {
-        const BLKZEROOUT: libc::c_ulong = 0x127f;
-        let range: [u64; 2] = [off, len];
-        // SAFETY: BLKZEROOUT reads a [u64; 2] (start, length) from the pointer we pass,
-        // which points at a live local array; fd is valid.
-        unsafe { libc::ioctl(f.as_raw_fd(), BLKZEROOUT as _, range.as_ptr()) == 0 }
-    } else {
-        let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else {
-            return Err(Error::InvalidInput("range too large".into()));
-        };
-        // SAFETY: fallocate on a valid writable fd; no memory is touched.
-        unsafe {
-            libc::fallocate(
-                f.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                o,
-                l,
-            ) == 0
-        }
-    };
-    if ok {
-        return Ok(());
-    }
-    let z = vec![0u8; (1 << 20).min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(z.len() as u64) as usize;
-        f.write_all_at(&z[..n], off + done)
-            .map_err(|e| crate::output::write_error(path, off + done, e))?;
-        done += n as u64;
-    }
-    Ok(())
-}
-
 /// Restore onto an existing device or stand-in file, in place: data written, zero ranges
 /// zeroed (never left holding old data), size checked first.
 fn raw_in_place(
@@ -501,7 +460,7 @@ fn raw_in_place(
     };
     let mut put = |u: Unit, buf: Option<Vec<u8>>| -> Result<()> {
         if u.start > next {
-            zero_range(&f, dst, block && !eager, next, u.start - next)?;
+            crate::output::zero_range(&f, dst, block && !eager, next, u.start - next)?;
         }
         match buf {
             Some(b) if !is_zero(&b) => {
@@ -509,7 +468,7 @@ fn raw_in_place(
                     .map_err(|e| crate::output::write_error(dst, u.start, e))?;
                 report.bytes_out += b.len() as u64;
             }
-            _ => zero_range(&f, dst, block && !eager, u.start, u.len)?,
+            _ => crate::output::zero_range(&f, dst, block && !eager, u.start, u.len)?,
         }
         next = u.start + u.len;
         progress.inc(u.len);
@@ -538,7 +497,7 @@ fn raw_in_place(
         }
     }
     if next < cap {
-        zero_range(&f, dst, block && !eager, next, cap - next)?;
+        crate::output::zero_range(&f, dst, block && !eager, next, cap - next)?;
     }
     f.sync_all().map_err(|e| Error::io("flush", dst, 0, e))?;
     Ok(report)

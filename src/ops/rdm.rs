@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::format::descriptor::{
-    random_cid, Access, CreateType, Descriptor, ExtentLine, ExtentType,
-};
+use crate::format::descriptor::{random_cid, CreateType, Descriptor, ExtentLine, ExtentType};
 use crate::format::sparse::SECTOR;
 use crate::output::{check_target, AtomicFile};
 
@@ -98,14 +96,7 @@ pub fn create(disk: &Path, device: &Path, physical: bool, adapter: &str) -> Resu
         ("ddb.geometry.heads".to_string(), g.heads.to_string()),
         ("ddb.geometry.sectors".to_string(), g.sectors.to_string()),
     ];
-    let line = ExtentLine {
-        access: Access::Rw,
-        sectors,
-        kind: ExtentType::VmfsRdm,
-        file: Some(map_name),
-        offset: None,
-        extra: vec![],
-    };
+    let line = ExtentLine::rw(ExtentType::VmfsRdm, sectors, map_name);
     let d = Descriptor::new(ct, random_cid(), None, vec![line], &ddb);
     std::os::unix::fs::symlink(&device, &map_path)
         .map_err(|e| Error::io("create the mapping link", &map_path, 0, e))?;

@@ -8,9 +8,7 @@ use crate::chain::Chain;
 use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
 use crate::format::cowd::CowdHeader;
-use crate::format::descriptor::{
-    random_cid, Access, CreateType, Descriptor, ExtentLine, ExtentType,
-};
+use crate::format::descriptor::{random_cid, CreateType, Descriptor, ExtentLine, ExtentType};
 use crate::format::sparse::SECTOR;
 use crate::guard::{LockKind, LockSet};
 use crate::io::SourceMode;
@@ -205,14 +203,7 @@ fn child_descriptor(
     (cid, parent_cid, parent_name): (u32, u32, &str),
     ddb: &[(String, String)],
 ) -> Descriptor {
-    let line = ExtentLine {
-        access: Access::Rw,
-        sectors: cap / SECTOR,
-        kind,
-        file: Some(file),
-        offset: None,
-        extra: vec![],
-    };
+    let line = ExtentLine::rw(kind, cap / SECTOR, file);
     Descriptor::new(ct, cid, Some((parent_cid, parent_name)), vec![line], ddb)
 }
 

@@ -138,14 +138,11 @@ mod tests {
             crate::format::descriptor::CreateType::MonolithicSparse,
             0x1234_5678,
             None,
-            vec![crate::format::descriptor::ExtentLine {
-                access: crate::format::descriptor::Access::Rw,
-                sectors: 80 << 11,
-                kind: crate::format::descriptor::ExtentType::Sparse,
-                file: Some("s.vmdk".into()),
-                offset: None,
-                extra: vec![],
-            }],
+            vec![crate::format::descriptor::ExtentLine::rw(
+                crate::format::descriptor::ExtentType::Sparse,
+                80 << 11,
+                "s.vmdk",
+            )],
             &[],
         )
         .to_text();

@@ -432,7 +432,7 @@ impl<'a> SparseCheck<'a> {
         used: &mut HashMap<u32, u64>,
         r: &mut CheckReport,
     ) -> Result<()> {
-        let (path, h, per) = (self.path, self.h, self.per);
+        let (path, per) = (self.path, self.per);
         let p = self.gd[i];
         if p == 0 || !self.table_ok(p) {
             return Ok(());
@@ -496,7 +496,6 @@ impl<'a> SparseCheck<'a> {
                 .map_err(|e| Error::io("flush", path, 0, e))?;
             wr32(&self.f, path, u64::from(q) * SECTOR, rt)?;
         }
-        let _ = h;
         Ok(())
     }
 
@@ -690,7 +689,8 @@ impl<'a> SparseCheck<'a> {
         }
         for k in (0..keep).filter(|&k| freed[k]) {
             let at = (over + k as u64 * grain) * SECTOR;
-            punch_hole(&self.f, path, at, grain * SECTOR)?;
+            // A hole (zeros where the file system cannot punch).
+            crate::output::zero_range(&self.f, path, false, at, grain * SECTOR)?;
         }
         if keep < freed.len() {
             let end = (over + keep as u64 * grain) * SECTOR;
@@ -750,27 +750,4 @@ fn looks_like_table(h: &SparseHeader, t: &[u32], fsect: u64) -> bool {
         grains += 1;
     }
     grains > 0
-}
-
-/// Give `len` bytes at `off` back to the file system (a hole; zeros where the file
-/// system cannot punch).
-fn punch_hole(f: &File, path: &Path, off: u64, len: u64) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    if let (Ok(o), Ok(l)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) {
-        // SAFETY: fallocate on a valid writable fd; no memory is touched.
-        let rc = unsafe {
-            libc::fallocate(
-                f.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                o,
-                l,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
-    }
-    let z = vec![0u8; len as usize];
-    f.write_all_at(&z, off)
-        .map_err(|e| crate::output::write_error(path, off, e))
 }
