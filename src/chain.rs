@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::disk::{Alloc, Run, VirtualDisk};
 use crate::error::{Error, Result};
+use crate::format::descriptor::NO_PARENT_CID;
 use crate::layer::{push_unallocated, Layer, OpenOptions};
 use crate::resolve::resolve_name;
 
@@ -151,6 +152,41 @@ impl Chain {
             layers: vec![Layer::open(path, opts)?],
             warnings: vec![why],
         })
+    }
+
+    /// The content ID of the disk the layers from `depth` down present: what an export of
+    /// it records as its CID, and what an increment of the layer above records as its
+    /// parentCID, so a restore chains (`export`, `import`, `export --delta`, `apply`).
+    ///
+    /// It is the layer's own CID, which VMware changes on every first write after an open
+    /// and children record as their parentCID: it already names this content. Layers
+    /// without one (ESX 2 REDO logs, whose links are by name only; a `fffffffe` never
+    /// written disk is kept as it is) get an ID derived from the ID below and the files'
+    /// size and modification time, stable while the layer is unchanged.
+    pub fn content_id(&self, depth: usize) -> u32 {
+        let Some(layer) = self.layers.get(depth) else {
+            return NO_PARENT_CID;
+        };
+        match layer.cid() {
+            Some(c) if c != NO_PARENT_CID && !layer.bare_cowd => c,
+            _ => {
+                let mut h = crc32fast::Hasher::new();
+                h.update(b"vmdkit content id");
+                h.update(&self.content_id(depth + 1).to_le_bytes());
+                for f in layer.files() {
+                    if let Ok(m) = std::fs::metadata(&f) {
+                        h.update(&m.len().to_le_bytes());
+                        h.update(&m.mtime().to_le_bytes());
+                        h.update(&m.mtime_nsec().to_le_bytes());
+                    }
+                }
+                let mut c = h.finalize();
+                while c >= 0xffff_fffe {
+                    c = c.wrapping_mul(2_654_435_761).wrapping_add(1);
+                }
+                c
+            }
+        }
     }
 
     /// The top layer.
@@ -300,5 +336,92 @@ impl VirtualDisk for Chain {
 
     fn source_files(&self) -> Vec<PathBuf> {
         self.layers.iter().flat_map(|l| l.files()).collect()
+    }
+}
+
+/// The top layer of a chain as an increment sees it: every 64 KiB grain the top layer
+/// touches (data, zeroed or partly) maps as data to read, the rest as unallocated (the
+/// parent's). Reads return the whole chain's content, so a grain the top layer holds only
+/// partly carries the parent's bytes around its own: restoring the parent and writing
+/// these grains gives the chain's content exactly.
+pub struct DeltaView<'a> {
+    chain: &'a Chain,
+    grain: u64,
+}
+
+impl<'a> DeltaView<'a> {
+    /// A view of `chain`'s top layer in `grain`-byte grains.
+    pub fn new(chain: &'a Chain, grain: u64) -> DeltaView<'a> {
+        DeltaView {
+            chain,
+            grain: grain.max(512),
+        }
+    }
+}
+
+impl VirtualDisk for DeltaView<'_> {
+    fn capacity(&self) -> u64 {
+        self.chain.capacity()
+    }
+
+    fn granularity(&self) -> u64 {
+        self.grain
+    }
+
+    fn map(&self, range: Range<u64>) -> Result<Vec<Run>> {
+        let cap = self.capacity();
+        let end = range.end.min(cap);
+        let mut out = Vec::new();
+        if range.start >= end {
+            return Ok(out);
+        }
+        let g = self.grain;
+        // Widen to whole grains so a grain touched anywhere is found.
+        let wide = range.start / g * g..end.div_ceil(g).saturating_mul(g).min(cap);
+        let mut runs = Vec::new();
+        self.chain.top().map_into(wide, &mut runs)?;
+        let mut pos = range.start;
+        let put = |out: &mut Vec<Run>, start: u64, stop: u64, present: bool| {
+            let (start, stop) = (start.max(range.start), stop.min(end));
+            if start < stop {
+                let alloc = if present {
+                    Alloc::Data {
+                        extent: 0,
+                        offset: start,
+                    }
+                } else {
+                    Alloc::Unallocated
+                };
+                crate::disk::push_run(
+                    out,
+                    Run {
+                        start,
+                        len: stop - start,
+                        alloc,
+                        depth: if present { 0 } else { 1 },
+                    },
+                );
+            }
+        };
+        for r in runs.iter().filter(|r| r.alloc.is_present()) {
+            let a = (r.start / g * g).max(pos);
+            let b = r.end().div_ceil(g).saturating_mul(g).min(cap);
+            if b <= pos {
+                continue;
+            }
+            put(&mut out, pos, a, false);
+            put(&mut out, a, b, true);
+            pos = b.max(pos);
+        }
+        put(&mut out, pos, end, false);
+        Ok(out)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.chain.read_at(buf, offset)
+    }
+
+    fn source_files(&self) -> Vec<PathBuf> {
+        self.chain.source_files()
     }
 }

@@ -70,11 +70,14 @@ pub fn sesparse(data: &[u8]) {
     exercise(Extent::SeSparse(Box::new(ext)));
 }
 
-/// The sequential (pipe) reader that `import -` uses: a stream, a tables-first sparse
+/// The sequential (pipe) reader that `import -` and `apply` use: a stream (with its
+/// zeroed grains, as apply reads an increment), a tables-first sparse
 /// file or export's tar, read from a byte slice, with the content discarded after
 /// [`FUZZ_MAP_BYTES`].
 pub fn pipe(data: &[u8]) {
-    use crate::format::stream::pipe::{parse_first, read_sparse, read_stream, read_tar, Counted};
+    use crate::format::stream::pipe::{
+        parse_first, read_sparse, read_stream_zeroed, read_tar, Counted,
+    };
     let name = std::path::Path::new("<stdin>");
     let mut emitted = 0u64;
     let mut emit = |_: u64, b: &[u8]| -> crate::Result<()> {
@@ -97,8 +100,17 @@ pub fn pipe(data: &[u8]) {
     let Ok(h) = parse_first(&first, name) else {
         return;
     };
+    // Zeroed ranges (what `apply` reads from an increment) count like content.
+    let mut zeroed_bytes = 0u64;
+    let mut zeroed = |_: u64, len: u64| -> crate::Result<()> {
+        zeroed_bytes = zeroed_bytes.saturating_add(len);
+        if zeroed_bytes > 1 << 50 {
+            return Err(crate::Error::InvalidInput("fuzz cap".into()));
+        }
+        Ok(())
+    };
     let _ = if h.compressed() {
-        read_stream(&mut c, &h, 0, &mut emit)
+        read_stream_zeroed(&mut c, &h, 0, &mut emit, Some(&mut zeroed))
     } else {
         read_sparse(&mut c, &h, 0, &mut emit)
     };

@@ -127,6 +127,17 @@ impl Drop for AtomicFile {
     }
 }
 
+/// Write a small file (a manifest) whole: under a temporary name, synced, renamed into
+/// place; an existing `target` only with `force`.
+pub fn write_file_atomically(target: &Path, bytes: &[u8], force: bool) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = AtomicFile::create(target, force)?;
+    f.file()
+        .write_all_at(bytes, 0)
+        .map_err(|e| write_error(f.tmp_path(), 0, e))?;
+    f.commit(force)
+}
+
 /// Map a write error: disk full gets a clear message.
 pub fn write_error(path: &Path, offset: u64, e: std::io::Error) -> Error {
     if e.raw_os_error() == Some(libc::ENOSPC) {

@@ -652,6 +652,7 @@ pub fn write_descriptor(layer: &Layer) -> Result<()> {
     }
     // Separate file: temporary beside it, fsync, rename (keeps the old on any failure).
     let dir = crate::resolve::folder_of(&layer.path);
+    crate::guard::sweep_stale_temporaries(&dir);
     let tmp = dir.join(format!(
         ".{}.vmdkit-tmp.{}",
         layer
@@ -687,6 +688,95 @@ pub fn write_descriptor(layer: &Layer) -> Result<()> {
     }
     if let Ok(d) = File::open(&dir) {
         let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Write `bytes` to `path` atomically (temporary, fsync, rename, fsync of the folder).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = crate::guard::folder_of(path);
+    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+    fault_point();
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io("write", &tmp, 0, e))?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io("flush", &tmp, 0, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, 0, e))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Journal file: `VMDKJRN1`, records (u32 path length, path, u64 offset, u32 length,
+/// bytes), then the CRC-32 of everything before it. Written atomically before the
+/// state moves to phase `tables`.
+pub fn write_journal(path: &Path, records: &[JournalRecord]) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut b = b"VMDKJRN1".to_vec();
+    for r in records {
+        let p = r.file.as_os_str().as_bytes();
+        b.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        b.extend_from_slice(p);
+        b.extend_from_slice(&r.offset.to_le_bytes());
+        b.extend_from_slice(&(r.bytes.len() as u32).to_le_bytes());
+        b.extend_from_slice(&r.bytes);
+    }
+    let crc = crc32fast::hash(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    write_atomically(path, &b)
+}
+
+/// Read a journal written by [`write_journal`], checking its magic and checksum.
+pub fn read_journal(path: &Path) -> Result<Vec<JournalRecord>> {
+    use std::os::unix::ffi::OsStrExt;
+    let b = std::fs::read(path).map_err(|e| Error::io("read", path, 0, e))?;
+    let bad = |at: usize, what: &str| Error::corrupt(path, at as u64, format!("journal: {what}"));
+    if b.len() < 12 || &b[..8] != b"VMDKJRN1" {
+        return Err(bad(0, "bad magic"));
+    }
+    let (body, crc) = b.split_at(b.len() - 4);
+    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+        return Err(bad(body.len(), "checksum mismatch"));
+    }
+    let mut out = Vec::new();
+    let mut i = 8;
+    let take = |i: &mut usize, n: usize| -> Result<&[u8]> {
+        let s = body
+            .get(*i..*i + n)
+            .ok_or_else(|| bad(*i, "truncated record"))?;
+        *i += n;
+        Ok(s)
+    };
+    while i < body.len() {
+        let n = u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4")) as usize;
+        let file = PathBuf::from(std::ffi::OsStr::from_bytes(take(&mut i, n)?));
+        let offset = u64::from_le_bytes(take(&mut i, 8)?.try_into().expect("8"));
+        let len = u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4")) as usize;
+        let bytes = take(&mut i, len)?.to_vec();
+        out.push(JournalRecord {
+            file,
+            offset,
+            bytes,
+        });
+    }
+    Ok(out)
+}
+
+/// Cut files back to recorded lengths (a journaled writer's rerun: what the interrupted
+/// run appended is referenced by no table, so nothing is lost and nothing leaks).
+pub fn cut_back_files(lengths: &[(PathBuf, u64)]) -> Result<()> {
+    for (p, len) in lengths {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .map_err(|e| Error::io("open for writing", p, 0, e))?;
+        let meta = f.metadata().map_err(|e| Error::io("stat", p, 0, e))?;
+        if meta.len() > *len && meta.is_file() {
+            f.set_len(*len)
+                .map_err(|e| Error::io("truncate", p, *len, e))?;
+            f.sync_all().map_err(|e| Error::io("flush", p, 0, e))?;
+        }
     }
     Ok(())
 }

@@ -79,6 +79,13 @@ pub(super) enum Cmd {
     Commit(CommitArgs),
     /// Restore: a disk or chain (flattened), or a stream on stdin (`-`), into a new disk.
     Import(ImportArgs),
+    /// Write an increment (`export --delta`) into a restored disk, after checking that
+    /// the disk holds the increment's parent (its CID = the increment's parentCID).
+    /// Crash-safe: a killed apply is finished by running it again.
+    Apply(ApplyArgs),
+    /// What an export would write, without writing it: exact sizes for sparse, split,
+    /// flat and raw outputs; a bound and an estimate for streams.
+    Measure(MeasureArgs),
     /// Create an empty disk (vmkfstools -c).
     Create(CreateArgs),
     /// Grow a disk (vmkfstools -X).
@@ -162,9 +169,18 @@ pub(super) struct ExportArgs {
     /// zlib level for streamOptimized (0-9).
     #[arg(long, default_value_t = 6)]
     pub(super) level: u32,
-    /// Also write a CRC-32 manifest of the content (per MiB and whole).
+    /// Also write a CRC-32 manifest of the content (per MiB and whole). With --delta it
+    /// covers the whole chain: `verify` checks a restore after `apply`.
     #[arg(long)]
     pub(super) manifest: Option<PathBuf>,
+    /// Write an increment: only the grains the top layer (a delta or REDO log) holds,
+    /// zeroed ones included, as a stream whose parentCID is the content ID of the disk
+    /// below (what restoring its backup leaves). Restore with `import`, then `apply`.
+    #[arg(long)]
+    pub(super) delta: bool,
+    /// With --delta: the parentFileNameHint recorded (default: the parent's file name).
+    #[arg(long, value_name = "NAME", requires = "delta")]
+    pub(super) parent_hint: Option<String>,
     /// Overwrite existing outputs; allow binary output to a terminal.
     #[arg(long)]
     pub(super) force: bool,
@@ -221,6 +237,69 @@ pub(super) struct CommitArgs {
     /// No progress bar.
     #[arg(short, long)]
     pub(super) quiet: bool,
+}
+
+/// Arguments of `apply`.
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  vmdkit import - vm.vmdk < full.vmdk && vmdkit apply vm.vmdk - < inc1.vmdk\n  vmdkit apply --raw --force /srv/vm.img inc2.vmdk\n\nExit: 0 applied, 1 refused or failed (nothing written when refused), 64 usage."
+)]
+pub(super) struct ApplyArgs {
+    /// The restored disk to bring forward (a VMDK; with --raw a raw file or device).
+    pub(super) target: PathBuf,
+    /// The increment, or `-` for stdin (read strictly sequentially).
+    pub(super) src: PathBuf,
+    /// The target is a raw image file or block device (no CID: needs --force).
+    #[arg(long)]
+    pub(super) raw: bool,
+    /// Skip the content-ID check (and apply although other deltas name the target).
+    #[arg(long)]
+    pub(super) force: bool,
+    /// Allow writing into block devices and device-backed disks.
+    #[arg(long)]
+    pub(super) allow_device_write: bool,
+    /// One JSON object with what was done on stdout.
+    #[arg(long)]
+    pub(super) json: bool,
+    /// No progress bar, no summary.
+    #[arg(short, long)]
+    pub(super) quiet: bool,
+}
+
+/// Arguments of `measure`.
+#[derive(clap::Args)]
+#[command(
+    after_help = "Examples:\n  vmdkit measure vm.vmdk                      # a stream backup: bound and estimate\n  vmdkit measure vm-000002.vmdk --delta --json\n  vmdkit measure vm.vmdk -f split --name copy.vmdk\n\nExit: 0 measured, 1 error, 64 usage."
+)]
+pub(super) struct MeasureArgs {
+    /// The disk (the top of a chain).
+    pub(super) disk: PathBuf,
+    /// Output format, as export takes it (default: stream).
+    #[arg(long, short = 'f')]
+    pub(super) format: Option<String>,
+    /// Measure the increment of the top layer (`export --delta`).
+    #[arg(long)]
+    pub(super) delta: bool,
+    /// zlib level for streamOptimized (0-9).
+    #[arg(long, default_value_t = 6)]
+    pub(super) level: u32,
+    /// Compress every grain for an exact stream size (as long as the export's CPU time).
+    #[arg(long)]
+    pub(super) exact: bool,
+    /// The output's file name (names are recorded in descriptors); default: the disk's.
+    #[arg(long)]
+    pub(super) name: Option<String>,
+    /// Worker threads (default: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub(super) threads: usize,
+    /// One JSON object: required, exact, allocated, fully_allocated, estimate, ...
+    #[arg(long)]
+    pub(super) json: bool,
+    /// No progress bar.
+    #[arg(short, long)]
+    pub(super) quiet: bool,
+    #[command(flatten)]
+    pub(super) read: ReadArgs,
 }
 
 /// Arguments of `import`.

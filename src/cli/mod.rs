@@ -73,6 +73,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Write(a) => return run_write(a),
         Cmd::Commit(a) => return run_commit(a),
         Cmd::Import(a) => return run_import(a),
+        Cmd::Apply(a) => return run_apply(a),
+        Cmd::Measure(a) => return run_measure(a),
         Cmd::Create(a) => return run_create(a),
         Cmd::Extend(a) => return run_extend(a),
         Cmd::Geometry(a) => return run_geometry(a),
@@ -207,6 +209,8 @@ fn run_export(args: ExportArgs) -> Result<ExitCode> {
         threads,
         level,
         manifest,
+        delta,
+        parent_hint,
         force,
         quiet,
         read,
@@ -217,7 +221,7 @@ fn run_export(args: ExportArgs) -> Result<ExitCode> {
             Some(f) => ExportFormat::parse(&f).ok_or_else(|| {
                 anyhow::anyhow!("unknown format `{f}` (stream, sparse, split, flat, twoGbMaxExtentFlat, vmfs, raw, or a createType name)")
             })?,
-            None if to_stdout => ExportFormat::StreamOptimized,
+            None if to_stdout || delta => ExportFormat::StreamOptimized,
             None => ExportFormat::TwoGbMaxExtentSparse,
         };
     let chain = read.open(&src)?;
@@ -227,6 +231,8 @@ fn run_export(args: ExportArgs) -> Result<ExitCode> {
         level,
         manifest,
         force,
+        delta,
+        parent_hint,
         ..Default::default()
     };
     let bar = Bar::new(chain.capacity(), quiet);
@@ -256,8 +262,14 @@ fn run_export(args: ExportArgs) -> Result<ExitCode> {
         .with_context(|| format!("exporting `{}`", src.display()))?;
     bar.finish();
     if !quiet {
+        let zeroed = if delta {
+            format!(", {} zeroed", report.zeroed_grains)
+        } else {
+            String::new()
+        };
         eprintln!(
-            "vmdkit: exported `{}` ({} disk): {} grains of data, {} written",
+            "vmdkit: exported {}`{}` ({} disk): {} grains of data{zeroed}, {} written",
+            if delta { "the increment of " } else { "" },
             src.display(),
             ops::info::human(chain.capacity()),
             report.grains,
@@ -336,6 +348,106 @@ fn run_commit(args: CommitArgs) -> Result<ExitCode> {
         eprintln!("vmdkit: {}", r.summary());
     }
 
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
+    let ApplyArgs {
+        target,
+        src,
+        raw,
+        force,
+        allow_device_write,
+        json,
+        quiet,
+    } = args;
+    use vmdkit::ops::apply::{apply, ApplyOptions};
+    let opts = ApplyOptions {
+        force,
+        raw,
+        allow_device_write,
+    };
+    let bar = Bar::new(0, quiet);
+    let r = if src.as_os_str() == "-" {
+        apply(
+            &target,
+            &mut std::io::stdin().lock(),
+            std::path::Path::new("<stdin>"),
+            &opts,
+            &bar,
+        )
+    } else {
+        vmdkit::io::refuse_special(&src)?;
+        let mut f =
+            std::fs::File::open(&src).with_context(|| format!("opening `{}`", src.display()))?;
+        apply(&target, &mut f, &src, &opts, &bar)
+    }
+    .with_context(|| format!("applying to `{}`", target.display()))?;
+    bar.finish();
+    if json {
+        print_json(&r)?;
+    } else if !quiet {
+        eprintln!("vmdkit: {}", r.summary());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_measure(args: MeasureArgs) -> Result<ExitCode> {
+    let MeasureArgs {
+        disk,
+        format,
+        delta,
+        level,
+        exact,
+        name,
+        threads,
+        json,
+        quiet,
+        read,
+    } = args;
+    use vmdkit::ops::export::ExportFormat;
+    use vmdkit::ops::measure::{measure, MeasureOptions};
+    let format = match format {
+        Some(f) => ExportFormat::parse(&f).ok_or_else(|| {
+            anyhow::anyhow!("unknown format `{f}` (stream, sparse, split, flat, twoGbMaxExtentFlat, vmfs, raw, or a createType name)")
+        })?,
+        None => ExportFormat::StreamOptimized,
+    };
+    let chain = read.open(&disk)?;
+    let name = name.unwrap_or_else(|| {
+        let n = disk
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "disk.vmdk".into());
+        if n.ends_with(".vmdk") || format == ExportFormat::Raw {
+            n
+        } else {
+            format!("{n}.vmdk")
+        }
+    });
+    let bar = Bar::new(chain.capacity(), quiet);
+    let m = measure(
+        &chain,
+        &MeasureOptions {
+            format,
+            delta,
+            level,
+            exact,
+            name,
+            threads,
+        },
+        &bar,
+    )
+    .with_context(|| format!("measuring `{}`", disk.display()))?;
+    bar.finish();
+    if json {
+        print_json(&m)?;
+    } else {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        m.write_text(&mut out)?;
+        out.flush()?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -609,4 +721,14 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One JSON object on stdout (a command's result), then a newline.
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
 }

@@ -19,7 +19,7 @@ pub mod plan;
 pub mod sink;
 pub mod target;
 
-pub use plan::{scan, OutputFile, Planner, Unit, UnitSource, DEFAULT_UNIT};
+pub use plan::{manifest_of, scan, OutputFile, Planner, Unit, UnitSource, DEFAULT_UNIT};
 pub use sink::{CopyReport, Sink};
 
 use crate::disk::VirtualDisk;
@@ -75,11 +75,12 @@ pub fn capped_threads(threads: usize) -> usize {
     threads.min(max_threads())
 }
 
-/// Units per worker thread in one window: 4 (1 MiB units) keeps the pipeline's memory
-/// at about 2 x 4 MiB per thread; the window's tail is short because stream records are
-/// made grain by grain in parallel (measured: 8 or 16 per thread gained nothing more).
-fn window_per_thread() -> usize {
-    4
+/// Units per worker thread in one window: 4 MiB of units (4 of the default 1 MiB) keeps
+/// the pipeline's memory at about 2 x 4 MiB per thread; the window's tail is short
+/// because stream records are made grain by grain in parallel (measured: 8 or 16 MiB per
+/// thread gained nothing more). Smaller units (64 KiB for increments) get more of them.
+fn window_per_thread(unit: u64) -> usize {
+    (4 * DEFAULT_UNIT / unit.max(1)).clamp(4, 64) as usize
 }
 
 /// Build the rayon pool for `threads` (0 = all cores; capped at [`max_threads`]).
@@ -107,7 +108,7 @@ where
     S: FnMut(Unit, O) -> Result<()> + Send,
 {
     let pool = pool(opts.threads)?;
-    let window = pool.current_num_threads() * window_per_thread();
+    let window = pool.current_num_threads() * window_per_thread(opts.unit);
     let mut pending: Vec<(Unit, Result<O>)> = Vec::new();
     loop {
         let mut next = Vec::with_capacity(window);
@@ -271,7 +272,7 @@ pub fn drive_feed(
     progress: &dyn Progress,
 ) -> Result<()> {
     let pool = pool(popts.threads)?;
-    let window = pool.current_num_threads() * window_per_thread();
+    let window = pool.current_num_threads() * window_per_thread(popts.unit);
     let mut next = 0u64;
     let cap = producer.disk.capacity();
     let mut batch: Vec<(Unit, Vec<u8>)> = Vec::with_capacity(window);

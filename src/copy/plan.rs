@@ -193,3 +193,37 @@ pub fn scan(
     )?;
     Ok(bits)
 }
+
+/// The manifest of `disk`'s content (what `export --manifest` writes), read on the
+/// engine: `verify` compares it, and an increment's manifest is the whole chain's.
+pub fn manifest_of(
+    disk: &dyn VirtualDisk,
+    popts: PipelineOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<u8>> {
+    let mut b = crate::format::manifest::ManifestBuilder::new(disk.capacity());
+    let mut planner = Planner::new(disk, crate::format::manifest::BLOCK);
+    super::run(
+        &mut planner,
+        popts,
+        |u| {
+            if !u.read {
+                return Ok(None);
+            }
+            let mut buf = vec![0u8; u.len as usize];
+            disk.read_at(&mut buf, u.start)?;
+            let mut h = crc32fast::Hasher::new();
+            h.update(&buf);
+            Ok(Some(h))
+        },
+        |u, h| {
+            match h {
+                Some(h) => b.block(u.start, h),
+                None => b.zeros(u.start, u.len),
+            }
+            progress.inc(u.len);
+            Ok(())
+        },
+    )?;
+    Ok(b.finish())
+}

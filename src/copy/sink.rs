@@ -37,6 +37,8 @@ pub struct CopyReport {
     pub bytes_out: u64,
     /// Grains of data written.
     pub grains: u64,
+    /// Zeroed grain entries written (increments).
+    pub zeroed_grains: u64,
 }
 
 /// Consumes a copy's pieces in address order.
@@ -94,44 +96,69 @@ impl Write for CountingWriter {
 }
 
 /// streamOptimized, VMware layout, strictly sequential: the stream writer fed by the engine: records were compressed in parallel.
+///
+/// For an increment (`delta`), every unit the plan reads is a grain the top layer holds:
+/// its zero grains become zeroed grain entries (they must hide the parent on restore);
+/// units not read belong to the parent and are left out.
 struct StreamSink {
     w: Option<StreamWriter<CountingWriter>>,
+    delta: bool,
 }
 
 impl StreamSink {
-    fn new(out: CountingWriter, capacity: u64, descriptor: &[u8]) -> Result<StreamSink> {
+    fn new(
+        out: CountingWriter,
+        capacity: u64,
+        descriptor: &[u8],
+        delta: bool,
+    ) -> Result<StreamSink> {
         let name = out.name.clone();
         Ok(StreamSink {
-            w: Some(StreamWriter::new(out, capacity, descriptor, &name)?),
+            w: Some(StreamWriter::with_zeroed(
+                out, capacity, descriptor, &name, delta,
+            )?),
+            delta,
         })
     }
 }
 
 impl Sink for StreamSink {
     fn put(&mut self, u: &Unit, p: &Piece) -> Result<()> {
-        let Piece::Data {
-            nonzero, records, ..
-        } = p
-        else {
-            return Ok(());
-        };
         let w = self.w.as_mut().expect("open until finish");
         let first = u.start / GRAIN;
-        let mut recs = records.iter();
-        for (i, _) in nonzero.iter().enumerate().filter(|(_, nz)| **nz) {
-            let rec = recs.next().expect("one record per nonzero grain");
-            w.write_record(first + i as u64, rec)?;
+        match p {
+            Piece::Hole if self.delta && u.read => {
+                for g in first..(u.start + u.len).div_ceil(GRAIN) {
+                    w.write_zeroed(g)?;
+                }
+            }
+            Piece::Hole => {}
+            Piece::Data {
+                nonzero, records, ..
+            } => {
+                let mut recs = records.iter();
+                for (i, nz) in nonzero.iter().enumerate() {
+                    if *nz {
+                        let rec = recs.next().expect("one record per nonzero grain");
+                        w.write_record(first + i as u64, rec)?;
+                    } else if self.delta {
+                        w.write_zeroed(first + i as u64)?;
+                    }
+                }
+            }
         }
         Ok(())
     }
 
     fn finish(&mut self) -> Result<CopyReport> {
         let w = self.w.take().expect("finish once");
+        let zeroed = w.zeroed();
         let (_, bytes_out, grains) = w.finish()?;
         Ok(CopyReport {
             files: vec![],
             bytes_out,
             grains,
+            zeroed_grains: zeroed,
         })
     }
 }
@@ -521,6 +548,7 @@ impl Sink for SeqSink {
             files: vec![],
             bytes_out: self.out.pos,
             grains: self.grains,
+            ..Default::default()
         })
     }
 }
@@ -552,6 +580,8 @@ pub enum FileKind {
     Stream {
         /// The descriptor text.
         descriptor: Vec<u8>,
+        /// An increment: zero grains the plan reads become zeroed entries.
+        delta: bool,
     },
     /// Hosted sparse extents (with this descriptor embedded, for a monolithic file).
     Sparse {
@@ -576,7 +606,7 @@ pub fn to_files(
     force: bool,
 ) -> Result<Box<dyn Sink>> {
     Ok(match kind {
-        FileKind::Stream { descriptor } => {
+        FileKind::Stream { descriptor, delta } => {
             let f = AtomicFile::create(&dir.join(&files[0].name), force)?;
             let w = f
                 .file()
@@ -588,7 +618,7 @@ pub fn to_files(
                 name: f.tmp_path().to_path_buf(),
             };
             Box::new(StreamFileSink {
-                inner: StreamSink::new(out, capacity, &descriptor)?,
+                inner: StreamSink::new(out, capacity, &descriptor, delta)?,
                 file: Some(f),
                 force,
             })
@@ -623,6 +653,8 @@ pub enum SeqKind {
     Stream {
         /// The descriptor text.
         descriptor: Vec<u8>,
+        /// An increment (see [`FileKind::Stream`]).
+        delta: bool,
     },
     /// `files` one after the other: raw content, or hosted sparse extents laid out from a
     /// zero-scan bitmap (`nonzero_grains`, one bit per 64 KiB grain); with `tar`, as a
@@ -647,8 +679,13 @@ pub fn to_writer(w: Box<dyn Write + Send>, kind: SeqKind, capacity: u64) -> Resu
         name: PathBuf::from("<stdout>"),
     };
     let (files, nonzero_grains, embedded, tar) = match kind {
-        SeqKind::Stream { descriptor } => {
-            return Ok(Box::new(StreamSink::new(out, capacity, &descriptor)?))
+        SeqKind::Stream { descriptor, delta } => {
+            return Ok(Box::new(StreamSink::new(
+                out,
+                capacity,
+                &descriptor,
+                delta,
+            )?))
         }
         SeqKind::Files {
             files,

@@ -17,7 +17,6 @@
 //!   raw is the plain content and the descriptor-based kinds become a tar stream.
 
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use crate::chain::Chain;
@@ -31,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::format::descriptor::{Access, CreateType, Descriptor, ExtentLine, ExtentType};
 use crate::format::manifest::ManifestBuilder;
 use crate::format::sparse::SECTOR;
-use crate::output::{check_target, write_error, AtomicFile};
+use crate::output::check_target;
 
 pub use super::GRAIN;
 pub use crate::format::sparse::SPLIT_SECTORS;
@@ -87,7 +86,8 @@ impl ExportFormat {
         })
     }
 
-    fn is_sparse(self) -> bool {
+    /// Whether the output is made of hosted sparse extents.
+    pub fn is_sparse(self) -> bool {
         matches!(
             self,
             ExportFormat::MonolithicSparse | ExportFormat::TwoGbMaxExtentSparse
@@ -112,6 +112,11 @@ pub struct ExportOptions {
     pub unit: u64,
     /// Allocation of flat outputs written to files.
     pub prealloc: Prealloc,
+    /// An increment: the source is a [`DeltaView`] (only the top layer's grains are read)
+    /// and its zero grains become zeroed entries; streamOptimized only.
+    pub delta: bool,
+    /// The increment's `parentFileNameHint` (default: the parent layer's file name).
+    pub parent_hint: Option<String>,
 }
 
 impl Default for ExportOptions {
@@ -124,6 +129,8 @@ impl Default for ExportOptions {
             force: false,
             unit: pipeline::DEFAULT_UNIT,
             prealloc: Prealloc::Thin,
+            delta: false,
+            parent_hint: None,
         }
     }
 }
@@ -181,25 +188,6 @@ fn plan_extents(format: ExportFormat, capacity: u64, name: &str) -> Vec<OutputFi
     }
 }
 
-/// A content ID for the output: derived from the source chain's CIDs and the output
-/// kind, so the same source exports to the same bytes (thread-count invariance, stdout
-/// equal to file), never equal to the source's CID nor to `ffffffff`/`fffffffe`.
-fn output_cid(chain: &Chain, format: ExportFormat) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(b"vmdkit export");
-    h.update(&chain.capacity().to_le_bytes());
-    h.update(format!("{format:?}").as_bytes());
-    for l in &chain.layers {
-        h.update(&l.cid().unwrap_or(0).to_le_bytes());
-        h.update(l.create_type.as_str().as_bytes());
-    }
-    let mut c = h.finalize();
-    while c >= 0xffff_fffe || Some(c) == chain.top().cid() {
-        c = c.wrapping_mul(2_654_435_761).wrapping_add(1);
-    }
-    c
-}
-
 /// What an output's descriptor is made from: DDB keys and a CID.
 #[derive(Debug, Clone)]
 pub struct OutputMeta {
@@ -209,6 +197,9 @@ pub struct OutputMeta {
     pub cid: u32,
     /// How a `vmfs` output is provisioned: thin ones get `ddb.thinProvisioned = "1"`.
     pub provisioning: Provisioning,
+    /// An increment's parent link: the content ID its parent must have and the
+    /// `parentFileNameHint`.
+    pub parent: Option<(u32, String)>,
 }
 
 /// Thin or thick provisioning of a `vmfs` output.
@@ -223,8 +214,10 @@ pub enum Provisioning {
 
 impl OutputMeta {
     /// The source chain's DDB keys (the base layer's, which hold the disk's real
-    /// settings, then keys only children have) and a fresh CID.
-    pub fn from_chain(chain: &Chain, format: ExportFormat) -> OutputMeta {
+    /// settings, then keys only children have) and the chain's content ID
+    /// ([`Chain::content_id`]): a copy of the content keeps the ID that names it, so an
+    /// increment made from the next delta applies to the restored copy.
+    pub fn from_chain(chain: &Chain) -> OutputMeta {
         let mut ddb: Vec<(String, String)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for layer in chain.layers.iter().rev() {
@@ -236,9 +229,35 @@ impl OutputMeta {
         }
         OutputMeta {
             ddb,
-            cid: output_cid(chain, format),
+            cid: chain.content_id(0),
             provisioning: Provisioning::Thin,
+            parent: None,
         }
+    }
+
+    /// The metadata of an increment of `chain`'s top layer: its content ID, and as parent
+    /// the content ID of the layers below with the name `hint` (default: the parent's
+    /// file name).
+    pub fn for_delta(chain: &Chain, hint: Option<&str>) -> Result<OutputMeta> {
+        if chain.layers.len() < 2 {
+            return Err(Error::InvalidInput(format!(
+                "`{}` has no parent: an increment holds what a delta adds to its parent; export it in full instead",
+                chain.top().path.display()
+            )));
+        }
+        let hint = match hint {
+            Some(h) => h.to_string(),
+            None => chain.layers[1]
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        crate::format::descriptor::check_file_name(&hint)?;
+        Ok(OutputMeta {
+            parent: Some((chain.content_id(1), hint)),
+            ..OutputMeta::from_chain(chain)
+        })
     }
 
     /// Use `adapter` and recompute the geometry for it (formats.md §9).
@@ -316,7 +335,8 @@ pub fn output_descriptor(
         crc32fast::hash(&(cid ^ 0xaaaa_aaaa).to_le_bytes())
     );
     ddb.push(("ddb.longContentID".into(), long));
-    Descriptor::new(ct, cid, None, extents, &ddb)
+    let parent = meta.parent.as_ref().map(|(c, h)| (*c, h.as_str()));
+    Descriptor::new(ct, cid, parent, extents, &ddb)
 }
 
 fn extent_lines(format: ExportFormat, pieces: &[OutputFile]) -> Vec<ExtentLine> {
@@ -359,7 +379,40 @@ fn check_options(opts: &ExportOptions, cap: u64) -> Result<()> {
             "capacity is not a whole number of sectors".into(),
         ));
     }
+    if opts.delta && (opts.format != ExportFormat::StreamOptimized || opts.unit != GRAIN) {
+        return Err(Error::InvalidInput(
+            "an increment (--delta) is written as a streamOptimized file (--format stream)".into(),
+        ));
+    }
     Ok(())
+}
+
+/// The files an output is made of: what export writes and `measure` sizes.
+#[derive(Debug, Clone)]
+pub struct OutputPlan {
+    /// The data files (extents, or the one monolithic/stream/raw file).
+    pub pieces: Vec<OutputFile>,
+    /// The descriptor text (None for raw).
+    pub descriptor: Option<Vec<u8>>,
+    /// Whether the descriptor is a file of its own (split and flat formats).
+    pub separate_descriptor: bool,
+}
+
+/// Plan an output of `format` named `name` for a disk of `cap` bytes.
+pub fn plan_output(format: ExportFormat, meta: &OutputMeta, cap: u64, name: &str) -> OutputPlan {
+    let pieces = plan_extents(format, cap, name);
+    let descriptor = describe(format, meta, cap, name, &pieces);
+    OutputPlan {
+        pieces,
+        descriptor,
+        separate_descriptor: matches!(
+            format,
+            ExportFormat::TwoGbMaxExtentSparse
+                | ExportFormat::MonolithicFlat
+                | ExportFormat::TwoGbMaxExtentFlat
+                | ExportFormat::Vmfs
+        ),
+    }
 }
 
 /// The descriptor text of an output named `name` (None for raw).
@@ -422,8 +475,11 @@ pub fn export_fed(
         Dest::Writer { name, .. } => name.clone(),
     };
     crate::format::descriptor::check_file_name(&name)?;
-    let pieces = plan_extents(format, cap, &name);
-    let descriptor = describe(format, meta, cap, &name, &pieces);
+    let OutputPlan {
+        pieces,
+        descriptor,
+        separate_descriptor,
+    } = plan_output(format, meta, cap, &name);
     let embedded = match format {
         ExportFormat::MonolithicSparse => descriptor.clone(),
         _ => None,
@@ -452,13 +508,6 @@ pub fn export_fed(
                 crate::guard::refuse_source_as_target(&dir.join(&p.name), &sources)?;
                 check_target(&dir.join(&p.name), opts.force)?;
             }
-            let separate_descriptor = matches!(
-                format,
-                ExportFormat::TwoGbMaxExtentSparse
-                    | ExportFormat::MonolithicFlat
-                    | ExportFormat::TwoGbMaxExtentFlat
-                    | ExportFormat::Vmfs
-            );
             let descriptor_file = separate_descriptor.then(|| {
                 (
                     path.clone(),
@@ -468,6 +517,7 @@ pub fn export_fed(
             let kind = match format {
                 ExportFormat::StreamOptimized => FileKind::Stream {
                     descriptor: descriptor.clone().expect("stream descriptor"),
+                    delta: opts.delta,
                 },
                 f if f.is_sparse() => FileKind::Sparse {
                     embedded: embedded.clone(),
@@ -487,6 +537,7 @@ pub fn export_fed(
             let kind = match format {
                 ExportFormat::StreamOptimized => SeqKind::Stream {
                     descriptor: descriptor.clone().expect("stream descriptor"),
+                    delta: opts.delta,
                 },
                 _ => SeqKind::Files {
                     nonzero_grains: if format.is_sparse() {
@@ -524,12 +575,7 @@ pub fn export_fed(
     }
     let report = sink.finish()?;
     if let (Some(m), Some(path)) = (manifest, &opts.manifest) {
-        let f = AtomicFile::create(path, opts.force)?;
-        let text = m.finish();
-        f.file()
-            .write_all_at(&text, 0)
-            .map_err(|e| write_error(f.tmp_path(), 0, e))?;
-        f.commit(opts.force)?;
+        crate::output::write_file_atomically(path, &m.finish(), opts.force)?;
     }
     Ok(report)
 }

@@ -38,7 +38,10 @@ use crate::layer::{Layer, OpenOptions};
 use crate::ops::Progress;
 pub use crate::resolve::children_of;
 use crate::resolve::same_file;
-use crate::write::{apply_journal, fault_point, set_cid, JournalRecord, LayerWriter};
+use crate::write::{
+    apply_journal, cut_back_files, fault_point, read_journal, set_cid, write_atomically,
+    write_journal, LayerWriter,
+};
 
 /// Options of a commit.
 #[derive(Debug, Clone, Default)]
@@ -176,22 +179,6 @@ fn journal_path(state: &Path) -> PathBuf {
     PathBuf::from(format!("{}.journal", state.display()))
 }
 
-/// Write `bytes` to `path` atomically (temporary, fsync, rename, fsync of the folder).
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = crate::guard::folder_of(path);
-    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    fault_point();
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io("write", &tmp, 0, e))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io("flush", &tmp, 0, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, 0, e))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
 fn write_state(path: &Path, st: &State) -> Result<()> {
     let text = serde_json::to_vec_pretty(st).expect("serializable");
     write_atomically(path, &text)
@@ -215,61 +202,6 @@ fn read_state(sp: &Path) -> Result<Option<State>> {
     serde_json::from_value(v)
         .map(Some)
         .map_err(|e| Error::corrupt(sp, 0, format!("unreadable commit state: {e}")))
-}
-
-/// Journal file: `VMDKJRN1`, records (u32 path length, path, u64 offset, u32 length,
-/// bytes), then the CRC-32 of everything before it. Written atomically before the
-/// state moves to phase `tables`.
-fn write_journal(path: &Path, records: &[JournalRecord]) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut b = b"VMDKJRN1".to_vec();
-    for r in records {
-        let p = r.file.as_os_str().as_bytes();
-        b.extend_from_slice(&(p.len() as u32).to_le_bytes());
-        b.extend_from_slice(p);
-        b.extend_from_slice(&r.offset.to_le_bytes());
-        b.extend_from_slice(&(r.bytes.len() as u32).to_le_bytes());
-        b.extend_from_slice(&r.bytes);
-    }
-    let crc = crc32fast::hash(&b);
-    b.extend_from_slice(&crc.to_le_bytes());
-    write_atomically(path, &b)
-}
-
-fn read_journal(path: &Path) -> Result<Vec<JournalRecord>> {
-    use std::os::unix::ffi::OsStrExt;
-    let b = std::fs::read(path).map_err(|e| Error::io("read", path, 0, e))?;
-    let bad =
-        |at: usize, what: &str| Error::corrupt(path, at as u64, format!("commit journal: {what}"));
-    if b.len() < 12 || &b[..8] != b"VMDKJRN1" {
-        return Err(bad(0, "bad magic"));
-    }
-    let (body, crc) = b.split_at(b.len() - 4);
-    if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
-        return Err(bad(body.len(), "checksum mismatch"));
-    }
-    let mut out = Vec::new();
-    let mut i = 8;
-    let take = |i: &mut usize, n: usize| -> Result<&[u8]> {
-        let s = body
-            .get(*i..*i + n)
-            .ok_or_else(|| bad(*i, "truncated record"))?;
-        *i += n;
-        Ok(s)
-    };
-    while i < body.len() {
-        let n = u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4")) as usize;
-        let file = PathBuf::from(std::ffi::OsStr::from_bytes(take(&mut i, n)?));
-        let offset = u64::from_le_bytes(take(&mut i, 8)?.try_into().expect("8"));
-        let len = u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4")) as usize;
-        let bytes = take(&mut i, len)?.to_vec();
-        out.push(JournalRecord {
-            file,
-            offset,
-            bytes,
-        });
-    }
-    Ok(out)
 }
 
 /// A state file acts only on the delta it was written for: every recorded file still
@@ -486,19 +418,7 @@ fn resume(
 fn cut_back(st: &State, locks: &mut LockSet) -> Result<()> {
     let targets: Vec<PathBuf> = st.target_lengths.iter().map(|(p, _)| p.clone()).collect();
     locks.exclusive_all(&targets)?;
-    for (p, len) in &st.target_lengths {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(p)
-            .map_err(|e| Error::io("open for writing", p, 0, e))?;
-        let meta = f.metadata().map_err(|e| Error::io("stat", p, 0, e))?;
-        if meta.len() > *len && meta.is_file() {
-            f.set_len(*len)
-                .map_err(|e| Error::io("truncate", p, *len, e))?;
-            f.sync_all().map_err(|e| Error::io("flush", p, 0, e))?;
-        }
-    }
-    Ok(())
+    cut_back_files(&st.target_lengths)
 }
 
 /// Parents we cannot write into.

@@ -1,8 +1,10 @@
 //! `export`: a disk or a whole chain (flattened) to compact files or a pipe, in any
-//! format vmdkit writes ([`crate::copy::target`]), on the copy engine.
+//! format vmdkit writes ([`crate::copy::target`]), on the copy engine; or, with
+//! `--delta`, an increment: the grains the top layer holds, to apply on a restored parent.
 
-use crate::chain::Chain;
-use crate::copy::Progress;
+use crate::chain::{Chain, DeltaView};
+use crate::copy::{PipelineOptions, Progress};
+use crate::disk::VirtualDisk;
 use crate::error::Result;
 
 pub use crate::copy::sink::Prealloc;
@@ -11,18 +13,54 @@ pub use crate::copy::target::{
     OutputMeta, GRAIN, SPLIT_SECTORS,
 };
 
-/// Export `chain` to `dest`.
+/// Export `chain` to `dest`; with `opts.delta`, only what its top layer holds (an
+/// increment: [`DeltaView`], [`OutputMeta::for_delta`]).
 pub fn export(
     chain: &Chain,
     dest: Dest,
     opts: &ExportOptions,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
-    let meta = OutputMeta::from_chain(chain, opts.format);
     let mtime = std::fs::metadata(&chain.top().path)
         .ok()
         .and_then(|m| m.modified().ok())
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs());
+    if opts.delta {
+        return export_delta(chain, dest, opts, mtime, progress);
+    }
+    let meta = OutputMeta::from_chain(chain);
     export_fed(chain, None, &meta, mtime, dest, opts, progress)
+}
+
+/// An increment: the top layer's grains on the engine; its manifest (checked after
+/// `apply`) covers the whole chain's content, so it is made by a second, read-only pass.
+fn export_delta(
+    chain: &Chain,
+    dest: Dest,
+    opts: &ExportOptions,
+    mtime: u64,
+    progress: &dyn Progress,
+) -> Result<ExportReport> {
+    let meta = OutputMeta::for_delta(chain, opts.parent_hint.as_deref())?;
+    if let Some(m) = &opts.manifest {
+        crate::guard::refuse_source_as_target(m, &chain.source_files())?;
+        crate::output::check_target(m, opts.force)?;
+    }
+    let delta_opts = ExportOptions {
+        unit: GRAIN,
+        manifest: None,
+        ..opts.clone()
+    };
+    let view = DeltaView::new(chain, GRAIN);
+    let report = export_fed(&view, None, &meta, mtime, dest, &delta_opts, progress)?;
+    if let Some(m) = &opts.manifest {
+        let popts = PipelineOptions {
+            threads: opts.threads,
+            ..Default::default()
+        };
+        let text = crate::copy::manifest_of(chain, popts, &crate::copy::NoProgress)?;
+        crate::output::write_file_atomically(m, &text, opts.force)?;
+    }
+    Ok(report)
 }

@@ -108,7 +108,7 @@ pub fn import_disk(
 ) -> Result<ExportReport> {
     let (format, prealloc) = opts.kind.format();
     let meta = meta_for(
-        OutputMeta::from_chain(chain, format),
+        OutputMeta::from_chain(chain),
         opts.kind,
         opts.adapter.as_deref(),
         chain.capacity(),
@@ -152,6 +152,7 @@ pub fn create(
         ddb: vec![("ddb.virtualHWVersion".into(), "4".into())],
         cid: random_cid(),
         provisioning: Provisioning::Thin,
+        parent: None,
     };
     meta.set_adapter(&adapter, capacity);
     let meta = meta_for(meta, opts.kind, None, capacity);
@@ -316,17 +317,21 @@ pub fn import_stream(
         let mut head = first.to_vec();
         head.extend_from_slice(&text);
         head.resize(512 + (size.div_ceil(512) * 512) as usize, 0);
+        refuse_increment(&d, name)?;
         let meta = OutputMeta {
             ddb: d.ddb_entries(),
-            cid: random_cid(),
+            cid: kept_cid(&d),
             provisioning: Provisioning::Thin,
+            parent: None,
         };
         (StdinKind::Tar, cap, meta, head)
     } else {
         let h = stream_in::parse_first(&first, name)?;
         let mut head = first.to_vec();
         let mut ddb = Vec::new();
-        // The embedded descriptor follows the header: read it now for the DDB keys.
+        let mut cid = random_cid();
+        // The embedded descriptor follows the header: read it now for the DDB keys, the
+        // CID, and to refuse an increment.
         if h.descriptor_offset == 1 && h.descriptor_size > 0 {
             let n = h
                 .descriptor_size
@@ -336,7 +341,9 @@ pub fn import_stream(
             let mut d = vec![0u8; n];
             c.exact(&mut d)?;
             if let Ok(desc) = crate::format::descriptor::Descriptor::parse(&d, name) {
+                refuse_increment(&desc, name)?;
                 ddb = desc.ddb_entries();
+                cid = kept_cid(&desc);
             }
             head.extend_from_slice(&d);
         }
@@ -352,13 +359,34 @@ pub fn import_stream(
             cap,
             OutputMeta {
                 ddb,
-                cid: random_cid(),
+                cid,
                 provisioning: Provisioning::Thin,
+                parent: None,
             },
             head,
         )
     };
     finish_stream(input, head, kind, cap, meta, dst, opts, progress)
+}
+
+/// A restore keeps the content ID the backup recorded (so increments made later apply
+/// to the restored disk); a stream without one gets a fresh ID.
+fn kept_cid(d: &crate::format::descriptor::Descriptor) -> u32 {
+    d.cid()
+        .filter(|&c| c < 0xffff_fffe)
+        .unwrap_or_else(random_cid)
+}
+
+/// An increment (a stream with a parent) holds only what changed: importing it alone
+/// would make a disk of holes where the parent's data belongs.
+fn refuse_increment(d: &crate::format::descriptor::Descriptor, name: &Path) -> Result<()> {
+    match d.parent_cid() {
+        Some(c) if c != crate::format::descriptor::NO_PARENT_CID => Err(Error::InvalidInput(format!(
+            "`{}` is an increment (`export --delta`, parentCID {c:08x}): restore the full backup with `import`, then add this with `vmdkit apply DISK -`",
+            name.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,7 +1,7 @@
 //! `verify`: re-read a disk and compare every 1 MiB block with a manifest written by
 //! `export --manifest` ([`crate::format::manifest`]), naming every range that differs.
 
-use crate::copy::{self as pipeline, PipelineOptions, Planner};
+use crate::copy::{self as pipeline, PipelineOptions};
 use crate::disk::VirtualDisk;
 use crate::error::Result;
 use crate::ops::Progress;
@@ -59,31 +59,7 @@ pub fn verify(
             m.capacity
         ));
     }
-    let mut b = ManifestBuilder::new(disk.capacity());
-    let mut planner = Planner::new(disk, BLOCK);
-    pipeline::run(
-        &mut planner,
-        popts,
-        |u| {
-            if !u.read {
-                return Ok(None);
-            }
-            let mut buf = vec![0u8; u.len as usize];
-            disk.read_at(&mut buf, u.start)?;
-            let mut h = crc32fast::Hasher::new();
-            h.update(&buf);
-            Ok(Some(h))
-        },
-        |u, h| {
-            match h {
-                Some(h) => b.block(u.start, h),
-                None => b.zeros(u.start, u.len),
-            }
-            progress.inc(u.len);
-            Ok(())
-        },
-    )?;
-    let text = String::from_utf8(b.finish()).expect("ascii");
+    let text = String::from_utf8(pipeline::manifest_of(disk, popts, progress)?).expect("ascii");
     let ours = Manifest::parse(&text, std::path::Path::new("<computed>"))?;
     for (i, (a, e)) in ours.blocks.iter().zip(&m.blocks).enumerate() {
         if a != e {

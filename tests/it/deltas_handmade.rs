@@ -11,7 +11,7 @@ fn put64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
 
-fn vmfs_base(d: &Path, sectors: usize) -> Vec<u8> {
+pub(super) fn vmfs_base(d: &Path, sectors: usize) -> Vec<u8> {
     let data: Vec<u8> = (0..sectors * 512).map(|i| (i / 512) as u8 ^ 0x5a).collect();
     std::fs::write(d.join("base-flat.vmdk"), &data).unwrap();
     std::fs::write(
@@ -70,11 +70,10 @@ fn cowd_recipe_reads_like_qemu_and_the_model() {
 }
 
 /// formats.md §7: const header at 0, volatile at 1, GD at 8, one GT at 16, grains at 128.
-#[test]
-fn sesparse_handmade_reads_like_qemu_and_the_model() {
-    need_qemu!();
-    let t = tmp();
-    let d = t.path();
+/// A 16 MiB vmfs base (`base.vmdk`) and a hand-made SESparse delta `s.vmdk` over it
+/// (4 KiB grains: data, zero and unmapped entries); returns the SESparse file's bytes and
+/// the model of the chain's content.
+pub(super) fn sesparse_chain(d: &Path) -> (Vec<u8>, Vec<u8>) {
     let sectors = 32768usize; // 16 MiB: one grain table
     let mut model = vmfs_base(d, sectors);
     let mut b = vec![0u8; (128 + 16) * 512];
@@ -122,6 +121,16 @@ fn sesparse_handmade_reads_like_qemu_and_the_model() {
         format!("# Disk DescriptorFile\nversion=1\nCID=00000002\nparentCID=aabbccdd\ncreateType=\"seSparse\"\nparentFileNameHint=\"base.vmdk\"\n\n# Extent description\nRW {sectors} SESPARSE \"s-sesparse.vmdk\"\n"),
     )
     .unwrap();
+    (b, model)
+}
+
+#[test]
+fn sesparse_handmade_reads_like_qemu_and_the_model() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    let sectors = 32768usize;
+    let (mut b, model) = sesparse_chain(d);
     assert_same(&vmdkit_raw(d, "s.vmdk"), &model, "vmdkit");
     assert_same(&qemu_raw(d, "s.vmdk"), &model, "qemu");
     // Commit out of an SESparse delta into the flat base works (read-only is the delta).

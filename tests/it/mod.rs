@@ -1,5 +1,6 @@
 pub mod util;
 
+mod backup;
 mod check;
 mod cli;
 mod corpus;

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::format::descriptor::{Descriptor, ExtentType, MAX_DESCRIPTOR_BYTES};
-use crate::format::sparse::{SparseHeader, GD_AT_END, SECTOR};
+use crate::format::sparse::{SparseHeader, GD_AT_END, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR};
 use crate::format::stream::inflate_grain;
 
 /// Receives content pieces in ascending offset order.
@@ -136,6 +136,28 @@ pub fn read_stream(
     base: u64,
     emit: Emit<'_>,
 ) -> Result<Option<Descriptor>> {
+    read_stream_zeroed(r, h, base, emit, None)
+}
+
+/// Receives zeroed ranges `(virtual offset, length)`.
+pub type EmitZeroed<'a> = &'a mut dyn FnMut(u64, u64) -> Result<()>;
+
+/// Like [`read_stream`]; with `zeroed`, a stream whose header enables zeroed-grain
+/// entries (flag bit 2, what `export --delta` writes) also reports its zeroed grains.
+/// They are only in the grain tables, which VMware's layout writes after their grains
+/// with no index of their own: the GD at the end says which table is which, so the
+/// zeroed entries of each table are kept (by the table's sector) until the GD arrives,
+/// and reported then, after every data grain.
+///
+/// A stream whose header puts the GD at the end (VMware's layout) must end with its
+/// footer: one that stops before is truncated and refused, never read as complete.
+pub fn read_stream_zeroed(
+    r: &mut Counted<'_>,
+    h: &SparseHeader,
+    base: u64,
+    emit: Emit<'_>,
+    mut zeroed: Option<EmitZeroed<'_>>,
+) -> Result<Option<Descriptor>> {
     if !h.markers() {
         return Err(Error::unsupported(r.name, "a compressed stream without grain markers cannot be read from a pipe; pass the file instead"));
     }
@@ -162,6 +184,11 @@ pub fn read_stream(
         Ok(())
     };
     let mut sector = [0u8; 512];
+    let needs_footer = h.gd_offset == GD_AT_END;
+    let mut saw_footer = false;
+    let want_zeroed = zeroed.is_some() && h.zero_grain();
+    // Tables holding zeroed entries, by the sector they start at: the GD names them.
+    let mut zero_tables: std::collections::HashMap<u64, Vec<u16>> = Default::default();
     loop {
         if !r.fill(&mut sector)? {
             break;
@@ -174,8 +201,24 @@ pub fn read_stream(
             if kind == 0 {
                 break; // end-of-stream marker (or qemu's zero tail)
             }
-            // GT, GD, footer and progress markers: skip what follows.
-            r.skip_to(r.pos + val.saturating_mul(SECTOR).min(1 << 30))?;
+            match kind {
+                MARKER_GT if want_zeroed => {
+                    let entries = read_table_zeroed(r, h, val, at)?;
+                    if !entries.is_empty() {
+                        zero_tables.insert(at / SECTOR + 1, entries);
+                    }
+                }
+                MARKER_GD if want_zeroed => {
+                    flush(&mut batch, emit, r.name)?;
+                    let z = zeroed.as_mut().expect("want_zeroed");
+                    read_directory_zeroed(r, h, val, at, base, &mut zero_tables, &mut **z)?;
+                }
+                _ => {
+                    saw_footer |= kind == MARKER_FOOTER;
+                    // GT, GD, footer and progress markers: skip what follows.
+                    r.skip_to(r.pos + val.saturating_mul(SECTOR).min(1 << 30))?;
+                }
+            }
             continue;
         }
         if size > max_cmp {
@@ -214,7 +257,110 @@ pub fn read_stream(
         }
     }
     flush(&mut batch, emit, r.name)?;
+    if needs_footer && !saw_footer {
+        return Err(Error::corrupt(
+            r.name,
+            r.pos,
+            "the stream ends before its footer (its header puts the grain directory at the end): truncated, or cut short on the way; nothing after this point was read",
+        ));
+    }
+    if !zero_tables.is_empty() {
+        return Err(Error::corrupt(
+            r.name,
+            r.pos,
+            format!(
+                "{} grain tables with zeroed entries are not named by a grain directory",
+                zero_tables.len()
+            ),
+        ));
+    }
     Ok(desc)
+}
+
+/// Read the grain table after a GT marker at `at` (`val` sectors) and return the indices
+/// of its zeroed entries (value 1).
+fn read_table_zeroed(r: &mut Counted<'_>, h: &SparseHeader, val: u64, at: u64) -> Result<Vec<u16>> {
+    let gtes = u64::from(h.num_gtes_per_gt);
+    let want = (gtes * 4).div_ceil(SECTOR);
+    if val != want {
+        return Err(Error::corrupt(
+            r.name,
+            at,
+            format!("grain table marker of {val} sectors; the header's tables take {want}"),
+        ));
+    }
+    let mut t = vec![0u8; (val * SECTOR) as usize];
+    r.exact(&mut t)?;
+    Ok((0..gtes as usize)
+        .filter(|&j| LE::read_u32(&t[j * 4..j * 4 + 4]) == 1)
+        .map(|j| j as u16)
+        .collect())
+}
+
+/// Read the GD after a GD marker at `at` (`val` sectors) sector by sector, reporting the
+/// zeroed grains of every table in `tables` it names (consecutive grains merged).
+fn read_directory_zeroed(
+    r: &mut Counted<'_>,
+    h: &SparseHeader,
+    val: u64,
+    at: u64,
+    base: u64,
+    tables: &mut std::collections::HashMap<u64, Vec<u16>>,
+    zeroed: &mut dyn FnMut(u64, u64) -> Result<()>,
+) -> Result<()> {
+    let gts = h.num_gts();
+    let want = (gts * 4).div_ceil(SECTOR);
+    if val != want {
+        return Err(Error::corrupt(
+            r.name,
+            at,
+            format!("grain directory marker of {val} sectors; the header's directory takes {want}"),
+        ));
+    }
+    let grain = h.grain_size * SECTOR;
+    let cap = h.capacity_sectors * SECTOR;
+    let gtes = u64::from(h.num_gtes_per_gt);
+    let mut run: Option<(u64, u64)> = None;
+    let mut sector = [0u8; 512];
+    for s in 0..val {
+        r.exact(&mut sector)?;
+        for k in 0..128u64 {
+            let i = s * 128 + k;
+            if i >= gts {
+                break;
+            }
+            let e = u64::from(LE::read_u32(&sector[k as usize * 4..k as usize * 4 + 4]));
+            let Some(entries) = tables.remove(&e) else {
+                continue;
+            };
+            for j in entries {
+                let off = (i * gtes + u64::from(j)) * grain;
+                if off >= cap {
+                    return Err(Error::corrupt(
+                        r.name,
+                        e * SECTOR,
+                        format!(
+                            "zeroed grain {} lies past the capacity",
+                            i * gtes + u64::from(j)
+                        ),
+                    ));
+                }
+                let len = grain.min(cap - off);
+                run = match run {
+                    Some((a, l)) if a + l == off => Some((a, l + len)),
+                    Some((a, l)) => {
+                        zeroed(base + a, l)?;
+                        Some((off, len))
+                    }
+                    None => Some((off, len)),
+                };
+            }
+        }
+    }
+    if let Some((a, l)) = run {
+        zeroed(base + a, l)?;
+    }
+    Ok(())
 }
 
 /// Read an uncompressed hosted sparse file from a pipe: its tables must come before its
@@ -469,5 +615,72 @@ mod tests {
         c.fill(&mut first).unwrap();
         let mut sink = |_: u64, _: &[u8]| -> Result<()> { Ok(()) };
         assert!(read_stream(&mut c, &h, 0, &mut sink).is_err());
+    }
+
+    /// Zeroed grains (flag bit 2, GT entry 1) come back as ranges once the directory
+    /// names their tables, including a table that holds only zeroed entries and a run
+    /// across a table boundary; data grains are emitted as usual.
+    #[test]
+    fn zeroed_grains_are_reported_when_the_directory_names_their_tables() {
+        let name = Path::new("<test>");
+        let g = 65536u64;
+        let mut w =
+            StreamWriter::with_zeroed(Vec::new(), 2048 * g, b"# Disk DescriptorFile\n", name, true)
+                .unwrap();
+        w.write_grain(1, &vec![7u8; 65536], 6).unwrap();
+        for z in [2u64, 3, 511, 512, 900] {
+            w.write_zeroed(z).unwrap();
+        }
+        w.write_grain(1500, &vec![8u8; 65536], 6).unwrap();
+        let (bytes, _, _) = w.finish().unwrap();
+        let mut data = Vec::new();
+        let mut zeros = Vec::new();
+        let mut t = Trickle(&bytes, 0);
+        let mut c = Counted::new(&mut t, name);
+        let mut first = [0u8; 512];
+        c.exact(&mut first).unwrap();
+        let h = parse_first(&first, name).unwrap();
+        read_stream_zeroed(
+            &mut c,
+            &h,
+            0,
+            &mut |at, b| {
+                data.push((at / g, b.len()));
+                Ok(())
+            },
+            Some(&mut |at, len| {
+                zeros.push((at / g, len / g));
+                Ok(())
+            }),
+        )
+        .unwrap();
+        assert_eq!(data, vec![(1, 65536), (1500, 65536)]);
+        assert_eq!(zeros, vec![(2, 2), (511, 2), (900, 1)]);
+    }
+
+    /// A VMware-layout stream cut at any sector boundary before its footer is an error,
+    /// never a shorter disk read as complete (a truncated tape must not restore silently).
+    /// Only the final end-of-stream sector may be missing: everything is in by then.
+    #[test]
+    fn a_stream_cut_at_a_record_boundary_is_refused() {
+        let name = Path::new("<test>");
+        let mut w =
+            StreamWriter::new(Vec::new(), 64 << 20, b"# Disk DescriptorFile\n", name).unwrap();
+        for i in [0u64, 5, 600] {
+            w.write_grain(i, &vec![i as u8 + 1; 65536], 6).unwrap();
+        }
+        let (bytes, _, _) = w.finish().unwrap();
+        for cut in (512..bytes.len() - 512).step_by(512) {
+            let mut input = &bytes[..cut];
+            let mut c = Counted::new(&mut input, name);
+            let mut first = [0u8; 512];
+            c.exact(&mut first).unwrap();
+            let h = parse_first(&first, name).unwrap();
+            let mut sink = |_: u64, _: &[u8]| -> Result<()> { Ok(()) };
+            assert!(
+                read_stream(&mut c, &h, 0, &mut sink).is_err(),
+                "cut at {cut}"
+            );
+        }
     }
 }

@@ -26,8 +26,8 @@ use byteorder::{ByteOrder, LittleEndian as LE};
 
 use crate::error::{Error, Result};
 use crate::format::sparse::{
-    SparseHeader, FLAG_COMPRESSED, FLAG_MARKERS, FLAG_VALID_NEWLINE, GD_AT_END, MARKER_FOOTER,
-    MARKER_GD, MARKER_GT, SECTOR,
+    SparseHeader, FLAG_COMPRESSED, FLAG_MARKERS, FLAG_VALID_NEWLINE, FLAG_ZERO_GRAIN, GD_AT_END,
+    MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR,
 };
 
 /// Grain size of the streams vmdkit writes (128 sectors), as VMware writes them.
@@ -119,15 +119,33 @@ pub struct StreamWriter<W: Write> {
     table_used: bool,
     last_grain: Option<u64>,
     grains: u64,
+    zeroed: u64,
 }
 
 impl<W: Write> StreamWriter<W> {
     /// Start a stream of `capacity` bytes (a multiple of 512) with `descriptor` embedded;
     /// `name` names the output in errors.
     pub fn new(w: W, capacity: u64, descriptor: &[u8], name: &Path) -> Result<StreamWriter<W>> {
+        Self::with_zeroed(w, capacity, descriptor, name, false)
+    }
+
+    /// Like [`new`](Self::new); with `zeroed_grains` the header sets flag bit 2 (grain
+    /// table entry 1 means a zeroed grain, formats.md §3.1) so [`write_zeroed`]
+    /// (Self::write_zeroed) can mark grains that read as zeros and hide a parent: the
+    /// representation of an increment's zeroed grains (`export --delta`).
+    pub fn with_zeroed(
+        w: W,
+        capacity: u64,
+        descriptor: &[u8],
+        name: &Path,
+        zeroed_grains: bool,
+    ) -> Result<StreamWriter<W>> {
         let mut h = SparseHeader::new(capacity / SECTOR, STREAM_GRAIN_BYTES / SECTOR);
         h.version = 3;
         h.flags = FLAG_VALID_NEWLINE | FLAG_COMPRESSED | FLAG_MARKERS;
+        if zeroed_grains {
+            h.flags |= FLAG_ZERO_GRAIN;
+        }
         h.compress_algorithm = 1;
         h.descriptor_offset = 1;
         h.descriptor_size = (descriptor.len() as u64).div_ceil(SECTOR);
@@ -145,6 +163,7 @@ impl<W: Write> StreamWriter<W> {
             table_used: false,
             last_grain: None,
             grains: 0,
+            zeroed: 0,
         };
         s.put(&h.to_bytes())?;
         s.put(descriptor)?;
@@ -193,17 +212,7 @@ impl<W: Write> StreamWriter<W> {
     /// Append grain `grain` (its index: bytes `grain * 64 KiB ..`) as a record made by
     /// [`grain_record`]. Grains come in ascending order.
     pub fn write_record(&mut self, grain: u64, record: &[u8]) -> Result<()> {
-        if self.last_grain.is_some_and(|l| grain <= l) || grain >= self.header.num_grains() {
-            return Err(Error::InvalidInput(format!(
-                "stream grain {grain} out of order or past the capacity (grains go in ascending order below {})",
-                self.header.num_grains()
-            )));
-        }
-        self.last_grain = Some(grain);
-        if grain / GTES != self.table {
-            self.end_table()?;
-            self.table = grain / GTES;
-        }
+        self.next_grain(grain)?;
         let sector = u32::try_from(self.pos / SECTOR).map_err(|_| {
             Error::InvalidInput(
                 "stream output exceeds 2 TiB of compressed data (32-bit grain table entries)"
@@ -215,6 +224,44 @@ impl<W: Write> StreamWriter<W> {
         self.put(record)?;
         self.grains += 1;
         Ok(())
+    }
+
+    /// Check that `grain` comes after the last one and inside the disk; close the table
+    /// of the previous grain when `grain` is in another.
+    fn next_grain(&mut self, grain: u64) -> Result<()> {
+        if self.last_grain.is_some_and(|l| grain <= l) || grain >= self.header.num_grains() {
+            return Err(Error::InvalidInput(format!(
+                "stream grain {grain} out of order or past the capacity (grains go in ascending order below {})",
+                self.header.num_grains()
+            )));
+        }
+        self.last_grain = Some(grain);
+        if grain / GTES != self.table {
+            self.end_table()?;
+            self.table = grain / GTES;
+        }
+        Ok(())
+    }
+
+    /// Mark grain `grain` zeroed (table entry 1: reads as zeros, hides a parent). Only
+    /// in a stream made [`with_zeroed`](Self::with_zeroed) grains; in ascending order
+    /// with the data grains.
+    pub fn write_zeroed(&mut self, grain: u64) -> Result<()> {
+        if !self.header.zero_grain() {
+            return Err(Error::InvalidInput(
+                "zeroed grains need a stream made with zeroed-grain entries".into(),
+            ));
+        }
+        self.next_grain(grain)?;
+        self.gt[(grain % GTES) as usize] = 1;
+        self.table_used = true;
+        self.zeroed += 1;
+        Ok(())
+    }
+
+    /// Grains marked zeroed so far.
+    pub fn zeroed(&self) -> u64 {
+        self.zeroed
     }
 
     /// Compress `data` (one grain, or the shorter last one) at zlib `level` and append it

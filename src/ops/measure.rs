@@ -1,0 +1,314 @@
+//! `measure`: what an export would write, without writing it.
+//!
+//! The plan is export's own ([`plan_output`]: the same files, descriptor and layout), and
+//! the content is read on the engine the way export reads it, to find the grains that
+//! hold data (all-zero grains are never written). So for sparse, split, flat and raw
+//! outputs the sizes are exact: `required` is the bytes of the files export then writes
+//! (apparent sizes, holes included), `allocated` the bytes of them that hold data.
+//!
+//! A stream's size depends on how each grain compresses. `required` is then a bound never
+//! below the real size (every data grain as libdeflate's compression bound, plus the
+//! exact metadata), and `estimate` extrapolates from compressing a sample of the grains
+//! (the first 256 data grains read, then one in 16, spread by a hash of the grain
+//! number); `--exact` compresses them all.
+
+use serde::Serialize;
+
+use crate::chain::{Chain, DeltaView};
+use crate::copy::target::{plan_output, ExportFormat, OutputMeta};
+use crate::copy::{self as pipeline, is_zero, PipelineOptions, Planner, GRAIN};
+use crate::disk::VirtualDisk;
+use crate::error::{Error, Result};
+use crate::format::sparse::{embedded_sectors, SparseLayout, SECTOR};
+use crate::format::stream::grain_record;
+use crate::ops::Progress;
+
+/// Options of a measurement.
+#[derive(Debug, Clone)]
+pub struct MeasureOptions {
+    /// The output format measured.
+    pub format: ExportFormat,
+    /// Measure the increment of the top layer (`export --delta`).
+    pub delta: bool,
+    /// zlib level of a stream.
+    pub level: u32,
+    /// Compress every grain of a stream (exact size) instead of a sample.
+    pub exact: bool,
+    /// The output's file name (names inside descriptors count toward their size).
+    pub name: String,
+    /// Worker threads (0 = all cores).
+    pub threads: usize,
+}
+
+/// What an export would write.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measurement {
+    /// The format measured (createType, or `raw`).
+    pub format: String,
+    /// Virtual size of the disk.
+    pub capacity: u64,
+    /// Bytes of the output files (exact; for a stream unless `exact`: an upper bound).
+    pub required: u64,
+    /// Whether `required` is exact.
+    pub exact: bool,
+    /// Bytes of the output files that hold data (sparse formats: all of them).
+    pub allocated: u64,
+    /// The size with every grain holding data (as `qemu-img measure` reports it).
+    pub fully_allocated: u64,
+    /// A stream's estimated size from a sample of compressed grains.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<u64>,
+    /// Grains of data written.
+    pub data_grains: u64,
+    /// Zeroed grains an increment records.
+    pub zeroed_grains: u64,
+    /// Output files export would write.
+    pub files: Vec<String>,
+}
+
+impl Measurement {
+    /// Text for people.
+    pub fn write_text(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let h = crate::ops::human;
+        writeln!(out, "format: {}", self.format)?;
+        writeln!(
+            out,
+            "virtual size: {} ({} bytes)",
+            h(self.capacity),
+            self.capacity
+        )?;
+        writeln!(
+            out,
+            "required size: {} ({} bytes){}",
+            h(self.required),
+            self.required,
+            if self.exact { "" } else { ", an upper bound" }
+        )?;
+        if let Some(e) = self.estimate {
+            writeln!(
+                out,
+                "estimated size: {} ({e} bytes), from a sample of compressed grains",
+                h(e)
+            )?;
+        }
+        writeln!(
+            out,
+            "allocated: {} ({} bytes)",
+            h(self.allocated),
+            self.allocated
+        )?;
+        writeln!(
+            out,
+            "fully allocated size: {} ({} bytes)",
+            h(self.fully_allocated),
+            self.fully_allocated
+        )?;
+        writeln!(out, "data grains: {}", self.data_grains)?;
+        if self.zeroed_grains > 0 {
+            writeln!(out, "zeroed grains: {}", self.zeroed_grains)?;
+        }
+        writeln!(out, "files: {}", self.files.join(" "))
+    }
+}
+
+/// The biggest record a grain can make: its zlib bound with the 12-byte record header,
+/// padded to a sector.
+fn record_bound() -> u64 {
+    let mut c = libdeflater::Compressor::new(libdeflater::CompressionLvl::default());
+    (12 + c.zlib_compress_bound(GRAIN as usize) as u64).div_ceil(SECTOR) * SECTOR
+}
+
+/// Whether grain `g` is in the sample whose compression is measured.
+fn sampled(g: u64) -> bool {
+    (g.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 60) == 0
+}
+
+/// Counts made while reading.
+#[derive(Default)]
+struct Counts {
+    /// Data grains per output piece.
+    per_piece: Vec<u64>,
+    /// Grains per 512-grain stream table with a data or zeroed entry.
+    tables: std::collections::BTreeSet<u64>,
+    zeroed: u64,
+    data_bytes: u64,
+    sample_grains: u64,
+    sample_bytes: u64,
+    compressed_all: u64,
+}
+
+/// Measure an export of `chain`.
+pub fn measure(
+    chain: &Chain,
+    opts: &MeasureOptions,
+    progress: &dyn Progress,
+) -> Result<Measurement> {
+    let format = opts.format;
+    if opts.delta && format != ExportFormat::StreamOptimized {
+        return Err(Error::InvalidInput(
+            "an increment (--delta) is written as a streamOptimized file (--format stream)".into(),
+        ));
+    }
+    if opts.level > 9 {
+        return Err(Error::InvalidInput(format!(
+            "compression level {} must be 0 to 9",
+            opts.level
+        )));
+    }
+    let meta = if opts.delta {
+        OutputMeta::for_delta(chain, None)?
+    } else {
+        OutputMeta::from_chain(chain)
+    };
+    let cap = chain.capacity();
+    crate::format::descriptor::check_file_name(&opts.name)?;
+    let plan = plan_output(format, &meta, cap, &opts.name);
+    let view;
+    let disk: &dyn VirtualDisk = if opts.delta {
+        view = DeltaView::new(chain, GRAIN);
+        &view
+    } else {
+        chain
+    };
+    let stream = format == ExportFormat::StreamOptimized;
+    let popts = PipelineOptions {
+        threads: opts.threads,
+        unit: if opts.delta {
+            GRAIN
+        } else {
+            pipeline::DEFAULT_UNIT
+        },
+    };
+    let mut counts = Counts {
+        per_piece: vec![0; plan.pieces.len()],
+        ..Default::default()
+    };
+    let mut planner = Planner::new(disk, popts.unit);
+    let (level, exact) = (opts.level, opts.exact);
+    let seen = std::sync::atomic::AtomicU64::new(0);
+    pipeline::run(
+        &mut planner,
+        popts,
+        |u| {
+            // Per grain: (grain, holds data, compressed record size if measured).
+            let mut out: Vec<(u64, bool, Option<u64>)> = Vec::new();
+            if !u.read {
+                return Ok(out);
+            }
+            let mut buf = vec![0u8; u.len as usize];
+            disk.read_at(&mut buf, u.start)?;
+            for (i, g) in buf.chunks(GRAIN as usize).enumerate() {
+                let grain = u.start / GRAIN + i as u64;
+                let data = !is_zero(g);
+                let early =
+                    data && stream && seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 256;
+                let size = if data && stream && (exact || early || sampled(grain)) {
+                    Some(grain_record(grain * GRAIN / SECTOR, g, level)?.len() as u64)
+                } else {
+                    None
+                };
+                out.push((grain, data, size));
+            }
+            Ok(out)
+        },
+        |u, grains| {
+            for (g, data, size) in grains {
+                let start = g * GRAIN;
+                if data {
+                    let piece = plan
+                        .pieces
+                        .iter()
+                        .position(|p| start >= p.start && start < p.start + p.len)
+                        .expect("pieces cover the disk");
+                    counts.per_piece[piece] += 1;
+                    counts.data_bytes += GRAIN.min(cap - start);
+                    counts.tables.insert(g / 512);
+                } else if opts.delta {
+                    counts.zeroed += 1;
+                    counts.tables.insert(g / 512);
+                }
+                if let Some(s) = size {
+                    counts.sample_grains += 1;
+                    counts.sample_bytes += s;
+                    counts.compressed_all += s;
+                }
+            }
+            progress.inc(u.len);
+            Ok(())
+        },
+    )?;
+    let data_grains: u64 = counts.per_piece.iter().sum();
+    let descriptor_len = plan.descriptor.as_ref().map_or(0, |d| d.len() as u64);
+    let separate = if plan.separate_descriptor {
+        descriptor_len
+    } else {
+        0
+    };
+    let mut m = Measurement {
+        format: format
+            .create_type()
+            .map_or("raw".to_string(), |c| c.as_str().to_string()),
+        capacity: cap,
+        required: 0,
+        exact: true,
+        allocated: 0,
+        fully_allocated: 0,
+        estimate: None,
+        data_grains,
+        zeroed_grains: counts.zeroed,
+        files: plan.pieces.iter().map(|p| p.name.clone()).collect(),
+    };
+    if plan.separate_descriptor {
+        m.files.insert(0, opts.name.clone());
+    }
+    match format {
+        ExportFormat::StreamOptimized => {
+            let desc = plan.descriptor.as_ref().expect("stream descriptor");
+            let layout = SparseLayout::new(cap / SECTOR, 0);
+            let desc_sectors = (desc.len() as u64).div_ceil(SECTOR);
+            let head = (1 + desc_sectors).div_ceil(128) * 128 * SECTOR;
+            let gd = (layout.num_gts * 4).div_ceil(SECTOR) * SECTOR;
+            let tail = SECTOR + gd + 3 * SECTOR;
+            let table = SECTOR + 2048;
+            let meta_bytes = head + counts.tables.len() as u64 * table + tail;
+            let bound = record_bound();
+            m.required = meta_bytes + data_grains * bound;
+            m.fully_allocated = head + layout.num_gts * table + tail + layout.num_grains * bound;
+            if exact {
+                m.required = meta_bytes + counts.compressed_all;
+            } else {
+                m.exact = false;
+                m.estimate = Some(if counts.sample_grains > 0 {
+                    meta_bytes
+                        + (data_grains as f64 * counts.sample_bytes as f64
+                            / counts.sample_grains as f64)
+                            .ceil() as u64
+                } else {
+                    meta_bytes + data_grains * bound
+                });
+            }
+            m.allocated = m.required;
+        }
+        f if f.is_sparse() => {
+            let embedded = if f == ExportFormat::MonolithicSparse {
+                embedded_sectors(plan.descriptor.as_ref().expect("descriptor"))
+            } else {
+                0
+            };
+            for (p, n) in plan.pieces.iter().zip(&counts.per_piece) {
+                let layout = SparseLayout::new(p.len / SECTOR, embedded);
+                m.required += layout.file_bytes(*n);
+                m.fully_allocated += layout.file_bytes(layout.num_grains);
+            }
+            m.required += separate;
+            m.fully_allocated += separate;
+            m.allocated = m.required;
+        }
+        _ => {
+            m.required = cap + separate;
+            m.fully_allocated = m.required;
+            m.allocated = counts.data_bytes + separate;
+        }
+    }
+    Ok(m)
+}

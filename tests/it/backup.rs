@@ -1,0 +1,492 @@
+//! Incremental backups (issue 13): a full export and increments (`export --delta`)
+//! through pipes, restored by `import` and `apply` in order. Oracles: qemu-img's reading
+//! of the source chain at each point in time (and a model buffer for vmdkit-written
+//! deltas, which qemu also reads), qemu-img reading an increment as an overlay of the
+//! restored base, `qemu-img check`, and the sizes of what export really writes for
+//! `measure`.
+
+use super::util::*;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+const MIB: usize = 1 << 20;
+
+/// Run a bash pipeline in `dir` with `$V` = the vmdkit binary (pipefail on).
+fn sh(dir: &Path, script: &str) -> Output {
+    let out = Command::new("bash")
+        .args(["-c", &format!("set -euo pipefail\n{script}")])
+        .current_dir(dir)
+        .env("V", bin())
+        .stdin(Stdio::null())
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run a bash pipeline that must fail; returns its stderr.
+fn sh_err(dir: &Path, script: &str) -> String {
+    let out = Command::new("bash")
+        .args(["-c", &format!("set -euo pipefail\n{script}")])
+        .current_dir(dir)
+        .env("V", bin())
+        .stdin(Stdio::null())
+        .output()
+        .expect("bash");
+    assert!(!out.status.success(), "{script} should have failed");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("panicked"), "panic: {err}");
+    err
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed) ^ (i >> 10) as u8)
+        .collect()
+}
+
+/// `vmdkit write` into `disk` and the same bytes into the model.
+fn write(d: &Path, disk: &str, model: &mut [u8], off: usize, data: &[u8]) {
+    std::fs::write(d.join("in.bin"), data).unwrap();
+    vmdkit_ok(d, &["write", disk, "--offset", &off.to_string(), "in.bin"]);
+    model[off..off + data.len()].copy_from_slice(data);
+}
+
+/// `vmdkit write --zero` into `disk` and the model.
+fn zero(d: &Path, disk: &str, model: &mut [u8], off: usize, len: usize) {
+    let (o, l) = (off.to_string(), len.to_string());
+    vmdkit_ok(d, &["write", disk, "--offset", &o, "--zero", &l]);
+    model[off..off + len].fill(0);
+}
+
+/// The source side of a cycle: a qemu-made monolithicSparse base with a qemu child
+/// (zeroed grains on: `write -z` over the parent's data makes zeroed grain entries), and
+/// a hosted child over that made by `vmdkit redo add` and written by `vmdkit write`.
+/// Returns the three tops' names and the content at each point.
+struct Source {
+    tops: [String; 3],
+    points: [Vec<u8>; 3],
+}
+
+fn source(d: &Path) -> Source {
+    qemu_create(d, "monolithicSparse", "vm.vmdk", "64M");
+    qemu_io(
+        d,
+        "vm.vmdk",
+        &[
+            "write -P 0x11 0 8M",
+            "write -P 0x22 20M 3M",
+            "write -P 0x33 40M 100k",
+        ],
+    );
+    let p0 = qemu_raw(d, "vm.vmdk");
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "zeroed_grain=on",
+            "-b",
+            "vm.vmdk",
+            "-F",
+            "vmdk",
+            "vm-000001.vmdk",
+        ],
+    );
+    qemu_io(
+        d,
+        "vm-000001.vmdk",
+        &[
+            "write -P 0x44 1M 100k",
+            "write -z 21M 1M",
+            "write -P 0x55 50M 64k",
+            "write -z 40M 32k",
+        ],
+    );
+    let p1 = qemu_raw(d, "vm-000001.vmdk");
+    assert!(p1[21 * MIB..22 * MIB].iter().all(|&b| b == 0));
+    let top = String::from_utf8(
+        vmdkit_ok(d, &["redo", "add", "vm-000001.vmdk", "--style", "hosted"]).stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let top = Path::new(&top)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let mut p2 = p1.clone();
+    write(d, &top, &mut p2, 3 * MIB + 4096, &pattern(7, 200_000));
+    zero(d, &top, &mut p2, 0, 2 * MIB);
+    write(d, &top, &mut p2, 63 * MIB, &pattern(9, MIB));
+    zero(d, &top, &mut p2, 22 * MIB + 512, 4096);
+    // qemu reads the vmdkit-made child too: the model is checked, not assumed.
+    assert_same(&qemu_raw(d, &top), &p2, "qemu reading the third point");
+    Source {
+        tops: ["vm.vmdk".into(), "vm-000001.vmdk".into(), top],
+        points: [p0, p1, p2],
+    }
+}
+
+#[test]
+fn a_backup_cycle_through_pipes_restores_every_point_in_time() {
+    need_qemu!();
+    let t = tmp();
+    let src = t.path().join("src");
+    let tape = t.path().join("tape");
+    let r = t.path().join("restore");
+    for p in [&src, &tape, &r] {
+        std::fs::create_dir(p).unwrap();
+    }
+    let s = source(&src);
+    let [base, d1, d2] = &s.tops;
+    // Nightly backups, each through a pipe onto "tape".
+    sh(
+        &src,
+        &format!(
+            "$V export {base} - -q | cat > ../tape/full.vmdk\n\
+             $V export {d1} - --delta -q --manifest ../tape/inc1.manifest | cat > ../tape/inc1.vmdk\n\
+             $V export {d2} - --delta -q --manifest ../tape/inc2.manifest | cat > ../tape/inc2.vmdk"
+        ),
+    );
+    // Restore the full backup from a pipe; it keeps the content ID increments chain to.
+    sh(
+        &r,
+        "cat ../tape/full.vmdk | $V import - vm.vmdk -d sparse -q",
+    );
+    assert_same(&qemu_raw(&r, "vm.vmdk"), &s.points[0], "restored full");
+    // Out of order: refused, nothing changed.
+    let before = sha256_file(&r.join("vm.vmdk"));
+    let err = sh_err(&r, "cat ../tape/inc2.vmdk | $V apply vm.vmdk -");
+    assert!(err.contains("in order"), "{err}");
+    assert_eq!(
+        sha256_file(&r.join("vm.vmdk")),
+        before,
+        "refused apply wrote"
+    );
+    // In order: each point in time, checked by qemu and by the increment's manifest.
+    for (i, inc) in ["inc1", "inc2"].iter().enumerate() {
+        sh(
+            &r,
+            &format!("cat ../tape/{inc}.vmdk | $V apply vm.vmdk - -q"),
+        );
+        assert_same(
+            &qemu_raw(&r, "vm.vmdk"),
+            &s.points[i + 1],
+            &format!("after {inc}"),
+        );
+        let m = format!("../tape/{inc}.manifest");
+        vmdkit_ok(&r, &["verify", "vm.vmdk", "--manifest", &m]);
+        qemu_img(&r, &["check", "vm.vmdk"]);
+        vmdkit_ok(&r, &["check", "vm.vmdk"]);
+        // Twice: refused, nothing changed.
+        let before = sha256_file(&r.join("vm.vmdk"));
+        let err = sh_err(&r, &format!("$V apply vm.vmdk ../tape/{inc}.vmdk"));
+        assert!(err.contains("applied already"), "{err}");
+        assert_eq!(sha256_file(&r.join("vm.vmdk")), before);
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(&r)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(leftovers, vec!["vm.vmdk".to_string()]);
+
+    // qemu reads an increment as an overlay of the restored base it names (the zeroed
+    // grains are zeroed grain entries of a stream with flag bit 2, which qemu honours).
+    let q = t.path().join("overlay");
+    std::fs::create_dir(&q).unwrap();
+    sh(
+        &q,
+        "$V import ../tape/full.vmdk vm.vmdk -d sparse -q && cp ../tape/inc1.vmdk .",
+    );
+    assert_same(&qemu_raw(&q, "inc1.vmdk"), &s.points[1], "qemu: overlay");
+    assert_same(
+        &vmdkit_raw(&q, "inc1.vmdk"),
+        &s.points[1],
+        "vmdkit: overlay",
+    );
+    // import refuses an increment on its own.
+    let err = sh_err(&q, "$V import - alone.vmdk < ../tape/inc1.vmdk");
+    assert!(err.contains("is an increment"), "{err}");
+    assert!(!q.join("alone.vmdk").exists());
+
+    // Other targets: a thin vmfs disk and a raw image (no CID: --force).
+    let o = t.path().join("others");
+    std::fs::create_dir(&o).unwrap();
+    sh(
+        &o,
+        "$V import - thin.vmdk -d thin -q < ../tape/full.vmdk\n\
+         $V import - disk.img -d raw -q < ../tape/full.vmdk\n\
+         for i in inc1 inc2; do $V apply thin.vmdk - -q < ../tape/$i.vmdk; done",
+    );
+    let err = sh_err(&o, "$V apply --raw disk.img ../tape/inc1.vmdk");
+    assert!(err.contains("--force"), "{err}");
+    sh(
+        &o,
+        "for i in inc1 inc2; do $V apply --raw --force disk.img - -q < ../tape/$i.vmdk; done",
+    );
+    assert_same(&qemu_raw(&o, "thin.vmdk"), &s.points[2], "thin target");
+    assert_same(
+        &std::fs::read(o.join("disk.img")).unwrap(),
+        &s.points[2],
+        "raw target",
+    );
+}
+
+#[test]
+fn increments_of_cowd_redo_and_sesparse_deltas_apply_on_their_restored_base() {
+    need_qemu!();
+    let t = tmp();
+    // vmfsSparse (COWD `-delta`) and, above it, an ESX 2 style REDO log: two increments.
+    let d = t.path().join("cowd");
+    std::fs::create_dir(&d).unwrap();
+    qemu_create(&d, "monolithicFlat", "base.vmdk", "16M");
+    qemu_io(
+        &d,
+        "base.vmdk",
+        &["write -P 0x61 0 5M", "write -P 0x62 9M 2M"],
+    );
+    let mut model = qemu_raw(&d, "base.vmdk");
+    vmdkit_ok(
+        &d,
+        &["export", "base.vmdk", "full.vmdk", "-f", "stream", "-q"],
+    );
+    let top1 = String::from_utf8(
+        vmdkit_ok(&d, &["redo", "add", "base.vmdk", "--style", "vmfsSparse"]).stdout,
+    )
+    .unwrap();
+    let top1 = Path::new(top1.trim())
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    write(&d, &top1, &mut model, 4 * MIB + 512, &pattern(3, 70_000));
+    zero(&d, &top1, &mut model, 9 * MIB, 4096);
+    let p1 = model.clone();
+    assert_same(&qemu_raw(&d, &top1), &p1, "qemu reading the COWD delta");
+    vmdkit_ok(&d, &["export", &top1, "inc1.vmdk", "--delta", "-q"]);
+    let top2 = String::from_utf8(vmdkit_ok(&d, &["redo", "add", &top1, "--style", "redo"]).stdout)
+        .unwrap();
+    let top2 = Path::new(top2.trim())
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    write(&d, &top2, &mut model, 12 * MIB, &pattern(5, 3 * 4096));
+    zero(&d, &top2, &mut model, 0, 512);
+    vmdkit_ok(&d, &["export", &top2, "inc2.vmdk", "--delta", "-q"]);
+    assert_same(
+        &vmdkit_raw(&d, &top2),
+        &model,
+        "vmdkit reading the REDO chain",
+    );
+    let r = d.join("r");
+    std::fs::create_dir(&r).unwrap();
+    sh(
+        &r,
+        "$V import ../full.vmdk base.vmdk -d sparse -q && $V apply base.vmdk ../inc1.vmdk -q",
+    );
+    assert_same(&qemu_raw(&r, "base.vmdk"), &p1, "after the COWD increment");
+    sh(&r, "$V apply base.vmdk - -q < ../inc2.vmdk");
+    assert_same(
+        &qemu_raw(&r, "base.vmdk"),
+        &model,
+        "after the REDO increment",
+    );
+
+    // SESparse (read-only here, 4 KiB grains): its increment widens to 64 KiB grains
+    // carrying the parent's bytes around the delta's own.
+    let s = t.path().join("sesparse");
+    std::fs::create_dir(&s).unwrap();
+    let (_, model) = super::deltas_handmade::sesparse_chain(&s);
+    assert_same(
+        &qemu_raw(&s, "s.vmdk"),
+        &model,
+        "qemu reading the SESparse chain",
+    );
+    sh(
+        &s,
+        "$V export base.vmdk full.vmdk -f stream -q\n\
+         $V export s.vmdk inc.vmdk --delta -q\n\
+         mkdir r && cd r && $V import ../full.vmdk base.vmdk -d thin -q && $V apply base.vmdk ../inc.vmdk -q",
+    );
+    assert_same(
+        &qemu_raw(&s.join("r"), "base.vmdk"),
+        &model,
+        "after the SESparse increment",
+    );
+    // A base disk has no increment.
+    let err = vmdkit_err(&s, &["export", "base.vmdk", "x.vmdk", "--delta"]);
+    assert!(err.contains("no parent"), "{err}");
+}
+
+#[test]
+fn apply_killed_at_every_write_is_finished_by_a_rerun() {
+    need_qemu!();
+    let t = tmp();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let s = source(&src);
+    let [base, d1, _] = &s.tops;
+    vmdkit_ok(&src, &["export", base, "full.vmdk", "-f", "stream", "-q"]);
+    vmdkit_ok(&src, &["export", d1, "inc1.vmdk", "--delta", "-q"]);
+    let inc = src.join("inc1.vmdk");
+    // Restored disks: monolithicSparse (embedded descriptor) and split (descriptor file
+    // replaced by rename at the end).
+    for kind in ["sparse", "split"] {
+        let r0 = t.path().join(format!("r0-{kind}"));
+        std::fs::create_dir(&r0).unwrap();
+        vmdkit_ok(
+            &r0,
+            &[
+                "import",
+                src.join("full.vmdk").to_str().unwrap(),
+                "vm.vmdk",
+                "-d",
+                kind,
+                "-q",
+            ],
+        );
+        let copy = |to: &Path| {
+            std::fs::create_dir(to).unwrap();
+            for e in std::fs::read_dir(&r0).unwrap() {
+                let e = e.unwrap();
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        };
+        let clean = t.path().join(format!("clean-{kind}"));
+        copy(&clean);
+        vmdkit_ok(&clean, &["apply", "vm.vmdk", inc.to_str().unwrap(), "-q"]);
+        let sizes = |d: &Path| -> Vec<(String, u64)> {
+            let mut v: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        e.metadata().unwrap().len(),
+                    )
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let clean_sizes = sizes(&clean);
+        let mut aborted = 0;
+        for n in 0..200 {
+            let d = t.path().join(format!("run-{kind}-{n}"));
+            copy(&d);
+            let out = Command::new(bin())
+                .args(["apply", "vm.vmdk", inc.to_str().unwrap(), "-q"])
+                .current_dir(&d)
+                .env("VMDKIT_TEST_ABORT_AFTER_WRITES", n.to_string())
+                .output()
+                .unwrap();
+            let finished = out.status.success();
+            if !finished {
+                aborted += 1;
+                vmdkit_ok(&d, &["apply", "vm.vmdk", inc.to_str().unwrap(), "-q"]);
+            }
+            assert_eq!(
+                sizes(&d),
+                clean_sizes,
+                "{kind} run {n}: files and sizes (leaks?)"
+            );
+            qemu_img(&d, &["check", "vm.vmdk"]);
+            vmdkit_ok(&d, &["check", "vm.vmdk"]);
+            assert_same(
+                &qemu_raw(&d, "vm.vmdk"),
+                &s.points[1],
+                &format!("{kind} run {n}"),
+            );
+            std::fs::remove_dir_all(&d).unwrap();
+            if finished {
+                break;
+            }
+        }
+        assert!(aborted > 5, "{kind}: the fault hook hit {aborted} points");
+    }
+}
+
+#[test]
+fn measure_is_exact_for_files_and_a_true_bound_for_streams() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    let s = source(d);
+    let [_, d1, d2] = &s.tops;
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_slice(&vmdkit_ok(d, args).stdout).expect("json")
+    };
+    let dir_bytes = |p: &Path| -> u64 {
+        std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    for top in [d1.as_str(), d2.as_str()] {
+        for f in [
+            "sparse",
+            "split",
+            "flat",
+            "vmfs",
+            "twoGbMaxExtentFlat",
+            "raw",
+            "stream",
+        ] {
+            let m = json(&[
+                "measure", top, "-f", f, "--name", "out.vmdk", "--json", "-q",
+            ]);
+            let out = d.join(format!("out-{f}"));
+            std::fs::create_dir(&out).unwrap();
+            let dst = out.join("out.vmdk");
+            vmdkit_ok(d, &["export", top, dst.to_str().unwrap(), "-f", f, "-q"]);
+            let real = dir_bytes(&out);
+            let req = m["required"].as_u64().unwrap();
+            if f == "stream" {
+                assert!(req >= real, "{top} {f}: bound {req} < real {real}");
+                assert_eq!(m["exact"], false);
+                let e = m["estimate"].as_u64().unwrap();
+                assert!(e <= req, "{top}: estimate above the bound");
+                let x = json(&[
+                    "measure", top, "--exact", "--json", "-q", "--name", "out.vmdk",
+                ]);
+                assert_eq!(x["required"].as_u64().unwrap(), real, "{top}: exact stream");
+            } else {
+                assert_eq!(req, real, "{top} {f}: measured vs written");
+                assert_eq!(m["exact"], true);
+            }
+            assert!(m["fully_allocated"].as_u64().unwrap() >= req);
+            std::fs::remove_dir_all(&out).unwrap();
+        }
+        // The increment: bound, estimate and --exact against what export writes.
+        let inc = d.join("inc.vmdk");
+        vmdkit_ok(d, &["export", top, inc.to_str().unwrap(), "--delta", "-q"]);
+        let real = std::fs::metadata(&inc).unwrap().len();
+        let m = json(&[
+            "measure", top, "--delta", "--json", "-q", "--name", "inc.vmdk",
+        ]);
+        assert!(m["required"].as_u64().unwrap() >= real);
+        assert!(
+            m["zeroed_grains"].as_u64().unwrap() > 0,
+            "{top}: zeroed grains counted"
+        );
+        let x = json(&[
+            "measure", top, "--delta", "--exact", "--json", "-q", "--name", "inc.vmdk",
+        ]);
+        assert_eq!(
+            x["required"].as_u64().unwrap(),
+            real,
+            "{top}: exact increment"
+        );
+        std::fs::remove_file(&inc).unwrap();
+    }
+}
