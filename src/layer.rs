@@ -92,20 +92,50 @@ impl Layer {
         if src.is_empty() {
             return Err(Error::corrupt(path, 0, "empty file: not a VMDK"));
         }
+        // What it is when it is not a VMDK (a qcow2 image, a gzip file, a raw disk...).
+        let hint = || {
+            let mut head = vec![0u8; 65536.min(src.len() as usize)];
+            let _ = src.read_at_zero_fill(&mut head, 0);
+            let n = 512.min(src.len() as usize);
+            let mut tail = vec![0u8; n];
+            let _ = src.read_at_zero_fill(&mut tail, src.len() - n as u64);
+            crate::format::detect::not_a_vmdk_hint(&head, &tail)
+        };
         if src.len() > MAX_DESCRIPTOR_BYTES as u64 {
             return Err(Error::corrupt(
                 path,
                 0,
                 format!(
-                    "not a VMDK: no sparse magic, and at {} bytes too large to be a descriptor (limit {MAX_DESCRIPTOR_BYTES})",
-                    src.len()
+                    "not a VMDK: no sparse magic, and at {} bytes too large to be a descriptor (limit {MAX_DESCRIPTOR_BYTES}); {}",
+                    src.len(),
+                    hint()
                 ),
             ));
         }
         let mut text = vec![0u8; src.len() as usize];
         src.read_exact_at(&mut text, 0)?;
+        let d = match Descriptor::parse(&text, path) {
+            Ok(d) => d,
+            Err(e) => {
+                let h = hint();
+                let binary = text.contains(&0);
+                return Err(
+                    if binary || crate::format::detect::foreign_format(&text, &[]).is_some() {
+                        Error::corrupt(path, 0, format!("not a VMDK ({e}); {h}"))
+                    } else {
+                        e
+                    },
+                );
+            }
+        };
+        if d.get("createType").is_none() && d.extents().is_empty() {
+            return Err(Error::corrupt(
+                path,
+                0,
+                format!("not a VMDK (no createType, no extent lines); {}", hint()),
+            ));
+        }
         drop(src);
-        let d = Descriptor::parse(&text, path)?;
         Self::from_descriptor(path, d, false, opts)
     }
 

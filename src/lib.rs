@@ -25,6 +25,7 @@ pub mod layer;
 pub mod ops;
 pub mod output;
 pub mod resolve;
+pub mod units;
 pub mod write;
 
 pub use chain::Chain;

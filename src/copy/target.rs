@@ -55,22 +55,10 @@ pub enum ExportFormat {
 }
 
 impl ExportFormat {
-    /// Parse a format name: createType names (case-insensitive) and short aliases.
+    /// Parse a format name: any [`DiskType`] name (thin and thick `vmfs` are one format;
+    /// the allocation is [`DiskType::format`]'s second half).
     pub fn parse(s: &str) -> Option<ExportFormat> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "stream" | "streamoptimized" => ExportFormat::StreamOptimized,
-            "sparse" | "monolithicsparse" => ExportFormat::MonolithicSparse,
-            "split" | "twogbmaxextentsparse" | "2gbmaxextentsparse" | "2gbsparse" => {
-                ExportFormat::TwoGbMaxExtentSparse
-            }
-            "flat" | "monolithicflat" => ExportFormat::MonolithicFlat,
-            "twogbmaxextentflat" | "2gbmaxextentflat" | "splitflat" => {
-                ExportFormat::TwoGbMaxExtentFlat
-            }
-            "vmfs" | "thin" => ExportFormat::Vmfs,
-            "raw" => ExportFormat::Raw,
-            _ => return None,
-        })
+        DiskType::parse(s).map(|t| t.format().0)
     }
 
     /// The createType written (None for raw).
@@ -92,6 +80,78 @@ impl ExportFormat {
             self,
             ExportFormat::MonolithicSparse | ExportFormat::TwoGbMaxExtentSparse
         )
+    }
+}
+
+/// The one vocabulary of disk types every command that writes a disk takes (`export`,
+/// `import`, `create`; vmkfstools `-d`): createType names, vmkfstools names and short
+/// aliases, case-insensitive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskType {
+    /// `vmfs` descriptor + `-flat.vmdk` with holes (vmkfstools `thin`).
+    Thin,
+    /// `vmfs` flat file fully allocated, zeros not written (`zeroedthick`).
+    ZeroedThick,
+    /// `vmfs` flat file with every byte written (`eagerzeroedthick`).
+    EagerZeroedThick,
+    /// One hosted sparse file (`monolithicSparse`, `sparse`).
+    MonolithicSparse,
+    /// Descriptor + 2 GB sparse extents (`twoGbMaxExtentSparse`, `2gbsparse`, `split`).
+    TwoGbMaxExtentSparse,
+    /// Descriptor + one flat file (`monolithicFlat`, `flat`).
+    MonolithicFlat,
+    /// Descriptor + 2 GB flat extents (`twoGbMaxExtentFlat`, `2gbflat`, `splitflat`).
+    TwoGbMaxExtentFlat,
+    /// Plain file or block device (`raw`).
+    Raw,
+    /// streamOptimized (`stream`).
+    StreamOptimized,
+}
+
+impl DiskType {
+    /// Every name [`parse`](Self::parse) takes, for messages and help.
+    pub const NAMES: &'static str = "thin (vmfs), zeroedthick (thick), eagerzeroedthick, monolithicSparse (sparse), twoGbMaxExtentSparse (2gbsparse, split), monolithicFlat (flat), twoGbMaxExtentFlat (2gbflat), streamOptimized (stream), raw";
+
+    /// Parse a type name.
+    pub fn parse(s: &str) -> Option<DiskType> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "thin" | "vmfs" | "vmfsthin" => DiskType::Thin,
+            "zeroedthick" | "thick" | "preallocated" => DiskType::ZeroedThick,
+            "eagerzeroedthick" => DiskType::EagerZeroedThick,
+            "monolithicsparse" | "sparse" => DiskType::MonolithicSparse,
+            "twogbmaxextentsparse" | "2gbmaxextentsparse" | "2gbsparse" | "split" => {
+                DiskType::TwoGbMaxExtentSparse
+            }
+            "monolithicflat" | "flat" => DiskType::MonolithicFlat,
+            "twogbmaxextentflat" | "2gbmaxextentflat" | "2gbflat" | "splitflat" => {
+                DiskType::TwoGbMaxExtentFlat
+            }
+            "raw" => DiskType::Raw,
+            "streamoptimized" | "stream" => DiskType::StreamOptimized,
+            _ => return None,
+        })
+    }
+
+    /// Parse, or explain which names exist.
+    pub fn parse_or_explain(s: &str) -> Result<DiskType> {
+        Self::parse(s).ok_or_else(|| {
+            Error::InvalidInput(format!("unknown disk type `{s}` (one of: {})", Self::NAMES))
+        })
+    }
+
+    /// The output format written and how its flat files are allocated.
+    pub fn format(self) -> (ExportFormat, Prealloc) {
+        match self {
+            DiskType::Thin => (ExportFormat::Vmfs, Prealloc::Thin),
+            DiskType::ZeroedThick => (ExportFormat::Vmfs, Prealloc::Allocate),
+            DiskType::EagerZeroedThick => (ExportFormat::Vmfs, Prealloc::WriteZeros),
+            DiskType::MonolithicSparse => (ExportFormat::MonolithicSparse, Prealloc::Thin),
+            DiskType::TwoGbMaxExtentSparse => (ExportFormat::TwoGbMaxExtentSparse, Prealloc::Thin),
+            DiskType::MonolithicFlat => (ExportFormat::MonolithicFlat, Prealloc::Thin),
+            DiskType::TwoGbMaxExtentFlat => (ExportFormat::TwoGbMaxExtentFlat, Prealloc::Thin),
+            DiskType::Raw => (ExportFormat::Raw, Prealloc::Thin),
+            DiskType::StreamOptimized => (ExportFormat::StreamOptimized, Prealloc::Thin),
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 
 pub mod cowd;
 pub mod descriptor;
+pub mod detect;
 pub mod geometry;
 pub mod manifest;
 pub mod sesparse;

@@ -29,7 +29,10 @@ pub fn export(
     if opts.delta {
         return export_delta(chain, dest, opts, mtime, progress);
     }
-    let meta = OutputMeta::from_chain(chain);
+    let mut meta = OutputMeta::from_chain(chain);
+    if opts.prealloc != Prealloc::Thin {
+        meta.provisioning = crate::copy::target::Provisioning::Thick;
+    }
     export_fed(chain, None, &meta, mtime, dest, opts, progress)
 }
 

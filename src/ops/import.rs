@@ -6,9 +6,9 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 use crate::chain::Chain;
+pub use crate::copy::target::DiskType;
 use crate::copy::target::{
-    export_fed, Dest, ExportFormat, ExportOptions, ExportReport, Feed, OutputMeta, Prealloc,
-    Provisioning,
+    export_fed, Dest, ExportOptions, ExportReport, Feed, OutputMeta, Provisioning,
 };
 use crate::copy::{self as pipeline, is_zero, PipelineOptions, Planner, Unit};
 use crate::disk::{VirtualDisk, ZeroDisk};
@@ -17,53 +17,6 @@ use crate::format::descriptor::random_cid;
 use crate::format::sparse::SECTOR;
 use crate::format::stream::pipe::{self as stream_in, Counted};
 use crate::ops::Progress;
-
-/// Target types (vmkfstools `-d` names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskType {
-    /// `vmfs` descriptor + `-flat.vmdk` with holes.
-    Thin,
-    /// Flat file fully allocated, zeros not written.
-    ZeroedThick,
-    /// Flat file with every byte written.
-    EagerZeroedThick,
-    /// One hosted sparse file.
-    MonolithicSparse,
-    /// Descriptor + 2 GB sparse extents.
-    TwoGbMaxExtentSparse,
-    /// Plain file or block device.
-    Raw,
-    /// streamOptimized (create/import to a compact single file).
-    StreamOptimized,
-}
-
-impl DiskType {
-    /// Parse a type name.
-    pub fn parse(s: &str) -> Option<DiskType> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "thin" | "vmfs" | "vmfsthin" => DiskType::Thin,
-            "zeroedthick" | "thick" => DiskType::ZeroedThick,
-            "eagerzeroedthick" => DiskType::EagerZeroedThick,
-            "monolithicsparse" | "sparse" => DiskType::MonolithicSparse,
-            "twogbmaxextentsparse" | "2gbsparse" | "split" => DiskType::TwoGbMaxExtentSparse,
-            "raw" => DiskType::Raw,
-            "streamoptimized" | "stream" => DiskType::StreamOptimized,
-            _ => return None,
-        })
-    }
-
-    fn format(self) -> (ExportFormat, Prealloc) {
-        match self {
-            DiskType::Thin => (ExportFormat::Vmfs, Prealloc::Thin),
-            DiskType::ZeroedThick => (ExportFormat::Vmfs, Prealloc::Allocate),
-            DiskType::EagerZeroedThick => (ExportFormat::Vmfs, Prealloc::WriteZeros),
-            DiskType::MonolithicSparse => (ExportFormat::MonolithicSparse, Prealloc::Thin),
-            DiskType::TwoGbMaxExtentSparse => (ExportFormat::TwoGbMaxExtentSparse, Prealloc::Thin),
-            DiskType::Raw => (ExportFormat::Raw, Prealloc::Thin),
-            DiskType::StreamOptimized => (ExportFormat::StreamOptimized, Prealloc::Thin),
-        }
-    }
-}
 
 /// Import options.
 #[derive(Debug, Clone)]
@@ -531,21 +484,4 @@ fn raw_in_place(
     Ok(report)
 }
 
-/// Parse a size: a number with an optional suffix k/m/g/t (binary) or s (sectors),
-/// case-insensitive.
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_lowercase()) {
-        Some('k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('m') => (&t[..t.len() - 1], 1 << 20),
-        Some('g') => (&t[..t.len() - 1], 1 << 30),
-        Some('t') => (&t[..t.len() - 1], 1 << 40),
-        Some('s') => (&t[..t.len() - 1], 512),
-        _ => (t, 1),
-    };
-    let n: u64 = num.trim().parse().map_err(|_| {
-        Error::InvalidInput(format!("bad size `{s}` (a number with k, m, g, t or s)"))
-    })?;
-    n.checked_mul(mult)
-        .ok_or_else(|| Error::InvalidInput(format!("size `{s}` overflows")))
-}
+pub use crate::units::parse_size;

@@ -122,8 +122,16 @@ fn read_embedded(r: &mut Counted<'_>, h: &SparseHeader) -> Result<Option<Descrip
 pub fn parse_first(first: &[u8; 512], name: &Path) -> Result<SparseHeader> {
     let src = crate::io::Source::from_bytes(first.to_vec(), &name.to_string_lossy());
     // A header alone: validate fields without touching the rest.
-    let h = SparseHeader::parse(first)
-        .ok_or_else(|| Error::corrupt(name, 0, "bad magic: not a hosted sparse stream"))?;
+    let h = SparseHeader::parse(first).ok_or_else(|| {
+        Error::corrupt(
+            name,
+            0,
+            format!(
+                "bad magic: not a VMDK stream; {}",
+                crate::format::detect::not_a_vmdk_hint(first, &[])
+            ),
+        )
+    })?;
     h.validate(&src)?;
     Ok(h)
 }
