@@ -145,6 +145,62 @@ impl Chain {
         Ok(Chain { layers, warnings })
     }
 
+    /// A raw disk image (a plain file of whole sectors, or a block device) read as a disk:
+    /// a one-layer chain over it as a flat extent (holes found with SEEK_HOLE, as for thin
+    /// flat files). Its content ID is derived from the file's identity.
+    pub fn open_raw(path: &Path, opts: &OpenOptions) -> Result<Chain> {
+        use std::os::unix::fs::FileTypeExt;
+        let meta = std::fs::metadata(path).map_err(|e| Error::io("stat", path, 0, e))?;
+        let block = meta.file_type().is_block_device();
+        if !block && !meta.is_file() {
+            return Err(Error::InvalidInput(format!(
+                "`{}` is neither a regular file nor a block device; read it from stdin: `vmdkit import --from raw --size SIZE - out.vmdk < {}`",
+                path.display(),
+                path.display()
+            )));
+        }
+        let size = if block {
+            let f = std::fs::File::open(path).map_err(|e| Error::io("open", path, 0, e))?;
+            crate::io::device_size(&f).map_err(|e| Error::io("get the size of", path, 0, e))?
+        } else {
+            meta.len()
+        };
+        if size == 0 || size % 512 != 0 {
+            return Err(Error::InvalidInput(format!(
+                "raw image `{}` holds {size} bytes, not a whole number of 512-byte sectors",
+                path.display()
+            )));
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| Error::InvalidInput(format!("`{}` is not a file", path.display())))?;
+        let mut h = crc32fast::Hasher::new();
+        h.update(b"vmdkit raw");
+        h.update(&meta.dev().to_le_bytes());
+        h.update(&meta.ino().to_le_bytes());
+        h.update(&size.to_le_bytes());
+        h.update(&meta.mtime().to_le_bytes());
+        let mut cid = h.finalize();
+        while cid >= 0xffff_fffe {
+            cid = cid.wrapping_mul(2_654_435_761).wrapping_add(1);
+        }
+        use crate::format::descriptor::{CreateType, Descriptor, ExtentLine, ExtentType};
+        let (ct, kind) = if block {
+            (CreateType::FullDevice, ExtentType::Flat)
+        } else {
+            (CreateType::MonolithicFlat, ExtentType::Flat)
+        };
+        let mut line = ExtentLine::rw(kind, size / 512, name);
+        line.offset = Some(0);
+        let d = Descriptor::new(ct, cid, None, vec![line], &[]);
+        let layer = Layer::from_descriptor(path, d, false, opts)?;
+        Ok(Chain {
+            layers: vec![layer],
+            warnings: Vec::new(),
+        })
+    }
+
     /// Only the layer at `path`, for reporting on a disk whose chain cannot be opened
     /// (a missing parent): `why` becomes the chain's warning.
     pub fn top_only(path: &Path, opts: &OpenOptions, why: String) -> Result<Chain> {

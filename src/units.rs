@@ -102,10 +102,23 @@ mod tests {
         ] {
             assert_eq!(parse_size(s).unwrap(), v, "{s}");
         }
-        for s in ["", "k", "1.2.3", "0.3k", "12x", "1kk", "-5", "99999999999999999999", "1e3"] {
+        for s in [
+            "",
+            "k",
+            "1.2.3",
+            "0.3k",
+            "12x",
+            "1kk",
+            "-5",
+            "99999999999999999999",
+            "1e3",
+        ] {
             assert!(parse_size(s).is_err(), "{s} accepted");
         }
-        assert_eq!(parse_new_size("+128m", 1 << 30).unwrap(), (1 << 30) + (128 << 20));
+        assert_eq!(
+            parse_new_size("+128m", 1 << 30).unwrap(),
+            (1 << 30) + (128 << 20)
+        );
         assert_eq!(parse_new_size("2g", 1 << 30).unwrap(), 2 << 30);
     }
 }

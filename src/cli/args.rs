@@ -1,5 +1,7 @@
 //! The command line's vocabulary: every subcommand's arguments (clap derive). `mod.rs`
-//! runs them.
+//! runs them. One vocabulary throughout: `-d/--type` takes the same disk-type names
+//! everywhere a disk is written, sizes and offsets take units (`1.5G`, `512MiB`, `8s`),
+//! `-` means stdin or stdout, and `--json` / `-q` work on every command.
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +17,8 @@ use super::adapter_arg;
 #[command(
     name = "vmdkit",
     version,
-    about = "VMware virtual disk (VMDK) toolkit: inspect, export, import, commit"
+    about = "VMware virtual disk (VMDK) toolkit: inspect, export, import, commit",
+    after_help = "Exit codes: 0 success; 1 error; check: 2 corruption, 3 leaks only; verify: 4 content differs; 64 usage error; 128+N killed by signal N.\nAs `vmdkit vmkfstools ARGS` (or through a link named vmkfstools) it takes vmkfstools' flags."
 )]
 pub(super) struct Cli {
     /// Follow extent and parent names that lead out of the descriptor's folder (through
@@ -23,15 +26,26 @@ pub(super) struct Cli {
     /// and RDM descriptors may lie outside.
     #[arg(long, global = true)]
     pub(super) allow_outside_paths: bool,
+    /// Print the command's result as one JSON object on stdout (on stderr when stdout
+    /// carries data).
+    #[arg(long, global = true)]
+    pub(super) json: bool,
+    /// No progress bar and no summary on stderr (errors are still printed).
+    #[arg(short, long, global = true)]
+    pub(super) quiet: bool,
     #[command(subcommand)]
     pub(super) cmd: Cmd,
 }
 
-#[derive(clap::Args, Clone, Copy)]
+#[derive(clap::Args, Clone)]
 pub(super) struct ReadArgs {
     /// Read through a parent whose CID does not match the child's parentCID (warns).
     #[arg(long)]
     pub(super) ignore_cid: bool,
+    /// The source's format: `vmdk` (default: any VMDK and its chain) or `raw` (a raw
+    /// disk image file or block device).
+    #[arg(long, value_name = "FORMAT", default_value = "vmdk")]
+    pub(super) from: String,
     /// Memory-map source files instead of positional reads (resident memory then grows
     /// with what is read).
     #[arg(long, hide = true)]
@@ -39,6 +53,16 @@ pub(super) struct ReadArgs {
 }
 
 impl ReadArgs {
+    pub(super) fn raw(&self) -> Result<bool> {
+        match self.from.to_ascii_lowercase().as_str() {
+            "vmdk" => Ok(false),
+            "raw" | "img" => Ok(true),
+            other => anyhow::bail!(
+                "--from {other}: vmdkit reads `vmdk` and `raw`; convert other formats to raw first (qemu-img convert -O raw)"
+            ),
+        }
+    }
+
     pub(super) fn open(&self, path: &Path) -> Result<Chain> {
         let opts = OpenOptions {
             ignore_cid: self.ignore_cid,
@@ -49,6 +73,9 @@ impl ReadArgs {
             },
             ..Default::default()
         };
+        if self.raw()? {
+            return Ok(Chain::open_raw(path, &opts)?);
+        }
         // Library errors name the file (and offset) already.
         let chain = Chain::open(path, &opts)?;
         for w in &chain.warnings {
@@ -66,7 +93,8 @@ pub(super) enum Cmd {
     Map(MapArgs),
     /// The disk's logical content as raw bytes (chain flattened).
     Cat(CatArgs),
-    /// Copy a disk or a whole chain (flattened) to compact files or stdout.
+    /// Copy a disk or a whole chain (flattened) to compact files or stdout; or, with
+    /// --delta, only what the top delta adds (an increment).
     Export(ExportArgs),
     /// REDO logs and snapshot deltas.
     Redo {
@@ -77,7 +105,8 @@ pub(super) enum Cmd {
     Write(WriteArgs),
     /// Merge the top delta (COWD, SESparse or hosted sparse) into its parent, offline.
     Commit(CommitArgs),
-    /// Restore: a disk or chain (flattened), or a stream on stdin (`-`), into a new disk.
+    /// Restore: a disk or chain (flattened), a raw image, or a stream on stdin (`-`), into
+    /// a new disk (or `-`: a stream on stdout).
     Import(ImportArgs),
     /// Write an increment (`export --delta`) into a restored disk, after checking that
     /// the disk holds the increment's parent (its CID = the increment's parentCID).
@@ -100,38 +129,58 @@ pub(super) enum Cmd {
     /// List the disks in a folder with their extents and deltas (vmkfstools -l).
     Ls(LsArgs),
     /// Check every layer of a chain; --repair mends what has one right answer.
-    /// Exit: 0 clean, 1 check could not finish, 2 corruption, 3 only leaks.
     Check(CheckArgs),
-    /// Check a disk's content against a manifest written by `export --manifest`.
+    /// Check a disk's content (or a stream on stdin) against a manifest written by
+    /// `export --manifest`.
     Verify(VerifyArgs),
+    /// Shell completions for bash, zsh or fish, on stdout.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// The manual page (roff), on stdout: `vmdkit man > vmdkit.1`.
+    Man,
+    /// vmkfstools' flags, mapped onto these commands (see `vmdkit vmkfstools -h`).
+    #[command(disable_help_flag = true)]
+    Vmkfstools {
+        /// The vmkfstools arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Arguments of `info`.
 #[derive(clap::Args)]
+#[command(after_help = concat!(
+    "Examples:\n  vmdkit info vm-000002.vmdk\n  vmdkit info --json vm.vmdk | jq .capacity\n\n",
+    "Exit: 0 success; 1 error (a broken chain still shows the layer named, with the reason)."
+))]
 pub(super) struct InfoArgs {
     /// The disk (descriptor or sparse file); the top of a chain.
     pub(super) disk: PathBuf,
-    /// One JSON object with stable keys.
-    #[arg(long)]
-    pub(super) json: bool,
     #[command(flatten)]
     pub(super) read: ReadArgs,
 }
 
 /// Arguments of `map`.
 #[derive(clap::Args)]
+#[command(after_help = concat!(
+    "Examples:\n  vmdkit map vm.vmdk\n  vmdkit map --json vm.vmdk   # the records of qemu-img map --output=json\n\n",
+    "Exit: 0 success, 1 error, 64 usage error."
+))]
 pub(super) struct MapArgs {
     /// The disk.
     pub(super) disk: PathBuf,
-    /// The same records as `qemu-img map --output=json`.
-    #[arg(long)]
-    pub(super) json: bool,
     #[command(flatten)]
     pub(super) read: ReadArgs,
 }
 
 /// Arguments of `cat`.
 #[derive(clap::Args)]
+#[command(after_help = concat!(
+    "Examples:\n  vmdkit cat vm-000001.vmdk | dd of=/dev/sdb bs=1M\n  vmdkit cat vm.vmdk -o vm.img   # zero ranges become holes\n\n",
+    "Exit: 0 success (also when the reader closes the pipe), 1 error, 64 usage error."
+))]
 pub(super) struct CatArgs {
     /// The disk.
     pub(super) disk: PathBuf,
@@ -142,33 +191,43 @@ pub(super) struct CatArgs {
     #[arg(long)]
     pub(super) force: bool,
     /// Worker threads (default: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     pub(super) threads: usize,
-    /// No progress bar.
-    #[arg(short, long)]
-    pub(super) quiet: bool,
     #[command(flatten)]
     pub(super) read: ReadArgs,
 }
 
 /// Arguments of `export`.
 #[derive(clap::Args)]
+#[command(after_help = concat!(
+    "Examples:\n  vmdkit export vm-000002.vmdk /backup/          # split sparse, vm-000002.vmdk inside /backup\n",
+    "  vmdkit export vm.vmdk - | mbuffer -o /dev/nst0  # streamOptimized on stdout\n",
+    "  vmdkit export vm-000003.vmdk - --delta > inc3.vmdk\n\n",
+    "Exit: 0 success, 1 error (outputs are removed), 64 usage error."
+))]
 pub(super) struct ExportArgs {
     /// Source disk (the top of a chain: the output looks as if it were committed).
     pub(super) src: PathBuf,
-    /// Destination path, or `-` for stdout.
+    /// Destination path, an existing folder (the source's name inside it), or `-` for
+    /// stdout.
     pub(super) dst: PathBuf,
-    /// Output format: streamOptimized (stream), monolithicSparse (sparse),
-    /// twoGbMaxExtentSparse (split), monolithicFlat (flat), twoGbMaxExtentFlat, vmfs, raw.
+    /// Disk type: streamOptimized (stream), monolithicSparse (sparse),
+    /// twoGbMaxExtentSparse (split, 2gbsparse), monolithicFlat (flat),
+    /// twoGbMaxExtentFlat (2gbflat), thin (vmfs), zeroedthick, eagerzeroedthick, raw.
     /// Default: split for a path, stream for stdout.
-    #[arg(long, short = 'f')]
-    pub(super) format: Option<String>,
+    #[arg(
+        long = "type",
+        short = 'd',
+        visible_alias = "format",
+        visible_short_alias = 'f'
+    )]
+    pub(super) kind: Option<String>,
     /// Worker threads (default: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     pub(super) threads: usize,
-    /// zlib level for streamOptimized (0-9).
-    #[arg(long, default_value_t = 6)]
-    pub(super) level: u32,
+    /// zlib level for streamOptimized, 0 to 9 (default 6).
+    #[arg(long)]
+    pub(super) level: Option<u32>,
     /// Also write a CRC-32 manifest of the content (per MiB and whole). With --delta it
     /// covers the whole chain: `verify` checks a restore after `apply`.
     #[arg(long)]
@@ -184,24 +243,25 @@ pub(super) struct ExportArgs {
     /// Overwrite existing outputs; allow binary output to a terminal.
     #[arg(long)]
     pub(super) force: bool,
-    /// No progress bar.
-    #[arg(short, long)]
-    pub(super) quiet: bool,
     #[command(flatten)]
     pub(super) read: ReadArgs,
 }
 
 /// Arguments of `write`.
 #[derive(clap::Args)]
+#[command(after_help = concat!(
+    "Examples:\n  vmdkit write vm.vmdk.REDO --offset 1M patch.bin\n  vmdkit write vm-000001.vmdk --offset 2G --zero 64k\n\n",
+    "Exit: 0 success, 1 error (nothing written when refused), 64 usage error."
+))]
 pub(super) struct WriteArgs {
     /// The disk (top of the chain).
     pub(super) disk: PathBuf,
-    /// Byte offset (a multiple of 512).
+    /// Offset: bytes or a size with a unit (512s, 1M, 1.5G); a multiple of 512.
     #[arg(long)]
-    pub(super) offset: u64,
+    pub(super) offset: String,
     /// Write LEN zero bytes instead of data (zeroed grains where the format has them).
     #[arg(long, value_name = "LEN")]
-    pub(super) zero: Option<u64>,
+    pub(super) zero: Option<String>,
     /// Input file, or `-` for stdin (the default).
     pub(super) input: Option<PathBuf>,
     /// Allow writing into block devices and fullDevice / partitionedDevice / vmfsRaw disks.
@@ -216,6 +276,10 @@ pub(super) struct WriteArgs {
 
 /// Arguments of `commit`.
 #[derive(clap::Args)]
+#[command(after_help = concat!(
+    "Examples:\n  vmdkit commit vm.vmdk.REDO            # vmkfstools -m\n  vmdkit commit vm-000003.vmdk --all --dry-run\n\n",
+    "Exit: 0 committed, 1 error or refused (nothing changed). A killed commit is finished by running it again."
+))]
 pub(super) struct CommitArgs {
     /// The top delta.
     pub(super) disk: PathBuf,
@@ -232,18 +296,17 @@ pub(super) struct CommitArgs {
     #[arg(long)]
     pub(super) allow_device_write: bool,
     /// Worker threads (default: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     pub(super) threads: usize,
-    /// No progress bar.
-    #[arg(short, long)]
-    pub(super) quiet: bool,
 }
 
 /// Arguments of `apply`.
 #[derive(clap::Args)]
-#[command(
-    after_help = "Examples:\n  vmdkit import - vm.vmdk < full.vmdk && vmdkit apply vm.vmdk - < inc1.vmdk\n  vmdkit apply --raw --force /srv/vm.img inc2.vmdk\n\nExit: 0 applied, 1 refused or failed (nothing written when refused), 64 usage."
-)]
+#[command(after_help = concat!(
+    "Examples:\n  vmdkit import - vm.vmdk < full.vmdk && vmdkit apply vm.vmdk - < inc1.vmdk\n",
+    "  vmdkit apply --raw --force /srv/vm.img inc2.vmdk\n\n",
+    "Exit: 0 applied, 1 refused or failed (nothing written when refused), 64 usage error."
+))]
 pub(super) struct ApplyArgs {
     /// The restored disk to bring forward (a VMDK; with --raw a raw file or device).
     pub(super) target: PathBuf,
@@ -258,31 +321,32 @@ pub(super) struct ApplyArgs {
     /// Allow writing into block devices and device-backed disks.
     #[arg(long)]
     pub(super) allow_device_write: bool,
-    /// One JSON object with what was done on stdout.
-    #[arg(long)]
-    pub(super) json: bool,
-    /// No progress bar, no summary.
-    #[arg(short, long)]
-    pub(super) quiet: bool,
 }
 
 /// Arguments of `measure`.
 #[derive(clap::Args)]
-#[command(
-    after_help = "Examples:\n  vmdkit measure vm.vmdk                      # a stream backup: bound and estimate\n  vmdkit measure vm-000002.vmdk --delta --json\n  vmdkit measure vm.vmdk -f split --name copy.vmdk\n\nExit: 0 measured, 1 error, 64 usage."
-)]
+#[command(after_help = concat!(
+    "Examples:\n  vmdkit measure vm.vmdk                      # a stream backup: bound and estimate\n",
+    "  vmdkit measure vm-000002.vmdk --delta --json\n  vmdkit measure vm.vmdk -d split --name copy.vmdk\n\n",
+    "Exit: 0 measured, 1 error, 64 usage error."
+))]
 pub(super) struct MeasureArgs {
     /// The disk (the top of a chain).
     pub(super) disk: PathBuf,
-    /// Output format, as export takes it (default: stream).
-    #[arg(long, short = 'f')]
-    pub(super) format: Option<String>,
+    /// Disk type, as export takes it (default: stream).
+    #[arg(
+        long = "type",
+        short = 'd',
+        visible_alias = "format",
+        visible_short_alias = 'f'
+    )]
+    pub(super) kind: Option<String>,
     /// Measure the increment of the top layer (`export --delta`).
     #[arg(long)]
     pub(super) delta: bool,
-    /// zlib level for streamOptimized (0-9).
-    #[arg(long, default_value_t = 6)]
-    pub(super) level: u32,
+    /// zlib level for streamOptimized, 0 to 9 (default 6).
+    #[arg(long)]
+    pub(super) level: Option<u32>,
     /// Compress every grain for an exact stream size (as long as the export's CPU time).
     #[arg(long)]
     pub(super) exact: bool,
@@ -290,30 +354,43 @@ pub(super) struct MeasureArgs {
     #[arg(long)]
     pub(super) name: Option<String>,
     /// Worker threads (default: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     pub(super) threads: usize,
-    /// One JSON object: required, exact, allocated, fully_allocated, estimate, ...
-    #[arg(long)]
-    pub(super) json: bool,
-    /// No progress bar.
-    #[arg(short, long)]
-    pub(super) quiet: bool,
     #[command(flatten)]
     pub(super) read: ReadArgs,
 }
 
 /// Arguments of `import`.
 #[derive(clap::Args)]
+#[command(after_help = concat!(
+    "Examples:\n  vmdkit import - vm.vmdk < /dev/nst0           # restore a stream (thin vmfs)\n",
+    "  vmdkit import vm-000002.vmdk clone.vmdk -d zeroedthick -a lsilogic\n",
+    "  vmdkit import --from raw disk.img vm.vmdk -d sparse\n",
+    "  gunzip -c disk.img.gz | vmdkit import --from raw --size 20G - vm.vmdk\n\n",
+    "Exit: 0 success, 1 error (outputs are removed), 64 usage error."
+))]
 pub(super) struct ImportArgs {
-    /// Source disk, or `-` for stdin (streamOptimized, a sparse file with its tables
-    /// first, or the tar stream export writes).
+    /// Source: a disk, a raw image (--from raw), or `-` for stdin (streamOptimized, a
+    /// sparse file with its tables first, the tar stream export writes, or raw bytes
+    /// with --from raw --size).
     pub(super) src: PathBuf,
-    /// Destination (a raw target may be an existing device or stand-in file).
+    /// Destination (a raw target may be an existing device or stand-in file), an
+    /// existing folder (the source's name inside it), or `-`: stdout (default type:
+    /// stream).
     pub(super) dst: PathBuf,
-    /// thin (default), zeroedthick, eagerzeroedthick, monolithicSparse,
-    /// twoGbMaxExtentSparse, raw, streamOptimized.
-    #[arg(long = "type", short = 'd', default_value = "thin")]
-    pub(super) kind: String,
+    /// Disk type: thin (default), zeroedthick, eagerzeroedthick, monolithicSparse (sparse),
+    /// twoGbMaxExtentSparse (split, 2gbsparse), monolithicFlat (flat), twoGbMaxExtentFlat
+    /// (2gbflat), streamOptimized (stream), raw.
+    #[arg(
+        long = "type",
+        short = 'd',
+        visible_alias = "format",
+        visible_short_alias = 'f'
+    )]
+    pub(super) kind: Option<String>,
+    /// With --from raw and a pipe: the disk's size (a pipe cannot tell it).
+    #[arg(long, short = 's')]
+    pub(super) size: Option<String>,
     /// Adapter type (ide, buslogic, lsilogic, legacyESX, pvscsi); geometry recomputed.
     #[arg(long, short = 'a', value_parser = adapter_arg)]
     pub(super) adapter: Option<String>,
@@ -321,25 +398,27 @@ pub(super) struct ImportArgs {
     #[arg(long)]
     pub(super) force: bool,
     /// Worker threads (default: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     pub(super) threads: usize,
-    /// No progress bar.
-    #[arg(short, long)]
-    pub(super) quiet: bool,
     #[command(flatten)]
     pub(super) read: ReadArgs,
 }
 
 /// Arguments of `create`.
 #[derive(clap::Args)]
+#[command(after_help = concat!(
+    "Examples:\n  vmdkit create vm.vmdk --size 40G                # zeroedthick, as vmkfstools -c\n",
+    "  vmdkit create small.vmdk -s 1.5G -d sparse -a pvscsi\n\n",
+    "Exit: 0 created, 1 error (nothing left behind), 64 usage error."
+))]
 pub(super) struct CreateArgs {
     /// The new disk.
     pub(super) disk: PathBuf,
-    /// Size: a number with k, m, g, t (binary) or s (sectors).
+    /// Size: bytes or a number with a unit (s = sectors; k, m, g, t binary, optionally
+    /// with B or iB; decimals allowed: 1.5G).
     #[arg(long, short = 's')]
     pub(super) size: String,
-    /// zeroedthick (default, as vmkfstools), thin, eagerzeroedthick, monolithicSparse,
-    /// twoGbMaxExtentSparse, streamOptimized.
+    /// Disk type, as import takes it (default zeroedthick, as vmkfstools).
     #[arg(long = "type", short = 'd', default_value = "zeroedthick")]
     pub(super) kind: String,
     /// Adapter type: ide, buslogic, lsilogic (default), legacyESX, pvscsi.
@@ -348,29 +427,28 @@ pub(super) struct CreateArgs {
     /// Overwrite existing files.
     #[arg(long)]
     pub(super) force: bool,
-    /// Quiet (accepted everywhere; create prints nothing on success).
-    #[arg(long, short = 'q')]
-    pub(super) quiet: bool,
 }
 
 /// Arguments of `extend`.
 #[derive(clap::Args)]
+#[command(after_help = concat!(
+    "Examples:\n  vmdkit extend vm.vmdk --size 60G\n  vmdkit extend vm.vmdk --size +512MiB\n\n",
+    "Exit: 0 extended, 1 error or refused (nothing changed), 64 usage error."
+))]
 pub(super) struct ExtendArgs {
     /// The disk (a base, not a delta).
     pub(super) disk: PathBuf,
-    /// New size: a number with k, m, g, t or s.
-    #[arg(long, short = 's')]
+    /// New size with a unit (60G), or `+N` to grow by N.
+    #[arg(long, short = 's', allow_hyphen_values = true)]
     pub(super) size: String,
     /// Extend although deltas sit on the disk.
     #[arg(long)]
     pub(super) force: bool,
-    /// Quiet (accepted everywhere; extend prints nothing on success).
-    #[arg(long, short = 'q')]
-    pub(super) quiet: bool,
 }
 
 /// Arguments of `geometry`.
 #[derive(clap::Args)]
+#[command(after_help = concat!("Example:\n  vmdkit geometry vm.vmdk\n\n", "Exit: 0 success, 1 error, 64 usage error."))]
 pub(super) struct GeometryArgs {
     /// The disk.
     pub(super) disk: PathBuf,
@@ -380,6 +458,7 @@ pub(super) struct GeometryArgs {
 
 /// Arguments of `ls`.
 #[derive(clap::Args)]
+#[command(after_help = concat!("Examples:\n  vmdkit ls -H /vmfs/volumes/ds1/vm\n  vmdkit ls --json | jq '.[].file'\n\n", "Exit: 0 success, 1 error, 64 usage error."))]
 pub(super) struct LsArgs {
     /// The folder (default: the current one).
     pub(super) dir: Option<PathBuf>,
@@ -389,13 +468,14 @@ pub(super) struct LsArgs {
     /// Show each RDM's device.
     #[arg(long, short = 'M')]
     pub(super) mappings: bool,
-    /// JSON output.
-    #[arg(long)]
-    pub(super) json: bool,
 }
 
 /// Arguments of `check`.
 #[derive(clap::Args)]
+#[command(after_help = concat!(
+    "Examples:\n  vmdkit check vm-000001.vmdk\n  vmdkit check --repair vm.vmdk\n\n",
+    "Exit: 0 clean, 1 the check could not run (not a VMDK, unreadable), 2 corruption, 3 only leaks (as qemu-img check)."
+))]
 pub(super) struct CheckArgs {
     /// The disk (top of the chain).
     pub(super) disk: PathBuf,
@@ -406,25 +486,24 @@ pub(super) struct CheckArgs {
     /// it may be guest data whose table entry was lost.
     #[arg(long, requires = "repair")]
     pub(super) discard_unreferenced: bool,
-    /// JSON output.
-    #[arg(long)]
-    pub(super) json: bool,
 }
 
 /// Arguments of `verify`.
 #[derive(clap::Args)]
+#[command(after_help = concat!(
+    "Examples:\n  vmdkit verify /restore/vm.vmdk --manifest vm.crc\n",
+    "  mbuffer -i /dev/nst0 | vmdkit verify - --manifest vm.crc   # check a tape without restoring\n\n",
+    "Exit: 0 the content matches, 4 it differs (the ranges are printed), 1 error, 64 usage error."
+))]
 pub(super) struct VerifyArgs {
-    /// The disk (any copy, e.g. restored from tape).
+    /// The disk (any copy, e.g. restored from tape), or `-`: a stream on stdin.
     pub(super) disk: PathBuf,
     /// The manifest.
     #[arg(long)]
     pub(super) manifest: PathBuf,
     /// Worker threads (default: all cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     pub(super) threads: usize,
-    /// No progress bar.
-    #[arg(short, long)]
-    pub(super) quiet: bool,
     #[command(flatten)]
     pub(super) read: ReadArgs,
 }
@@ -432,6 +511,7 @@ pub(super) struct VerifyArgs {
 #[derive(Subcommand)]
 pub(super) enum RdmCmd {
     /// Map a device (vmkfstools -r; -z with --physical).
+    #[command(after_help = concat!("Example:\n  vmdkit rdm create vm-rdm.vmdk --device /dev/sdc --physical\n\n", "Exit: 0 created, 1 error, 64 usage error."))]
     Create {
         /// The descriptor to write.
         disk: PathBuf,
@@ -444,23 +524,19 @@ pub(super) enum RdmCmd {
         /// Adapter type for the geometry (ide, buslogic, lsilogic, legacyESX, pvscsi).
         #[arg(long, default_value = "lsilogic", value_parser = adapter_arg)]
         adapter: String,
-        /// Do not print the mapping file's path.
-        #[arg(long, short = 'q')]
-        quiet: bool,
     },
     /// Describe a mapping (vmkfstools -q / -P).
+    #[command(after_help = concat!("Example:\n  vmdkit rdm query vm-rdm.vmdk\n\n", "Exit: 0 the device is there, 1 it is missing or an error, 64 usage error."))]
     Query {
         /// The descriptor.
         disk: PathBuf,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
     },
 }
 
 #[derive(Subcommand)]
 pub(super) enum RedoCmd {
     /// Put an empty delta on top of DISK's chain; prints the new top's path.
+    #[command(after_help = concat!("Examples:\n  vmdkit redo add vm.vmdk                 # vm.vmdk.REDO (ESX 2)\n  vmdkit redo add vm.vmdk --style vmfsSparse\n\n", "Exit: 0 created, 1 error, 64 usage error."))]
     Add {
         /// The disk (the current top).
         disk: PathBuf,

@@ -1,42 +1,126 @@
 //! Argument parsing, progress bars and error reporting for the `vmdkit` binary.
+//!
+//! Every command takes the global `--json` (its result as one JSON object on stdout, on
+//! stderr when stdout carries data) and `-q` (no progress bar, no summary).
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use vmdkit::copy::PipelineOptions;
 use vmdkit::ops::{self, Progress};
 use vmdkit::VirtualDisk;
 
 mod args;
+mod vmkfstools;
 
 use args::*;
 
-/// Progress bar on stderr, only when stderr is a terminal and not quiet.
+/// Output settings every command shares.
+#[derive(Clone, Copy)]
+struct Ui {
+    json: bool,
+    quiet: bool,
+}
+
+impl Ui {
+    /// A one-line summary on stderr unless quiet or printing JSON.
+    fn say(&self, msg: impl std::fmt::Display) {
+        if !self.quiet && !self.json {
+            eprintln!("vmdkit: {msg}");
+        }
+    }
+
+    /// The command's result as JSON: on stdout, or on stderr when stdout carries data.
+    fn result<T: serde::Serialize>(&self, v: &T, stdout_busy: bool) -> Result<()> {
+        if !self.json {
+            return Ok(());
+        }
+        if stdout_busy {
+            let mut e = std::io::stderr().lock();
+            serde_json::to_writer_pretty(&mut e, v)?;
+            writeln!(e)?;
+            return Ok(());
+        }
+        print_json(v)
+    }
+}
+
+/// Progress bar on stderr, only when stderr is a terminal and not quiet. It counts the
+/// bytes that hold data (holes pass without moving it), so the ETA is the reading's.
 struct Bar(Option<indicatif::ProgressBar>);
 
 impl Bar {
-    fn new(total: u64, quiet: bool) -> Bar {
-        if quiet || !std::io::stderr().is_terminal() {
+    /// A bar labelled `label` for `total` bytes of data.
+    fn new(label: &str, total: u64, ui: Ui) -> Bar {
+        if ui.quiet || !std::io::stderr().is_terminal() {
             return Bar(None);
         }
         let pb = indicatif::ProgressBar::new(total);
         pb.set_style(
             indicatif::ProgressStyle::with_template(
-                "{bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                "{prefix:>9} {bar:40} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} ETA {eta}",
             )
             .expect("valid template"),
         );
+        pb.set_prefix(label.to_string());
         Bar(Some(pb))
     }
+
+    /// A bar for reading `disk`: its total is the data the map names (metadata only).
+    fn for_disk(label: &str, disk: &dyn VirtualDisk, ui: Ui) -> Bar {
+        if ui.quiet || !std::io::stderr().is_terminal() {
+            return Bar(None);
+        }
+        Bar::new(label, data_bytes(disk), ui)
+    }
+
+    /// A bar without a total (a pipe): bytes and rate.
+    fn open_ended(label: &str, ui: Ui) -> Bar {
+        if ui.quiet || !std::io::stderr().is_terminal() {
+            return Bar(None);
+        }
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:>9} {spinner} {binary_bytes} {binary_bytes_per_sec} {elapsed}",
+            )
+            .expect("valid template"),
+        );
+        pb.set_prefix(label.to_string());
+        Bar(Some(pb))
+    }
+
     fn finish(&self) {
         if let Some(pb) = &self.0 {
             pb.finish_and_clear();
         }
     }
+}
+
+/// Bytes of `disk` that hold (or may hold) data, from its map.
+fn data_bytes(disk: &dyn VirtualDisk) -> u64 {
+    let cap = disk.capacity();
+    let mut total = 0;
+    let mut pos = 0;
+    while pos < cap {
+        let end = (pos + (1 << 40)).min(cap);
+        match disk.map(pos..end) {
+            Ok(runs) => {
+                total += runs
+                    .iter()
+                    .filter(|r| !r.alloc.reads_as_zero())
+                    .map(|r| r.len)
+                    .sum::<u64>()
+            }
+            Err(_) => return cap,
+        }
+        pos = end;
+    }
+    total
 }
 
 impl Progress for Bar {
@@ -53,13 +137,16 @@ impl Progress for Bar {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let stdout = std::io::stdout();
     vmdkit::guard::allow_outside_paths(cli.allow_outside_paths);
+    let ui = Ui {
+        json: cli.json,
+        quiet: cli.quiet,
+    };
     match cli.cmd {
-        Cmd::Info(a) => return run_info(a),
-        Cmd::Map(a) => return run_map(a),
-        Cmd::Cat(a) => return run_cat(a),
-        Cmd::Export(a) => return run_export(a),
+        Cmd::Info(a) => run_info(a, ui),
+        Cmd::Map(a) => run_map(a, ui),
+        Cmd::Cat(a) => run_cat(a, ui),
+        Cmd::Export(a) => run_export(a, ui),
         Cmd::Redo {
             cmd: RedoCmd::Add { disk, style },
         } => {
@@ -68,16 +155,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 anyhow::anyhow!("unknown style `{style}` (redo, vmfsSparse, hosted)")
             })?;
             let new = add(&disk, style)?;
-            writeln!(stdout.lock(), "{}", new.display())?;
+            if ui.json {
+                ui.result(&serde_json::json!({"file": new, "parent": disk}), false)?;
+            } else {
+                writeln!(std::io::stdout().lock(), "{}", new.display())?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
-        Cmd::Write(a) => return run_write(a),
-        Cmd::Commit(a) => return run_commit(a),
-        Cmd::Import(a) => return run_import(a),
-        Cmd::Apply(a) => return run_apply(a),
-        Cmd::Measure(a) => return run_measure(a),
-        Cmd::Create(a) => return run_create(a),
-        Cmd::Extend(a) => return run_extend(a),
-        Cmd::Geometry(a) => return run_geometry(a),
+        Cmd::Write(a) => run_write(a, ui),
+        Cmd::Commit(a) => run_commit(a, ui),
+        Cmd::Import(a) => run_import(a, ui),
+        Cmd::Apply(a) => run_apply(a, ui),
+        Cmd::Measure(a) => run_measure(a, ui),
+        Cmd::Create(a) => run_create(a, ui),
+        Cmd::Extend(a) => run_extend(a, ui),
+        Cmd::Geometry(a) => run_geometry(a, ui),
         Cmd::Rdm {
             cmd:
                 RdmCmd::Create {
@@ -85,39 +177,53 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     device,
                     physical,
                     adapter,
-                    quiet,
                 },
         } => {
             let map = vmdkit::ops::rdm::create(&disk, &device, physical, &adapter)?;
-            if !quiet {
-                writeln!(stdout.lock(), "{}", map.display())?;
+            if ui.json {
+                ui.result(
+                    &serde_json::json!({"file": map, "device": device, "physical": physical}),
+                    false,
+                )?;
+            } else if !ui.quiet {
+                writeln!(std::io::stdout().lock(), "{}", map.display())?;
             }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Rdm {
-            cmd: RdmCmd::Query { disk, json },
+            cmd: RdmCmd::Query { disk },
         } => {
             let q = vmdkit::ops::rdm::query(&disk)?;
-            let mut out = stdout.lock();
-            if json {
-                serde_json::to_writer_pretty(&mut out, &q)?;
-                writeln!(out)?;
+            if ui.json {
+                print_json(&q)?;
             } else {
-                q.write_text(&mut out)?;
+                q.write_text(&mut std::io::stdout().lock())?;
             }
-            if !q.present {
-                return Ok(ExitCode::FAILURE);
-            }
+            Ok(if q.present {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        Cmd::Ls(a) => return run_ls(a),
-        Cmd::Check(a) => return run_check(a),
-        Cmd::Verify(a) => return run_verify(a),
+        Cmd::Ls(a) => run_ls(a, ui),
+        Cmd::Check(a) => run_check(a, ui),
+        Cmd::Verify(a) => run_verify(a, ui),
+        Cmd::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "vmdkit", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man => {
+            let man = clap_mangen::Man::new(Cli::command());
+            man.render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Vmkfstools { args } => vmkfstools::run(&args, ui),
     }
-    Ok(ExitCode::SUCCESS)
 }
 
-fn run_info(args: InfoArgs) -> Result<ExitCode> {
-    let stdout = std::io::stdout();
-    let InfoArgs { disk, json, read } = args;
+fn run_info(args: InfoArgs, ui: Ui) -> Result<ExitCode> {
+    let InfoArgs { disk, read } = args;
     // A broken chain (a missing parent, say) still shows the layer named, with the
     // reason as a warning, and exits 1, as qemu-img info shows what it can.
     let (chain, code) = match read.open(&disk) {
@@ -141,8 +247,9 @@ fn run_info(args: InfoArgs) -> Result<ExitCode> {
         },
     };
     let info = ops::info::info(&chain);
+    let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    if json {
+    if ui.json {
         serde_json::to_writer_pretty(&mut out, &info)?;
         writeln!(out)?;
     } else {
@@ -152,29 +259,26 @@ fn run_info(args: InfoArgs) -> Result<ExitCode> {
     Ok(code)
 }
 
-fn run_map(args: MapArgs) -> Result<ExitCode> {
-    let stdout = std::io::stdout();
-    let MapArgs { disk, json, read } = args;
+fn run_map(args: MapArgs, ui: Ui) -> Result<ExitCode> {
+    let MapArgs { disk, read } = args;
     let chain = read.open(&disk)?;
+    let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    if json {
+    if ui.json {
         ops::info::write_map_json(&mut out, &chain)?;
     } else {
         ops::info::write_map_text(&mut out, &chain)?;
     }
     out.flush()?;
-
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_cat(args: CatArgs) -> Result<ExitCode> {
-    let stdout = std::io::stdout();
+fn run_cat(args: CatArgs, ui: Ui) -> Result<ExitCode> {
     let CatArgs {
         disk,
         output,
         force,
         threads,
-        quiet,
         read,
     } = args;
     let chain = read.open(&disk)?;
@@ -182,51 +286,152 @@ fn run_cat(args: CatArgs) -> Result<ExitCode> {
         threads,
         ..Default::default()
     };
-    let bar = Bar::new(chain.capacity(), quiet);
-    match output {
+    let bar = Bar::for_disk("cat", &chain, ui);
+    let to_stdout = match output {
         Some(p) if p.as_os_str() != "-" => {
             ops::cat::cat_to_file(&chain, &p, force, popts, &bar)
                 .with_context(|| format!("writing `{}`", p.display()))?;
+            bar.finish();
+            ui.result(
+                &serde_json::json!({"files": [p], "bytes": chain.capacity()}),
+                false,
+            )?;
+            false
         }
         _ => {
-            if stdout.is_terminal() && !force {
+            if std::io::stdout().is_terminal() && !force {
                 anyhow::bail!("refusing to write binary data to a terminal (redirect stdout, use -o FILE, or --force)");
             }
             ops::cat::cat_to_writer(&chain, Box::new(raw_stdout()?), popts, &bar)?;
+            bar.finish();
+            true
         }
+    };
+    if to_stdout {
+        ui.result(&serde_json::json!({"bytes": chain.capacity()}), true)?;
     }
-    bar.finish();
-
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_export(args: ExportArgs) -> Result<ExitCode> {
-    let stdout = std::io::stdout();
+/// `dst` as written: an existing folder means "inside it, under `name`".
+fn into_folder(dst: &Path, name: Option<&std::ffi::OsStr>) -> Result<PathBuf> {
+    if dst.as_os_str() != "-" && dst.is_dir() {
+        let name = name.ok_or_else(|| {
+            anyhow::anyhow!(
+                "`{}` is a folder: give the output's file name in it",
+                dst.display()
+            )
+        })?;
+        return Ok(dst.join(name));
+    }
+    Ok(dst.to_path_buf())
+}
+
+/// The name recorded inside an output sent to stdout (descriptor extent lines, tar
+/// member names).
+fn stdout_name(src: &Path) -> String {
+    let name = src
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "disk.vmdk".into());
+    if name.ends_with(".vmdk") {
+        name
+    } else {
+        format!("{name}.vmdk")
+    }
+}
+
+fn level_of(level: Option<u32>, stream: bool) -> Result<u32> {
+    let l = level.unwrap_or(6);
+    if l > 9 {
+        anyhow::bail!("--level {l}: the compression level must be 0 to 9");
+    }
+    if level.is_some() && !stream {
+        eprintln!("vmdkit: warning: --level applies to streamOptimized output only; ignored");
+    }
+    Ok(l)
+}
+
+/// Export `chain` (named `src`) to `dst` or stdout: the work of `export`, and of `import`
+/// onto `-`.
+#[allow(clippy::too_many_arguments)]
+fn export_to(
+    chain: &vmdkit::Chain,
+    src: &Path,
+    dst: &Path,
+    kind: vmdkit::copy::target::DiskType,
+    opts: vmdkit::ops::export::ExportOptions,
+    force: bool,
+    ui: Ui,
+    label: &str,
+) -> Result<vmdkit::ops::export::ExportReport> {
+    use vmdkit::ops::export::{export, Dest};
+    let to_stdout = dst.as_os_str() == "-";
+    let (format, prealloc) = kind.format();
+    let opts = vmdkit::ops::export::ExportOptions {
+        format,
+        prealloc,
+        checksum: ui.json,
+        ..opts
+    };
+    let bar = if opts.delta {
+        Bar::open_ended(label, ui)
+    } else {
+        Bar::for_disk(label, chain, ui)
+    };
+    let dest = if to_stdout {
+        if std::io::stdout().is_terminal() && !force {
+            anyhow::bail!(
+                "refusing to write binary data to a terminal (redirect stdout or use --force)"
+            );
+        }
+        Dest::Writer {
+            w: Box::new(raw_stdout()?),
+            name: stdout_name(src),
+        }
+    } else {
+        Dest::Path(into_folder(dst, src.file_name())?)
+    };
+    let report = export(chain, dest, &opts, &bar)
+        .with_context(|| format!("exporting `{}`", src.display()))?;
+    bar.finish();
+    Ok(report)
+}
+
+fn report_json(r: &vmdkit::ops::export::ExportReport) -> serde_json::Value {
+    serde_json::json!({
+        "files": r.files,
+        "bytes": r.bytes_out,
+        "grains": r.grains,
+        "zeroed_grains": r.zeroed_grains,
+        "crc32": r.crc32.map(|c| format!("{c:08x}")),
+    })
+}
+
+fn run_export(args: ExportArgs, ui: Ui) -> Result<ExitCode> {
     let ExportArgs {
         src,
         dst,
-        format,
+        kind,
         threads,
         level,
         manifest,
         delta,
         parent_hint,
         force,
-        quiet,
         read,
     } = args;
-    use vmdkit::ops::export::{export, Dest, ExportFormat, ExportOptions};
+    use vmdkit::copy::target::DiskType;
+    use vmdkit::ops::export::ExportOptions;
     let to_stdout = dst.as_os_str() == "-";
-    let format = match format {
-            Some(f) => ExportFormat::parse(&f).ok_or_else(|| {
-                anyhow::anyhow!("unknown format `{f}` (stream, sparse, split, flat, twoGbMaxExtentFlat, vmfs, raw, or a createType name)")
-            })?,
-            None if to_stdout || delta => ExportFormat::StreamOptimized,
-            None => ExportFormat::TwoGbMaxExtentSparse,
-        };
+    let kind = match kind {
+        Some(k) => DiskType::parse_or_explain(&k)?,
+        None if to_stdout || delta => DiskType::StreamOptimized,
+        None => DiskType::TwoGbMaxExtentSparse,
+    };
+    let level = level_of(level, kind == DiskType::StreamOptimized)?;
     let chain = read.open(&src)?;
     let opts = ExportOptions {
-        format,
         threads,
         level,
         manifest,
@@ -235,52 +440,26 @@ fn run_export(args: ExportArgs) -> Result<ExitCode> {
         parent_hint,
         ..Default::default()
     };
-    let bar = Bar::new(chain.capacity(), quiet);
-    let dest = if to_stdout {
-        if stdout.is_terminal() && !force {
-            anyhow::bail!(
-                "refusing to write binary data to a terminal (redirect stdout or use --force)"
-            );
-        }
-        let name = src
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "disk.vmdk".into());
-        let name = if name.ends_with(".vmdk") {
-            name
-        } else {
-            format!("{name}.vmdk")
-        };
-        Dest::Writer {
-            w: Box::new(raw_stdout()?),
-            name,
-        }
-    } else {
-        Dest::Path(dst.clone())
-    };
-    let report = export(&chain, dest, &opts, &bar)
-        .with_context(|| format!("exporting `{}`", src.display()))?;
-    bar.finish();
-    if !quiet {
-        let zeroed = if delta {
+    let label = if delta { "increment" } else { "export" };
+    let report = export_to(&chain, &src, &dst, kind, opts, force, ui, label)?;
+    ui.say(format_args!(
+        "exported {}`{}` ({} disk): {} grains of data{}, {} written",
+        if delta { "the increment of " } else { "" },
+        src.display(),
+        ops::human(chain.capacity()),
+        report.grains,
+        if delta {
             format!(", {} zeroed", report.zeroed_grains)
         } else {
             String::new()
-        };
-        eprintln!(
-            "vmdkit: exported {}`{}` ({} disk): {} grains of data{zeroed}, {} written",
-            if delta { "the increment of " } else { "" },
-            src.display(),
-            ops::info::human(chain.capacity()),
-            report.grains,
-            ops::info::human(report.bytes_out)
-        );
-    }
-
+        },
+        ops::human(report.bytes_out)
+    ));
+    ui.result(&report_json(&report), to_stdout)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_write(args: WriteArgs) -> Result<ExitCode> {
+fn run_write(args: WriteArgs, ui: Ui) -> Result<ExitCode> {
     let WriteArgs {
         disk,
         offset,
@@ -291,13 +470,17 @@ fn run_write(args: WriteArgs) -> Result<ExitCode> {
         read,
     } = args;
     use vmdkit::ops::redo::{write_opts, WriteData, WriteOptions};
+    use vmdkit::units::parse_size;
+    let offset = parse_size(&offset)?;
     let wopts = WriteOptions {
         ignore_cid: read.ignore_cid,
         allow_device_write,
         force,
     };
     let n = match (zero, input) {
-        (Some(len), None) => write_opts(&disk, offset, WriteData::Zeros(len), &wopts)?,
+        (Some(len), None) => {
+            write_opts(&disk, offset, WriteData::Zeros(parse_size(&len)?), &wopts)?
+        }
         (Some(_), Some(_)) => anyhow::bail!("give either --zero LEN or an input, not both"),
         (None, Some(p)) if p.as_os_str() != "-" => {
             let mut f =
@@ -309,27 +492,35 @@ fn run_write(args: WriteArgs) -> Result<ExitCode> {
             write_opts(&disk, offset, WriteData::Reader(&mut i), &wopts)?
         }
     };
-    eprintln!(
-        "vmdkit: wrote {n} bytes at offset {offset} into `{}`",
+    ui.say(format_args!(
+        "wrote {n} bytes at offset {offset} into `{}`",
         disk.display()
-    );
-
+    ));
+    ui.result(
+        &serde_json::json!({"file": disk, "offset": offset, "bytes": n}),
+        false,
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_commit(args: CommitArgs) -> Result<ExitCode> {
-    let stdout = std::io::stdout();
+fn run_commit(args: CommitArgs, ui: Ui) -> Result<ExitCode> {
     let CommitArgs {
         disk,
         all,
         dry_run,
         force,
         threads,
-        quiet,
         allow_device_write,
     } = args;
     use vmdkit::ops::commit::{commit, CommitOptions};
-    let bar = Bar::new(0, quiet || dry_run);
+    let bar = Bar::new(
+        "commit",
+        0,
+        Ui {
+            quiet: ui.quiet || dry_run,
+            ..ui
+        },
+    );
     let r = commit(
         &disk,
         &CommitOptions {
@@ -342,24 +533,23 @@ fn run_commit(args: CommitArgs) -> Result<ExitCode> {
         &bar,
     )?;
     bar.finish();
-    if dry_run {
-        r.write_plan(&mut stdout.lock())?;
-    } else if !quiet {
-        eprintln!("vmdkit: {}", r.summary());
+    if ui.json {
+        print_json(&r)?;
+    } else if dry_run {
+        r.write_plan(&mut std::io::stdout().lock())?;
+    } else {
+        ui.say(r.summary());
     }
-
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
+fn run_apply(args: ApplyArgs, ui: Ui) -> Result<ExitCode> {
     let ApplyArgs {
         target,
         src,
         raw,
         force,
         allow_device_write,
-        json,
-        quiet,
     } = args;
     use vmdkit::ops::apply::{apply, ApplyOptions};
     let opts = ApplyOptions {
@@ -367,12 +557,12 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
         raw,
         allow_device_write,
     };
-    let bar = Bar::new(0, quiet);
+    let bar = Bar::open_ended("apply", ui);
     let r = if src.as_os_str() == "-" {
         apply(
             &target,
             &mut std::io::stdin().lock(),
-            std::path::Path::new("<stdin>"),
+            Path::new("<stdin>"),
             &opts,
             &bar,
         )
@@ -384,35 +574,31 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode> {
     }
     .with_context(|| format!("applying to `{}`", target.display()))?;
     bar.finish();
-    if json {
-        print_json(&r)?;
-    } else if !quiet {
-        eprintln!("vmdkit: {}", r.summary());
-    }
+    ui.say(r.summary());
+    ui.result(&r, false)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_measure(args: MeasureArgs) -> Result<ExitCode> {
+fn run_measure(args: MeasureArgs, ui: Ui) -> Result<ExitCode> {
     let MeasureArgs {
         disk,
-        format,
+        kind,
         delta,
         level,
         exact,
         name,
         threads,
-        json,
-        quiet,
         read,
     } = args;
+    use vmdkit::copy::target::DiskType;
     use vmdkit::ops::export::ExportFormat;
     use vmdkit::ops::measure::{measure, MeasureOptions};
-    let format = match format {
-        Some(f) => ExportFormat::parse(&f).ok_or_else(|| {
-            anyhow::anyhow!("unknown format `{f}` (stream, sparse, split, flat, twoGbMaxExtentFlat, vmfs, raw, or a createType name)")
-        })?,
-        None => ExportFormat::StreamOptimized,
+    let kind = match kind {
+        Some(k) => DiskType::parse_or_explain(&k)?,
+        None => DiskType::StreamOptimized,
     };
+    let format = kind.format().0;
+    let level = level_of(level, format == ExportFormat::StreamOptimized)?;
     let chain = read.open(&disk)?;
     let name = name.unwrap_or_else(|| {
         let n = disk
@@ -425,7 +611,7 @@ fn run_measure(args: MeasureArgs) -> Result<ExitCode> {
             format!("{n}.vmdk")
         }
     });
-    let bar = Bar::new(chain.capacity(), quiet);
+    let bar = Bar::for_disk("measure", &chain, ui);
     let m = measure(
         &chain,
         &MeasureOptions {
@@ -440,7 +626,7 @@ fn run_measure(args: MeasureArgs) -> Result<ExitCode> {
     )
     .with_context(|| format!("measuring `{}`", disk.display()))?;
     bar.finish();
-    if json {
+    if ui.json {
         print_json(&m)?;
     } else {
         let stdout = std::io::stdout();
@@ -451,65 +637,102 @@ fn run_measure(args: MeasureArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_import(args: ImportArgs) -> Result<ExitCode> {
+fn run_import(args: ImportArgs, ui: Ui) -> Result<ExitCode> {
     let ImportArgs {
         src,
         dst,
         kind,
+        size,
         adapter,
         force,
         threads,
-        quiet,
         read,
     } = args;
-    use vmdkit::ops::import::{import_disk, import_stream, DiskType, ImportOptions};
-    let kind = DiskType::parse(&kind).ok_or_else(|| anyhow::anyhow!("unknown type `{kind}`"))?;
-    let opts = ImportOptions {
-        kind,
-        adapter,
-        force,
-        threads,
+    use vmdkit::copy::target::DiskType;
+    use vmdkit::ops::import::{import_disk, import_stream, ImportOptions};
+    let to_stdout = dst.as_os_str() == "-";
+    let kind = match kind {
+        Some(k) => DiskType::parse_or_explain(&k)?,
+        None if to_stdout => DiskType::StreamOptimized,
+        None => DiskType::Thin,
     };
-    let r = if src.as_os_str() == "-" {
-        let bar = Bar::new(0, quiet);
-        let mut input = std::io::stdin().lock();
-        let r = import_stream(&mut input, &dst, &opts, &bar)?;
-        bar.finish();
-        r
-    } else {
+    let from_stdin = src.as_os_str() == "-";
+    let raw = read.raw()?;
+    let raw_size = match (&size, raw, from_stdin) {
+        (Some(s), true, true) => Some(vmdkit::units::parse_size(s)?),
+        (None, true, true) => anyhow::bail!(
+            "raw input on stdin needs --size (a pipe cannot tell how large the disk is)"
+        ),
+        (Some(_), _, _) => anyhow::bail!("--size is for raw input on stdin (--from raw -)"),
+        _ => None,
+    };
+    let r = if to_stdout {
+        // Import onto stdout: the same as exporting the source as a stream (or tar).
+        if from_stdin {
+            anyhow::bail!("import from stdin to stdout: nothing to convert; use `cat`");
+        }
+        if adapter.is_some() {
+            anyhow::bail!("--adapter with `-` as the destination: export to a file instead");
+        }
         let chain = read.open(&src)?;
-        let bar = Bar::new(chain.capacity(), quiet);
-        let r = import_disk(&chain, &dst, &opts, &bar)?;
-        bar.finish();
-        r
+        let opts = vmdkit::ops::export::ExportOptions {
+            threads,
+            force,
+            ..Default::default()
+        };
+        export_to(&chain, &src, &dst, kind, opts, force, ui, "import")?
+    } else {
+        let opts = ImportOptions {
+            kind,
+            adapter,
+            force,
+            threads,
+        };
+        if from_stdin {
+            let dst = into_folder(&dst, None)?;
+            let bar = Bar::open_ended("import", ui);
+            let mut input = std::io::stdin().lock();
+            let r = import_stream(&mut input, raw_size, &dst, &opts, &bar)?;
+            bar.finish();
+            r
+        } else {
+            let chain = read.open(&src)?;
+            let dst = into_folder(&dst, src.file_name())?;
+            let bar = Bar::for_disk("import", &chain, ui);
+            let r = import_disk(&chain, &dst, &opts, &bar)?;
+            bar.finish();
+            r
+        }
     };
-    if !quiet {
-        eprintln!(
-            "vmdkit: imported into {}",
+    ui.say(format_args!(
+        "imported into {}",
+        if r.files.is_empty() {
+            "stdout".to_string()
+        } else {
             r.files
                 .iter()
                 .map(|p| format!("`{}`", p.display()))
                 .collect::<Vec<_>>()
                 .join(", ")
-        );
-    }
-
+        }
+    ));
+    ui.result(&report_json(&r), to_stdout)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_create(args: CreateArgs) -> Result<ExitCode> {
+fn run_create(args: CreateArgs, ui: Ui) -> Result<ExitCode> {
     let CreateArgs {
         disk,
         size,
         kind,
         adapter,
         force,
-        quiet: _,
     } = args;
-    use vmdkit::ops::import::{create, parse_size, DiskType, ImportOptions};
-    let kind = DiskType::parse(&kind).ok_or_else(|| anyhow::anyhow!("unknown type `{kind}`"))?;
-    let size = parse_size(&size)?;
-    create(
+    use vmdkit::copy::target::DiskType;
+    use vmdkit::ops::import::{create, ImportOptions};
+    let kind = DiskType::parse_or_explain(&kind)?;
+    let size = vmdkit::units::parse_size(&size)?;
+    let r = create(
         &disk,
         size,
         &ImportOptions {
@@ -520,57 +743,76 @@ fn run_create(args: CreateArgs) -> Result<ExitCode> {
         },
         &vmdkit::ops::NoProgress,
     )?;
-
+    ui.result(
+        &serde_json::json!({"file": disk, "files": r.files, "capacity": size}),
+        false,
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_extend(args: ExtendArgs) -> Result<ExitCode> {
-    let ExtendArgs {
-        disk,
-        size,
-        force,
-        quiet: _,
-    } = args;
-    let size = vmdkit::ops::import::parse_size(&size)?;
-    vmdkit::ops::extend::extend(&disk, size, force)?;
-
+fn run_extend(args: ExtendArgs, ui: Ui) -> Result<ExitCode> {
+    let ExtendArgs { disk, size, force } = args;
+    let old = vmdkit::Layer::open(&disk, &vmdkit::OpenOptions::default())
+        .map(|l| l.capacity)
+        .unwrap_or(0);
+    let new = vmdkit::units::parse_new_size(&size, old)?;
+    if size.trim().starts_with('+') && old == 0 {
+        anyhow::bail!("cannot read the current size of `{}`", disk.display());
+    }
+    vmdkit::ops::extend::extend(&disk, new, force)?;
+    ui.say(format_args!(
+        "extended `{}` from {} to {}",
+        disk.display(),
+        ops::human(old),
+        ops::human(new)
+    ));
+    ui.result(
+        &serde_json::json!({"file": disk, "old_capacity": old, "capacity": new}),
+        false,
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_geometry(args: GeometryArgs) -> Result<ExitCode> {
-    let stdout = std::io::stdout();
+fn run_geometry(args: GeometryArgs, ui: Ui) -> Result<ExitCode> {
     let GeometryArgs { disk, read } = args;
     let chain = read.open(&disk)?;
     let (g, stored) = vmdkit::ops::geometry::of_layer(chain.top());
+    if ui.json {
+        print_json(&serde_json::json!({
+            "file": disk,
+            "cylinders": g.cylinders,
+            "heads": g.heads,
+            "sectors": g.sectors,
+            "stored": stored,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     writeln!(
-        stdout.lock(),
+        std::io::stdout().lock(),
         "Geometry information C/H/S is {}/{}/{}",
         g.cylinders,
         g.heads,
         g.sectors
     )?;
     if !stored {
-        eprintln!("vmdkit: (not in the descriptor: computed for its adapter and capacity)");
+        ui.say("(not in the descriptor: computed for its adapter and capacity)");
     }
-
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_ls(args: LsArgs) -> Result<ExitCode> {
-    let stdout = std::io::stdout();
+fn run_ls(args: LsArgs, ui: Ui) -> Result<ExitCode> {
     let LsArgs {
         dir,
         human_readable,
         mappings,
-        json,
     } = args;
     let dir = dir.unwrap_or_else(|| PathBuf::from("."));
     let entries = vmdkit::ops::ls::list(&dir)?;
-    let mut out = stdout.lock();
-    if json {
-        serde_json::to_writer_pretty(&mut out, &entries)?;
-        writeln!(out)?;
+    if ui.json {
+        print_json(&entries)?;
     } else {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
         vmdkit::ops::ls::write_text(&mut out, &entries, human_readable, mappings)?;
     }
     for (t, alive) in vmdkit::guard::temporaries(&dir) {
@@ -584,17 +826,14 @@ fn run_ls(args: LsArgs) -> Result<ExitCode> {
             }
         );
     }
-
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_check(args: CheckArgs) -> Result<ExitCode> {
-    let stdout = std::io::stdout();
+fn run_check(args: CheckArgs, ui: Ui) -> Result<ExitCode> {
     let CheckArgs {
         disk,
         repair,
         discard_unreferenced,
-        json,
     } = args;
     let copts = vmdkit::ops::check::CheckOptions {
         repair,
@@ -607,8 +846,9 @@ fn run_check(args: CheckArgs) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
     };
+    let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    if json {
+    if ui.json {
         r.write_json(&mut out)?;
     } else {
         r.write_text(&mut out)?;
@@ -616,40 +856,63 @@ fn run_check(args: CheckArgs) -> Result<ExitCode> {
     Ok(ExitCode::from(r.exit_code()))
 }
 
-fn run_verify(args: VerifyArgs) -> Result<ExitCode> {
-    let stdout = std::io::stdout();
+/// `verify`'s exit code when the content differs from the manifest.
+const EX_DIFFERS: u8 = 4;
+
+fn run_verify(args: VerifyArgs, ui: Ui) -> Result<ExitCode> {
     let VerifyArgs {
         disk,
         manifest,
         threads,
-        quiet,
         read,
     } = args;
-    let chain = read.open(&disk)?;
     let text = std::fs::read_to_string(&manifest)
         .with_context(|| format!("reading `{}`", manifest.display()))?;
     let m = vmdkit::ops::manifest::Manifest::parse(&text, &manifest)?;
-    let bar = Bar::new(chain.capacity(), quiet);
-    let popts = PipelineOptions {
-        threads,
-        ..Default::default()
+    let v = if disk.as_os_str() == "-" {
+        let raw_size = read.raw()?.then_some(m.capacity);
+        let mut input = std::io::stdin().lock();
+        let mut pipe = vmdkit::copy::feed::PipeInput::open(&mut input, raw_size)?;
+        let bar = Bar::open_ended("verify", ui);
+        let cap = pipe.capacity;
+        let v = vmdkit::ops::manifest::verify_feed(&mut pipe, cap, &m, &bar)?;
+        bar.finish();
+        v
+    } else {
+        let chain = read.open(&disk)?;
+        let bar = Bar::for_disk("verify", &chain, ui);
+        let popts = PipelineOptions {
+            threads,
+            ..Default::default()
+        };
+        let v = vmdkit::ops::manifest::verify(&chain, &m, popts, &bar)?;
+        bar.finish();
+        v
     };
-    let v = vmdkit::ops::manifest::verify(&chain, &m, popts, &bar)?;
-    bar.finish();
-    v.write_text(&mut stdout.lock())?;
+    if ui.json {
+        print_json(&serde_json::json!({
+            "file": disk,
+            "manifest": manifest,
+            "matches": v.ok(),
+            "differing": v.differing,
+            "capacity_mismatch": v.capacity_mismatch,
+        }))?;
+    } else {
+        v.write_text(&mut std::io::stdout().lock())?;
+    }
     if v.ok() {
-        if !quiet {
-            eprintln!(
-                "vmdkit: {} matches the manifest ({} blocks, total CRC-32 {:08x})",
-                disk.display(),
-                m.blocks.len(),
-                m.total
-            );
-        }
+        ui.say(format_args!(
+            "{} matches the manifest ({} blocks, total CRC-32 {:08x})",
+            disk.display(),
+            m.blocks.len(),
+            m.total
+        ));
         return Ok(ExitCode::SUCCESS);
     }
-    eprintln!("vmdkit: {} does NOT match the manifest", disk.display());
-    Ok(ExitCode::FAILURE)
+    if !ui.json {
+        eprintln!("vmdkit: {} does NOT match the manifest", disk.display());
+    }
+    Ok(ExitCode::from(EX_DIFFERS))
 }
 
 /// Standard output as an unbuffered file (big sequential writes, no line buffering).
@@ -698,20 +961,8 @@ fn remove_temporaries_on_signals() {
 /// Exit code of a usage error (sysexits' EX_USAGE): not check's "corruption" (2).
 const EX_USAGE: u8 = 64;
 
-/// Entry point.
-pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                    ExitCode::SUCCESS
-                }
-                _ => ExitCode::from(EX_USAGE),
-            };
-        }
-    };
+/// Run a parsed command line to its exit code (errors printed; a closed pipe is quiet).
+fn finish(cli: Cli) -> ExitCode {
     remove_temporaries_on_signals();
     match run(cli) {
         Ok(code) => code,
@@ -723,6 +974,67 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Entry point. Invoked as `vmkfstools` (through a link), it is the vmkfstools front end.
+pub fn main() -> ExitCode {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as = argv
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // `vmdkit [GLOBAL FLAGS] vmkfstools ARGS`: vmkfstools' own flags (its -q is "query
+    // RDM", its -h "human readable") go to the front end untouched, not through clap.
+    let mut ui = Ui {
+        json: false,
+        quiet: false,
+    };
+    let mut front = None;
+    if invoked_as == "vmkfstools" {
+        front = Some(1);
+    } else {
+        for (i, a) in argv.iter().enumerate().skip(1) {
+            match a.to_str() {
+                Some("vmkfstools") => {
+                    front = Some(i + 1);
+                    break;
+                }
+                Some("--json") => ui.json = true,
+                Some("-q" | "--quiet") => ui.quiet = true,
+                Some("--allow-outside-paths") => vmdkit::guard::allow_outside_paths(true),
+                _ => break,
+            }
+        }
+    }
+    if let Some(first) = front {
+        let args: Vec<String> = argv[first..]
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        remove_temporaries_on_signals();
+        return match vmkfstools::run(&args, ui) {
+            Ok(code) => code,
+            Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmkfstools: error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(EX_USAGE),
+            };
+        }
+    };
+    finish(cli)
+}
+
 /// One JSON object on stdout (a command's result), then a newline.
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     let stdout = std::io::stdout();
@@ -731,4 +1043,27 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     writeln!(out)?;
     out.flush()?;
     Ok(())
+}
+
+/// Parse `args` as a vmdkit command line (the vmkfstools front end builds them) and run
+/// it; usage errors exit 64.
+fn run_args(args: &[String], ui: Ui) -> Result<ExitCode> {
+    let mut argv = vec!["vmdkit".to_string()];
+    if ui.quiet {
+        argv.push("-q".into());
+    }
+    if ui.json {
+        argv.push("--json".into());
+    }
+    if vmdkit::guard::outside_paths_allowed() {
+        argv.push("--allow-outside-paths".into());
+    }
+    argv.extend(args.iter().cloned());
+    match Cli::try_parse_from(&argv) {
+        Ok(cli) => run(cli),
+        Err(e) => {
+            let _ = e.print();
+            Ok(ExitCode::from(EX_USAGE))
+        }
+    }
 }

@@ -15,6 +15,7 @@
 
 use rayon::prelude::*;
 
+pub mod feed;
 pub mod plan;
 pub mod sink;
 pub mod target;
@@ -30,9 +31,11 @@ use crate::format::stream::grain_record;
 /// Grain size of every sparse output (VMware's only accepted value for streams).
 pub const GRAIN: u64 = 65536;
 
-/// Progress reporting hook (the CLI draws a bar; the library only counts).
+/// Progress reporting hook (the CLI draws a bar; the library only counts). The engine
+/// counts the bytes it reads (units the map says hold data); ranges known to be zeros
+/// pass without a count, so a bar's total is the data and its ETA the reading's.
 pub trait Progress: Sync {
-    /// `n` more bytes of logical content are done.
+    /// `n` more bytes of content are done.
     fn inc(&self, n: u64);
     /// The total is now known to be `n` bytes.
     fn set_total(&self, _n: u64) {}
@@ -246,7 +249,9 @@ pub fn drive(
         |u, p| {
             observe(&u, &p);
             sink.put(&u, &p)?;
-            progress.inc(u.len);
+            if u.read {
+                progress.inc(u.len);
+            }
             Ok(())
         },
     )
@@ -327,7 +332,6 @@ fn put_batch(
             };
             observe(&gap, &Piece::Hole);
             sink.put(&gap, &Piece::Hole)?;
-            progress.inc(gap.len);
         }
         observe(&u, &p);
         sink.put(&u, &p)?;

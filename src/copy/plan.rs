@@ -187,7 +187,9 @@ pub fn scan(
                     bits[(g / 64) as usize] |= 1 << (g % 64);
                 }
             }
-            progress.inc(u.len);
+            if u.read {
+                progress.inc(u.len);
+            }
             Ok(())
         },
     )?;
@@ -221,7 +223,9 @@ pub fn manifest_of(
                 Some(h) => b.block(u.start, h),
                 None => b.zeros(u.start, u.len),
             }
-            progress.inc(u.len);
+            if u.read {
+                progress.inc(u.len);
+            }
             Ok(())
         },
     )?;

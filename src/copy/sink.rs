@@ -29,7 +29,7 @@ pub enum Prealloc {
 }
 
 /// What a copy wrote.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct CopyReport {
     /// Files written (empty for a writer).
     pub files: Vec<PathBuf>,
@@ -39,6 +39,9 @@ pub struct CopyReport {
     pub grains: u64,
     /// Zeroed grain entries written (increments).
     pub zeroed_grains: u64,
+    /// CRC-32 of the whole content, when asked for (`ExportOptions::checksum`) or
+    /// computed for a manifest.
+    pub crc32: Option<u32>,
 }
 
 /// Consumes a copy's pieces in address order.
@@ -159,6 +162,7 @@ impl Sink for StreamSink {
             bytes_out,
             grains,
             zeroed_grains: zeroed,
+            crc32: None,
         })
     }
 }

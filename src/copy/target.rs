@@ -177,6 +177,9 @@ pub struct ExportOptions {
     pub delta: bool,
     /// The increment's `parentFileNameHint` (default: the parent layer's file name).
     pub parent_hint: Option<String>,
+    /// Compute the CRC-32 of the whole content (the report's `crc32`) even without a
+    /// manifest.
+    pub checksum: bool,
 }
 
 impl Default for ExportOptions {
@@ -191,6 +194,7 @@ impl Default for ExportOptions {
             prealloc: Prealloc::Thin,
             delta: false,
             parent_hint: None,
+            checksum: false,
         }
     }
 }
@@ -525,7 +529,8 @@ pub fn export_fed(
     }
     let mut locks = crate::guard::LockSet::new();
     locks.shared_all(&sources)?;
-    let mut manifest = opts.manifest.as_ref().map(|_| ManifestBuilder::new(cap));
+    let mut manifest =
+        (opts.manifest.is_some() || opts.checksum).then(|| ManifestBuilder::new(cap));
     let name = match &dest {
         Dest::Path(p) => p
             .file_name()
@@ -633,9 +638,12 @@ pub fn export_fed(
             progress,
         )?,
     }
-    let report = sink.finish()?;
-    if let (Some(m), Some(path)) = (manifest, &opts.manifest) {
-        crate::output::write_file_atomically(path, &m.finish(), opts.force)?;
+    let mut report = sink.finish()?;
+    if let Some(m) = manifest {
+        report.crc32 = Some(m.total());
+        if let Some(path) = &opts.manifest {
+            crate::output::write_file_atomically(path, &m.finish(), opts.force)?;
+        }
     }
     Ok(report)
 }

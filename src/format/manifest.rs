@@ -88,6 +88,11 @@ impl ManifestBuilder {
         }
     }
 
+    /// CRC-32 of everything added so far (the whole content once complete).
+    pub fn total(&self) -> u32 {
+        self.total.clone().finalize()
+    }
+
     /// Finish: the whole text.
     pub fn finish(mut self) -> Vec<u8> {
         let _ = writeln!(self.out, "total {:08x}", self.total.finalize());

@@ -63,6 +63,7 @@ pub struct ApplyOptions {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ApplyReport {
     /// The disk written.
+    #[serde(rename = "file")]
     pub target: PathBuf,
     /// The content ID the target had (the increment's parentCID).
     pub from_cid: String,

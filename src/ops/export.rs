@@ -53,17 +53,25 @@ fn export_delta(
     let delta_opts = ExportOptions {
         unit: GRAIN,
         manifest: None,
+        checksum: false,
         ..opts.clone()
     };
     let view = DeltaView::new(chain, GRAIN);
-    let report = export_fed(&view, None, &meta, mtime, dest, &delta_opts, progress)?;
-    if let Some(m) = &opts.manifest {
+    let mut report = export_fed(&view, None, &meta, mtime, dest, &delta_opts, progress)?;
+    if opts.manifest.is_some() || opts.checksum {
         let popts = PipelineOptions {
             threads: opts.threads,
             ..Default::default()
         };
         let text = crate::copy::manifest_of(chain, popts, &crate::copy::NoProgress)?;
-        crate::output::write_file_atomically(m, &text, opts.force)?;
+        let parsed = crate::format::manifest::Manifest::parse(
+            std::str::from_utf8(&text).expect("ascii"),
+            std::path::Path::new("<computed>"),
+        )?;
+        report.crc32 = Some(parsed.total);
+        if let Some(m) = &opts.manifest {
+            crate::output::write_file_atomically(m, &text, opts.force)?;
+        }
     }
     Ok(report)
 }

@@ -6,6 +6,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 use crate::chain::Chain;
+use crate::copy::feed::PipeInput;
 pub use crate::copy::target::DiskType;
 use crate::copy::target::{
     export_fed, Dest, ExportOptions, ExportReport, Feed, OutputMeta, Provisioning,
@@ -15,7 +16,6 @@ use crate::disk::{VirtualDisk, ZeroDisk};
 use crate::error::{Error, Result};
 use crate::format::descriptor::random_cid;
 use crate::format::sparse::SECTOR;
-use crate::format::stream::pipe::{self as stream_in, Counted};
 use crate::ops::Progress;
 
 /// Import options.
@@ -127,199 +127,30 @@ pub fn create(
     )
 }
 
-/// Groups ascending `(offset, bytes)` pieces into 1 MiB units.
-struct Units<'a> {
-    unit: Option<(u64, Vec<u8>)>,
-    cap: u64,
-    put: &'a mut dyn FnMut(Unit, Vec<u8>) -> Result<()>,
-}
-
-impl Units<'_> {
-    fn piece(&mut self, mut off: u64, mut data: &[u8]) -> Result<()> {
-        const U: u64 = pipeline::DEFAULT_UNIT;
-        while !data.is_empty() {
-            if off >= self.cap {
-                return Err(Error::InvalidInput(format!(
-                    "stream data at {off:#x} lies past the capacity {:#x}",
-                    self.cap
-                )));
-            }
-            let ustart = off / U * U;
-            match &self.unit {
-                Some((s, _)) if *s == ustart => {}
-                Some((s, _)) if *s > ustart => {
-                    return Err(Error::InvalidInput("stream data out of order".into()));
-                }
-                _ => {
-                    self.flush()?;
-                    let len = (self.cap - ustart).min(U);
-                    self.unit = Some((ustart, vec![0u8; len as usize]));
-                }
-            }
-            let (s, buf) = self.unit.as_mut().expect("set");
-            let o = (off - *s) as usize;
-            let n = data.len().min(buf.len() - o);
-            buf[o..o + n].copy_from_slice(&data[..n]);
-            data = &data[n..];
-            off += n as u64;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        if let Some((s, buf)) = self.unit.take() {
-            if !is_zero(&buf) {
-                (self.put)(
-                    Unit {
-                        start: s,
-                        len: buf.len() as u64,
-                        read: true,
-                    },
-                    buf,
-                )?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// What arrives on stdin.
-enum StdinKind {
-    Stream(crate::format::sparse::SparseHeader),
-    Sparse(crate::format::sparse::SparseHeader),
-    Tar,
-}
-
-struct StdinFeed<'a> {
-    input: &'a mut dyn Read,
-    head: Vec<u8>,
-    kind: StdinKind,
-    cap: u64,
-}
-
-impl Feed for StdinFeed<'_> {
-    fn run(&mut self, put: &mut dyn FnMut(Unit, Vec<u8>) -> Result<()>) -> Result<()> {
-        let name = Path::new("<stdin>");
-        let mut units = Units {
-            unit: None,
-            cap: self.cap,
-            put,
-        };
-        let head = std::mem::take(&mut self.head);
-        let mut chained = std::io::Read::chain(&head[..], &mut self.input);
-        let mut emit = |off: u64, data: &[u8]| units.piece(off, data);
-        match &self.kind {
-            StdinKind::Tar => {
-                stream_in::read_tar(&mut chained, name, &mut emit)?;
-                let _ = std::io::copy(&mut chained, &mut std::io::sink());
-            }
-            StdinKind::Stream(h) | StdinKind::Sparse(h) => {
-                let mut c = Counted::new(&mut chained, name);
-                let mut s = [0u8; 512];
-                c.exact(&mut s)?;
-                if matches!(self.kind, StdinKind::Stream(_)) {
-                    stream_in::read_stream(&mut c, h, 0, &mut emit)?;
-                } else {
-                    stream_in::read_sparse(&mut c, h, 0, &mut emit)?;
-                }
-                c.drain();
-            }
-        }
-        units.flush()
-    }
-}
-
 /// Import a stream read from `input` (stdin): streamOptimized, a sparse file with its
-/// tables first, or export's tar stream.
+/// tables first, or export's tar stream; with `raw_size`, raw bytes of that disk size.
 pub fn import_stream(
     input: &mut dyn Read,
+    raw_size: Option<u64>,
     dst: &Path,
     opts: &ImportOptions,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
-    let name = Path::new("<stdin>");
-    let mut first = [0u8; 512];
-    let mut c = Counted::new(input, name);
-    c.exact(&mut first)?;
-    let (kind, cap, meta, head) = if &first[257..262] == b"ustar" {
-        // Tar: the descriptor is the first member; read it here for capacity and DDB.
-        let size = u64::from_str_radix(
-            std::str::from_utf8(&first[124..135])
-                .unwrap_or("0")
-                .trim_matches(|c: char| c == '\0' || c == ' '),
-            8,
-        )
-        .unwrap_or(0);
-        if size > crate::format::descriptor::MAX_DESCRIPTOR_BYTES as u64 {
-            return Err(Error::corrupt(
-                name,
-                124,
-                "the tar stream does not start with a descriptor",
-            ));
-        }
-        let mut text = vec![0u8; (size.div_ceil(512) * 512) as usize];
-        c.exact(&mut text)?;
-        text.truncate(size as usize);
-        let d = crate::format::descriptor::Descriptor::parse(&text, name)?;
-        let cap: u64 = d
-            .extents()
-            .iter()
-            .map(|e| e.sectors.saturating_mul(SECTOR))
-            .sum();
-        // Re-feed the bytes consumed so the tar reader sees a whole archive.
-        let mut head = first.to_vec();
-        head.extend_from_slice(&text);
-        head.resize(512 + (size.div_ceil(512) * 512) as usize, 0);
-        refuse_increment(&d, name)?;
-        let meta = OutputMeta {
-            ddb: d.ddb_entries(),
-            cid: kept_cid(&d),
-            provisioning: Provisioning::Thin,
-            parent: None,
-        };
-        (StdinKind::Tar, cap, meta, head)
-    } else {
-        let h = stream_in::parse_first(&first, name)?;
-        let mut head = first.to_vec();
-        let mut ddb = Vec::new();
-        let mut cid = random_cid();
-        // The embedded descriptor follows the header: read it now for the DDB keys, the
-        // CID, and to refuse an increment.
-        if h.descriptor_offset == 1 && h.descriptor_size > 0 {
-            let n = h
-                .descriptor_size
-                .saturating_mul(SECTOR)
-                .min(crate::format::descriptor::MAX_DESCRIPTOR_BYTES as u64)
-                as usize;
-            let mut d = vec![0u8; n];
-            c.exact(&mut d)?;
-            if let Ok(desc) = crate::format::descriptor::Descriptor::parse(&d, name) {
-                refuse_increment(&desc, name)?;
-                ddb = desc.ddb_entries();
-                cid = kept_cid(&desc);
-            }
-            head.extend_from_slice(&d);
-        }
-        // validate() has checked that capacity * 512 does not overflow.
-        let cap = h.capacity_sectors * SECTOR;
-        let kind = if h.compressed() {
-            StdinKind::Stream(h)
-        } else {
-            StdinKind::Sparse(h)
-        };
-        (
-            kind,
-            cap,
-            OutputMeta {
-                ddb,
-                cid,
-                provisioning: Provisioning::Thin,
-                parent: None,
-            },
-            head,
-        )
+    let pipe = PipeInput::open(input, raw_size)?;
+    if let Some(d) = &pipe.descriptor {
+        refuse_increment(d, Path::new("<stdin>"))?;
+    }
+    let meta = OutputMeta {
+        ddb: pipe
+            .descriptor
+            .as_ref()
+            .map(|d| d.ddb_entries())
+            .unwrap_or_default(),
+        cid: pipe.descriptor.as_ref().map_or_else(random_cid, kept_cid),
+        provisioning: Provisioning::Thin,
+        parent: None,
     };
-    finish_stream(input, head, kind, cap, meta, dst, opts, progress)
+    finish_stream(pipe, meta, dst, opts, progress)
 }
 
 /// A restore keeps the content ID the backup recorded (so increments made later apply
@@ -342,26 +173,16 @@ fn refuse_increment(d: &crate::format::descriptor::Descriptor, name: &Path) -> R
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn finish_stream(
-    input: &mut dyn Read,
-    head: Vec<u8>,
-    kind: StdinKind,
-    cap: u64,
+    mut feed: PipeInput<'_>,
     meta: OutputMeta,
     dst: &Path,
     opts: &ImportOptions,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
     let (format, prealloc) = opts.kind.format();
+    let cap = feed.capacity;
     let meta = meta_for(meta, opts.kind, opts.adapter.as_deref(), cap);
-    // The bytes already consumed are fed again in front of the rest.
-    let mut feed = StdinFeed {
-        input,
-        head,
-        kind,
-        cap,
-    };
     if opts.kind == DiskType::Raw && is_existing_target(dst)? {
         return raw_in_place(&ZeroDisk(cap), Some(&mut feed), dst, opts, progress);
     }
@@ -452,7 +273,9 @@ fn raw_in_place(
             _ => crate::output::zero_range(&f, dst, block && !eager, u.start, u.len)?,
         }
         next = u.start + u.len;
-        progress.inc(u.len);
+        if u.read {
+            progress.inc(u.len);
+        }
         Ok(())
     };
     match feed {

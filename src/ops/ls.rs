@@ -10,6 +10,15 @@ use crate::format::descriptor::CreateType;
 use crate::io::SourceMode;
 use crate::layer::{Layer, OpenOptions};
 
+/// An extent file of a listed disk.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExtentFile {
+    /// File name.
+    pub file: String,
+    /// Bytes it occupies (allocated blocks).
+    pub disk_size: u64,
+}
+
 /// One disk or delta in a listing.
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
@@ -19,10 +28,10 @@ pub struct Entry {
     pub create_type: String,
     /// Capacity in bytes.
     pub capacity: u64,
-    /// Bytes the files occupy.
-    pub used: u64,
+    /// Bytes the files occupy (allocated blocks), as `info` calls it.
+    pub disk_size: u64,
     /// Extent files.
-    pub extents: Vec<String>,
+    pub extents: Vec<ExtentFile>,
     /// For RDMs: the device.
     pub device: Option<String>,
     /// Deltas on top of this one (children), each with its own children.
@@ -77,13 +86,20 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>> {
                         .unwrap_or_default(),
                     create_type: l.create_type.as_str().into(),
                     capacity: l.capacity,
-                    used: l.bytes_on_disk(),
+                    disk_size: l.bytes_on_disk(),
                     extents: extents
                         .iter()
-                        .map(|x| {
-                            x.file_name()
+                        .map(|x| ExtentFile {
+                            file: x
+                                .file_name()
                                 .map(|n| n.to_string_lossy().into_owned())
-                                .unwrap_or_default()
+                                .unwrap_or_default(),
+                            disk_size: std::fs::metadata(x)
+                                .map(|m| {
+                                    use std::os::unix::fs::MetadataExt;
+                                    m.blocks() * 512
+                                })
+                                .unwrap_or(0),
                         })
                         .collect(),
                     device,
@@ -138,7 +154,7 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>> {
                 .unwrap_or_default(),
             create_type: "?".into(),
             capacity: 0,
-            used: 0,
+            disk_size: 0,
             extents: vec![],
             device: None,
             deltas: vec![],
@@ -180,7 +196,7 @@ pub fn write_text(
             e.file,
             e.create_type,
             size(e.capacity),
-            size(e.used)
+            size(e.disk_size)
         )?;
         if m {
             if let Some(d) = &e.device {
@@ -189,7 +205,7 @@ pub fn write_text(
         }
         writeln!(out)?;
         for x in &e.extents {
-            writeln!(out, "{pad}  extent {x}")?;
+            writeln!(out, "{pad}  extent {}", x.file)?;
         }
         for d in &e.deltas {
             show(out, d, indent + 1, h, m)?;

@@ -9,7 +9,7 @@ use crate::ops::Progress;
 pub use crate::format::manifest::{Manifest, ManifestBuilder, BLOCK};
 
 /// Result of [`verify`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Verification {
     /// Byte ranges whose blocks differ (adjacent blocks merged).
     pub differing: Vec<std::ops::Range<u64>>,
@@ -51,20 +51,49 @@ pub fn verify(
     popts: PipelineOptions,
     progress: &dyn Progress,
 ) -> Result<Verification> {
+    let text = pipeline::manifest_of(disk, popts, progress)?;
+    compare(disk.capacity(), &text, m)
+}
+
+/// Read a disk arriving on a pipe (`feed`, of `capacity` bytes: a stream on stdin, say,
+/// checked on its way from tape without restoring it) and compare it with `m`.
+pub fn verify_feed(
+    feed: &mut dyn pipeline::Feed,
+    capacity: u64,
+    m: &Manifest,
+    progress: &dyn Progress,
+) -> Result<Verification> {
+    let mut b = ManifestBuilder::new(capacity);
+    let mut next = 0u64;
+    feed.run(&mut |u, buf| {
+        if u.start > next {
+            b.zeros(next, u.start - next);
+        }
+        b.data(u.start, &buf);
+        progress.inc(u.len);
+        next = u.start + u.len;
+        Ok(())
+    })?;
+    if next < capacity {
+        b.zeros(next, capacity - next);
+    }
+    compare(capacity, &b.finish(), m)
+}
+
+fn compare(capacity: u64, text: &[u8], m: &Manifest) -> Result<Verification> {
     let mut v = Verification::default();
-    if disk.capacity() != m.capacity {
+    if capacity != m.capacity {
         v.capacity_mismatch = Some(format!(
-            "capacity is {} bytes, the manifest says {}",
-            disk.capacity(),
+            "capacity is {capacity} bytes, the manifest says {}",
             m.capacity
         ));
     }
-    let text = String::from_utf8(pipeline::manifest_of(disk, popts, progress)?).expect("ascii");
-    let ours = Manifest::parse(&text, std::path::Path::new("<computed>"))?;
+    let text = std::str::from_utf8(text).expect("ascii");
+    let ours = Manifest::parse(text, std::path::Path::new("<computed>"))?;
     for (i, (a, e)) in ours.blocks.iter().zip(&m.blocks).enumerate() {
         if a != e {
             let start = i as u64 * BLOCK;
-            let end = (start + BLOCK).min(disk.capacity());
+            let end = (start + BLOCK).min(capacity);
             match v.differing.last_mut() {
                 Some(r) if r.end == start => r.end = end,
                 _ => v.differing.push(start..end),

@@ -233,7 +233,9 @@ pub fn measure(
                     counts.compressed_all += s;
                 }
             }
-            progress.inc(u.len);
+            if u.read {
+                progress.inc(u.len);
+            }
             Ok(())
         },
     )?;

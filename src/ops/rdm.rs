@@ -16,6 +16,7 @@ use crate::output::{check_target, AtomicFile};
 #[derive(Debug, Clone, Serialize)]
 pub struct RdmInfo {
     /// The descriptor.
+    #[serde(rename = "file")]
     pub disk: String,
     /// `virtual` or `physical`.
     pub mode: String,

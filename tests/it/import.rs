@@ -439,9 +439,12 @@ fn ls_groups_disks_with_extents_and_deltas() {
     let arr = v.as_array().unwrap();
     assert_eq!(arr.len(), 2, "{v:#}");
     assert_eq!(arr[0]["file"], "a.vmdk");
-    assert_eq!(arr[0]["extents"][0], "a-flat.vmdk");
+    assert_eq!(arr[0]["extents"][0]["file"], "a-flat.vmdk");
     assert_eq!(arr[0]["deltas"][0]["file"], "a-000001.vmdk");
-    assert_eq!(arr[0]["deltas"][0]["extents"][0], "a-000001-delta.vmdk");
+    assert_eq!(
+        arr[0]["deltas"][0]["extents"][0]["file"],
+        "a-000001-delta.vmdk"
+    );
     assert_eq!(arr[0]["deltas"][0]["deltas"][0]["file"], "a-000002.vmdk");
     assert_eq!(arr[1]["file"], "b.vmdk");
     assert_eq!(arr[1]["extents"].as_array().unwrap().len(), 2);

@@ -3,6 +3,7 @@ pub mod util;
 mod backup;
 mod check;
 mod cli;
+mod commandline;
 mod corpus;
 mod corrupt;
 mod deltas_handmade;

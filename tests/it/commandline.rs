@@ -1,0 +1,506 @@
+//! One command line (issue 12): `--json` and `-q` on every command, one disk-type
+//! vocabulary, sizes with units, raw images in, `-` and folders as destinations, `verify -`,
+//! completions and a man page, and the vmkfstools front end. Content is checked with
+//! qemu-img (compare, info, qemu-io patterns), never with vmdkit's own reading alone.
+
+use super::util::*;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// Run vmdkit with `stdin` bytes; returns the output whatever the status.
+fn vmdkit_in(dir: &Path, args: &[&str], stdin: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut i = child.stdin.take().unwrap();
+    let data = stdin.to_vec();
+    let w = std::thread::spawn(move || {
+        let _ = i.write_all(&data);
+    });
+    let out = child.wait_with_output().unwrap();
+    w.join().unwrap();
+    out
+}
+
+fn json(out: &std::process::Output, what: &str) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn virtual_size(d: &Path, f: &str) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&qemu_img(d, &["info", "--output=json", f])).unwrap();
+    v["virtual-size"].as_u64().unwrap()
+}
+
+/// Every command takes `--json` (a result object on stdout, nothing else there) and
+/// `-q` (nothing on stderr on success).
+#[test]
+fn every_command_takes_json_and_quiet() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_create(d, "monolithicSparse", "a.vmdk", "8M");
+    qemu_io(d, "a.vmdk", &["write -P 0x5a 1M 1M"]);
+    std::fs::write(d.join("dev"), vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(d.join("patch.bin"), vec![7u8; 4096]).unwrap();
+    let steps: Vec<Vec<&str>> = vec![
+        vec!["info", "a.vmdk"],
+        vec!["map", "a.vmdk"],
+        vec!["geometry", "a.vmdk"],
+        vec![
+            "export",
+            "a.vmdk",
+            "e.vmdk",
+            "-d",
+            "stream",
+            "--manifest",
+            "a.crc",
+        ],
+        vec!["verify", "e.vmdk", "--manifest", "a.crc"],
+        vec!["import", "e.vmdk", "i.vmdk", "-d", "sparse"],
+        vec!["measure", "a.vmdk"],
+        vec!["create", "c.vmdk", "--size", "4M", "-d", "thin"],
+        vec!["extend", "c.vmdk", "--size", "+4M"],
+        vec!["redo", "add", "i.vmdk", "--style", "hosted"],
+        vec!["write", "i-000001.vmdk", "--offset", "8k", "patch.bin"],
+        vec!["commit", "i-000001.vmdk"],
+        vec!["cat", "a.vmdk", "-o", "a.raw"],
+        vec!["rdm", "create", "r.vmdk", "--device", "dev"],
+        vec!["rdm", "query", "r.vmdk"],
+        vec!["ls", "."],
+        vec!["check", "a.vmdk"],
+    ];
+    for s in &steps {
+        let mut args = vec!["--json", "-q"];
+        args.extend(s);
+        let out = vmdkit(d, &args);
+        let v = json(&out, &s.join(" "));
+        assert!(v.is_object() || v.is_array(), "{s:?}: {v}");
+        assert!(
+            out.stderr.is_empty(),
+            "{s:?} -q printed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Export's result names its files, bytes, grains and the content's CRC-32 (the
+    // manifest's total, computed independently by verify above).
+    let out = vmdkit(
+        d,
+        &["export", "a.vmdk", "e2.vmdk", "-d", "sparse", "--json"],
+    );
+    let v = json(&out, "export --json");
+    let crc = v["crc32"].as_str().unwrap().to_string();
+    let manifest = std::fs::read_to_string(d.join("a.crc")).unwrap();
+    assert!(
+        manifest.contains(&format!("total {crc}")),
+        "{crc} vs {manifest}"
+    );
+    assert_eq!(
+        v["bytes"].as_u64().unwrap(),
+        std::fs::metadata(d.join("e2.vmdk")).unwrap().len()
+    );
+    // The same keys name the same things: `file` for the disk, `disk_size` for space.
+    let ls = json(&vmdkit(d, &["ls", "--json"]), "ls");
+    let a = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["file"] == "a.vmdk")
+        .unwrap();
+    let info = json(&vmdkit(d, &["info", "--json", "a.vmdk"]), "info");
+    assert_eq!(a["disk_size"], info["disk_size"]);
+    let q = json(
+        &vmdkit(d, &["rdm", "query", "--json", "r.vmdk"]),
+        "rdm query",
+    );
+    assert!(q["file"].as_str().unwrap().ends_with("r.vmdk"), "{q}");
+    // Data on stdout: the result goes to stderr.
+    let out = vmdkit(d, &["export", "a.vmdk", "-", "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(v["bytes"].as_u64().unwrap(), out.stdout.len() as u64);
+}
+
+/// 0 ok, 1 error, check 2/3, verify 4 on a mismatch, 64 usage.
+#[test]
+fn the_exit_code_table_holds() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_create(d, "monolithicSparse", "a.vmdk", "4M");
+    qemu_io(d, "a.vmdk", &["write -P 0x11 0 1M"]);
+    vmdkit_ok(
+        d,
+        &[
+            "export",
+            "a.vmdk",
+            "a.s.vmdk",
+            "-d",
+            "stream",
+            "--manifest",
+            "a.crc",
+        ],
+    );
+    qemu_io(d, "a.vmdk", &["write -P 0x12 2M 4k"]);
+    let out = vmdkit(d, &["verify", "a.vmdk", "--manifest", "a.crc"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("differs: bytes 0x200000..0x300000"));
+    assert_eq!(
+        vmdkit(d, &["verify", "a.s.vmdk", "--manifest", "a.crc"])
+            .status
+            .code(),
+        Some(0)
+    );
+    assert_eq!(
+        vmdkit(d, &["verify", "nope.vmdk", "--manifest", "a.crc"])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(
+        vmdkit(d, &["create", "x.vmdk", "--size", "1q"])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(vmdkit(d, &["create", "x.vmdk"]).status.code(), Some(64));
+    assert_eq!(vmdkit(d, &["frobnicate"]).status.code(), Some(64));
+    // Messages say what the rule is, in words.
+    let err = vmdkit_err(d, &["export", "a.vmdk", "z.vmdk", "--level", "12"]);
+    assert!(err.contains("must be 0 to 9"), "{err}");
+    let out = vmdkit(
+        d,
+        &["export", "a.vmdk", "z.vmdk", "-d", "sparse", "--level", "3"],
+    );
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--level applies to streamOptimized"));
+    // Help: examples and exit codes, no doubled defaults.
+    let help = String::from_utf8(vmdkit_ok(d, &["export", "--help"]).stdout).unwrap();
+    assert!(
+        help.contains("Examples:") && help.contains("Exit:"),
+        "{help}"
+    );
+    assert!(!help.contains("[default: 0]"), "{help}");
+}
+
+/// Sizes and offsets with units; `+N` grows; one type vocabulary with aliases.
+#[test]
+fn sizes_with_units_and_one_type_vocabulary() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    vmdkit_ok(d, &["create", "a.vmdk", "--size", "1.5M", "-d", "sparse"]);
+    assert_eq!(virtual_size(d, "a.vmdk"), 3 << 19);
+    vmdkit_ok(d, &["extend", "a.vmdk", "--size", "+512KiB"]);
+    assert_eq!(virtual_size(d, "a.vmdk"), 2 << 20);
+    vmdkit_ok(d, &["extend", "a.vmdk", "--size", "4MB"]);
+    assert_eq!(virtual_size(d, "a.vmdk"), 4 << 20);
+    std::fs::write(d.join("p.bin"), vec![0x3cu8; 8192]).unwrap();
+    vmdkit_ok(d, &["write", "a.vmdk", "--offset", "1.5M", "p.bin"]);
+    vmdkit_ok(d, &["write", "a.vmdk", "--offset", "3072s", "--zero", "4k"]);
+    qemu_io(
+        d,
+        "a.vmdk",
+        &[
+            "read -P 0 1536k 4k",
+            "read -P 0x3c 1540k 4k",
+            "read -P 0 0 1536k",
+        ],
+    );
+    // Every type name and alias writes the same disk as its createType name.
+    qemu_io(d, "a.vmdk", &["write -P 0x77 0 64k"]);
+    for (alias, canon) in [
+        ("2gbsparse", "twoGbMaxExtentSparse"),
+        ("sparse", "monolithicSparse"),
+        ("thin", "vmfs"),
+        ("flat", "monolithicFlat"),
+        ("2gbflat", "twoGbMaxExtentFlat"),
+        ("stream", "streamOptimized"),
+    ] {
+        for (name, dir) in [(alias, "x"), (canon, "y")] {
+            let p = d.join(format!("{dir}-{alias}"));
+            std::fs::create_dir(&p).unwrap();
+            vmdkit_ok(&p, &["export", "../a.vmdk", "o.vmdk", "-d", name]);
+        }
+        let x = d.join(format!("x-{alias}"));
+        let y = d.join(format!("y-{alias}"));
+        for e in std::fs::read_dir(&x).unwrap() {
+            let e = e.unwrap();
+            assert_eq!(
+                sha256_file(&e.path()),
+                sha256_file(&y.join(e.file_name())),
+                "{alias} vs {canon}: {:?}",
+                e.file_name()
+            );
+        }
+        qemu_img(&x, &["compare", "o.vmdk", "../a.vmdk"]);
+    }
+    // zeroedthick export: a vmfs disk whose flat file is allocated in full.
+    vmdkit_ok(d, &["export", "a.vmdk", "thick.vmdk", "-d", "zeroedthick"]);
+    qemu_img(d, &["compare", "thick.vmdk", "a.vmdk"]);
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(d.join("thick-flat.vmdk")).unwrap();
+    assert!(m.blocks() * 512 >= 4 << 20, "zeroedthick is allocated");
+    let desc = std::fs::read_to_string(d.join("thick.vmdk")).unwrap();
+    assert!(!desc.contains("thinProvisioned"), "{desc}");
+    let err = vmdkit_err(d, &["export", "a.vmdk", "q.vmdk", "-d", "qcow2"]);
+    assert!(
+        err.contains("unknown disk type") && err.contains("eagerzeroedthick"),
+        "{err}"
+    );
+}
+
+/// Raw images are a source (files, devices, stdin with --size); other formats are named.
+#[test]
+fn raw_images_in_and_foreign_formats_named() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_create(d, "monolithicSparse", "a.vmdk", "6M");
+    qemu_io(d, "a.vmdk", &["write -P 0x21 0 1M", "write -P 0x22 5M 64k"]);
+    qemu_img(d, &["convert", "-O", "raw", "a.vmdk", "a.img"]);
+    let err = vmdkit_err(d, &["import", "a.img", "x.vmdk"]);
+    assert!(err.contains("--from raw"), "{err}");
+    vmdkit_ok(
+        d,
+        &["import", "--from", "raw", "a.img", "b.vmdk", "-d", "sparse"],
+    );
+    qemu_img(d, &["compare", "b.vmdk", "a.vmdk"]);
+    let raw = std::fs::read(d.join("a.img")).unwrap();
+    let out = vmdkit_in(
+        d,
+        &["import", "--from", "raw", "--size", "6M", "-", "c.vmdk"],
+        &raw,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    qemu_img(d, &["compare", "c.vmdk", "a.vmdk"]);
+    // A cut pipe or a wrong size is refused, nothing left behind.
+    for (size, input) in [("6M", &raw[..raw.len() - 512]), ("5M", &raw[..])] {
+        let out = vmdkit_in(
+            d,
+            &["import", "--from", "raw", "--size", size, "-", "z.vmdk"],
+            input,
+        );
+        assert_eq!(out.status.code(), Some(1), "{size}");
+        assert!(!d.join("z.vmdk").exists());
+    }
+    let out = vmdkit_in(d, &["import", "--from", "raw", "-", "z.vmdk"], &raw);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--size"));
+    // Named formats with what to do.
+    qemu_img(d, &["convert", "-O", "qcow2", "a.vmdk", "a.qcow2"]);
+    let err = vmdkit_err(d, &["import", "a.qcow2", "x.vmdk"]);
+    assert!(
+        err.contains("qcow2") && err.contains("qemu-img convert"),
+        "{err}"
+    );
+    qemu_img(d, &["convert", "-O", "vpc", "a.vmdk", "a.vhd"]);
+    let err = vmdkit_err(d, &["info", "a.vhd"]);
+    assert!(err.contains("VHD"), "{err}");
+    let gz = {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&std::fs::read(d.join("a.vmdk")).unwrap())
+            .unwrap();
+        e.finish().unwrap()
+    };
+    let out = vmdkit_in(d, &["import", "-", "x.vmdk"], &gz);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gunzip"));
+}
+
+/// `-` as a destination is stdout; an existing folder means "inside it, same name";
+/// `verify -` checks a stream on stdin without restoring it.
+#[test]
+fn dash_and_folders_as_destinations_and_verify_from_stdin() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_create(d, "monolithicSparse", "a.vmdk", "6M");
+    qemu_io(d, "a.vmdk", &["write -P 0x31 1M 2M"]);
+    let out = vmdkit(d, &["import", "a.vmdk", "-"]);
+    assert!(out.status.success());
+    std::fs::write(d.join("s.vmdk"), &out.stdout).unwrap();
+    qemu_img(d, &["compare", "s.vmdk", "a.vmdk"]);
+    assert!(!d.join("-").exists());
+    std::fs::create_dir(d.join("dir")).unwrap();
+    vmdkit_ok(d, &["export", "a.vmdk", "dir", "-d", "split"]);
+    qemu_img(d, &["compare", "dir/a.vmdk", "a.vmdk"]);
+    assert!(d.join("dir/a-s001.vmdk").exists());
+    std::fs::create_dir(d.join("dir2")).unwrap();
+    vmdkit_ok(d, &["import", "s.vmdk", "dir2/", "-d", "sparse"]);
+    qemu_img(d, &["compare", "dir2/s.vmdk", "a.vmdk"]);
+    // verify - : the stream on stdin, against the manifest.
+    vmdkit_ok(
+        d,
+        &[
+            "export",
+            "a.vmdk",
+            "t.vmdk",
+            "-d",
+            "stream",
+            "--manifest",
+            "a.crc",
+        ],
+    );
+    let stream = std::fs::read(d.join("t.vmdk")).unwrap();
+    let out = vmdkit_in(d, &["verify", "-", "--manifest", "a.crc"], &stream);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    qemu_io(d, "a.vmdk", &["write -P 0x32 5M 4k"]);
+    vmdkit_ok(d, &["export", "a.vmdk", "u.vmdk", "-d", "stream"]);
+    let changed = std::fs::read(d.join("u.vmdk")).unwrap();
+    let out = vmdkit_in(d, &["verify", "-", "--manifest", "a.crc"], &changed);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0x500000..0x600000"));
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_definitions() {
+    let t = tmp();
+    let d = t.path();
+    for sh in ["bash", "zsh", "fish"] {
+        let out = String::from_utf8(vmdkit_ok(d, &["completions", sh]).stdout).unwrap();
+        assert!(out.contains("vmdkit") && out.contains("measure"), "{sh}");
+    }
+    let man = String::from_utf8(vmdkit_ok(d, &["man"]).stdout).unwrap();
+    assert!(
+        man.starts_with(".ie") || man.contains(".TH"),
+        "{}",
+        &man[..200.min(man.len())]
+    );
+    assert!(man.contains("export"));
+}
+
+/// The vmkfstools front end, end to end: each flag gives what the vmdkit command gives
+/// (and qemu-img agrees on the content), through `vmdkit vmkfstools` and through a link
+/// named `vmkfstools`.
+#[test]
+fn vmkfstools_flags_work_end_to_end() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    let link = d.join("vmkfstools");
+    std::os::unix::fs::symlink(bin(), &link).unwrap();
+    let vmkfstools = |args: &[&str]| -> std::process::Output {
+        let out = Command::new(&link)
+            .args(args)
+            .current_dir(d)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "vmkfstools {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    // -c: the same disk as `create` (descriptor aside from its CID and UUID-free keys).
+    vmkfstools(&["-c", "20m", "-d", "thin", "-a", "pvscsi", "v.vmdk"]);
+    vmdkit_ok(
+        d,
+        &[
+            "create", "w.vmdk", "--size", "20m", "-d", "thin", "-a", "pvscsi",
+        ],
+    );
+    assert_eq!(virtual_size(d, "v.vmdk"), 20 << 20);
+    let strip = |p: &str| -> String {
+        std::fs::read_to_string(d.join(p))
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                !l.starts_with("CID") && !l.contains("longContentID") && !l.starts_with("RW")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(strip("v.vmdk"), strip("w.vmdk"));
+    qemu_io(d, "v.vmdk", &["write -P 0x41 0 3M", "write -P 0x42 17M 1M"]);
+    // -i clone, -e export (2 GB pieces), -X extend.
+    vmdkit(
+        d,
+        &[
+            "vmkfstools",
+            "-i",
+            "v.vmdk",
+            "-d",
+            "2gbsparse",
+            "clone.vmdk",
+        ],
+    );
+    qemu_img(d, &["compare", "clone.vmdk", "v.vmdk"]);
+    vmkfstools(&["-e", "exp.vmdk", "v.vmdk"]);
+    qemu_img(d, &["compare", "exp.vmdk", "v.vmdk"]);
+    assert!(d.join("exp-s001.vmdk").exists());
+    vmkfstools(&["-X", "32m", "clone.vmdk"]);
+    assert_eq!(virtual_size(d, "clone.vmdk"), 32 << 20);
+    // -g equals geometry; -l lists; -x check.
+    let g1 = vmkfstools(&["-g", "v.vmdk"]).stdout;
+    let g2 = vmdkit_ok(d, &["geometry", "v.vmdk"]).stdout;
+    assert_eq!(g1, g2);
+    let l = String::from_utf8(vmkfstools(&["-l", "-h"]).stdout).unwrap();
+    assert!(l.contains("v.vmdk") && l.contains("MiB"), "{l}");
+    vmkfstools(&["-x", "check", "clone.vmdk"]);
+    // -m: commit the REDO log of a disk.
+    vmdkit_ok(d, &["redo", "add", "v.vmdk"]);
+    std::fs::write(d.join("p.bin"), vec![0x43u8; 65536]).unwrap();
+    vmdkit_ok(d, &["write", "v.vmdk.REDO", "--offset", "1M", "p.bin"]);
+    vmkfstools(&["-m", "v.vmdk"]);
+    assert!(!d.join("v.vmdk.REDO").exists());
+    qemu_io(
+        d,
+        "v.vmdk",
+        &[
+            "read -P 0x43 1M 64k",
+            "read -P 0x41 0 1M",
+            "read -P 0x42 17M 1M",
+        ],
+    );
+    // -r / -z / -q: raw device mappings.
+    std::fs::write(d.join("dev"), vec![0u8; 4 << 20]).unwrap();
+    vmkfstools(&["-z", "dev", "rdmp.vmdk"]);
+    vmkfstools(&["-r", "dev", "rdm.vmdk"]);
+    let q = String::from_utf8(vmkfstools(&["-q", "rdmp.vmdk"]).stdout).unwrap();
+    assert!(
+        q.to_lowercase().contains("passthrough") || q.contains("physical"),
+        "{q}"
+    );
+    // Through `vmdkit vmkfstools`, vmkfstools' -q is still "query", not vmdkit's quiet.
+    let q2 = vmdkit_ok(d, &["vmkfstools", "-q", "rdmp.vmdk"]).stdout;
+    assert_eq!(String::from_utf8(q2).unwrap(), q);
+    // Unknown and unsupported flags name what to use.
+    let out = vmdkit(d, &["vmkfstools", "-U", "v.vmdk"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rm"));
+    let out = Command::new(&link)
+        .arg("-H")
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("-c SIZE"));
+}
