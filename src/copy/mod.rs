@@ -452,6 +452,7 @@ pub(crate) mod tests {
                     name: "raw".into(),
                 }],
                 nonzero_grains: None,
+                sparse_extents: false,
                 embedded: None,
                 tar: None,
             };

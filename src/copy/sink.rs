@@ -421,6 +421,89 @@ fn tar_header(name: &str, size: u64, mtime: u64) -> Result<[u8; 512]> {
     Ok(*h.as_bytes())
 }
 
+/// The data runs of flat file `p` (offset in the file, length) from a zero-scan bitmap,
+/// or None when it has no hole worth a sparse member or the map would be too large
+/// (then the member is sent whole).
+fn sparse_member_runs(p: &OutputFile, bits: &[u64]) -> Option<Vec<(u64, u64)>> {
+    /// Sparse maps larger than this (about 800k runs) are not worth holding.
+    const MAX_MAP_BYTES: usize = 16 << 20;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut map_bytes = 0usize;
+    let g0 = p.start / GRAIN;
+    let grains = p.len.div_ceil(GRAIN);
+    for j in 0..grains {
+        let g = g0 + j;
+        if bits[(g / 64) as usize] >> (g % 64) & 1 == 0 {
+            continue;
+        }
+        let off = j * GRAIN;
+        let len = GRAIN.min(p.len - off);
+        match runs.last_mut() {
+            Some(r) if r.0 + r.1 == off => r.1 += len,
+            _ => {
+                runs.push((off, len));
+                map_bytes += 42;
+                if map_bytes > MAX_MAP_BYTES {
+                    return None;
+                }
+            }
+        }
+    }
+    let data: u64 = runs.iter().map(|r| r.1).sum();
+    (data < p.len).then_some(runs)
+}
+
+/// A PAX extended-header record: `LEN key=value\n`, LEN counting itself.
+fn pax_record(key: &str, value: &str) -> String {
+    let body = format!(" {key}={value}\n");
+    let mut n = body.len() + 1;
+    while format!("{n}").len() + body.len() != n {
+        n += 1;
+    }
+    format!("{n}{body}")
+}
+
+/// The head of a GNU sparse (format 1.0, PAX) tar member for flat file `name` of `size`
+/// bytes holding data in `runs`: the PAX header naming the real file and size, the
+/// ustar header of the member, and the sparse map block; the runs' bytes follow. GNU tar
+/// and bsdtar restore such a member with holes where no run is.
+fn sparse_member_head(name: &str, size: u64, runs: &[(u64, u64)], mtime: u64) -> Result<Vec<u8>> {
+    let mut map = format!("{}\n", runs.len() + 1);
+    for (o, l) in runs {
+        map.push_str(&format!("{o}\n{l}\n"));
+    }
+    // A last, empty run at the end gives the file its full size (as GNU tar writes it).
+    map.push_str(&format!("{size}\n0\n"));
+    let mut map = map.into_bytes();
+    map.resize(map.len().div_ceil(512) * 512, 0);
+    let data: u64 = runs.iter().map(|r| r.1).sum();
+    let records = [
+        pax_record("GNU.sparse.major", "1"),
+        pax_record("GNU.sparse.minor", "0"),
+        pax_record("GNU.sparse.name", name),
+        pax_record("GNU.sparse.realsize", &size.to_string()),
+    ]
+    .concat();
+    let mut pax = tar::Header::new_ustar();
+    pax.set_path(format!("PaxHeaders.0/{name}"))
+        .map_err(|e| Error::InvalidInput(format!("cannot name tar member `{name}`: {e}")))?;
+    pax.set_size(records.len() as u64);
+    pax.set_mode(0o644);
+    pax.set_mtime(mtime);
+    pax.set_entry_type(tar::EntryType::XHeader);
+    pax.set_cksum();
+    let mut out = pax.as_bytes().to_vec();
+    out.extend_from_slice(records.as_bytes());
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out.extend_from_slice(&tar_header(
+        &format!("GNUSparseFile.0/{name}"),
+        map.len() as u64 + data,
+        mtime,
+    )?);
+    out.extend_from_slice(&map);
+    Ok(out)
+}
+
 /// Sequential outputs built from known extent sizes: raw content, flat extents in tar,
 /// sparse extents (tables computed by the zero-scan pass) alone or in tar.
 struct SeqSink {
@@ -428,6 +511,9 @@ struct SeqSink {
     pieces: Vec<OutputFile>,
     /// Per piece: for sparse, (layout, gtes, allocated grains); None for flat.
     sparse: Vec<Option<(SparseLayout, GrainEntries, u64)>>,
+    /// Per flat piece in a tar: its data runs (piece-relative offset, length), sent as a
+    /// GNU sparse member; None: sent whole.
+    holes: Vec<Option<Vec<(u64, u64)>>>,
     embedded: Option<Vec<u8>>,
     tar: bool,
     mtime: u64,
@@ -457,12 +543,17 @@ impl SeqSink {
                 })?;
                 self.out.zeros(layout.over_head * SECTOR - pos)?;
             }
-            None => {
-                if self.tar {
+            None => match &self.holes[i] {
+                Some(runs) => {
+                    let head = sparse_member_head(&p.name, p.len, runs, self.mtime)?;
+                    self.out.write(&head)?;
+                }
+                None if self.tar => {
                     let h = tar_header(&p.name, p.len, self.mtime)?;
                     self.out.write(&h)?;
                 }
-            }
+                None => {}
+            },
         }
         self.cur = Some(i);
         self.done = 0;
@@ -482,10 +573,21 @@ impl SeqSink {
                     )));
                 }
             }
-            None => {
-                let rest = self.pieces[i].len - self.done;
-                self.out.zeros(rest)?;
-            }
+            None => match &self.holes[i] {
+                Some(runs) => {
+                    let planned: u64 = runs.iter().map(|r| r.1).sum();
+                    if self.done != planned {
+                        return Err(Error::InvalidInput(format!(
+                            "the source changed between the zero-scan pass and the write pass ({planned} bytes of data planned, {} found in `{}`)",
+                            self.done, self.pieces[i].name
+                        )));
+                    }
+                }
+                None => {
+                    let rest = self.pieces[i].len - self.done;
+                    self.out.zeros(rest)?;
+                }
+            },
         }
         if self.tar {
             self.out.pad_to(512)?;
@@ -523,6 +625,18 @@ impl Sink for SeqSink {
                     self.out.write(chunk)?;
                     self.out.zeros(GRAIN - chunk.len() as u64)?;
                     self.done += 1;
+                    self.grains += 1;
+                }
+            }
+        } else if self.holes[i].is_some() {
+            // A GNU sparse member: only the data grains' bytes, in order.
+            let Piece::Data { buf, nonzero, .. } = p else {
+                return Ok(());
+            };
+            for (g, chunk) in buf.chunks(GRAIN as usize).enumerate() {
+                if nonzero[g] {
+                    self.out.write(chunk)?;
+                    self.done += chunk.len() as u64;
                     self.grains += 1;
                 }
             }
@@ -666,8 +780,11 @@ pub enum SeqKind {
     Files {
         /// The files.
         files: Vec<OutputFile>,
-        /// For sparse extents: the zero-scan bitmap.
+        /// The zero-scan bitmap: sparse extents are laid out from it; flat files in a tar
+        /// become GNU sparse members (holes not sent).
         nonzero_grains: Option<Vec<u64>>,
+        /// The files are hosted sparse extents (else flat).
+        sparse_extents: bool,
         /// The embedded descriptor of a monolithic sparse file.
         embedded: Option<Vec<u8>>,
         /// (descriptor name, descriptor text, mtime of the members) for a tar stream.
@@ -682,7 +799,7 @@ pub fn to_writer(w: Box<dyn Write + Send>, kind: SeqKind, capacity: u64) -> Resu
         pos: 0,
         name: PathBuf::from("<stdout>"),
     };
-    let (files, nonzero_grains, embedded, tar) = match kind {
+    let kind_parts = match kind {
         SeqKind::Stream { descriptor, delta } => {
             return Ok(Box::new(StreamSink::new(
                 out,
@@ -694,11 +811,19 @@ pub fn to_writer(w: Box<dyn Write + Send>, kind: SeqKind, capacity: u64) -> Resu
         SeqKind::Files {
             files,
             nonzero_grains,
+            sparse_extents,
             embedded,
             tar,
-        } => (files, nonzero_grains, embedded, tar),
+        } => (files, nonzero_grains, embedded, tar, sparse_extents),
     };
-    let sparse = match nonzero_grains {
+    let (files, nonzero_grains, embedded, tar, sparse_extents) = kind_parts;
+    let holes = match (&nonzero_grains, &tar) {
+        (Some(bits), Some(_)) if !sparse_extents => {
+            files.iter().map(|p| sparse_member_runs(p, bits)).collect()
+        }
+        _ => vec![None; files.len()],
+    };
+    let sparse = match nonzero_grains.filter(|_| sparse_extents) {
         Some(bits) => {
             let desc_sectors = embedded.as_deref().map_or(0, embedded_sectors);
             files
@@ -718,6 +843,7 @@ pub fn to_writer(w: Box<dyn Write + Send>, kind: SeqKind, capacity: u64) -> Resu
         out,
         pieces: files,
         sparse,
+        holes,
         embedded,
         tar: tar.is_some(),
         mtime,

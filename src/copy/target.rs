@@ -604,12 +604,16 @@ pub fn export_fed(
                     descriptor: descriptor.clone().expect("stream descriptor"),
                     delta: opts.delta,
                 },
+                // Sparse extents are laid out from a zero-scan pass; flat files in a tar
+                // use it too, to become GNU sparse members (a thin disk stays small on
+                // tape).
                 _ => SeqKind::Files {
-                    nonzero_grains: if format.is_sparse() {
+                    nonzero_grains: if format != ExportFormat::Raw {
                         Some(pipeline::scan(chain, popts, &crate::copy::NoProgress)?)
                     } else {
                         None
                     },
+                    sparse_extents: format.is_sparse(),
                     files: pieces,
                     embedded: embedded.clone(),
                     tar: (!matches!(format, ExportFormat::Raw | ExportFormat::MonolithicSparse))

@@ -51,6 +51,7 @@ pub fn cat_to_writer(
             name: "<stdout>".into(),
         }],
         nonzero_grains: None,
+        sparse_extents: false,
         embedded: None,
         tar: None,
     };

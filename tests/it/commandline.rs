@@ -504,3 +504,104 @@ fn vmkfstools_flags_work_end_to_end() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("-c SIZE"));
 }
+
+/// `check` of a truncated file: the first findings, a count of the rest, and the lost
+/// guest ranges merged; the ranges are the ones qemu-img map places past the cut.
+#[test]
+fn check_of_a_truncated_file_sums_up_the_lost_ranges() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_create(d, "monolithicSparse", "a.vmdk", "64M");
+    qemu_io(d, "a.vmdk", &["write -P 0x51 0 8M", "write -P 0x52 20M 3M"]);
+    let map: serde_json::Value =
+        serde_json::from_str(&qemu_img(d, &["map", "--output=json", "a.vmdk"])).unwrap();
+    let cut = 4u64 << 20;
+    let mut want: Vec<(u64, u64)> = Vec::new();
+    for r in map.as_array().unwrap() {
+        let (Some(off), true) = (r["offset"].as_u64(), r["data"].as_bool().unwrap()) else {
+            continue;
+        };
+        let (start, len) = (r["start"].as_u64().unwrap(), r["length"].as_u64().unwrap());
+        // Grains whose bytes lie at or past the cut are lost.
+        let mut g = 0;
+        while g < len {
+            if off + g + 65536 > cut {
+                match want.last_mut() {
+                    Some(l) if l.1 == start + g => l.1 += 65536,
+                    _ => want.push((start + g, start + g + 65536)),
+                }
+            }
+            g += 65536;
+        }
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("a.vmdk"))
+        .unwrap();
+    f.set_len(cut).unwrap();
+    let out = vmdkit(d, &["check", "a.vmdk"]);
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().count() < 40, "{text}");
+    assert!(text.contains("more error findings"), "{text}");
+    for (a, b) in &want {
+        assert!(
+            text.contains(&format!("bytes {a:#x}..{b:#x}")),
+            "{a:#x}..{b:#x}: {text}"
+        );
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&vmdkit(d, &["check", "--json", "a.vmdk"]).stdout).unwrap();
+    let got: Vec<(u64, u64)> = v["lost"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_u64().unwrap(), p[1].as_u64().unwrap()))
+        .collect();
+    assert_eq!(got, want);
+}
+
+/// A thin disk exported to a tar stream stays small: flat files become GNU sparse
+/// members, which GNU tar restores with holes, and `import -` reads back.
+#[test]
+fn thin_disks_in_tar_streams_are_sparse_members() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    vmdkit_ok(d, &["create", "e.vmdk", "--size", "256M", "-d", "thin"]);
+    qemu_io(
+        d,
+        "e.vmdk",
+        &["write -P 0x61 1M 3M", "write -P 0x62 200M 65k"],
+    );
+    for kind in ["vmfs", "flat", "2gbflat"] {
+        let out = vmdkit_ok(d, &["export", "e.vmdk", "-", "-d", kind]);
+        assert!(
+            out.stdout.len() < 4 << 20,
+            "{kind}: {} bytes",
+            out.stdout.len()
+        );
+        let x = d.join(format!("x-{kind}"));
+        std::fs::create_dir(&x).unwrap();
+        std::fs::write(d.join("t.tar"), &out.stdout).unwrap();
+        run(&x, "tar", &["-xf", "../t.tar"]);
+        qemu_img(&x, &["compare", "e.vmdk", "../e.vmdk"]);
+        use std::os::unix::fs::MetadataExt;
+        let flat: u64 = std::fs::read_dir(&x)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+            .sum();
+        assert!(
+            flat < 8 << 20,
+            "{kind}: restored with holes ({flat} bytes allocated)"
+        );
+        let r = vmdkit_in(
+            d,
+            &["import", "-", &format!("r-{kind}.vmdk"), "-d", "sparse"],
+            &out.stdout,
+        );
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        qemu_img(d, &["compare", &format!("r-{kind}.vmdk"), "e.vmdk"]);
+    }
+}

@@ -277,7 +277,8 @@ fn a_truncated_file_is_never_written_by_check_nor_called_clean() {
         "{text}"
     );
     assert!(
-        text.contains("Lost guest data: 65536 bytes in 1 ranges"),
+        text.contains("Lost guest data: 65536 bytes (64.0 KiB) in 1 range;")
+            && text.contains("bytes 0x2100000..0x2110000 (64.0 KiB)"),
         "{text}"
     );
     assert_eq!(sha256_file(&d.join("bad.vmdk")), before, "check wrote");

@@ -371,6 +371,65 @@ fn read_directory_zeroed(
     Ok(())
 }
 
+/// The data of a GNU sparse 1.0 member: the map (decimal lines: count, then offset and
+/// length of each run; padded to 512 bytes), then each run's bytes, emitted at `base +
+/// offset`. Runs must be in order, inside `len`, and the map of sane size.
+fn read_sparse_member(c: &mut Counted<'_>, base: u64, len: u64, emit: Emit<'_>) -> Result<()> {
+    let bad =
+        |at: u64, what: &str| Error::corrupt(c.name, at, format!("sparse tar member: {what}"));
+    // The map is read a block at a time until it has all its numbers.
+    let mut text = Vec::new();
+    let mut block = [0u8; 512];
+    let numbers = |t: &[u8]| -> Vec<u64> {
+        let s = String::from_utf8_lossy(t);
+        let mut v = Vec::new();
+        for l in s.split('\n') {
+            match l.trim_matches('\0').parse() {
+                Ok(n) => v.push(n),
+                Err(_) => break,
+            }
+        }
+        v
+    };
+    loop {
+        if text.len() > 16 << 20 {
+            return Err(bad(0, "sparse map larger than 16 MiB"));
+        }
+        c.exact(&mut block)?;
+        text.extend_from_slice(&block);
+        let have = text.iter().filter(|&&b| b == b'\n').count();
+        if let Some(&n) = numbers(&text).first() {
+            if have as u64 > n.saturating_mul(2) {
+                break;
+            }
+        } else if text.contains(&b'\n') {
+            return Err(bad(0, "no run count"));
+        }
+    }
+    let v = numbers(&text);
+    let n = v[0] as usize;
+    if v.len() < 1 + 2 * n {
+        return Err(bad(0, "map shorter than its count"));
+    }
+    let mut at = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for k in 0..n {
+        let (off, l) = (v[1 + 2 * k], v[2 + 2 * k]);
+        if off < at || off.checked_add(l).is_none_or(|e| e > len) {
+            return Err(bad(off, "run out of order or past the file's size"));
+        }
+        let mut done = 0;
+        while done < l {
+            let m = (l - done).min(buf.len() as u64) as usize;
+            c.exact(&mut buf[..m])?;
+            emit(base + off + done, &buf[..m])?;
+            done += m as u64;
+        }
+        at = off + l;
+    }
+    Ok(())
+}
+
 /// Read an uncompressed hosted sparse file from a pipe: its tables must come before its
 /// grains, and grains must be in ascending LBA order (as export and qemu-img convert
 /// write them). `limit` is the number of bytes the file has (tar members), or None.
@@ -513,7 +572,27 @@ pub fn read_tar(input: &mut dyn Read, name: &Path, emit: Emit<'_>) -> Result<Str
             .path()
             .map_err(|e| Error::io("read tar", name, 0, e))?
             .into_owned();
-        let member = path.to_string_lossy().into_owned();
+        let mut member = path.to_string_lossy().into_owned();
+        // A GNU sparse member (format 1.0, in PAX records): the real name and size are in
+        // the records, the data starts with the map of its runs.
+        let mut sparse_size: Option<u64> = None;
+        if let Ok(Some(exts)) = entry.pax_extensions() {
+            let mut major = None;
+            for e in exts.flatten() {
+                match (e.key().unwrap_or(""), e.value().unwrap_or("")) {
+                    ("GNU.sparse.major", v) => major = Some(v.to_string()),
+                    ("GNU.sparse.name", v) => member = v.to_string(),
+                    ("GNU.sparse.realsize", v) => sparse_size = v.parse().ok(),
+                    _ => {}
+                }
+            }
+            if sparse_size.is_some() && major.as_deref() != Some("1") {
+                return Err(Error::unsupported(
+                    name,
+                    format!("tar member `{member}`: GNU sparse format other than 1.0"),
+                ));
+            }
+        }
         let Some(i) = lines
             .iter()
             .position(|l| l.file.as_deref() == Some(member.as_str()))
@@ -546,6 +625,17 @@ pub fn read_tar(input: &mut dyn Read, name: &Path, emit: Emit<'_>) -> Result<Str
                 } else {
                     read_sparse(&mut c, &h, base, emit)?;
                 }
+            }
+            ExtentType::Flat | ExtentType::Vmfs if sparse_size.is_some() => {
+                let len = line.sectors.saturating_mul(SECTOR);
+                if line.offset.unwrap_or(0) != 0 || sparse_size != Some(len) {
+                    return Err(Error::corrupt(
+                        name,
+                        0,
+                        format!("sparse tar member `{member}` does not match its extent line"),
+                    ));
+                }
+                read_sparse_member(&mut c, base, len, emit)?;
             }
             ExtentType::Flat | ExtentType::Vmfs => {
                 c.skip_to(line.offset.unwrap_or(0).saturating_mul(SECTOR))?;

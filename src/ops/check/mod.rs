@@ -79,6 +79,20 @@ pub struct CheckOptions {
 }
 
 impl CheckReport {
+    /// The lost guest ranges, sorted, adjacent and overlapping ones merged.
+    pub fn merged_lost(&self) -> Vec<(u64, u64)> {
+        let mut v = self.lost.clone();
+        v.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (a, b) in v {
+            match out.last_mut() {
+                Some(l) if a <= l.1 => l.1 = l.1.max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        out
+    }
+
     /// The report as JSON: `exit_code`, `findings` (each `file`, `offset`, `severity`,
     /// `what`, `repaired`), `incomplete`, `leaked_bytes`, `lost` (guest byte ranges).
     pub fn write_json(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
@@ -87,7 +101,7 @@ impl CheckReport {
             "findings": self.findings,
             "incomplete": self.incomplete,
             "leaked_bytes": self.leaked_bytes,
-            "lost": self.lost,
+            "lost": self.merged_lost(),
         });
         serde_json::to_writer_pretty(&mut *out, &v)?;
         writeln!(out)
@@ -96,7 +110,25 @@ impl CheckReport {
     /// The report as text, as `qemu-img check` words it: one line per finding, then the
     /// lost guest data and a summary.
     pub fn write_text(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+        // A truncated file fails grain by grain: show the first findings of a file and
+        // severity, then count the rest (all of them are in --json).
+        const SHOWN: usize = 20;
+        let mut shown: Vec<((&std::path::Path, Severity), usize)> = Vec::new();
         for f in &self.findings {
+            let key = (f.file.as_path(), f.severity);
+            let n = match shown.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => {
+                    *n += 1;
+                    *n
+                }
+                None => {
+                    shown.push((key, 1));
+                    1
+                }
+            };
+            if n > SHOWN {
+                continue;
+            }
             let sev = match f.severity {
                 Severity::Corruption => "ERROR",
                 Severity::Leak => "Leak",
@@ -114,15 +146,37 @@ impl CheckReport {
         if let Some(why) = &self.incomplete {
             writeln!(out, "The check could not finish: {why}")?;
         }
-        if let Some(first) = self.lost.first() {
-            let total: u64 = self.lost.iter().map(|(a, b)| b - a).sum();
+        for ((file, sev), n) in &shown {
+            if *n > SHOWN {
+                writeln!(
+                    out,
+                    "... and {} more {} findings in `{}` (--json lists all)",
+                    n - SHOWN,
+                    match sev {
+                        Severity::Corruption => "error",
+                        Severity::Leak => "leak",
+                        Severity::Warning => "warning",
+                    },
+                    file.display()
+                )?;
+            }
+        }
+        let lost = self.merged_lost();
+        if !lost.is_empty() {
+            let total: u64 = lost.iter().map(|(a, b)| b - a).sum();
             writeln!(
                 out,
-                "Lost guest data: {total} bytes in {} ranges (first {:#x}..{:#x}); repair cannot bring them back.",
-                self.lost.len(),
-                first.0,
-                first.1
+                "Lost guest data: {total} bytes ({}) in {} range{}; repair cannot bring them back:",
+                crate::ops::human(total),
+                lost.len(),
+                if lost.len() == 1 { "" } else { "s" }
             )?;
+            for (a, b) in lost.iter().take(SHOWN) {
+                writeln!(out, "  bytes {a:#x}..{b:#x} ({})", crate::ops::human(b - a))?;
+            }
+            if lost.len() > SHOWN {
+                writeln!(out, "  ... and {} more ranges", lost.len() - SHOWN)?;
+            }
         }
         let open_errors = self
             .findings
