@@ -143,6 +143,29 @@ pub fn info(chain: &Chain) -> DiskInfo {
             notes.push(format!("`{}`: {n}", l.path.display()));
         }
     }
+    // A snapshot's descriptor may carry its own adapter and geometry (qemu writes them
+    // into children); VMware keeps the disk's settings in the base, and an export takes
+    // the base's. Say so when they differ.
+    let base = chain.base();
+    if chain.layers.len() > 1 {
+        let show = |l: &Layer| {
+            format!(
+                "adapter {}, geometry {}",
+                l.descriptor.ddb("adapterType").unwrap_or("(not set)"),
+                geometry_of(l).map_or("(not set)".to_string(), |g| format!(
+                    "{}/{}/{}",
+                    g.cylinders, g.heads, g.sectors
+                ))
+            )
+        };
+        let (t, b) = (show(top), show(base));
+        if t != b && base.descriptor.ddb("adapterType").is_some() {
+            notes.push(format!(
+                "the top layer says {t}, the base `{}` says {b}: export and import keep the base's (where VMware keeps the disk's settings)",
+                base.path.display()
+            ));
+        }
+    }
     DiskInfo {
         file: top.path.display().to_string(),
         create_type: top.create_type.as_str().to_string(),

@@ -605,3 +605,32 @@ fn thin_disks_in_tar_streams_are_sparse_members() {
         qemu_img(d, &["compare", &format!("r-{kind}.vmdk"), "e.vmdk"]);
     }
 }
+
+/// A snapshot whose descriptor carries another adapter than its base (qemu writes `ide`
+/// into children): info says so, and the export keeps the base's, as it says.
+#[test]
+fn info_notes_when_a_snapshot_and_its_base_disagree_on_the_adapter() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    vmdkit_ok(
+        d,
+        &[
+            "create", "b.vmdk", "-s", "64M", "-d", "sparse", "-a", "lsilogic",
+        ],
+    );
+    qemu_img(
+        d,
+        &[
+            "create", "-q", "-f", "vmdk", "-b", "b.vmdk", "-F", "vmdk", "c.vmdk",
+        ],
+    );
+    let text = String::from_utf8(vmdkit_ok(d, &["info", "c.vmdk"]).stdout).unwrap();
+    assert!(
+        text.contains("the base `./b.vmdk` says adapter lsilogic"),
+        "{text}"
+    );
+    vmdkit_ok(d, &["export", "c.vmdk", "e.vmdk", "-d", "stream"]);
+    let info = String::from_utf8(vmdkit_ok(d, &["info", "e.vmdk"]).stdout).unwrap();
+    assert!(info.contains("adapter type:  lsilogic"), "{info}");
+}
