@@ -138,6 +138,48 @@ pub fn write_file_atomically(target: &Path, bytes: &[u8], force: bool) -> Result
     f.commit(force)
 }
 
+/// Starts the kernel's writeback of a file written front to back, every 32 MiB
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: it does not wait), so the disk writes while
+/// the CPU compresses and the final fsync finds little left to do. Measured on the 1 GiB
+/// stream export of `benches/compare.sh`: that fsync took 0.17 s of a 1.38 s run.
+pub struct WriteBehind {
+    file: File,
+    started: u64,
+}
+
+impl WriteBehind {
+    const STEP: u64 = 32 << 20;
+    /// Bytes that may still sit in a writer's buffer when it reports its position.
+    const SLACK: u64 = 1 << 20;
+
+    /// Write-behind for `file` (a duplicate handle is kept).
+    pub fn new(file: &File) -> Option<WriteBehind> {
+        Some(WriteBehind {
+            file: file.try_clone().ok()?,
+            started: 0,
+        })
+    }
+
+    /// The writer has written (or buffered) everything before `pos`.
+    pub fn advance(&mut self, pos: u64) {
+        if pos < self.started + Self::STEP {
+            return;
+        }
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an open descriptor; it only starts writeback of the
+        // given range, and a failure changes nothing (fsync still makes it durable).
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                self.started as libc::off64_t,
+                (pos - self.started) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        self.started = pos.saturating_sub(Self::SLACK);
+    }
+}
+
 /// Map a write error: disk full gets a clear message.
 pub fn write_error(path: &Path, offset: u64, e: std::io::Error) -> Error {
     if e.raw_os_error() == Some(libc::ENOSPC) {

@@ -57,6 +57,8 @@ struct CountingWriter {
     w: Box<dyn Write + Send>,
     pos: u64,
     name: PathBuf,
+    /// For a file: start its writeback as it grows.
+    behind: Option<crate::output::WriteBehind>,
 }
 
 impl CountingWriter {
@@ -91,6 +93,9 @@ impl Write for CountingWriter {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         let n = self.w.write(b)?;
         self.pos += n as u64;
+        if let Some(wb) = &mut self.behind {
+            wb.advance(self.pos);
+        }
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -189,6 +194,8 @@ struct SparseFileSink {
     descriptor_file: Option<(PathBuf, Vec<u8>)>,
     /// The extent being written: its index, its file, its writer.
     cur: Option<(usize, AtomicFile, SparseWriter)>,
+    /// Writeback of the current extent, started as it grows.
+    behind: Option<crate::output::WriteBehind>,
     next: usize,
     pending: Vec<WrittenFile>,
     force: bool,
@@ -204,6 +211,7 @@ impl SparseFileSink {
             .file()
             .try_clone()
             .map_err(|e| Error::io("open", f.tmp_path(), 0, e))?;
+        self.behind = crate::output::WriteBehind::new(&file);
         let w = SparseWriter::new(file, p.len, self.embedded.as_deref(), f.tmp_path());
         self.cur = Some((i, f, w));
         self.next += 1;
@@ -261,6 +269,9 @@ impl Sink for SparseFileSink {
             w.write_grains(first, &buf[from..to])?;
             self.report.grains += (g - run_start) as u64;
         }
+        if let Some(wb) = &mut self.behind {
+            wb.advance(w.file_bytes());
+        }
         // Tables wholly before this unit's end are complete: written and forgotten.
         w.flush_tables_before((u.start + u.len - base) / GRAIN)
     }
@@ -288,6 +299,8 @@ struct FlatFileSink {
     pieces: Vec<OutputFile>,
     dir: PathBuf,
     files: Vec<Option<AtomicFile>>,
+    /// Writeback of each file, started as the copy passes.
+    behind: Vec<Option<crate::output::WriteBehind>>,
     descriptor_file: Option<(PathBuf, Vec<u8>)>,
     force: bool,
     report: CopyReport,
@@ -317,6 +330,14 @@ impl FlatFileSink {
             f.file()
                 .write_all_at(&buf[done..done + n], at - pb)
                 .map_err(|e| write_error(f.tmp_path(), at - pb, e))?;
+            if self.behind[j].is_none() {
+                self.behind[j] = self.files[j]
+                    .as_ref()
+                    .and_then(|f| crate::output::WriteBehind::new(f.file()));
+            }
+            if let Some(wb) = &mut self.behind[j] {
+                wb.advance(at - pb + n as u64);
+            }
             done += n;
         }
         Ok(())
@@ -731,6 +752,7 @@ pub fn to_files(
                 .try_clone()
                 .map_err(|e| Error::io("open", f.tmp_path(), 0, e))?;
             let out = CountingWriter {
+                behind: crate::output::WriteBehind::new(&w),
                 w: Box::new(std::io::BufWriter::with_capacity(1 << 20, w)),
                 pos: 0,
                 name: f.tmp_path().to_path_buf(),
@@ -747,6 +769,7 @@ pub fn to_files(
             embedded,
             descriptor_file,
             cur: None,
+            behind: None,
             next: 0,
             pending: vec![],
             force,
@@ -755,6 +778,7 @@ pub fn to_files(
         FileKind::Flat { prealloc } => Box::new(FlatFileSink {
             prealloc,
             files: files.iter().map(|_| None).collect(),
+            behind: files.iter().map(|_| None).collect(),
             pieces: files,
             dir,
             descriptor_file,
@@ -795,6 +819,7 @@ pub enum SeqKind {
 /// A sink writing to a non-seekable writer (a pipe).
 pub fn to_writer(w: Box<dyn Write + Send>, kind: SeqKind, capacity: u64) -> Result<Box<dyn Sink>> {
     let mut out = CountingWriter {
+        behind: None,
         w: Box::new(std::io::BufWriter::with_capacity(1 << 20, w)),
         pos: 0,
         name: PathBuf::from("<stdout>"),

@@ -84,6 +84,11 @@ impl SparseWriter {
         Ok(())
     }
 
+    /// Bytes of the file up to the end of the last grain stored.
+    pub fn file_bytes(&self) -> u64 {
+        self.layout.file_bytes(self.stored)
+    }
+
     /// Grains stored so far.
     pub fn grains(&self) -> u64 {
         self.stored

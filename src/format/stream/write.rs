@@ -42,19 +42,37 @@ const GTES: u64 = 512;
 const STORE_ENTROPY: f64 = 7.9;
 
 /// Whether `data` looks incompressible (byte entropy above 7.9 bits).
+///
+/// Measured on a sample: the first 256 bytes of every KiB (16 KiB of a 64 KiB grain),
+/// counted into four histograms in turn (no store-to-load stall between neighbouring
+/// bytes). The sample's entropy is within 0.02 bits of the whole grain's for uniform
+/// data (random data measures 7.99) and far from the threshold for text (4-5) and code
+/// (about 6); a mixed grain decided wrongly only costs compression, never content.
 pub fn looks_incompressible(data: &[u8]) -> bool {
     if data.len() < 4096 {
         return false;
     }
-    let mut hist = [0u32; 256];
-    for &b in data {
-        hist[b as usize] += 1;
+    let mut hist = [[0u32; 256]; 4];
+    let mut n = 0u32;
+    for block in data.chunks(1024) {
+        let sample = &block[..block.len().min(256)];
+        let mut quads = sample.chunks_exact(4);
+        for q in &mut quads {
+            hist[0][q[0] as usize] += 1;
+            hist[1][q[1] as usize] += 1;
+            hist[2][q[2] as usize] += 1;
+            hist[3][q[3] as usize] += 1;
+        }
+        for &b in quads.remainder() {
+            hist[0][b as usize] += 1;
+        }
+        n += sample.len() as u32;
     }
-    let n = data.len() as f64;
-    let h: f64 = hist
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
+    let n = f64::from(n);
+    let h: f64 = (0..256)
+        .map(|i| hist[0][i] + hist[1][i] + hist[2][i] + hist[3][i])
+        .filter(|&c| c > 0)
+        .map(|c| {
             let p = f64::from(c) / n;
             -p * p.log2()
         })
@@ -71,6 +89,7 @@ pub fn grain_record(lba: u64, data: &[u8], level: u32) -> Result<Vec<u8>> {
     thread_local! {
         static DEFLATER: std::cell::RefCell<Option<(u32, libdeflater::Compressor)>> =
             const { std::cell::RefCell::new(None) };
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     let level = if level > 0 && looks_incompressible(data) {
         0
@@ -85,16 +104,25 @@ pub fn grain_record(lba: u64, data: &[u8], level: u32) -> Result<Vec<u8>> {
             *cell = Some((level, libdeflater::Compressor::new(lvl)));
         }
         let (_, c) = cell.as_mut().expect("set above");
-        let mut rec = vec![0u8; 12 + c.zlib_compress_bound(data.len())];
-        rec[0..8].copy_from_slice(&lba.to_le_bytes());
-        let n = c
-            .zlib_compress(data, &mut rec[12..])
-            .map_err(|e| Error::InvalidInput(format!("compression failed: {e:?}")))?;
-        LE::write_u32(&mut rec[8..12], n as u32);
-        rec.truncate(12 + n);
-        let padded = rec.len().div_ceil(512) * 512;
-        rec.resize(padded, 0);
-        Ok(rec)
+        // Compress into a per-thread scratch buffer, then copy out only the record's
+        // bytes: a fresh zeroed buffer per grain cost more than the copy.
+        let bound = c.zlib_compress_bound(data.len());
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            if scratch.len() < bound {
+                scratch.resize(bound, 0);
+            }
+            let n = c
+                .zlib_compress(data, &mut scratch[..bound])
+                .map_err(|e| Error::InvalidInput(format!("compression failed: {e:?}")))?;
+            let padded = (12 + n).div_ceil(512) * 512;
+            let mut rec = Vec::with_capacity(padded);
+            rec.extend_from_slice(&lba.to_le_bytes());
+            rec.extend_from_slice(&(n as u32).to_le_bytes());
+            rec.extend_from_slice(&scratch[..n]);
+            rec.resize(padded, 0);
+            Ok(rec)
+        })
     })
 }
 
