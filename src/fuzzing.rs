@@ -155,7 +155,103 @@ pub fn hostile_seeds() -> Vec<(&'static str, Vec<u8>)> {
         "device-outside",
         b"# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"fullDevice\"\nRW 8 FLAT \"/etc/hostname\" 0\n".to_vec(),
     ));
+    // An increment: zeroed grain entries in tables the GD names at the end (what
+    // `apply` reads), one table holding only zeroed entries.
+    {
+        let desc = b"# Disk DescriptorFile\nversion=1\nCID=00000002\nparentCID=00000001\ncreateType=\"streamOptimized\"\nparentFileNameHint=\"p.vmdk\"\nRW 131072 SPARSE \"i.vmdk\"\n";
+        let mut w = crate::format::stream::StreamWriter::with_zeroed(
+            Vec::new(),
+            64 << 20,
+            desc,
+            std::path::Path::new("i.vmdk"),
+            true,
+        )
+        .expect("in memory");
+        w.write_grain(3, &[0x5a; 65536], 1).expect("in memory");
+        for g in [4u64, 5, 600, 1023] {
+            w.write_zeroed(g).expect("in memory");
+        }
+        v.push((
+            "increment-with-zeroed-grains",
+            w.finish().expect("in memory").0,
+        ));
+    }
+    // export's tar stream of a thin disk: a GNU sparse (PAX 1.0) member.
+    v.push(("tar-with-a-sparse-member", sparse_tar_seed()));
     v
+}
+
+/// A 4 MiB disk with data in two places, exported as a thin `vmfs` tar stream.
+fn sparse_tar_seed() -> Vec<u8> {
+    use crate::copy::target::{export_fed, Dest, ExportFormat, ExportOptions, OutputMeta};
+    struct Two;
+    impl crate::disk::VirtualDisk for Two {
+        fn capacity(&self) -> u64 {
+            4 << 20
+        }
+        fn granularity(&self) -> u64 {
+            65536
+        }
+        fn map(&self, r: std::ops::Range<u64>) -> crate::Result<Vec<crate::disk::Run>> {
+            Ok(vec![crate::disk::Run {
+                start: r.start,
+                len: r.end.min(4 << 20) - r.start,
+                alloc: crate::disk::Alloc::Data {
+                    extent: 0,
+                    offset: r.start,
+                },
+                depth: 0,
+            }])
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> crate::Result<()> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                let at = off + i as u64;
+                *b = if (65536..131072).contains(&at) || at >= 3 << 20 {
+                    (at % 251) as u8
+                } else {
+                    0
+                };
+            }
+            Ok(())
+        }
+    }
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("not poisoned").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let meta = OutputMeta {
+        ddb: vec![],
+        cid: 7,
+        provisioning: Default::default(),
+        parent: None,
+    };
+    let opts = ExportOptions {
+        format: ExportFormat::Vmfs,
+        threads: 1,
+        ..Default::default()
+    };
+    let dest = Dest::Writer {
+        w: Box::new(Shared(out.clone())),
+        name: "t.vmdk".into(),
+    };
+    export_fed(&Two, None, &meta, 0, dest, &opts, &crate::copy::NoProgress).expect("in memory");
+    let v = out.lock().expect("not poisoned").clone();
+    v
+}
+
+/// Sizes and offsets as typed on a command line ([`crate::units`]): a number or an
+/// error, never a panic or an overflow.
+pub fn units(data: &[u8]) {
+    let s = String::from_utf8_lossy(data);
+    let _ = crate::units::parse_size(&s);
+    let _ = crate::units::parse_new_size(&s, u64::MAX - 1);
 }
 
 /// A whole image: the bytes as a file in a private temporary folder (a descriptor, a
@@ -280,5 +376,57 @@ impl Mutator {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The new seeds are valid inputs before they are mutated: the tar's sparse member
+    /// reads back as the disk's content, the increment as its grains.
+    #[test]
+    fn seeds_read_back() {
+        let tar = super::sparse_tar_seed();
+        let mut input: &[u8] = &tar;
+        let mut got = vec![0u8; 4 << 20];
+        let mut emit = |off: u64, b: &[u8]| -> crate::Result<()> {
+            got[off as usize..off as usize + b.len()].copy_from_slice(b);
+            Ok(())
+        };
+        crate::format::stream::pipe::read_tar(&mut input, std::path::Path::new("t"), &mut emit)
+            .unwrap();
+        for (i, b) in got.iter().enumerate() {
+            let want = if (65536..131072).contains(&i) || i >= 3 << 20 {
+                (i % 251) as u8
+            } else {
+                0
+            };
+            assert_eq!(*b, want, "byte {i}");
+        }
+        assert!(tar.len() < 2 << 20, "sparse member: {} bytes", tar.len());
+        let seeds = super::hostile_seeds();
+        let inc = &seeds
+            .iter()
+            .find(|(n, _)| *n == "increment-with-zeroed-grains")
+            .unwrap()
+            .1;
+        let mut input: &[u8] = inc;
+        let name = std::path::Path::new("i");
+        let mut c = crate::format::stream::pipe::Counted::new(&mut input, name);
+        let mut first = [0u8; 512];
+        c.exact(&mut first).unwrap();
+        let h = crate::format::stream::pipe::parse_first(&first, name).unwrap();
+        let mut zeroed = Vec::new();
+        crate::format::stream::pipe::read_stream_zeroed(
+            &mut c,
+            &h,
+            0,
+            &mut |_, _| Ok(()),
+            Some(&mut |o, l| {
+                zeroed.push((o >> 16, l >> 16));
+                Ok(())
+            }),
+        )
+        .unwrap();
+        assert_eq!(zeroed, vec![(4, 2), (600, 1), (1023, 1)]);
     }
 }

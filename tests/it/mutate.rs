@@ -162,6 +162,7 @@ fn hostile_seeds_and_their_mutations_end_cleanly() {
             fuzzing::sparse(d);
             fuzzing::pipe(d);
             fuzzing::image(d);
+            fuzzing::units(&d[..d.len().min(40)]);
         };
         all(&seed);
         for i in 0..150 {
