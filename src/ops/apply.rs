@@ -332,6 +332,18 @@ fn apply_vmdk(
             }
         }
         report.resumed = true;
+        // In phase `copy` the target keeps its old CID until the end: another CID means
+        // something wrote into it since, and cutting it back would lose that.
+        if st.phase == Phase::Copy && top.cid().is_some_and(|c| c != st.parent_cid) {
+            return Err(Error::chain(
+                &sp,
+                format!(
+                    "`{}` changed after an apply of this increment was interrupted (its content ID is now {}); refusing to resume over it",
+                    top.path.display(),
+                    top.cid().map_or("-".into(), cid_text)
+                ),
+            ));
+        }
         if st.phase == Phase::Tables {
             let jp = journal_path(&sp);
             if jp.exists() || top.cid() != Some(inc.cid) {

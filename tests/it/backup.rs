@@ -490,3 +490,45 @@ fn measure_is_exact_for_files_and_a_true_bound_for_streams() {
         std::fs::remove_file(&inc).unwrap();
     }
 }
+
+/// An apply killed in its copy phase, then a write into the target: the rerun refuses
+/// rather than cut the target back over the new data.
+#[test]
+fn an_interrupted_apply_is_not_resumed_over_a_disk_written_since() {
+    need_qemu!();
+    let t = tmp();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let s = source(&src);
+    let [base, d1, _] = &s.tops;
+    vmdkit_ok(&src, &["export", base, "full.vmdk", "-d", "stream", "-q"]);
+    vmdkit_ok(&src, &["export", d1, "inc1.vmdk", "--delta", "-q"]);
+    let r = t.path().join("r");
+    std::fs::create_dir(&r).unwrap();
+    vmdkit_ok(
+        &r,
+        &[
+            "import",
+            "../src/full.vmdk",
+            "vm.vmdk",
+            "-d",
+            "sparse",
+            "-q",
+        ],
+    );
+    let out = Command::new(bin())
+        .args(["apply", "vm.vmdk", "../src/inc1.vmdk", "-q"])
+        .current_dir(&r)
+        .env("VMDKIT_TEST_ABORT_AFTER_WRITES", "3")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the hook aborts it");
+    assert!(r.join("vm.vmdk.vmdkit-apply").exists());
+    std::fs::write(r.join("p.bin"), vec![0x99u8; 65536]).unwrap();
+    vmdkit_ok(&r, &["write", "vm.vmdk", "--offset", "60M", "p.bin"]);
+    let before = sha256_file(&r.join("vm.vmdk"));
+    let err = vmdkit_err(&r, &["apply", "vm.vmdk", "../src/inc1.vmdk"]);
+    assert!(err.contains("changed after an apply"), "{err}");
+    assert_eq!(sha256_file(&r.join("vm.vmdk")), before);
+    qemu_io(&r, "vm.vmdk", &["read -P 0x99 60M 64k"]);
+}
