@@ -172,7 +172,7 @@ pub struct ExportOptions {
     pub unit: u64,
     /// Allocation of flat outputs written to files.
     pub prealloc: Prealloc,
-    /// An increment: the source is a [`DeltaView`] (only the top layer's grains are read)
+    /// An increment: the source is a [`crate::chain::DeltaView`] (only the top layer's grains are read)
     /// and its zero grains become zeroed entries; streamOptimized only.
     pub delta: bool,
     /// The increment's `parentFileNameHint` (default: the parent layer's file name).
