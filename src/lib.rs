@@ -5,7 +5,7 @@
 //! ranges are unallocated, zeroed, stored or compressed, and in which layer. [`Chain`]
 //! opens any disk vmdkit reads together with its parents.
 //!
-//! Layers, from the bottom: [`format`] (on-disk formats, reader and writer side by side),
+//! Layers, from the bottom: [`mod@format`] (on-disk formats, reader and writer side by side),
 //! [`layer`] / [`chain`] (opening disks), [`copy`] (the one copy engine: plan, parallel
 //! produce, ordered sink), [`ops`] (the commands). Dependencies point down only.
 //!

@@ -207,7 +207,7 @@ fn child_descriptor(
     Descriptor::new(ct, cid, Some((parent_cid, parent_name)), vec![line], ddb)
 }
 
-/// What to write with [`write`].
+/// What to write with [`fn@write`].
 pub enum WriteData<'a> {
     /// Bytes from a reader (a file or stdin), up to its end.
     Reader(&'a mut dyn Read),
@@ -230,7 +230,7 @@ pub fn write(disk: &Path, offset: u64, data: WriteData<'_>, ignore_cid: bool) ->
     )
 }
 
-/// Like [`write`]; `allow_device` permits writing into device-backed disks.
+/// Like [`fn@write`]; `allow_device` permits writing into device-backed disks.
 pub fn write_with(
     disk: &Path,
     offset: u64,

@@ -158,9 +158,9 @@ impl<W: Write> StreamWriter<W> {
     }
 
     /// Like [`new`](Self::new); with `zeroed_grains` the header sets flag bit 2 (grain
-    /// table entry 1 means a zeroed grain, formats.md §3.1) so [`write_zeroed`]
-    /// (Self::write_zeroed) can mark grains that read as zeros and hide a parent: the
-    /// representation of an increment's zeroed grains (`export --delta`).
+    /// table entry 1 means a zeroed grain, formats.md §2.2) so
+    /// [`write_zeroed`](Self::write_zeroed) can mark grains that read as zeros and hide a
+    /// parent: the representation of an increment's zeroed grains (`export --delta`).
     pub fn with_zeroed(
         w: W,
         capacity: u64,
