@@ -245,6 +245,23 @@ impl Chain {
         }
     }
 
+    /// Lock every file of the chain: layers `0..=through` exclusively (they are about to
+    /// be written), the ones below shared (they are read).
+    pub fn lock(&self, locks: &mut crate::guard::LockSet, through: usize) -> Result<()> {
+        use crate::guard::LockKind;
+        for (i, l) in self.layers.iter().enumerate() {
+            let kind = if i <= through {
+                LockKind::Exclusive
+            } else {
+                LockKind::Shared
+            };
+            for f in l.files() {
+                locks.lock(&f, kind)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The top layer.
     pub fn top(&self) -> &Layer {
         &self.layers[0]

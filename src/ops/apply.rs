@@ -292,16 +292,7 @@ fn apply_vmdk(
             ..Default::default()
         },
     )?;
-    for (i, l) in chain.layers.iter().enumerate() {
-        let kind = if i == 0 {
-            LockKind::Exclusive
-        } else {
-            LockKind::Shared
-        };
-        for f in l.files() {
-            locks.lock(&f, kind)?;
-        }
-    }
+    chain.lock(&mut locks, 0)?;
     let top = chain.top();
     // A killed run may have left a descriptor temporary behind.
     crate::guard::sweep_stale_temporaries(&crate::resolve::folder_of(&top.path));

@@ -291,16 +291,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
     let target = if opts.all { n - 1 } else { 1 };
     // Lock before deciding anything: the merged deltas and the target exclusively, the
     // layers below shared.
-    for (i, l) in chain.layers.iter().enumerate() {
-        let kind = if i <= target {
-            LockKind::Exclusive
-        } else {
-            LockKind::Shared
-        };
-        for f in l.files() {
-            locks.lock(&f, kind)?;
-        }
-    }
+    chain.lock(&mut locks, target)?;
     crate::guard::test_hold_hook();
     refuse_target(&chain.layers[target])?;
     check_links(&chain, target, state.as_ref())?;

@@ -318,16 +318,7 @@ pub fn write_opts(
             ..Default::default()
         },
     )?;
-    for (i, l) in chain.layers.iter().enumerate() {
-        let kind = if i == 0 {
-            LockKind::Exclusive
-        } else {
-            LockKind::Shared
-        };
-        for f in l.files() {
-            locks.lock(&f, kind)?;
-        }
-    }
+    chain.lock(&mut locks, 0)?;
     if offset % SECTOR != 0 {
         return Err(Error::InvalidInput(format!(
             "offset {offset} is not a multiple of 512"

@@ -43,26 +43,6 @@ fn sh_err(dir: &Path, script: &str) -> String {
     err
 }
 
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(29).wrapping_add(seed) ^ (i >> 10) as u8)
-        .collect()
-}
-
-/// `vmdkit write` into `disk` and the same bytes into the model.
-fn write(d: &Path, disk: &str, model: &mut [u8], off: usize, data: &[u8]) {
-    std::fs::write(d.join("in.bin"), data).unwrap();
-    vmdkit_ok(d, &["write", disk, "--offset", &off.to_string(), "in.bin"]);
-    model[off..off + data.len()].copy_from_slice(data);
-}
-
-/// `vmdkit write --zero` into `disk` and the model.
-fn zero(d: &Path, disk: &str, model: &mut [u8], off: usize, len: usize) {
-    let (o, l) = (off.to_string(), len.to_string());
-    vmdkit_ok(d, &["write", disk, "--offset", &o, "--zero", &l]);
-    model[off..off + len].fill(0);
-}
-
 /// The source side of a cycle: a qemu-made monolithicSparse base with a qemu child
 /// (zeroed grains on: `write -z` over the parent's data makes zeroed grain entries), and
 /// a hosted child over that made by `vmdkit redo add` and written by `vmdkit write`.
@@ -84,22 +64,7 @@ fn source(d: &Path) -> Source {
         ],
     );
     let p0 = qemu_raw(d, "vm.vmdk");
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "zeroed_grain=on",
-            "-b",
-            "vm.vmdk",
-            "-F",
-            "vmdk",
-            "vm-000001.vmdk",
-        ],
-    );
+    qemu_child(d, "vm.vmdk", "vm-000001.vmdk", true);
     qemu_io(
         d,
         "vm-000001.vmdk",
@@ -124,16 +89,28 @@ fn source(d: &Path) -> Source {
         .to_string_lossy()
         .into_owned();
     let mut p2 = p1.clone();
-    write(d, &top, &mut p2, 3 * MIB + 4096, &pattern(7, 200_000));
-    zero(d, &top, &mut p2, 0, 2 * MIB);
-    write(d, &top, &mut p2, 63 * MIB, &pattern(9, MIB));
-    zero(d, &top, &mut p2, 22 * MIB + 512, 4096);
+    model_write(d, &top, &mut p2, 3 * MIB + 4096, &pattern(7, 200_000));
+    model_zero(d, &top, &mut p2, 0, 2 * MIB);
+    model_write(d, &top, &mut p2, 63 * MIB, &pattern(9, MIB));
+    model_zero(d, &top, &mut p2, 22 * MIB + 512, 4096);
     // qemu reads the vmdkit-made child too: the model is checked, not assumed.
     assert_same(&qemu_raw(d, &top), &p2, "qemu reading the third point");
     Source {
         tops: ["vm.vmdk".into(), "vm-000001.vmdk".into(), top],
         points: [p0, p1, p2],
     }
+}
+
+/// The source of [`source`] in `dir/src`, with its full backup `full.vmdk` and the
+/// first increment `inc1.vmdk` beside it.
+fn backed_up(dir: &Path) -> (std::path::PathBuf, Source) {
+    let src = dir.join("src");
+    std::fs::create_dir(&src).unwrap();
+    let s = source(&src);
+    let [base, d1, _] = &s.tops;
+    vmdkit_ok(&src, &["export", base, "full.vmdk", "-d", "stream", "-q"]);
+    vmdkit_ok(&src, &["export", d1, "inc1.vmdk", "--delta", "-q"]);
+    (src, s)
 }
 
 #[test]
@@ -268,8 +245,8 @@ fn increments_of_cowd_redo_and_sesparse_deltas_apply_on_their_restored_base() {
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    write(&d, &top1, &mut model, 4 * MIB + 512, &pattern(3, 70_000));
-    zero(&d, &top1, &mut model, 9 * MIB, 4096);
+    model_write(&d, &top1, &mut model, 4 * MIB + 512, &pattern(3, 70_000));
+    model_zero(&d, &top1, &mut model, 9 * MIB, 4096);
     let p1 = model.clone();
     assert_same(&qemu_raw(&d, &top1), &p1, "qemu reading the COWD delta");
     vmdkit_ok(&d, &["export", &top1, "inc1.vmdk", "--delta", "-q"]);
@@ -280,8 +257,8 @@ fn increments_of_cowd_redo_and_sesparse_deltas_apply_on_their_restored_base() {
         .unwrap()
         .to_string_lossy()
         .into_owned();
-    write(&d, &top2, &mut model, 12 * MIB, &pattern(5, 3 * 4096));
-    zero(&d, &top2, &mut model, 0, 512);
+    model_write(&d, &top2, &mut model, 12 * MIB, &pattern(5, 3 * 4096));
+    model_zero(&d, &top2, &mut model, 0, 512);
     vmdkit_ok(&d, &["export", &top2, "inc2.vmdk", "--delta", "-q"]);
     assert_same(
         &vmdkit_raw(&d, &top2),
@@ -332,12 +309,7 @@ fn increments_of_cowd_redo_and_sesparse_deltas_apply_on_their_restored_base() {
 fn apply_killed_at_every_write_is_finished_by_a_rerun() {
     need_qemu!();
     let t = tmp();
-    let src = t.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    let s = source(&src);
-    let [base, d1, _] = &s.tops;
-    vmdkit_ok(&src, &["export", base, "full.vmdk", "-f", "stream", "-q"]);
-    vmdkit_ok(&src, &["export", d1, "inc1.vmdk", "--delta", "-q"]);
+    let (src, s) = backed_up(t.path());
     let inc = src.join("inc1.vmdk");
     // Restored disks: monolithicSparse (embedded descriptor) and split (descriptor file
     // replaced by rename at the end).
@@ -497,12 +469,7 @@ fn measure_is_exact_for_files_and_a_true_bound_for_streams() {
 fn an_interrupted_apply_is_not_resumed_over_a_disk_written_since() {
     need_qemu!();
     let t = tmp();
-    let src = t.path().join("src");
-    std::fs::create_dir(&src).unwrap();
-    let s = source(&src);
-    let [base, d1, _] = &s.tops;
-    vmdkit_ok(&src, &["export", base, "full.vmdk", "-d", "stream", "-q"]);
-    vmdkit_ok(&src, &["export", d1, "inc1.vmdk", "--delta", "-q"]);
+    let (src, s) = backed_up(t.path());
     let r = t.path().join("r");
     std::fs::create_dir(&r).unwrap();
     vmdkit_ok(

@@ -269,12 +269,7 @@ fn descriptor_chain_stream_and_cowd_findings() {
         "{out}"
     );
     qemu_img(d, &["create", "-q", "-f", "vmdk", "p.vmdk", "10M"]);
-    qemu_img(
-        d,
-        &[
-            "create", "-q", "-f", "vmdk", "-b", "p.vmdk", "-F", "vmdk", "c.vmdk",
-        ],
-    );
+    qemu_child(d, "p.vmdk", "c.vmdk", false);
     qemu_io(d, "p.vmdk", &["write 0 512"]);
     let (c, out) = check(d, &["check", "c.vmdk"]);
     assert_eq!(c, 2);

@@ -619,12 +619,7 @@ fn info_notes_when_a_snapshot_and_its_base_disagree_on_the_adapter() {
             "create", "b.vmdk", "-s", "64M", "-d", "sparse", "-a", "lsilogic",
         ],
     );
-    qemu_img(
-        d,
-        &[
-            "create", "-q", "-f", "vmdk", "-b", "b.vmdk", "-F", "vmdk", "c.vmdk",
-        ],
-    );
+    qemu_child(d, "b.vmdk", "c.vmdk", false);
     let text = String::from_utf8(vmdkit_ok(d, &["info", "c.vmdk"]).stdout).unwrap();
     assert!(
         text.contains("the base `./b.vmdk` says adapter lsilogic"),

@@ -39,22 +39,7 @@ fn chain(d: &Path, size: &str) {
             "write -P 0x0 50M 2M",
         ],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "zeroed_grain=on",
-            "-b",
-            "base.vmdk",
-            "-F",
-            "vmdk",
-            "mid.vmdk",
-        ],
-    );
+    qemu_child(d, "base.vmdk", "mid.vmdk", true);
     qemu_io(
         d,
         "mid.vmdk",
@@ -64,12 +49,7 @@ fn chain(d: &Path, size: &str) {
             "write -P 0x04 63M 700k",
         ],
     );
-    qemu_img(
-        d,
-        &[
-            "create", "-q", "-f", "vmdk", "-b", "mid.vmdk", "-F", "vmdk", "top.vmdk",
-        ],
-    );
+    qemu_child(d, "mid.vmdk", "top.vmdk", false);
     qemu_io(
         d,
         "top.vmdk",

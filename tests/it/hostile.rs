@@ -292,12 +292,7 @@ fn writes_into_version_3_sparse_extents_are_refused() {
     );
     assert_eq!(sha256_file(&p), before);
     // A child of it commits nowhere either.
-    qemu_img(
-        d,
-        &[
-            "create", "-q", "-f", "vmdk", "-b", "v.vmdk", "-F", "vmdk", "c.vmdk",
-        ],
-    );
+    qemu_child(d, "v.vmdk", "c.vmdk", false);
     qemu_io(d, "c.vmdk", &["write -P 0x1 0 64k"]);
     let err = vmdkit_err(d, &["commit", "c.vmdk"]);
     assert!(err.contains("version-3"), "{err}");

@@ -129,22 +129,7 @@ fn chains_of_depth_four_with_zeroed_grains_read_like_qemu() {
         "base.vmdk",
         &["write -P 0x01 0 8M", "write -P 0x02 40M 1M"],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "zeroed_grain=on",
-            "-b",
-            "base.vmdk",
-            "-F",
-            "vmdk",
-            "c1.vmdk",
-        ],
-    );
+    qemu_child(d, "base.vmdk", "c1.vmdk", true);
     // A zeroed grain in c1 must hide base's data.
     qemu_io(
         d,
@@ -155,23 +140,13 @@ fn chains_of_depth_four_with_zeroed_grains_read_like_qemu() {
             "write -z 40M 1M",
         ],
     );
-    qemu_img(
-        d,
-        &[
-            "create", "-q", "-f", "vmdk", "-b", "c1.vmdk", "-F", "vmdk", "c2.vmdk",
-        ],
-    );
+    qemu_child(d, "c1.vmdk", "c2.vmdk", false);
     qemu_io(
         d,
         "c2.vmdk",
         &["write -P 0x04 1M 4k", "write -P 0x05 63M 1M"],
     );
-    qemu_img(
-        d,
-        &[
-            "create", "-q", "-f", "vmdk", "-b", "c2.vmdk", "-F", "vmdk", "c3.vmdk",
-        ],
-    );
+    qemu_child(d, "c2.vmdk", "c3.vmdk", false);
     qemu_io(d, "c3.vmdk", &["write -P 0x06 6M 64k"]);
     for f in ["c1.vmdk", "c2.vmdk", "c3.vmdk"] {
         check_same(d, f);

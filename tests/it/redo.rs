@@ -6,34 +6,6 @@ use std::path::Path;
 
 const MIB: usize = 1 << 20;
 
-/// Apply `vmdkit write` to a disk and the same bytes to the model.
-fn write(d: &Path, disk: &str, model: &mut [u8], off: usize, data: &[u8]) {
-    std::fs::write(d.join("in.bin"), data).unwrap();
-    vmdkit_ok(d, &["write", disk, "--offset", &off.to_string(), "in.bin"]);
-    model[off..off + data.len()].copy_from_slice(data);
-}
-
-fn zero(d: &Path, disk: &str, model: &mut [u8], off: usize, len: usize) {
-    vmdkit_ok(
-        d,
-        &[
-            "write",
-            disk,
-            "--offset",
-            &off.to_string(),
-            "--zero",
-            &len.to_string(),
-        ],
-    );
-    model[off..off + len].fill(0);
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
-        .collect()
-}
-
 fn flat_base(d: &Path, mib: usize) -> Vec<u8> {
     qemu_img(
         d,
@@ -70,34 +42,34 @@ fn vmfs_sparse_and_hosted_deltas_read_like_the_model_and_like_qemu() {
     )
     .unwrap();
     assert_eq!(top.trim(), "base-000001.vmdk");
-    write(
+    model_write(
         d,
         "base-000001.vmdk",
         &mut model,
         4096,
         &pattern(1, 100_000),
     );
-    write(
+    model_write(
         d,
         "base-000001.vmdk",
         &mut model,
         7 * MIB + 1536,
         &pattern(2, 3000),
     );
-    zero(d, "base-000001.vmdk", &mut model, 5 * MIB + 512, 4096);
+    model_zero(d, "base-000001.vmdk", &mut model, 5 * MIB + 512, 4096);
     let top2 = String::from_utf8(
         vmdkit_ok(d, &["redo", "add", "base-000001.vmdk", "--style", "hosted"]).stdout,
     )
     .unwrap();
     assert_eq!(top2.trim(), "base-000002.vmdk");
-    write(
+    model_write(
         d,
         "base-000002.vmdk",
         &mut model,
         2 * MIB + 100 * 512,
         &pattern(3, 200_000),
     );
-    zero(d, "base-000002.vmdk", &mut model, 0, 65536);
+    model_zero(d, "base-000002.vmdk", &mut model, 0, 65536);
     assert_same(
         &vmdkit_raw(d, "base-000002.vmdk"),
         &model,
@@ -140,7 +112,7 @@ fn esx2_redo_logs_commit_level_by_level() {
             .trim(),
         "base.vmdk.REDO"
     );
-    write(
+    model_write(
         d,
         "base.vmdk.REDO",
         &mut model,
@@ -153,7 +125,7 @@ fn esx2_redo_logs_commit_level_by_level() {
             .trim(),
         "base.vmdk.REDO.REDO"
     );
-    write(
+    model_write(
         d,
         "base.vmdk.REDO.REDO",
         &mut model,
@@ -192,22 +164,7 @@ fn sparse_chain(d: &Path) -> Vec<u8> {
         "p.vmdk",
         &["write -P 0x31 0 2M", "write -P 0x32 10M 64k"],
     );
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "zeroed_grain=on",
-            "-b",
-            "p.vmdk",
-            "-F",
-            "vmdk",
-            "c.vmdk",
-        ],
-    );
+    qemu_child(d, "p.vmdk", "c.vmdk", true);
     qemu_io(
         d,
         "c.vmdk",
@@ -254,12 +211,7 @@ fn commit_refuses_cid_mismatch_siblings_streams_and_read_only_parents() {
     let d = t.path();
     sparse_chain(d);
     // Sibling: another child of p.vmdk.
-    qemu_img(
-        d,
-        &[
-            "create", "-q", "-f", "vmdk", "-b", "p.vmdk", "-F", "vmdk", "sib.vmdk",
-        ],
-    );
+    qemu_child(d, "p.vmdk", "sib.vmdk", false);
     let err = vmdkit_err(d, &["commit", "c.vmdk"]);
     assert!(
         err.contains("sib.vmdk") && err.contains("also has") && err.contains("--force"),
@@ -295,12 +247,7 @@ fn commit_refuses_cid_mismatch_siblings_streams_and_read_only_parents() {
             "s.vmdk",
         ],
     );
-    qemu_img(
-        d,
-        &[
-            "create", "-q", "-f", "vmdk", "-b", "s.vmdk", "-F", "vmdk", "sc.vmdk",
-        ],
-    );
+    qemu_child(d, "s.vmdk", "sc.vmdk", false);
     let err = vmdkit_err(d, &["commit", "sc.vmdk"]);
     assert!(err.contains("streamOptimized"), "{err}");
 }
@@ -312,14 +259,14 @@ fn commit_all_merges_the_whole_chain_into_the_base() {
     let d = t.path();
     let mut model = flat_base(d, 8);
     vmdkit_ok(d, &["redo", "add", "base.vmdk", "--style", "vmfsSparse"]);
-    write(d, "base-000001.vmdk", &mut model, 512, &pattern(6, 5000));
+    model_write(d, "base-000001.vmdk", &mut model, 512, &pattern(6, 5000));
     vmdkit_ok(
         d,
         &["redo", "add", "base-000001.vmdk", "--style", "vmfsSparse"],
     );
-    write(d, "base-000002.vmdk", &mut model, 4096, &pattern(7, 5000));
+    model_write(d, "base-000002.vmdk", &mut model, 4096, &pattern(7, 5000));
     vmdkit_ok(d, &["redo", "add", "base-000002.vmdk", "--style", "hosted"]);
-    zero(d, "base-000003.vmdk", &mut model, 0, 65536);
+    model_zero(d, "base-000003.vmdk", &mut model, 0, 65536);
     vmdkit_ok(d, &["commit", "--all", "base-000003.vmdk", "-q"]);
     for f in [
         "base-000001.vmdk",

@@ -17,12 +17,7 @@ fn parent_and_child(d: &Path) {
 }
 
 fn child(d: &Path, name: &str, pattern: u8) {
-    qemu_img(
-        d,
-        &[
-            "create", "-q", "-f", "vmdk", "-b", "p.vmdk", "-F", "vmdk", name,
-        ],
-    );
+    qemu_child(d, "p.vmdk", name, false);
     qemu_io(
         d,
         name,

@@ -264,3 +264,35 @@ pub fn qemu_create(dir: &Path, subformat: &str, name: &str, size: &str) {
     let sub = format!("subformat={subformat}");
     qemu_img(dir, &["create", "-q", "-f", "vmdk", "-o", &sub, name, size]);
 }
+
+/// Bytes that vary with position and seed (no two 64 KiB grains alike).
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8)
+        .collect()
+}
+
+/// `vmdkit write` into `disk` at `off`, and the same bytes into `model`.
+pub fn model_write(d: &Path, disk: &str, model: &mut [u8], off: usize, data: &[u8]) {
+    std::fs::write(d.join("in.bin"), data).unwrap();
+    vmdkit_ok(d, &["write", disk, "--offset", &off.to_string(), "in.bin"]);
+    model[off..off + data.len()].copy_from_slice(data);
+}
+
+/// `vmdkit write --zero` into `disk`, and zeros into `model`.
+pub fn model_zero(d: &Path, disk: &str, model: &mut [u8], off: usize, len: usize) {
+    let (o, l) = (off.to_string(), len.to_string());
+    vmdkit_ok(d, &["write", disk, "--offset", &o, "--zero", &l]);
+    model[off..off + len].fill(0);
+}
+
+/// `qemu-img create -f vmdk -b PARENT -F vmdk CHILD`, with zeroed-grain entries when
+/// `zeroed_grain` (qemu then writes `write -z` over the parent's data as zeroed grains).
+pub fn qemu_child(dir: &Path, parent: &str, child: &str, zeroed_grain: bool) {
+    let mut args = vec!["create", "-q", "-f", "vmdk"];
+    if zeroed_grain {
+        args.extend(["-o", "zeroed_grain=on"]);
+    }
+    args.extend(["-b", parent, "-F", "vmdk", child]);
+    qemu_img(dir, &args);
+}
