@@ -258,18 +258,40 @@ pub fn apply(
     Ok(report)
 }
 
-/// Read the increment's grains: data through `data`, zeroed ranges through `zero`.
+/// Read the increment's grains: data through `data`, zeroed ranges through `zero`;
+/// counts both into `report` and `progress`.
 fn read_grains(
     stream: &mut dyn Read,
     name: &Path,
     inc: &Increment,
+    report: &mut ApplyReport,
+    progress: &dyn Progress,
     data: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     zero: &mut dyn FnMut(u64, u64) -> Result<()>,
 ) -> Result<()> {
     let mut c = Counted::new(stream, name);
     let mut first = [0u8; 512];
     c.exact(&mut first)?;
-    stream_in::read_stream_zeroed(&mut c, &inc.header, 0, data, Some(zero))?;
+    let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
+    stream_in::read_stream_zeroed(
+        &mut c,
+        &inc.header,
+        0,
+        &mut |off, b| {
+            data(off, b)?;
+            data_bytes += b.len() as u64;
+            progress.inc(b.len() as u64);
+            Ok(())
+        },
+        Some(&mut |off, len| {
+            zero(off, len)?;
+            zero_bytes += len;
+            progress.inc(len);
+            Ok(())
+        }),
+    )?;
+    report.data_bytes = data_bytes;
+    report.zero_bytes = zero_bytes;
     Ok(())
 }
 
@@ -394,25 +416,16 @@ fn apply_vmdk(
     };
     write_state(&sp, &st)?;
     let below = |buf: &mut [u8], off: u64| chain.read_below(1, buf, off);
-    let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
     {
         let w = std::cell::RefCell::new(&mut writer);
         read_grains(
             stream,
             name,
             inc,
-            &mut |off, b| {
-                w.borrow_mut().write_at(b, off, &below)?;
-                data_bytes += b.len() as u64;
-                progress.inc(b.len() as u64);
-                Ok(())
-            },
-            &mut |off, len| {
-                w.borrow_mut().write_zeroes(off, len, &below)?;
-                zero_bytes += len;
-                progress.inc(len);
-                Ok(())
-            },
+            &mut report,
+            progress,
+            &mut |off, b| w.borrow_mut().write_at(b, off, &below),
+            &mut |off, len| w.borrow_mut().write_zeroes(off, len, &below),
         )?;
     }
     let journal = writer.take_journal()?;
@@ -429,8 +442,6 @@ fn apply_vmdk(
     let mut layer = crate::layer::Layer::open(&top.path, &OpenOptions::default())?;
     set_cid(&mut layer, inc.cid)?;
     remove_state(&sp)?;
-    report.data_bytes = data_bytes;
-    report.zero_bytes = zero_bytes;
     Ok(report)
 }
 
@@ -522,27 +533,18 @@ fn apply_raw(
             inc.capacity
         )));
     }
-    let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
     read_grains(
         stream,
         name,
         inc,
+        &mut report,
+        progress,
         &mut |off, b| {
             f.write_all_at(b, off)
-                .map_err(|e| crate::output::write_error(target, off, e))?;
-            data_bytes += b.len() as u64;
-            progress.inc(b.len() as u64);
-            Ok(())
+                .map_err(|e| crate::output::write_error(target, off, e))
         },
-        &mut |off, len| {
-            crate::output::zero_range(&f, target, block, off, len)?;
-            zero_bytes += len;
-            progress.inc(len);
-            Ok(())
-        },
+        &mut |off, len| crate::output::zero_range(&f, target, block, off, len),
     )?;
     f.sync_all().map_err(|e| Error::io("flush", target, 0, e))?;
-    report.data_bytes = data_bytes;
-    report.zero_bytes = zero_bytes;
     Ok(report)
 }

@@ -12,14 +12,19 @@ use std::process::{Command, Output, Stdio};
 const MIB: usize = 1 << 20;
 
 /// Run a bash pipeline in `dir` with `$V` = the vmdkit binary (pipefail on).
-fn sh(dir: &Path, script: &str) -> Output {
-    let out = Command::new("bash")
+fn bash(dir: &Path, script: &str) -> Output {
+    Command::new("bash")
         .args(["-c", &format!("set -euo pipefail\n{script}")])
         .current_dir(dir)
         .env("V", bin())
         .stdin(Stdio::null())
         .output()
-        .expect("bash");
+        .expect("bash")
+}
+
+/// A pipeline that must succeed.
+fn sh(dir: &Path, script: &str) -> Output {
+    let out = bash(dir, script);
     assert!(
         out.status.success(),
         "{script}: {}",
@@ -28,15 +33,9 @@ fn sh(dir: &Path, script: &str) -> Output {
     out
 }
 
-/// Run a bash pipeline that must fail; returns its stderr.
+/// A pipeline that must fail; returns its stderr.
 fn sh_err(dir: &Path, script: &str) -> String {
-    let out = Command::new("bash")
-        .args(["-c", &format!("set -euo pipefail\n{script}")])
-        .current_dir(dir)
-        .env("V", bin())
-        .stdin(Stdio::null())
-        .output()
-        .expect("bash");
+    let out = bash(dir, script);
     assert!(!out.status.success(), "{script} should have failed");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!err.contains("panicked"), "panic: {err}");
@@ -469,7 +468,7 @@ fn measure_is_exact_for_files_and_a_true_bound_for_streams() {
 fn an_interrupted_apply_is_not_resumed_over_a_disk_written_since() {
     need_qemu!();
     let t = tmp();
-    let (src, s) = backed_up(t.path());
+    backed_up(t.path());
     let r = t.path().join("r");
     std::fs::create_dir(&r).unwrap();
     vmdkit_ok(
