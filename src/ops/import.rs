@@ -154,10 +154,11 @@ pub fn import_stream(
 }
 
 /// A restore keeps the content ID the backup recorded (so increments made later apply
-/// to the restored disk); a stream without one gets a fresh ID.
+/// to the restored disk, `fffffffe` of a never-written disk included); a stream without
+/// one gets a fresh ID.
 fn kept_cid(d: &crate::format::descriptor::Descriptor) -> u32 {
     d.cid()
-        .filter(|&c| c < 0xffff_fffe)
+        .filter(|&c| c != crate::format::descriptor::NO_PARENT_CID)
         .unwrap_or_else(random_cid)
 }
 

@@ -164,7 +164,7 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>> {
     Ok(out)
 }
 
-/// The listing as a tree: each disk with its type, capacity and space used (`human`:
+/// The listing as a tree: each disk with its type, capacity and disk size (`human`:
 /// KiB/MiB/GiB), its extents, its RDM device (`mappings`), then its deltas indented.
 pub fn write_text(
     out: &mut dyn std::io::Write,
@@ -192,7 +192,7 @@ pub fn write_text(
         }
         write!(
             out,
-            "{pad}{}  {}  capacity {}  used {}",
+            "{pad}{}  {}  capacity {}  disk size {}",
             e.file,
             e.create_type,
             size(e.capacity),

@@ -498,3 +498,29 @@ fn an_interrupted_apply_is_not_resumed_over_a_disk_written_since() {
     assert_eq!(sha256_file(&r.join("vm.vmdk")), before);
     qemu_io(&r, "vm.vmdk", &["read -P 0x99 60M 64k"]);
 }
+
+/// A base VMware never wrote keeps CID `fffffffe`; its snapshot's increment still
+/// applies to the restore of its full backup (the restore keeps that CID too).
+#[test]
+fn an_increment_over_a_never_written_base_applies() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_create(d, "monolithicFlat", "b.vmdk", "8M");
+    let desc = std::fs::read_to_string(d.join("b.vmdk")).unwrap();
+    let cid_line = desc.lines().find(|l| l.starts_with("CID=")).unwrap();
+    std::fs::write(d.join("b.vmdk"), desc.replace(cid_line, "CID=fffffffe")).unwrap();
+    qemu_child(d, "b.vmdk", "c.vmdk", false);
+    qemu_io(d, "c.vmdk", &["write -P 0x7e 1M 64k"]);
+    let want = qemu_raw(d, "c.vmdk");
+    sh(
+        d,
+        "$V export b.vmdk full.vmdk -d stream -q && $V export c.vmdk inc.vmdk --delta -q\n\
+         mkdir r && cd r && $V import ../full.vmdk b.vmdk -d sparse -q && $V apply b.vmdk ../inc.vmdk -q",
+    );
+    assert_same(
+        &qemu_raw(&d.join("r"), "b.vmdk"),
+        &want,
+        "after the increment",
+    );
+}
