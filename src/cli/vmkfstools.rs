@@ -6,6 +6,8 @@
 //! |---|---|
 //! | `-c SIZE [-d TYPE] [-a ADAPTER] DISK` | `create DISK --size SIZE -d TYPE -a ADAPTER` |
 //! | `-i SRC [-d TYPE] [-a ADAPTER] DST` | `import SRC DST -d TYPE -a ADAPTER` |
+//!
+//! (TYPE defaults to zeroedthick, as in vmkfstools, for both.)
 //! | `-X SIZE DISK` | `extend DISK --size SIZE` |
 //! | `-e DST SRC` | `export SRC DST -d split` (ESX 2.5 export: 2 GB pieces) |
 //! | `-m DISK` | `commit DISK.REDO` (or DISK itself when it is the REDO log) |
@@ -33,7 +35,8 @@ vmkfstools front end: the classic flags, run by vmdkit's commands.
   -g DISK                                geometry DISK
   -l [DIR] [-h] [-M]                     ls [DIR] [-H] [-M]
   -x check|repair DISK                   check [--repair] DISK
-TYPE: thin, zeroedthick, eagerzeroedthick, 2gbsparse (and vmdkit's names).
+TYPE: zeroedthick (the default, as in vmkfstools), thin, eagerzeroedthick, 2gbsparse
+(and vmdkit's names).
 SIZE: 40G, 512m, 1.5t, 2048k, 83886080s, or bytes.";
 
 /// Flags that exist in vmkfstools but not here, with what to use instead.
@@ -178,9 +181,7 @@ pub(super) fn translate(args: &[String]) -> Result<Vec<String>> {
     match o {
         "-c" => {
             out.extend([s("create"), one("disk")?, s("--size"), v]);
-            if let Some(k) = disk_type(kind) {
-                out.extend([s("-d"), k]);
-            }
+            out.extend([s("-d"), disk_type(kind).unwrap_or_else(|| s("zeroedthick"))]);
             if let Some(a) = adapter {
                 out.extend([s("-a"), a]);
             }
@@ -191,9 +192,9 @@ pub(super) fn translate(args: &[String]) -> Result<Vec<String>> {
                 bail!("vmkfstools -i -d {k}: cloning onto a device: `vmdkit import SRC DEVICE -d raw --allow-device-write`, then `vmdkit rdm create`");
             }
             out.extend([s("import"), v, dst]);
-            if let Some(k) = disk_type(kind) {
-                out.extend([s("-d"), k]);
-            }
+            // vmkfstools clones to zeroedthick unless told otherwise (vmdkit's import
+            // defaults to thin).
+            out.extend([s("-d"), disk_type(kind).unwrap_or_else(|| s("zeroedthick"))]);
             if let Some(a) = adapter {
                 out.extend([s("-a"), a]);
             }
@@ -260,6 +261,14 @@ mod tests {
         assert_eq!(
             t("-i src.vmdk -d zeroedthick dst.vmdk"),
             ["import", "src.vmdk", "dst.vmdk", "-d", "zeroedthick"]
+        );
+        assert_eq!(
+            t("-i src.vmdk dst.vmdk"),
+            ["import", "src.vmdk", "dst.vmdk", "-d", "zeroedthick"]
+        );
+        assert_eq!(
+            t("-c 1G vm.vmdk"),
+            ["create", "vm.vmdk", "--size", "1G", "-d", "zeroedthick"]
         );
         assert_eq!(t("-X 20G vm.vmdk"), ["extend", "vm.vmdk", "--size", "20G"]);
         assert_eq!(
