@@ -334,12 +334,7 @@ pub(super) struct MeasureArgs {
     /// The disk (the top of a chain).
     pub(super) disk: PathBuf,
     /// Disk type, as export takes it (default: stream).
-    #[arg(
-        long = "type",
-        short = 'd',
-        visible_alias = "format",
-        visible_short_alias = 'f'
-    )]
+    #[arg(long = "type", short = 'd', visible_alias = "format")]
     pub(super) kind: Option<String>,
     /// Measure the increment of the top layer (`export --delta`).
     #[arg(long)]
@@ -380,13 +375,9 @@ pub(super) struct ImportArgs {
     pub(super) dst: PathBuf,
     /// Disk type: thin (default), zeroedthick, eagerzeroedthick, monolithicSparse (sparse),
     /// twoGbMaxExtentSparse (split, 2gbsparse), monolithicFlat (flat), twoGbMaxExtentFlat
-    /// (2gbflat), streamOptimized (stream), raw.
-    #[arg(
-        long = "type",
-        short = 'd',
-        visible_alias = "format",
-        visible_short_alias = 'f'
-    )]
+    /// (2gbflat), streamOptimized (stream), raw. (No `-f`: in qemu-img that names the
+    /// input's format, which is `--from` here.)
+    #[arg(long = "type", short = 'd', visible_alias = "format")]
     pub(super) kind: Option<String>,
     /// With --from raw and a pipe: the disk's size (a pipe cannot tell it).
     #[arg(long, short = 's')]

@@ -414,7 +414,7 @@ fn measure_is_exact_for_files_and_a_true_bound_for_streams() {
             "stream",
         ] {
             let m = json(&[
-                "measure", top, "-f", f, "--name", "out.vmdk", "--json", "-q",
+                "measure", top, "-d", f, "--name", "out.vmdk", "--json", "-q",
             ]);
             let out = d.join(format!("out-{f}"));
             std::fs::create_dir(&out).unwrap();

@@ -458,7 +458,10 @@ fn vmkfstools_flags_work_end_to_end() {
     vmkfstools(&["-i", "v.vmdk", "zt.vmdk"]);
     qemu_img(d, &["compare", "zt.vmdk", "v.vmdk"]);
     let zt = std::fs::read_to_string(d.join("zt.vmdk")).unwrap();
-    assert!(zt.contains("createType=\"vmfs\"") && !zt.contains("thinProvisioned"), "{zt}");
+    assert!(
+        zt.contains("createType=\"vmfs\"") && !zt.contains("thinProvisioned"),
+        "{zt}"
+    );
     vmkfstools(&["-e", "exp.vmdk", "v.vmdk"]);
     qemu_img(d, &["compare", "exp.vmdk", "v.vmdk"]);
     assert!(d.join("exp-s001.vmdk").exists());
