@@ -70,13 +70,12 @@ pub fn parse_size(s: &str) -> Result<u64> {
     Ok(bytes)
 }
 
-/// A size that may be relative: `+N` grows `current` by N (extend).
-pub fn parse_new_size(s: &str, current: u64) -> Result<u64> {
+/// A size that may be relative: `+N` (extend). Returns the bytes and whether they are
+/// to be added to the current size.
+pub fn parse_new_size(s: &str) -> Result<(u64, bool)> {
     match s.trim().strip_prefix('+') {
-        Some(rest) => current
-            .checked_add(parse_size(rest)?)
-            .ok_or_else(|| Error::InvalidInput(format!("size `{s}` is too large"))),
-        None => parse_size(s),
+        Some(rest) => Ok((parse_size(rest)?, true)),
+        None => Ok((parse_size(s)?, false)),
     }
 }
 
@@ -115,10 +114,7 @@ mod tests {
         ] {
             assert!(parse_size(s).is_err(), "{s} accepted");
         }
-        assert_eq!(
-            parse_new_size("+128m", 1 << 30).unwrap(),
-            (1 << 30) + (128 << 20)
-        );
-        assert_eq!(parse_new_size("2g", 1 << 30).unwrap(), 2 << 30);
+        assert_eq!(parse_new_size("+128m").unwrap(), (128 << 20, true));
+        assert_eq!(parse_new_size("2g").unwrap(), (2 << 30, false));
     }
 }

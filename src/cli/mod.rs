@@ -752,14 +752,12 @@ fn run_create(args: CreateArgs, ui: Ui) -> Result<ExitCode> {
 
 fn run_extend(args: ExtendArgs, ui: Ui) -> Result<ExitCode> {
     let ExtendArgs { disk, size, force } = args;
-    let old = vmdkit::Layer::open(&disk, &vmdkit::OpenOptions::default())
-        .map(|l| l.capacity)
-        .unwrap_or(0);
-    let new = vmdkit::units::parse_new_size(&size, old)?;
-    if size.trim().starts_with('+') && old == 0 {
-        anyhow::bail!("cannot read the current size of `{}`", disk.display());
-    }
-    vmdkit::ops::extend::extend(&disk, new, force)?;
+    use vmdkit::ops::extend::{extend, NewSize};
+    let size = match vmdkit::units::parse_new_size(&size)? {
+        (n, true) => NewSize::By(n),
+        (n, false) => NewSize::To(n),
+    };
+    let (old, new) = extend(&disk, size, force)?;
     ui.say(format_args!(
         "extended `{}` from {} to {}",
         disk.display(),

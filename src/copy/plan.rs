@@ -202,7 +202,7 @@ pub fn manifest_of(
     disk: &dyn VirtualDisk,
     popts: PipelineOptions,
     progress: &dyn Progress,
-) -> Result<Vec<u8>> {
+) -> Result<crate::format::manifest::ManifestBuilder> {
     let mut b = crate::format::manifest::ManifestBuilder::new(disk.capacity());
     let mut planner = Planner::new(disk, crate::format::manifest::BLOCK);
     super::run(
@@ -229,5 +229,5 @@ pub fn manifest_of(
             Ok(())
         },
     )?;
-    Ok(b.finish())
+    Ok(b)
 }

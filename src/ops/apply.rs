@@ -241,7 +241,7 @@ pub fn apply(
     progress: &dyn Progress,
 ) -> Result<ApplyReport> {
     let inc = read_increment(&mut Counted::new(input, name), name)?;
-    let report = ApplyReport {
+    let mut report = ApplyReport {
         target: target.to_path_buf(),
         from_cid: cid_text(inc.parent_cid),
         to_cid: cid_text(inc.cid),
@@ -249,26 +249,47 @@ pub fn apply(
     };
     let head = inc.head.clone();
     let mut stream = std::io::Read::chain(&head[..], input);
-    let report = if opts.raw {
-        apply_raw(target, &inc, &mut stream, name, opts, report, progress)?
-    } else {
-        apply_vmdk(target, &inc, &mut stream, name, opts, report, progress)?
+    let job = Job {
+        target,
+        inc: &inc,
+        name,
+        opts,
+        progress,
     };
+    if opts.raw {
+        apply_raw(job, &mut stream, &mut report)?;
+    } else {
+        apply_vmdk(job, &mut stream, &mut report)?;
+    }
     let _ = std::io::copy(&mut stream, &mut std::io::sink());
     Ok(report)
+}
+
+/// What an apply works with, besides the input and the report.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    target: &'a Path,
+    inc: &'a Increment,
+    name: &'a Path,
+    opts: &'a ApplyOptions,
+    progress: &'a dyn Progress,
 }
 
 /// Read the increment's grains: data through `data`, zeroed ranges through `zero`;
 /// counts both into `report` and `progress`.
 fn read_grains(
+    job: Job<'_>,
     stream: &mut dyn Read,
-    name: &Path,
-    inc: &Increment,
     report: &mut ApplyReport,
-    progress: &dyn Progress,
     data: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     zero: &mut dyn FnMut(u64, u64) -> Result<()>,
 ) -> Result<()> {
+    let Job {
+        inc,
+        name,
+        progress,
+        ..
+    } = job;
     let mut c = Counted::new(stream, name);
     let mut first = [0u8; 512];
     c.exact(&mut first)?;
@@ -295,16 +316,14 @@ fn read_grains(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn apply_vmdk(
-    target: &Path,
-    inc: &Increment,
-    stream: &mut dyn Read,
-    name: &Path,
-    opts: &ApplyOptions,
-    mut report: ApplyReport,
-    progress: &dyn Progress,
-) -> Result<ApplyReport> {
+fn apply_vmdk(job: Job<'_>, stream: &mut dyn Read, report: &mut ApplyReport) -> Result<()> {
+    let Job {
+        target,
+        inc,
+        name,
+        opts,
+        ..
+    } = job;
     let mut locks = LockSet::new();
     locks.lock(target, LockKind::Exclusive)?;
     let chain = Chain::open(
@@ -316,8 +335,6 @@ fn apply_vmdk(
     )?;
     chain.lock(&mut locks, 0)?;
     let top = chain.top();
-    // A killed run may have left a descriptor temporary behind.
-    crate::guard::sweep_stale_temporaries(&crate::resolve::folder_of(&top.path));
     let sp = state_path(&top.path);
     let state = read_state(&sp)?;
     if let Some(st) = &state {
@@ -367,7 +384,7 @@ fn apply_vmdk(
                 set_cid(&mut layer, inc.cid)?;
             }
             remove_state(&sp)?;
-            return Ok(report);
+            return Ok(());
         }
     }
     if top.capacity != inc.capacity {
@@ -419,11 +436,9 @@ fn apply_vmdk(
     {
         let w = std::cell::RefCell::new(&mut writer);
         read_grains(
+            job,
             stream,
-            name,
-            inc,
-            &mut report,
-            progress,
+            report,
             &mut |off, b| w.borrow_mut().write_at(b, off, &below),
             &mut |off, len| w.borrow_mut().write_zeroes(off, len, &below),
         )?;
@@ -442,7 +457,7 @@ fn apply_vmdk(
     let mut layer = crate::layer::Layer::open(&top.path, &OpenOptions::default())?;
     set_cid(&mut layer, inc.cid)?;
     remove_state(&sp)?;
-    Ok(report)
+    Ok(())
 }
 
 /// The target must hold the increment's parent: its CID is the increment's parentCID.
@@ -491,16 +506,10 @@ fn check_links(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn apply_raw(
-    target: &Path,
-    inc: &Increment,
-    stream: &mut dyn Read,
-    name: &Path,
-    opts: &ApplyOptions,
-    mut report: ApplyReport,
-    progress: &dyn Progress,
-) -> Result<ApplyReport> {
+fn apply_raw(job: Job<'_>, stream: &mut dyn Read, report: &mut ApplyReport) -> Result<()> {
+    let Job {
+        target, inc, opts, ..
+    } = job;
     crate::io::refuse_special(target)?;
     let meta = std::fs::metadata(target).map_err(|e| Error::io("stat", target, 0, e))?;
     let block = meta.file_type().is_block_device();
@@ -534,11 +543,9 @@ fn apply_raw(
         )));
     }
     read_grains(
+        job,
         stream,
-        name,
-        inc,
-        &mut report,
-        progress,
+        report,
         &mut |off, b| {
             f.write_all_at(b, off)
                 .map_err(|e| crate::output::write_error(target, off, e))
@@ -546,5 +553,5 @@ fn apply_raw(
         &mut |off, len| crate::output::zero_range(&f, target, block, off, len),
     )?;
     f.sync_all().map_err(|e| Error::io("flush", target, 0, e))?;
-    Ok(report)
+    Ok(())
 }

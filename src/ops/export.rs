@@ -63,14 +63,10 @@ fn export_delta(
             threads: opts.threads,
             ..Default::default()
         };
-        let text = crate::copy::manifest_of(chain, popts, &crate::copy::NoProgress)?;
-        let parsed = crate::format::manifest::Manifest::parse(
-            std::str::from_utf8(&text).expect("ascii"),
-            std::path::Path::new("<computed>"),
-        )?;
-        report.crc32 = Some(parsed.total);
+        let b = crate::copy::manifest_of(chain, popts, &crate::copy::NoProgress)?;
+        report.crc32 = Some(b.total());
         if let Some(m) = &opts.manifest {
-            crate::output::write_file_atomically(m, &text, opts.force)?;
+            crate::output::write_file_atomically(m, &b.finish(), opts.force)?;
         }
     }
     Ok(report)

@@ -137,8 +137,17 @@ fn new_sparse_extent(path: &Path, sectors: u64) -> Result<()> {
     f.commit(false)
 }
 
-/// Grow `disk` to `new_size` bytes.
-pub fn extend(disk: &Path, new_size: u64, force: bool) -> Result<()> {
+/// The size `extend` grows a disk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewSize {
+    /// This many bytes.
+    To(u64),
+    /// The current capacity plus this many bytes (read under the lock).
+    By(u64),
+}
+
+/// Grow `disk` to `size`; returns the capacity before and after.
+pub fn extend(disk: &Path, size: NewSize, force: bool) -> Result<(u64, u64)> {
     let mut locks = crate::guard::LockSet::new();
     locks.lock(disk, crate::guard::LockKind::Exclusive)?;
     let mut chain = Chain::open(
@@ -158,6 +167,12 @@ pub fn extend(disk: &Path, new_size: u64, force: bool) -> Result<()> {
     locks.exclusive_all(&chain.layers[0].files())?;
     let layer = &mut chain.layers[0];
     let old = layer.capacity;
+    let new_size = match size {
+        NewSize::To(n) => n,
+        NewSize::By(n) => old
+            .checked_add(n)
+            .ok_or_else(|| Error::InvalidInput(format!("{old} + {n} bytes overflows")))?,
+    };
     if new_size % SECTOR != 0 {
         return Err(Error::InvalidInput(format!(
             "size {new_size} is not a multiple of 512"
@@ -295,5 +310,6 @@ pub fn extend(disk: &Path, new_size: u64, force: bool) -> Result<()> {
     layer
         .descriptor
         .set_ddb("geometry.sectors", &g.sectors.to_string());
-    write_descriptor(layer)
+    write_descriptor(layer)?;
+    Ok((old, new_size))
 }

@@ -51,8 +51,8 @@ pub fn verify(
     popts: PipelineOptions,
     progress: &dyn Progress,
 ) -> Result<Verification> {
-    let text = pipeline::manifest_of(disk, popts, progress)?;
-    compare(disk.capacity(), &text, m)
+    let b = pipeline::manifest_of(disk, popts, progress)?;
+    compare(disk.capacity(), &b.finish(), m)
 }
 
 /// Read a disk arriving on a pipe (`feed`, of `capacity` bytes: a stream on stdin, say,

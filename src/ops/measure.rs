@@ -215,11 +215,8 @@ pub fn measure(
             for (g, data, size) in grains {
                 let start = g * GRAIN;
                 if data {
-                    let piece = plan
-                        .pieces
-                        .iter()
-                        .position(|p| start >= p.start && start < p.start + p.len)
-                        .expect("pieces cover the disk");
+                    // Pieces are in address order and cover the disk.
+                    let piece = plan.pieces.partition_point(|p| p.start + p.len <= start);
                     counts.per_piece[piece] += 1;
                     counts.data_bytes += GRAIN.min(cap - start);
                     counts.tables.insert(g / 512);

@@ -230,26 +230,6 @@ pub fn write(disk: &Path, offset: u64, data: WriteData<'_>, ignore_cid: bool) ->
     )
 }
 
-/// Like [`fn@write`]; `allow_device` permits writing into device-backed disks.
-pub fn write_with(
-    disk: &Path,
-    offset: u64,
-    data: WriteData<'_>,
-    ignore_cid: bool,
-    allow_device: bool,
-) -> Result<u64> {
-    write_opts(
-        disk,
-        offset,
-        data,
-        &WriteOptions {
-            ignore_cid,
-            allow_device_write: allow_device,
-            force: false,
-        },
-    )
-}
-
 /// Options of [`write_opts`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WriteOptions {

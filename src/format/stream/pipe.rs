@@ -377,7 +377,8 @@ fn read_directory_zeroed(
 fn read_sparse_member(c: &mut Counted<'_>, base: u64, len: u64, emit: Emit<'_>) -> Result<()> {
     let bad =
         |at: u64, what: &str| Error::corrupt(c.name, at, format!("sparse tar member: {what}"));
-    // The map is read a block at a time until it has all its numbers.
+    // The map is read a block at a time until it has all its numbers: the count on the
+    // first line, then two numbers per run (newlines counted as the blocks arrive).
     let mut text = Vec::new();
     let mut block = [0u8; 512];
     let numbers = |t: &[u8]| -> Vec<u64> {
@@ -391,19 +392,26 @@ fn read_sparse_member(c: &mut Counted<'_>, base: u64, len: u64, emit: Emit<'_>) 
         }
         v
     };
+    let mut lines = 0u64;
+    let mut count: Option<u64> = None;
     loop {
         if text.len() > 16 << 20 {
             return Err(bad(0, "sparse map larger than 16 MiB"));
         }
         c.exact(&mut block)?;
         text.extend_from_slice(&block);
-        let have = text.iter().filter(|&&b| b == b'\n').count();
-        if let Some(&n) = numbers(&text).first() {
-            if have as u64 > n.saturating_mul(2) {
-                break;
-            }
-        } else if text.contains(&b'\n') {
-            return Err(bad(0, "no run count"));
+        lines += block.iter().filter(|&&b| b == b'\n').count() as u64;
+        if count.is_none() && lines > 0 {
+            let first = text.split(|&b| b == b'\n').next().unwrap_or_default();
+            count = Some(
+                numbers(first)
+                    .first()
+                    .copied()
+                    .ok_or_else(|| bad(0, "no run count"))?,
+            );
+        }
+        if count.is_some_and(|n| lines > n.saturating_mul(2)) {
+            break;
         }
     }
     let v = numbers(&text);
