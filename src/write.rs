@@ -697,11 +697,20 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = crate::guard::folder_of(path);
     let tmp = PathBuf::from(format!("{}.tmp", path.display()));
     fault_point();
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io("write", &tmp, 0, e))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io("flush", &tmp, 0, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, 0, e))?;
+    // A signal between the write and the rename removes the temporary.
+    crate::guard::register_temporary(&tmp);
+    let written = (|| {
+        std::fs::write(&tmp, bytes).map_err(|e| Error::io("write", &tmp, 0, e))?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io("flush", &tmp, 0, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, 0, e))
+    })();
+    crate::guard::unregister_temporary(&tmp);
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }

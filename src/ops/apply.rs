@@ -334,6 +334,7 @@ fn apply_vmdk(job: Job<'_>, stream: &mut dyn Read, report: &mut ApplyReport) -> 
         },
     )?;
     chain.lock(&mut locks, 0)?;
+    crate::guard::test_hold_hook();
     let top = chain.top();
     let sp = state_path(&top.path);
     let state = read_state(&sp)?;

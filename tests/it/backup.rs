@@ -524,3 +524,60 @@ fn an_increment_over_a_never_written_base_applies() {
         "after the increment",
     );
 }
+
+/// A signal while apply holds its locks: it exits 128+N, the target and the folder are
+/// as they were (no state, no temporaries), a second writer meanwhile is refused, and the
+/// apply then runs clean.
+#[test]
+fn a_signalled_apply_changes_nothing_and_leaves_nothing() {
+    need_qemu!();
+    let t = tmp();
+    let (src, s) = backed_up(t.path());
+    let r = t.path().join("r");
+    std::fs::create_dir(&r).unwrap();
+    vmdkit_ok(
+        &r,
+        &["import", "../src/full.vmdk", "vm.vmdk", "-d", "split", "-q"],
+    );
+    let listing = |d: &Path| -> Vec<(String, String)> {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    sha256_file(&e.path()),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&r);
+    let child = Command::new(bin())
+        .args([
+            "apply",
+            "vm.vmdk",
+            src.join("inc1.vmdk").to_str().unwrap(),
+            "-q",
+        ])
+        .current_dir(&r)
+        .env("VMDKIT_TEST_HOLD_LOCK_MS", "3000")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let err = vmdkit_err(&r, &["write", "vm.vmdk", "--offset", "0", "--zero", "4k"]);
+    assert!(err.contains("in use"), "{err}");
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM));
+    assert_eq!(
+        listing(&r),
+        before,
+        "the signalled apply changed the folder"
+    );
+    vmdkit_ok(&r, &["apply", "vm.vmdk", "../src/inc1.vmdk", "-q"]);
+    assert_same(&qemu_raw(&r, "vm.vmdk"), &s.points[1], "after the apply");
+}
