@@ -107,6 +107,19 @@ impl Chain {
             let Some(p) = parent else { break };
             next = p;
         }
+        // A layer in the middle of an interrupted apply (any layer: the content through it
+        // may be neither point), or the top in the middle of an interrupted commit into it
+        // (read through its child it is whole; read alone it may be neither point).
+        if !opts.ignore_pending {
+            for (i, l) in layers.iter().enumerate() {
+                if let Some(p) = crate::recovery::pending_of(l) {
+                    if i == 0 || p.op != "commit" {
+                        let m = crate::recovery::pending_message(l).unwrap_or_default();
+                        return Err(Error::chain(&l.path, m));
+                    }
+                }
+            }
+        }
         // CID checks, child against parent.
         for w in layers.windows(2) {
             let (child, parent) = (&w[0], &w[1]);

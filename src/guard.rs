@@ -11,10 +11,18 @@
 //! tools.
 //!
 //! # Temporaries
-//! Outputs are written under `.NAME.vmdkit-tmp.PID[.N]` beside the target. Each is
+//! Every temporary (outputs, replaced descriptors, state files, journals) is written by
+//! [`crate::output::AtomicFile`] under `.NAME.vmdkit-tmp.PID.N` beside the target. Each is
 //! registered here while it exists; the binary removes the registered ones when it gets
-//! SIGINT, SIGTERM or SIGHUP. A temporary whose process no longer exists is removed by
-//! [`sweep_stale_temporaries`] before the next run writes into the folder.
+//! SIGINT, SIGTERM or SIGHUP.
+//!
+//! Its writer holds an exclusive `flock` on the temporary for the temporary's whole life
+//! (until it is renamed into place or removed). Staleness is decided by that lock, never
+//! by the PID in the name: a PID says nothing about a vmdkit in another PID namespace (a
+//! container) or on another host sharing the datastore (NFS carries `flock` as a byte-range
+//! lock), and PIDs are reused. [`sweep_stale_temporaries`] removes only temporaries whose
+//! lock it can take itself, i.e. whose writer is gone, and it takes that lock before the
+//! unlink so a writer cannot start between the test and the removal.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -169,6 +177,20 @@ pub fn outside_paths_allowed() -> bool {
 }
 
 static TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static NOTE: Mutex<Option<String>> = Mutex::new(None);
+
+/// What a signal interrupts (an apply between its first and last write): the binary
+/// prints it on its way out, so Ctrl-C says what was left and what finishes it.
+pub fn set_interrupt_note(note: Option<String>) {
+    if let Ok(mut n) = NOTE.lock() {
+        *n = note;
+    }
+}
+
+/// See [`set_interrupt_note`].
+pub fn interrupt_note() -> Option<String> {
+    NOTE.lock().ok().and_then(|n| n.clone())
+}
 
 /// Record a temporary file so a signal can remove it.
 pub fn register_temporary(path: &Path) {
@@ -210,16 +232,33 @@ pub fn temporary_pid(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
-fn process_alive(pid: u32) -> bool {
-    let Ok(p) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: kill with signal 0 only checks for existence; it sends nothing.
-    let rc = unsafe { libc::kill(p, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+/// Take `flock(op | LOCK_NB)` on `file`: `Ok(true)` when taken, `Ok(false)` when another
+/// open file (this process's or another's) holds a conflicting lock.
+pub(crate) fn try_flock(file: &File, op: libc::c_int) -> std::io::Result<bool> {
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(false);
+    }
+    Err(e)
 }
 
-/// Every vmdkit temporary in `dir`, with whether its process still runs.
+/// A temporary whose writer is gone, locked by us (so no writer can hold it), or `None`
+/// when its writer still holds it (or it cannot be opened: then it is left alone).
+fn lock_if_stale(path: &Path) -> Option<File> {
+    let f = File::open(path).ok()?;
+    match try_flock(&f, libc::LOCK_EX) {
+        Ok(true) => Some(f),
+        _ => None,
+    }
+}
+
+/// Every vmdkit temporary in `dir`, with whether its writer still holds it (a running
+/// vmdkit on this host, in a container or on another host sharing the folder).
 pub fn temporaries(dir: &Path) -> Vec<(PathBuf, bool)> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return vec![];
@@ -229,27 +268,32 @@ pub fn temporaries(dir: &Path) -> Vec<(PathBuf, bool)> {
         .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let pid = temporary_pid(&name)?;
-            Some((e.path(), pid == std::process::id() || process_alive(pid)))
+            temporary_pid(&name)?;
+            let p = e.path();
+            let alive = lock_if_stale(&p).is_none();
+            Some((p, alive))
         })
         .collect();
     v.sort();
     v
 }
 
-/// Temporaries in `dir` whose process no longer exists.
-pub fn stale_temporaries(dir: &Path) -> Vec<PathBuf> {
-    temporaries(dir)
-        .into_iter()
-        .filter(|(_, alive)| !alive)
-        .map(|(p, _)| p)
-        .collect()
-}
-
-/// Remove the temporaries of dead processes in `dir` (before writing into it).
+/// Remove the temporaries in `dir` that no writer holds (before writing into it). Each is
+/// locked before it is removed, and the removal made durable.
 pub fn sweep_stale_temporaries(dir: &Path) {
-    for p in stale_temporaries(dir) {
-        let _ = std::fs::remove_file(p);
+    let mut removed = false;
+    for (p, alive) in temporaries(dir) {
+        if alive {
+            continue;
+        }
+        // Hold its lock across the unlink: a writer that got the name meanwhile would
+        // hold the lock, and then we would not have it.
+        if let Some(_held) = lock_if_stale(&p) {
+            removed |= std::fs::remove_file(&p).is_ok();
+        }
+    }
+    if removed {
+        let _ = crate::output::sync_folder(dir);
     }
 }
 

@@ -65,6 +65,9 @@ pub struct OpenOptions {
     /// the descriptor's folder (`--allow-outside-paths`). Without it only block devices
     /// named by device and RDM createTypes may lie outside.
     pub allow_outside_paths: bool,
+    /// Open a chain although a layer carries a pending mark of an interrupted vmdkit
+    /// operation (the commands that finish or report it; see [`crate::recovery`]).
+    pub ignore_pending: bool,
 }
 
 impl Default for OpenOptions {
@@ -73,6 +76,7 @@ impl Default for OpenOptions {
             ignore_cid: false,
             mode: SourceMode::Pread,
             allow_outside_paths: crate::guard::outside_paths_allowed(),
+            ignore_pending: false,
         }
     }
 }

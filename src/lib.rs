@@ -24,6 +24,7 @@ pub mod io;
 pub mod layer;
 pub mod ops;
 pub mod output;
+pub mod recovery;
 pub mod resolve;
 pub mod units;
 pub mod write;

@@ -1,6 +1,12 @@
 //! Outputs written safely: to a temporary name beside the target, renamed into place
 //! only when complete, removed if dropped before [`AtomicFile::commit`]. An existing
 //! target is refused unless `force`.
+//!
+//! [`AtomicFile`] is the one temporary type of the crate: exports, imports, replaced
+//! descriptors, manifests, state files and journals all go through it. Its writer holds an
+//! exclusive `flock` on the temporary until the rename (see [`crate::guard`] for why
+//! staleness is judged by that lock), and [`AtomicFile::commit`] makes the rename durable
+//! (the file is synced before it, its folder after it).
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -13,6 +19,7 @@ pub struct AtomicFile {
     /// An exclusive lock on the file being replaced (with `--force`), held until the
     /// rename: nobody reads or writes it half-replaced through vmdkit.
     _replaced: Option<crate::guard::LockSet>,
+    /// The temporary, open and locked until it is renamed (the lock marks it live).
     file: Option<File>,
     tmp: PathBuf,
     target: PathBuf,
@@ -38,6 +45,16 @@ impl AtomicFile {
         } else {
             None
         };
+        Self::start(target, replaced)
+    }
+
+    /// Start replacing `target` (which may exist) whose locks the caller already holds:
+    /// a descriptor, a state file, a journal.
+    pub fn replace(target: &Path) -> Result<AtomicFile> {
+        Self::start(target, None)
+    }
+
+    fn start(target: &Path, replaced: Option<crate::guard::LockSet>) -> Result<AtomicFile> {
         let dir = crate::resolve::folder_of(target);
         let name = target.file_name().ok_or_else(|| {
             Error::InvalidInput(format!("`{}` is not a file name", target.display()))
@@ -57,6 +74,12 @@ impl AtomicFile {
                 .open(&tmp)
             {
                 Ok(file) => {
+                    // Ours alone from its creation: nobody else has opened it yet.
+                    if !crate::guard::try_flock(&file, libc::LOCK_EX)
+                        .map_err(|e| Error::io("lock", &tmp, 0, e))?
+                    {
+                        return Err(Error::Busy(tmp));
+                    }
                     crate::guard::register_temporary(&tmp);
                     return Ok(AtomicFile {
                         _replaced: replaced,
@@ -91,29 +114,21 @@ impl AtomicFile {
         &self.target
     }
 
-    /// Flush to stable storage and rename into place.
+    /// Flush to stable storage, rename into place, and make the rename durable (fsync of
+    /// the folder). The temporary stays open, and so locked, until it has its final name.
     pub fn commit(mut self, force: bool) -> Result<()> {
         let f = self.file.take().expect("open until commit");
         f.sync_all()
             .map_err(|e| Error::io("flush", &self.tmp, 0, e))?;
-        drop(f);
         // Re-check: the target may have appeared while we wrote.
         check_target(&self.target, force)?;
+        crate::write::fault_point();
         std::fs::rename(&self.tmp, &self.target)
             .map_err(|e| Error::io("rename into place", &self.target, 0, e))?;
         crate::guard::unregister_temporary(&self.tmp);
         self.done = true;
-        if let Some(dir) = self.target.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+        drop(f);
+        sync_folder(&crate::resolve::folder_of(&self.target))
     }
 }
 
@@ -125,6 +140,53 @@ impl Drop for AtomicFile {
             crate::guard::unregister_temporary(&self.tmp);
         }
     }
+}
+
+/// Make the names in `dir` durable (after a rename, a create or an unlink in it).
+pub fn sync_folder(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("flush the folder", dir, 0, e))
+}
+
+/// Remove files (a missing one is fine), then make the removals durable: one fsync per
+/// folder, before the caller reports success.
+pub fn remove_durably(files: &[PathBuf]) -> Result<()> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for f in files {
+        crate::write::fault_point();
+        match std::fs::remove_file(f) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io("remove", f, 0, e)),
+        }
+        let d = crate::resolve::folder_of(f);
+        if !dirs.contains(&d) {
+            dirs.push(d);
+        }
+    }
+    for d in &dirs {
+        sync_folder(d)?;
+    }
+    Ok(())
+}
+
+/// Replace `target` (whose locks the caller holds) with `bytes`, atomically and durably:
+/// temporary, fsync, rename, fsync of the folder. `mode` sets the permissions first.
+pub fn replace_atomically(
+    target: &Path,
+    bytes: &[u8],
+    mode: Option<std::fs::Permissions>,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = AtomicFile::replace(target)?;
+    f.file()
+        .write_all_at(bytes, 0)
+        .map_err(|e| write_error(f.tmp_path(), 0, e))?;
+    if let Some(m) = mode {
+        let _ = f.file().set_permissions(m);
+    }
+    f.commit(true)
 }
 
 /// Write a small file (a manifest) whole: under a temporary name, synced, renamed into

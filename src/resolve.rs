@@ -156,17 +156,28 @@ pub fn rdm_owner(dir: &Path, map: &str) -> Option<String> {
 
 /// The parent a file names, if it is a delta (descriptor hint, or REDO naming).
 pub fn names_parent(path: &Path) -> Option<PathBuf> {
+    names_parent_checked(path).ok().flatten()
+}
+
+/// Like [`names_parent`], but a file that may be a delta and cannot be read or parsed is
+/// an error (its reason), not "no parent": the caller cannot know what it depends on.
+pub fn names_parent_checked(path: &Path) -> std::result::Result<Option<PathBuf>, String> {
     let dir = folder_of(path);
-    let meta = std::fs::metadata(path).ok()?;
+    let meta = fs::metadata(path).map_err(|e| format!("cannot stat it: {e}"))?;
     if !meta.is_file() {
-        return None;
+        return Ok(None);
     }
     let mut head = vec![0u8; 4];
     use std::io::Read;
-    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
-    let name = path.file_name()?.to_string_lossy().into_owned();
+    let mut f = fs::File::open(path).map_err(|e| format!("cannot open it: {e}"))?;
+    if meta.len() < 4 {
+        return Ok(None);
+    }
+    f.read_exact(&mut head)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    let name = file_name_of(path);
     if &head == b"COWD" {
-        return name.strip_suffix(".REDO").map(|p| dir.join(p));
+        return Ok(name.strip_suffix(".REDO").map(|p| dir.join(p)));
     }
     let text = if &head == b"KDMV" {
         let l = Layer::open(
@@ -176,16 +187,31 @@ pub fn names_parent(path: &Path) -> Option<PathBuf> {
                 ..Default::default()
             },
         )
-        .ok()?;
+        .map_err(|e| format!("cannot open it: {e}"))?;
         l.descriptor.to_text().into_bytes()
     } else if meta.len() <= 1 << 20 {
-        std::fs::read(path).ok()?
+        fs::read(path).map_err(|e| format!("cannot read it: {e}"))?
     } else {
-        return None;
+        return Ok(None);
     };
-    let d = Descriptor::parse(&text, path).ok()?;
-    let hint = d.get("parentFileNameHint")?;
-    resolve_name(&dir, hint, false, "parent", path, &mut Vec::new()).ok()
+    let looks_like_descriptor = text
+        .windows(14)
+        .take(4096)
+        .any(|w| w.eq_ignore_ascii_case(b"DescriptorFile"))
+        || text.windows(10).take(4096).any(|w| w == b"createType");
+    let d = match Descriptor::parse(&text, path) {
+        Ok(d) => d,
+        Err(e) if looks_like_descriptor => {
+            return Err(format!("its descriptor does not parse: {e}"))
+        }
+        Err(_) => return Ok(None),
+    };
+    let Some(hint) = d.get("parentFileNameHint") else {
+        return Ok(None);
+    };
+    resolve_name(&dir, hint, false, "parent", path, &mut Vec::new())
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 /// Whether two paths are the same file (device and inode, through links).
@@ -199,13 +225,64 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 
 /// Deltas in `disk`'s folder that name `disk` as their parent.
 pub fn children_of(disk: &Path) -> Vec<PathBuf> {
+    dependents_of(disk).0
+}
+
+/// Deltas in `disk`'s folder that name `disk` as their parent, and the files that may be
+/// deltas but could not be read (each with the reason): what depends on them is unknown.
+/// Only files named like disks (`*.vmdk`, `*.REDO`) can be unknown.
+pub fn dependents_of(disk: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
     let dir = folder_of(disk);
-    let Ok(rd) = std::fs::read_dir(&dir) else {
-        return vec![];
+    let Ok(rd) = fs::read_dir(&dir) else {
+        return (vec![], vec![]);
     };
-    rd.flatten()
-        .map(|e| e.path())
-        .filter(|p| !same_file(p, disk))
-        .filter(|p| names_parent(p).is_some_and(|parent| same_file(&parent, disk)))
-        .collect()
+    let mut children = Vec::new();
+    let mut unknown = Vec::new();
+    let mut paths: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+    paths.sort();
+    for p in paths {
+        if same_file(&p, disk) {
+            continue;
+        }
+        match names_parent_checked(&p) {
+            Ok(Some(parent)) if same_file(&parent, disk) => children.push(p),
+            Ok(_) => {}
+            Err(why) => {
+                let n = file_name_of(&p).to_ascii_lowercase();
+                if (n.ends_with(".vmdk") || n.ends_with(".redo")) && !n.starts_with('.') {
+                    unknown.push((p, why));
+                }
+            }
+        }
+    }
+    (children, unknown)
+}
+
+/// Refuse to change `disk` when deltas name it as their parent or when a file that may
+/// be one cannot be read (unknown counts as a child), unless `force`. `doing` says what
+/// would break them ("writing into it").
+pub fn refuse_dependents(disk: &Path, force: bool, doing: &str) -> Result<()> {
+    if force {
+        return Ok(());
+    }
+    let (children, unknown) = dependents_of(disk);
+    if let Some(c) = children.first() {
+        return Err(Error::chain(
+            c,
+            format!(
+                "this delta has `{}` as its parent; {doing} would break it (pass --force to go ahead anyway)",
+                disk.display()
+            ),
+        ));
+    }
+    if let Some((p, why)) = unknown.first() {
+        return Err(Error::chain(
+            p,
+            format!(
+                "{why}; it may be a delta of `{}`, which {doing} would break. Refusing while that is unknown                  (fix or move the file, or pass --force)",
+                disk.display()
+            ),
+        ));
+    }
+    Ok(())
 }

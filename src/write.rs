@@ -650,18 +650,8 @@ pub fn write_descriptor(layer: &Layer) -> Result<()> {
         pwrite(&f, &layer.path, &b, h.descriptor_offset * SECTOR)?;
         return sync(&f, &layer.path);
     }
-    // Separate file: temporary beside it, fsync, rename (keeps the old on any failure).
-    let dir = crate::resolve::folder_of(&layer.path);
-    crate::guard::sweep_stale_temporaries(&dir);
-    let tmp = dir.join(format!(
-        ".{}.vmdkit-tmp.{}",
-        layer
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+    // Separate file: temporary beside it, fsync, rename, fsync of the folder (keeps the
+    // old on any failure).
     let perms = std::fs::metadata(&layer.path)
         .map_err(|e| Error::io("stat", &layer.path, 0, e))?
         .permissions();
@@ -671,60 +661,28 @@ pub fn write_descriptor(layer: &Layer) -> Result<()> {
             layer.path.display()
         )));
     }
-    crate::guard::register_temporary(&tmp);
-    let written = (|| {
-        std::fs::write(&tmp, text.as_bytes()).map_err(|e| Error::io("write", &tmp, 0, e))?;
-        let f = File::open(&tmp).map_err(|e| Error::io("open", &tmp, 0, e))?;
-        f.sync_all().map_err(|e| Error::io("flush", &tmp, 0, e))?;
-        let _ = std::fs::set_permissions(&tmp, perms);
-        fault_point();
-        std::fs::rename(&tmp, &layer.path)
-            .map_err(|e| Error::io("rename into place", &layer.path, 0, e))
-    })();
-    crate::guard::unregister_temporary(&tmp);
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::output::replace_atomically(&layer.path, text.as_bytes(), Some(perms))
 }
 
-/// Write `bytes` to `path` atomically (temporary, fsync, rename, fsync of the folder).
+/// Write `bytes` to `path` atomically and durably (see [`crate::output::AtomicFile`]).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = crate::guard::folder_of(path);
-    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
     fault_point();
-    // A signal between the write and the rename removes the temporary.
-    crate::guard::register_temporary(&tmp);
-    let written = (|| {
-        std::fs::write(&tmp, bytes).map_err(|e| Error::io("write", &tmp, 0, e))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io("flush", &tmp, 0, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io("rename into place", path, 0, e))
-    })();
-    crate::guard::unregister_temporary(&tmp);
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::output::replace_atomically(path, bytes, None)
 }
 
-/// Journal file: `VMDKJRN1`, records (u32 path length, path, u64 offset, u32 length,
-/// bytes), then the CRC-32 of everything before it. Written atomically before the
-/// state moves to phase `tables`.
-pub fn write_journal(path: &Path, records: &[JournalRecord]) -> Result<()> {
+/// Journal file: `VMDKJRN2`, the token of the state it belongs to (u32 length, bytes),
+/// records (u32 path length, path, u64 offset, u32 length, bytes), then the CRC-32 of
+/// everything before it. Written atomically before the state moves to phase `tables`.
+/// The paths are the recovering command's own (canonical); a reader admits them only
+/// when they are files of the disk it resolved ([`crate::recovery`]).
+pub fn write_journal(path: &Path, token: &str, records: &[JournalRecord]) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
-    let mut b = b"VMDKJRN1".to_vec();
+    let mut b = b"VMDKJRN2".to_vec();
+    b.extend_from_slice(&(token.len() as u32).to_le_bytes());
+    b.extend_from_slice(token.as_bytes());
     for r in records {
-        let p = r.file.as_os_str().as_bytes();
+        let file = std::fs::canonicalize(&r.file).unwrap_or_else(|_| r.file.clone());
+        let p = file.as_os_str().as_bytes();
         b.extend_from_slice(&(p.len() as u32).to_le_bytes());
         b.extend_from_slice(p);
         b.extend_from_slice(&r.offset.to_le_bytes());
@@ -736,27 +694,30 @@ pub fn write_journal(path: &Path, records: &[JournalRecord]) -> Result<()> {
     write_atomically(path, &b)
 }
 
-/// Read a journal written by [`write_journal`], checking its magic and checksum.
-pub fn read_journal(path: &Path) -> Result<Vec<JournalRecord>> {
+/// A journal's bytes parsed: its token and records (magic, checksum and every length
+/// checked against the bytes there are; nothing is sized by a field alone).
+pub fn parse_journal(path: &Path, b: &[u8]) -> Result<(String, Vec<JournalRecord>)> {
     use std::os::unix::ffi::OsStrExt;
-    let b = std::fs::read(path).map_err(|e| Error::io("read", path, 0, e))?;
     let bad = |at: usize, what: &str| Error::corrupt(path, at as u64, format!("journal: {what}"));
-    if b.len() < 12 || &b[..8] != b"VMDKJRN1" {
-        return Err(bad(0, "bad magic"));
+    if b.len() < 16 || &b[..8] != b"VMDKJRN2" {
+        return Err(bad(0, "bad magic (not a vmdkit journal, or an older one)"));
     }
     let (body, crc) = b.split_at(b.len() - 4);
     if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
         return Err(bad(body.len(), "checksum mismatch"));
     }
-    let mut out = Vec::new();
     let mut i = 8;
     let take = |i: &mut usize, n: usize| -> Result<&[u8]> {
-        let s = body
-            .get(*i..*i + n)
+        let s = i
+            .checked_add(n)
+            .and_then(|e| body.get(*i..e))
             .ok_or_else(|| bad(*i, "truncated record"))?;
         *i += n;
         Ok(s)
     };
+    let n = u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4")) as usize;
+    let token = String::from_utf8_lossy(take(&mut i, n)?).into_owned();
+    let mut out = Vec::new();
     while i < body.len() {
         let n = u32::from_le_bytes(take(&mut i, 4)?.try_into().expect("4")) as usize;
         let file = PathBuf::from(std::ffi::OsStr::from_bytes(take(&mut i, n)?));
@@ -769,7 +730,13 @@ pub fn read_journal(path: &Path) -> Result<Vec<JournalRecord>> {
             bytes,
         });
     }
-    Ok(out)
+    Ok((token, out))
+}
+
+/// Read a journal written by [`write_journal`] (see [`parse_journal`]).
+pub fn read_journal(path: &Path) -> Result<(String, Vec<JournalRecord>)> {
+    let b = std::fs::read(path).map_err(|e| Error::io("read", path, 0, e))?;
+    parse_journal(path, &b)
 }
 
 /// Cut files back to recorded lengths (a journaled writer's rerun: what the interrupted

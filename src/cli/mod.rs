@@ -567,10 +567,7 @@ fn run_apply(args: ApplyArgs, ui: Ui) -> Result<ExitCode> {
             &bar,
         )
     } else {
-        vmdkit::io::refuse_special(&src)?;
-        let mut f =
-            std::fs::File::open(&src).with_context(|| format!("opening `{}`", src.display()))?;
-        apply(&target, &mut f, &src, &opts, &bar)
+        vmdkit::ops::apply::apply_file(&target, &src, &opts, &bar)
     }
     .with_context(|| format!("applying to `{}`", target.display()))?;
     bar.finish();
@@ -951,6 +948,9 @@ fn remove_temporaries_on_signals() {
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             vmdkit::guard::remove_registered_temporaries();
+            if let Some(note) = vmdkit::guard::interrupt_note() {
+                let _ = writeln!(std::io::stderr(), "vmdkit: interrupted: {note}");
+            }
             std::process::exit(128 + sig);
         }
     });

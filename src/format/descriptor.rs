@@ -624,6 +624,14 @@ impl Descriptor {
             .retain(|l| !matches!(l, Line::Header { key: k, .. } if k.eq_ignore_ascii_case(key)));
     }
 
+    /// Remove a `ddb.*` key (prefix optional).
+    pub fn remove_ddb(&mut self, key: &str) {
+        let bare = strip_ddb(key);
+        self.lines.retain(
+            |l| !matches!(l, Line::Ddb { key: k, .. } if strip_ddb(k).eq_ignore_ascii_case(bare)),
+        );
+    }
+
     /// Set a `ddb.*` key (prefix optional), appending it when new.
     pub fn set_ddb(&mut self, key: &str, value: &str) {
         let bare = strip_ddb(key);

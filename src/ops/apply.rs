@@ -9,27 +9,44 @@
 //!   content the increment was made against (the restore of the previous backup). The
 //!   target already carrying the increment's CID means it was applied: refused. `--force`
 //!   skips the check (raw targets, which have no CID, need it).
-//! - Capacities equal (a raw target may be larger), every extent writable, no other delta
-//!   names the target as its parent (the change would break it).
+//! - Capacities equal (a raw target may be larger), every extent writable and not
+//!   read-only on the host, no other delta names the target as its parent and no file
+//!   that may be one is unreadable, no other operation is pending on the target.
+//! - **The whole increment is read and inflated before the first write**: a truncated
+//!   tail (bytes lost on tape), a bad deflate stream, a short grain, a grain both zeroed
+//!   and stored are found while the target is untouched, byte for byte. A file is read
+//!   twice; a pipe is first spooled into an unnamed temporary in the target's folder
+//!   (`O_TMPFILE`: it has no name, so nothing is left behind even by a power cut).
 //!
-//! # Why a killed apply is finished by a rerun (VMDK targets)
-//! It is commit's order ([`crate::ops::commit`]): a state file `<target>.vmdkit-apply`
-//! records the increment (its parentCID and CID), the target's extent files with their
-//! identity and lengths (phase `copy`). Data grains go into grains the target already has
-//! (in place) or are appended; zeroed grains become zeroed grain entries; no table or
-//! directory is written in this phase. A rerun of the same increment cuts the extents
-//! back and writes again: the same bytes land in the same places. Then the table writes
-//! go to a checksummed journal, the state moves to `tables`, the journal is applied, the
-//! target gets the increment's CID, and the state and journal are removed. A rerun in
-//! phase `tables` replays the journal (it does not need the rest of the input). Until the
-//! CID is set the target is refused by any other increment, and a state file for another
-//! increment refuses this one.
+//! # Why an interrupted apply is finished by a rerun (VMDK targets)
+//! It is commit's order ([`crate::ops::commit`]), with the state treated as untrusted
+//! input ([`crate::recovery`]): a state file `<target>.vmdkit-apply` records a random
+//! token, the increment (its parentCID and CID), the target's extent files (canonical
+//! paths, identity, lengths) (phase `copy`); then the target's descriptor gets the
+//! pending mark with that token, so every other command refuses the disk until the apply
+//! is finished. Data grains go into grains the target already has (in place) or are
+//! appended; zeroed grains become zeroed grain entries; no table or directory is written
+//! in this phase. A rerun of the same increment cuts the extents back and writes again:
+//! the same bytes land in the same places. Then the table writes go to a checksummed
+//! journal carrying the token, the state moves to `tables`, the journal is applied, the
+//! target gets the increment's CID and loses the mark in one descriptor write, and the
+//! journal and the state are removed (the folder fsynced before success is reported). A
+//! rerun in phase `tables` replays the journal (it does not need the rest of the input).
+//! A state whose token the target does not carry (the disk was restored from a copy),
+//! or that names files that are not the target's, is refused.
 //!
-//! Raw targets (files, devices) have no tables: writes are in place and idempotent, so a
-//! rerun of the same increment (with `--force`) finishes the job.
+//! What an interruption leaves: after the input was validated, only a crash, a signal or
+//! an I/O error (a full disk) can stop the writes; the target is then marked, the error
+//! (or, for a signal, the message on the way out) says the apply is incomplete and to
+//! run the same apply again.
+//!
+//! Raw targets (files, devices) have no tables and no descriptor to mark: the whole
+//! increment is validated first as well, then written in place; a rerun of the same
+//! increment (with `--force`) finishes an interrupted one, since the writes are
+//! idempotent.
 
 use std::io::Read;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -42,10 +59,8 @@ use crate::format::stream::pipe::{self as stream_in, Counted};
 use crate::guard::{LockKind, LockSet};
 use crate::layer::OpenOptions;
 use crate::ops::Progress;
-use crate::write::{
-    apply_journal, cut_back_files, fault_point, read_journal, set_cid, write_atomically,
-    write_journal, LayerWriter,
-};
+use crate::recovery::{self, FileRecord, Resolved};
+use crate::write::{apply_journal, cut_back_files, read_journal, write_journal, LayerWriter};
 
 /// Options of an apply.
 #[derive(Debug, Clone, Default)]
@@ -102,8 +117,6 @@ struct Increment {
     parent_cid: u32,
     cid: u32,
     capacity: u64,
-    /// The bytes consumed (header and descriptor), fed again to the stream reader.
-    head: Vec<u8>,
 }
 
 fn read_increment(c: &mut Counted<'_>, name: &Path) -> Result<Increment> {
@@ -142,14 +155,11 @@ fn read_increment(c: &mut Counted<'_>, name: &Path) -> Result<Increment> {
     let cid = d
         .cid()
         .ok_or_else(|| Error::corrupt(name, 512, "the increment's descriptor has no CID"))?;
-    let mut head = first.to_vec();
-    head.extend_from_slice(&text);
     Ok(Increment {
         capacity: header.capacity_sectors * SECTOR,
         header,
         parent_cid,
         cid,
-        head,
     })
 }
 
@@ -163,26 +173,19 @@ enum Phase {
     Tables,
 }
 
-/// An extent file of the target as it was when the apply began.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct TargetFile {
-    path: PathBuf,
-    len: u64,
-    dev: u64,
-    ino: u64,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
-    version: u32,
     phase: Phase,
+    /// Binds the state to the target: the same token is in its pending mark.
+    token: String,
+    /// The target (canonical).
     target: PathBuf,
     parent_cid: u32,
     cid: u32,
-    files: Vec<TargetFile>,
+    /// The target's extent files before the apply (a rerun cuts them back to these
+    /// lengths).
+    files: Vec<FileRecord>,
 }
-
-const STATE_VERSION: u32 = 1;
 
 fn state_path(target: &Path) -> PathBuf {
     PathBuf::from(format!("{}.vmdkit-apply", target.display()))
@@ -192,47 +195,13 @@ fn journal_path(state: &Path) -> PathBuf {
     PathBuf::from(format!("{}.journal", state.display()))
 }
 
-fn read_state(sp: &Path) -> Result<Option<State>> {
-    let b = match std::fs::read(sp) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("read", sp, 0, e)),
-    };
-    let st: State = serde_json::from_slice(&b)
-        .map_err(|e| Error::corrupt(sp, 0, format!("unreadable apply state: {e}")))?;
-    if st.version != STATE_VERSION {
-        return Err(Error::corrupt(
-            sp,
-            0,
-            format!("apply state version {} is not {STATE_VERSION}", st.version),
-        ));
-    }
-    Ok(Some(st))
-}
-
-fn write_state(sp: &Path, st: &State) -> Result<()> {
-    write_atomically(sp, &serde_json::to_vec_pretty(st).expect("serializable"))
-}
-
-/// Remove the journal, then the state file (a rerun between the two finds the target
-/// with the increment's CID and only removes the state).
-fn remove_state(sp: &Path) -> Result<()> {
-    for f in [journal_path(sp), sp.to_path_buf()] {
-        fault_point();
-        match std::fs::remove_file(&f) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", &f, 0, e)),
-        }
-    }
-    Ok(())
-}
-
 fn cid_text(c: u32) -> String {
     format!("{c:08x}")
 }
 
-/// Apply the increment read from `input` (named `name` in messages) to `target`.
+/// Apply the increment read from `input` (named `name` in messages) to `target`. The
+/// input is spooled into an unnamed temporary in the target's folder and validated
+/// whole before the target is touched; [`apply_file`] reads a file in place instead.
 pub fn apply(
     target: &Path,
     input: &mut dyn Read,
@@ -240,29 +209,119 @@ pub fn apply(
     opts: &ApplyOptions,
     progress: &dyn Progress,
 ) -> Result<ApplyReport> {
-    let inc = read_increment(&mut Counted::new(input, name), name)?;
+    let dir = if opts.raw && is_block_device(target) {
+        std::env::temp_dir()
+    } else {
+        crate::resolve::folder_of(target)
+    };
+    let mut spool =
+        tempfile::tempfile_in(&dir).map_err(|e| Error::io("create a temporary in", &dir, 0, e))?;
+    std::io::copy(input, &mut spool).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOSPC) {
+            Error::io(
+                "spool the increment into (the disk is full; nothing was written)",
+                &dir,
+                0,
+                e,
+            )
+        } else {
+            Error::io("read", name, 0, e)
+        }
+    })?;
+    apply_file_handle(target, spool, name, opts, progress)
+}
+
+/// Apply the increment in the file `inc` to `target` (validated whole before the target
+/// is touched).
+pub fn apply_file(
+    target: &Path,
+    inc: &Path,
+    opts: &ApplyOptions,
+    progress: &dyn Progress,
+) -> Result<ApplyReport> {
+    crate::io::refuse_special(inc)?;
+    let f = std::fs::File::open(inc).map_err(|e| Error::io("open", inc, 0, e))?;
+    apply_file_handle(target, f, inc, opts, progress)
+}
+
+fn is_block_device(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// The increment from its first byte (a positional reader over the file).
+fn from_start(f: &std::fs::File) -> impl Read + '_ {
+    struct At<'a>(&'a std::fs::File, u64);
+    impl Read for At<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.0.read_at(buf, self.1)?;
+            self.1 += n as u64;
+            Ok(n)
+        }
+    }
+    std::io::BufReader::with_capacity(1 << 20, At(f, 0))
+}
+
+fn apply_file_handle(
+    target: &Path,
+    f: std::fs::File,
+    name: &Path,
+    opts: &ApplyOptions,
+    progress: &dyn Progress,
+) -> Result<ApplyReport> {
+    let inc = read_increment(&mut Counted::new(&mut from_start(&f), name), name)?;
     let mut report = ApplyReport {
         target: target.to_path_buf(),
         from_cid: cid_text(inc.parent_cid),
         to_cid: cid_text(inc.cid),
         ..Default::default()
     };
-    let head = inc.head.clone();
-    let mut stream = std::io::Read::chain(&head[..], input);
     let job = Job {
         target,
         inc: &inc,
         name,
         opts,
         progress,
+        input: &f,
     };
     if opts.raw {
-        apply_raw(job, &mut stream, &mut report)?;
+        apply_raw(job, &mut report)?;
     } else {
-        apply_vmdk(job, &mut stream, &mut report)?;
+        apply_vmdk(job, &mut report)?;
     }
-    let _ = std::io::copy(&mut stream, &mut std::io::sink());
     Ok(report)
+}
+
+/// Read the whole increment, inflating every grain, writing nothing: damage is found
+/// while the target is untouched.
+fn validate(job: Job<'_>) -> Result<()> {
+    let quiet = Job {
+        progress: &crate::ops::NoProgress,
+        ..job
+    };
+    let mut scratch = ApplyReport::default();
+    read_grains(quiet, &mut scratch, &mut |_, _| Ok(()), &mut |_, _| Ok(()))
+        .map_err(|e| damaged(job.name, e))
+}
+
+fn damaged(name: &Path, e: Error) -> Error {
+    Error::chain(
+        name,
+        format!("the increment is damaged or incomplete ({e}); nothing was written: apply a good copy of it"),
+    )
+}
+
+/// An error after the target was marked: say that the apply is incomplete and how to
+/// finish it.
+fn incomplete(target: &Path, name: &Path, e: Error) -> Error {
+    Error::chain(
+        target,
+        format!(
+            "the apply is incomplete ({e}). The disk is marked and every other command refuses it until \
+             the same apply is run again: `vmdkit apply {} {}` (with a good copy of the same increment)",
+            target.display(),
+            name.display()
+        ),
+    )
 }
 
 /// What an apply works with, besides the input and the report.
@@ -273,13 +332,14 @@ struct Job<'a> {
     name: &'a Path,
     opts: &'a ApplyOptions,
     progress: &'a dyn Progress,
+    /// The increment (a file or the spool), read from its start by each pass.
+    input: &'a std::fs::File,
 }
 
 /// Read the increment's grains: data through `data`, zeroed ranges through `zero`;
 /// counts both into `report` and `progress`.
 fn read_grains(
     job: Job<'_>,
-    stream: &mut dyn Read,
     report: &mut ApplyReport,
     data: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     zero: &mut dyn FnMut(u64, u64) -> Result<()>,
@@ -288,9 +348,11 @@ fn read_grains(
         inc,
         name,
         progress,
+        input,
         ..
     } = job;
-    let mut c = Counted::new(stream, name);
+    let mut stream = from_start(input);
+    let mut c = Counted::new(&mut stream, name);
     let mut first = [0u8; 512];
     c.exact(&mut first)?;
     let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
@@ -316,7 +378,7 @@ fn read_grains(
     Ok(())
 }
 
-fn apply_vmdk(job: Job<'_>, stream: &mut dyn Read, report: &mut ApplyReport) -> Result<()> {
+fn apply_vmdk(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
     let Job {
         target,
         inc,
@@ -326,68 +388,62 @@ fn apply_vmdk(job: Job<'_>, stream: &mut dyn Read, report: &mut ApplyReport) -> 
     } = job;
     let mut locks = LockSet::new();
     locks.lock(target, LockKind::Exclusive)?;
-    let chain = Chain::open(
+    let mut chain = Chain::open(
         target,
         &OpenOptions {
             ignore_cid: true,
+            ignore_pending: true,
             ..Default::default()
         },
     )?;
     chain.lock(&mut locks, 0)?;
     crate::guard::test_hold_hook();
-    let top = chain.top();
-    let sp = state_path(&top.path);
-    let state = read_state(&sp)?;
+    let sp = state_path(&chain.top().path);
+    let mut state: Option<State> = recovery::read(&sp)?;
     if let Some(st) = &state {
-        if (st.parent_cid, st.cid) != (inc.parent_cid, inc.cid) {
-            return Err(Error::chain(
-                &sp,
-                format!(
-                    "an apply of another increment (content ID {} -> {}) was interrupted here; run it again with that increment to finish it first",
-                    cid_text(st.parent_cid),
-                    cid_text(st.cid)
-                ),
-            ));
-        }
-        for f in &st.files {
-            let same =
-                std::fs::metadata(&f.path).is_ok_and(|m| m.dev() == f.dev && m.ino() == f.ino);
-            if !same {
-                return Err(Error::chain(
-                    &sp,
-                    format!(
-                        "this apply state belongs to another disk: `{}` is not the file it recorded; refusing to act on it (if no vmdkit apply is running, remove the state file)",
-                        f.path.display()
-                    ),
-                ));
-            }
-        }
-        report.resumed = true;
-        // In phase `copy` the target keeps its old CID until the end: another CID means
-        // something wrote into it since, and cutting it back would lose that.
-        if st.phase == Phase::Copy && top.cid().is_some_and(|c| c != st.parent_cid) {
-            return Err(Error::chain(
-                &sp,
-                format!(
-                    "`{}` changed after an apply of this increment was interrupted (its content ID is now {}); refusing to resume over it",
-                    top.path.display(),
-                    top.cid().map_or("-".into(), cid_text)
-                ),
-            ));
-        }
-        if st.phase == Phase::Tables {
-            let jp = journal_path(&sp);
-            if jp.exists() || top.cid() != Some(inc.cid) {
-                apply_journal(&read_journal(&jp)?)?;
-            }
-            let mut layer = crate::layer::Layer::open(&top.path, &OpenOptions::default())?;
-            if layer.cid() != Some(inc.cid) {
-                set_cid(&mut layer, inc.cid)?;
-            }
-            remove_state(&sp)?;
-            return Ok(());
+        if !resume_check(&sp, st, &chain, inc)? {
+            // Void: nothing of the interrupted run reached the disk. Start afresh.
+            recovery::remove_state_files(&[journal_path(&sp), sp.clone()])?;
+            state = None;
         }
     }
+    if state.is_none() {
+        if let Some(l) = chain
+            .layers
+            .iter()
+            .find(|l| recovery::pending_of(l).is_some())
+        {
+            return Err(Error::chain(
+                &l.path,
+                recovery::pending_message(l).unwrap_or_default()
+                    + if l.path == chain.top().path && !sp.exists() {
+                        " (its state file is missing: the operation cannot be finished; restore the disk from its backup)"
+                    } else {
+                        ""
+                    },
+            ));
+        }
+    }
+    if let Some(st) = &state {
+        report.resumed = true;
+        if st.phase == Phase::Tables {
+            let finished =
+                recovery::pending_of(chain.top()).is_none() && chain.top().cid() == Some(inc.cid);
+            let journal = if finished && !journal_path(&sp).exists() {
+                // Crashed between removing the journal and the state.
+                Vec::new()
+            } else {
+                admitted_journal(&sp, st, chain.top())?
+            };
+            let done = (|| {
+                apply_journal(&journal)?;
+                finish(&mut chain.layers[0], inc.cid)?;
+                recovery::remove_state_files(&[journal_path(&sp), sp.clone()])
+            })();
+            return done.map_err(|e| incomplete(target, name, e));
+        }
+    }
+    let top = chain.top();
     if top.capacity != inc.capacity {
         return Err(Error::InvalidInput(format!(
             "`{}` holds {} bytes but the increment `{}` is for a disk of {}; nothing was written",
@@ -400,45 +456,70 @@ fn apply_vmdk(job: Job<'_>, stream: &mut dyn Read, report: &mut ApplyReport) -> 
     if state.is_none() {
         check_links(top, inc, name, opts)?;
     }
-    let mut writer = LayerWriter::open_with(top, opts.allow_device_write)?;
+    refuse_read_only_files(top, opts.force)?;
+    let writer = LayerWriter::open_with(top, opts.allow_device_write)?;
     writer.check_writable(0, inc.capacity)?;
+    drop(writer);
+    // Every grain of the increment, before the first write.
+    validate(job)?;
     let st = match state {
         Some(st) => {
             let lengths: Vec<(PathBuf, u64)> =
                 st.files.iter().map(|f| (f.path.clone(), f.len)).collect();
-            cut_back_files(&lengths)?;
-            // The writer must see the files as they are now.
-            writer = LayerWriter::open_with(top, opts.allow_device_write)?;
+            cut_back_files(&lengths).map_err(|e| incomplete(target, name, e))?;
             st
         }
-        None => State {
-            version: STATE_VERSION,
-            phase: Phase::Copy,
-            target: top.path.clone(),
-            parent_cid: inc.parent_cid,
-            cid: inc.cid,
-            files: writer
-                .extent_files()
-                .into_iter()
-                .map(|(path, len)| {
-                    let m = std::fs::metadata(&path).map_err(|e| Error::io("stat", &path, 0, e))?;
-                    Ok(TargetFile {
-                        path,
-                        len,
-                        dev: m.dev(),
-                        ino: m.ino(),
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?,
-        },
+        None => {
+            let w = LayerWriter::open_with(top, opts.allow_device_write)?;
+            let st = State {
+                phase: Phase::Copy,
+                token: recovery::new_token(),
+                target: recovery::canonical(&top.path)?,
+                parent_cid: inc.parent_cid,
+                cid: inc.cid,
+                files: w
+                    .extent_files()
+                    .iter()
+                    .map(|(p, _)| FileRecord::of(p))
+                    .collect::<Result<Vec<_>>>()?,
+            };
+            drop(w);
+            recovery::write(&sp, &st)?;
+            let marked = recovery::mark(&mut chain.layers[0], "apply", &st.token);
+            if let Err(e) = marked {
+                // Nothing was written into the disk: the state is void.
+                let _ = recovery::remove_state_files(&[sp.clone()]);
+                return Err(e);
+            }
+            st
+        }
     };
-    write_state(&sp, &st)?;
-    let below = |buf: &mut [u8], off: u64| chain.read_below(1, buf, off);
+    crate::guard::set_interrupt_note(Some(format!(
+        "the apply into `{}` is incomplete; the disk is marked and other commands refuse it until the same apply is run again: `vmdkit apply {} {}`",
+        target.display(),
+        target.display(),
+        name.display()
+    )));
+    let r = write_grains(job, &mut chain, &sp, st, report);
+    crate::guard::set_interrupt_note(None);
+    r.map_err(|e| incomplete(target, name, e))
+}
+
+/// Phase `copy` onwards: the grains, the journal, the tables, the CID.
+fn write_grains(
+    job: Job<'_>,
+    chain: &mut Chain,
+    sp: &Path,
+    st: State,
+    report: &mut ApplyReport,
+) -> Result<()> {
+    let mut writer = LayerWriter::open_with(chain.top(), job.opts.allow_device_write)?;
     {
+        let chain_ref: &Chain = chain;
+        let below = |buf: &mut [u8], off: u64| chain_ref.read_below(1, buf, off);
         let w = std::cell::RefCell::new(&mut writer);
         read_grains(
             job,
-            stream,
             report,
             &mut |off, b| w.borrow_mut().write_at(b, off, &below),
             &mut |off, len| w.borrow_mut().write_zeroes(off, len, &below),
@@ -446,18 +527,144 @@ fn apply_vmdk(job: Job<'_>, stream: &mut dyn Read, report: &mut ApplyReport) -> 
     }
     let journal = writer.take_journal()?;
     drop(writer);
-    write_journal(&journal_path(&sp), &journal)?;
-    write_state(
-        &sp,
+    write_journal(&journal_path(sp), &st.token, &journal)?;
+    recovery::write(
+        sp,
         &State {
             phase: Phase::Tables,
             ..st
         },
     )?;
     apply_journal(&journal)?;
-    let mut layer = crate::layer::Layer::open(&top.path, &OpenOptions::default())?;
-    set_cid(&mut layer, inc.cid)?;
-    remove_state(&sp)?;
+    finish(&mut chain.layers[0], job.inc.cid)?;
+    recovery::remove_state_files(&[journal_path(sp), sp.to_path_buf()])
+}
+
+/// The tables are durable: the increment's CID and no mark, in one descriptor write.
+fn finish(top: &mut crate::layer::Layer, cid: u32) -> Result<()> {
+    if top.bare_cowd || (top.cid() == Some(cid) && recovery::pending_of(top).is_none()) {
+        return Ok(());
+    }
+    recovery::unmark(top);
+    top.descriptor.set("CID", &cid_text(cid), false);
+    crate::write::write_descriptor(top)
+}
+
+/// A state found beside the target: act on it only when it is this target's and this
+/// increment's, bound by the token. `Ok(false)`: the state is void (phase `copy`, no
+/// mark, every extent file the recorded one at its recorded length: nothing of the
+/// interrupted run is in the disk).
+fn resume_check(sp: &Path, st: &State, chain: &Chain, inc: &Increment) -> Result<bool> {
+    let top = chain.top();
+    let allowed = Resolved::of_layers([top])?;
+    let t = allowed.admit(sp, &st.target)?;
+    if !crate::resolve::same_file(&t, &top.path) {
+        return Err(Error::chain(
+            sp,
+            "this apply state was written for another disk; it is not acted on",
+        ));
+    }
+    for f in &st.files {
+        allowed.admit(sp, &f.path)?;
+    }
+    if (st.parent_cid, st.cid) != (inc.parent_cid, inc.cid) {
+        return Err(Error::chain(
+            sp,
+            format!(
+                "an apply of another increment (content ID {} -> {}) was interrupted here; run it again with that increment to finish it first",
+                cid_text(st.parent_cid),
+                cid_text(st.cid)
+            ),
+        ));
+    }
+    // In phase `copy` the target keeps its old CID until the end: another CID means
+    // something wrote into it since (another tool; vmdkit refuses a marked disk), and
+    // cutting it back would lose that.
+    if st.phase == Phase::Copy && top.cid().is_some_and(|c| c != st.parent_cid) {
+        return Err(Error::chain(
+            sp,
+            format!(
+                "`{}` changed after an apply of this increment was interrupted (its content ID is now {}); refusing to resume over it",
+                top.path.display(),
+                top.cid().map_or("-".into(), cid_text)
+            ),
+        ));
+    }
+    let marked = recovery::carries(top, "apply", &st.token);
+    let finished = st.phase == Phase::Tables
+        && recovery::pending_of(top).is_none()
+        && top.cid() == Some(st.cid);
+    let lengths_ok = |exact: bool| {
+        st.files.iter().all(|f| {
+            f.same_inode()
+                && std::fs::metadata(&f.path).is_ok_and(|m| {
+                    if exact {
+                        m.len() == f.len
+                    } else {
+                        m.len() >= f.len
+                    }
+                })
+        })
+    };
+    if (marked || finished) && lengths_ok(false) {
+        return Ok(true);
+    }
+    if st.phase == Phase::Copy && !marked && recovery::pending_of(top).is_none() && lengths_ok(true)
+    {
+        return Ok(false);
+    }
+    Err(Error::chain(
+        sp,
+        format!(
+            "`{}` is not the disk this interrupted apply was writing into (it does not carry the apply's mark, \
+             or its files changed: restored from a copy, or replaced). Nothing was done. If the disk was restored \
+             on purpose, move this state file (and its journal) away, then apply the increments it needs in order",
+            top.path.display()
+        ),
+    ))
+}
+
+/// The journal of phase `tables`, bound to the state's token, every record into a file of
+/// the target.
+fn admitted_journal(
+    sp: &Path,
+    st: &State,
+    top: &crate::layer::Layer,
+) -> Result<Vec<crate::write::JournalRecord>> {
+    let jp = journal_path(sp);
+    let (token, mut records) = read_journal(&jp)?;
+    if token != st.token {
+        return Err(Error::corrupt(
+            &jp,
+            0,
+            "journal of another apply (its token is not the state's); it is not acted on",
+        ));
+    }
+    let allowed = Resolved::of_layers([top])?;
+    for r in &mut records {
+        r.file = allowed.admit(&jp, &r.file)?;
+    }
+    Ok(records)
+}
+
+/// Files the host marks read-only (mode 0444) are refused, as commit refuses them, even
+/// for root (who could write them anyway), unless `force`.
+pub(crate) fn refuse_read_only_files(layer: &crate::layer::Layer, force: bool) -> Result<()> {
+    if force {
+        return Ok(());
+    }
+    for f in layer.files() {
+        if std::fs::metadata(&f).is_ok_and(|m| m.is_file() && m.permissions().readonly()) {
+            return Err(Error::InvalidInput(format!(
+                "`{}` is read-only (mode {:o}): refusing to write into it; nothing was written \
+                 (make it writable, or pass --force)",
+                f.display(),
+                std::fs::metadata(&f)
+                    .map(|m| m.permissions().mode() & 0o7777)
+                    .unwrap_or(0)
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -493,21 +700,10 @@ fn check_links(
             ),
         ));
     }
-    if !opts.force {
-        if let Some(child) = crate::resolve::children_of(&top.path).into_iter().next() {
-            return Err(Error::chain(
-                &child,
-                format!(
-                    "this delta has `{}` as its parent; applying an increment would break it (use --force to apply anyway)",
-                    top.path.display()
-                ),
-            ));
-        }
-    }
-    Ok(())
+    crate::resolve::refuse_dependents(&top.path, opts.force, "applying an increment")
 }
 
-fn apply_raw(job: Job<'_>, stream: &mut dyn Read, report: &mut ApplyReport) -> Result<()> {
+fn apply_raw(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
     let Job {
         target, inc, opts, ..
     } = job;
@@ -543,16 +739,29 @@ fn apply_raw(job: Job<'_>, stream: &mut dyn Read, report: &mut ApplyReport) -> R
             inc.capacity
         )));
     }
-    read_grains(
+    // Every grain of the increment, before the first write.
+    validate(job)?;
+    crate::guard::set_interrupt_note(Some(format!(
+        "the apply into `{}` is incomplete: run the same apply again (with --force) to finish it",
+        target.display()
+    )));
+    let written = read_grains(
         job,
-        stream,
         report,
         &mut |off, b| {
             f.write_all_at(b, off)
                 .map_err(|e| crate::output::write_error(target, off, e))
         },
         &mut |off, len| crate::output::zero_range(&f, target, block, off, len),
-    )?;
-    f.sync_all().map_err(|e| Error::io("flush", target, 0, e))?;
-    Ok(())
+    )
+    .and_then(|()| f.sync_all().map_err(|e| Error::io("flush", target, 0, e)));
+    crate::guard::set_interrupt_note(None);
+    written.map_err(|e| {
+        Error::chain(
+            target,
+            format!(
+                "the apply is incomplete ({e}); run the same apply again (with --force) to finish it: its writes are idempotent"
+            ),
+        )
+    })
 }

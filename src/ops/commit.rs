@@ -1,27 +1,39 @@
 //! `commit`: merge the top delta of a chain (or every delta, `--all`) into its parent,
-//! offline, crash-safe and re-runnable.
+//! offline, crash-safe and re-runnable. A delta that has a child of its own (a middle
+//! snapshot: `vm-000002` under the running `vm-000003`) is merged as VMware's snapshot
+//! delete does it: into its parent, and the child is re-pointed at that parent.
 //!
 //! # Why the order is safe
 //! 0. The delta is locked (exclusive `flock`) before anything is read; then every merged
-//!    layer and the target exclusively, the layers below shared (see [`crate::guard`]).
-//! 1. A state file `<top>.vmdkit-commit` records the parent, its CID before the commit,
-//!    the CID it will get, the delta's files with their identity (device, inode, size,
-//!    mtime: a state file never acts on another delta that later took the same name),
-//!    and the parent's extent lengths (written atomically, phase `copy`).
+//!    layer, the target and the children to re-point exclusively, the layers below shared
+//!    (see [`crate::guard`]). Deltas that name a changed file as parent, or files that may
+//!    be such deltas but cannot be read, refuse the commit (unless `--force`).
+//! 1. A state file `<top>.vmdkit-commit` records a random token, the parent (canonical
+//!    path), its CID before and after, the delta's files and the parent's extent files
+//!    with their identity and lengths, and the children to re-point (phase `copy`). Then
+//!    the parent's descriptor gets the pending mark with the same token (see
+//!    [`crate::recovery`]: the state is untrusted input; the mark binds it to this disk).
 //! 2. Every range allocated in the delta(s) is written into the parent: into grains the
-//!    parent already has, in place; new grains are appended. No table or directory of
-//!    the parent is written in this phase. A killed copy is redone by the next run after
-//!    cutting the parent's extents back to the recorded lengths (nothing references what
-//!    was appended), so the rerun allocates the same places and nothing leaks.
+//!    parent already has, in place (the child above still shadows them, so the chain
+//!    reads the same); new grains are appended. No table or directory of the parent is
+//!    written in this phase. A killed copy is redone by the next run after cutting the
+//!    parent's extents back to the recorded lengths (nothing references what was
+//!    appended), so the rerun allocates the same places and nothing leaks.
 //! 3. The data is synced; the table and directory writes that make it visible go to a
-//!    journal `<top>.vmdkit-commit.journal` (checksummed, written atomically), and only
-//!    then the state moves to phase `tables`. The journal is applied and synced. A
-//!    rerun in phase `tables` replays the whole journal: the same bytes again.
-//! 4. The parent gets its new CID (so stale children are detected); a rerun accepts the
-//!    parent's CID being the old or the new value, because the state file says so.
-//! 5. The state moves to phase `remove` only after the parent is durable; the delta's
-//!    files are removed, then the journal and the state file. A rerun in phase `remove`
-//!    only finishes the removals of files that are still the recorded ones.
+//!    journal `<top>.vmdkit-commit.journal` (checksummed, carrying the token, written
+//!    atomically), and only then the state moves to phase `tables`. The journal is
+//!    applied and synced. A rerun in phase `tables` replays the whole journal: the same
+//!    bytes again, into files it admits only when they are the parent's own.
+//! 4. The parent gets its new CID and loses the mark in one descriptor write (so stale
+//!    children are detected). Each child gets the parent's name and new CID as its
+//!    parentFileNameHint and parentCID (descriptor replaced atomically; its data is not
+//!    touched, and the parent now holds the merged delta's content beneath it, so the
+//!    child reads exactly as before).
+//! 5. The state moves to phase `remove` only then; the delta's extents are removed, then
+//!    its descriptor (so a rerun can still resolve what is left from it), then the
+//!    journal and the state file; the folder is fsynced before success is reported. A
+//!    rerun in phase `remove` re-resolves the delta's files from its descriptor and
+//!    removes only those that are still the recorded ones.
 
 use std::path::{Path, PathBuf};
 
@@ -36,12 +48,10 @@ use crate::format::Extent;
 use crate::guard::{LockKind, LockSet};
 use crate::layer::{Layer, OpenOptions};
 use crate::ops::Progress;
+use crate::recovery::{self, FileRecord, Resolved};
 pub use crate::resolve::children_of;
 use crate::resolve::same_file;
-use crate::write::{
-    apply_journal, cut_back_files, fault_point, read_journal, set_cid, write_atomically,
-    write_journal, LayerWriter,
-};
+use crate::write::{apply_journal, cut_back_files, read_journal, write_journal, LayerWriter};
 
 /// Options of a commit.
 #[derive(Debug, Clone, Default)]
@@ -50,7 +60,8 @@ pub struct CommitOptions {
     pub all: bool,
     /// Report what would be done; change nothing.
     pub dry_run: bool,
-    /// Commit although another delta in the folder names the parent.
+    /// Commit although another delta in the folder names the parent (or a file that may
+    /// be one cannot be read).
     pub force: bool,
     /// Worker threads (0 = all cores).
     pub threads: usize,
@@ -72,6 +83,8 @@ pub struct CommitReport {
     pub runs: u64,
     /// Files removed (or that would be).
     pub removed: Vec<PathBuf>,
+    /// Deltas re-pointed at the target (the merged delta was their parent).
+    pub repointed: Vec<PathBuf>,
     /// A previous, interrupted commit was finished.
     pub resumed: bool,
     /// Nothing was changed (dry run).
@@ -87,13 +100,16 @@ impl CommitReport {
         for f in &self.removed {
             writeln!(out, "would remove: {}", f.display())?;
         }
+        for f in &self.repointed {
+            writeln!(out, "would re-point at the target: {}", f.display())?;
+        }
         Ok(())
     }
 
     /// One line saying what was done.
     pub fn summary(&self) -> String {
         format!(
-            "committed into `{}`: {} bytes of data, {} bytes of zeros{}; removed {}",
+            "committed into `{}`: {} bytes of data, {} bytes of zeros{}; removed {}{}",
             self.target.display(),
             self.data_bytes,
             self.zero_bytes,
@@ -106,7 +122,11 @@ impl CommitReport {
                 .iter()
                 .map(|p| format!("`{}`", p.display()))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            self.repointed
+                .iter()
+                .map(|p| format!("; re-pointed `{}` at it", p.display()))
+                .collect::<String>()
         )
     }
 }
@@ -123,53 +143,25 @@ enum Phase {
     Remove,
 }
 
-/// A file of the delta, as it was when the commit began: a state file acts only on the
-/// very files it was written for (a later `redo add` may reuse the names).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Member {
-    path: PathBuf,
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
-}
-
-impl Member {
-    fn of(path: &Path) -> Result<Member> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).map_err(|e| Error::io("stat", path, 0, e))?;
-        Ok(Member {
-            path: path.to_path_buf(),
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.len(),
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-        })
-    }
-
-    /// `Some(true)` when the file is there and unchanged, `Some(false)` when another file
-    /// stands under the name, `None` when it is gone.
-    fn matches(&self) -> Option<bool> {
-        let now = Member::of(&self.path).ok()?;
-        Some(now == *self)
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
-    version: u32,
     phase: Phase,
+    /// Binds the state to the target: the same token is in its pending mark.
+    token: String,
+    /// The delta the user named (canonical).
+    top: PathBuf,
+    /// The parent written into (canonical).
     target: PathBuf,
     target_old_cid: Option<u32>,
     target_new_cid: u32,
-    /// The delta's files (descriptor first), to remove at the end.
-    remove: Vec<Member>,
-    /// The parent's extent files and their lengths before the copy: a rerun in phase
-    /// `copy` cuts them back, so grains the interrupted run appended do not leak.
-    target_lengths: Vec<(PathBuf, u64)>,
+    /// The merged deltas' files (each descriptor first), removed at the end.
+    delta: Vec<FileRecord>,
+    /// The parent's extent files before the copy: a rerun in phase `copy` cuts them back
+    /// to these lengths, so grains the interrupted run appended do not leak.
+    extents: Vec<FileRecord>,
+    /// Deltas above the top to re-point at the target (canonical).
+    children: Vec<FileRecord>,
 }
-
-const STATE_VERSION: u32 = 2;
 
 fn state_path(top: &Path) -> PathBuf {
     PathBuf::from(format!("{}.vmdkit-commit", top.display()))
@@ -179,86 +171,116 @@ fn journal_path(state: &Path) -> PathBuf {
     PathBuf::from(format!("{}.journal", state.display()))
 }
 
-fn write_state(path: &Path, st: &State) -> Result<()> {
-    let text = serde_json::to_vec_pretty(st).expect("serializable");
-    write_atomically(path, &text)
-}
-
-fn read_state(sp: &Path) -> Result<Option<State>> {
-    let b = match std::fs::read(sp) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("read", sp, 0, e)),
-    };
-    let v: serde_json::Value = serde_json::from_slice(&b)
-        .map_err(|e| Error::corrupt(sp, 0, format!("unreadable commit state: {e}")))?;
-    if v.get("version").and_then(|v| v.as_u64()) != Some(u64::from(STATE_VERSION)) {
+/// The state's recorded delta files must be exactly the files the command resolves from
+/// the delta now, each unchanged; otherwise the state is another delta's (or planted).
+fn verify_delta(sp: &Path, st: &State, resolved: &[PathBuf]) -> Result<()> {
+    let mut now = Resolved::default();
+    for f in resolved {
+        now.add(f)?;
+    }
+    for m in &st.delta {
+        now.admit(sp, &m.path)?;
+        if !m.unchanged() {
+            return Err(Error::chain(
+                sp,
+                format!(
+                    "this commit state belongs to an earlier delta: `{}` is now a different file (or was changed); \
+                     refusing to act on it (if no vmdkit commit is running, move the state file away and commit again)",
+                    m.path.display()
+                ),
+            ));
+        }
+    }
+    if st.delta.len() != resolved.len() {
         return Err(Error::chain(
             sp,
-            "commit state written by an older vmdkit, which did not record which delta it belongs to; \
-             it cannot be resumed safely. Check the disk, then remove this file",
+            "this commit state records other files than the delta has now; refusing to act on it",
         ));
     }
-    serde_json::from_value(v)
-        .map(Some)
-        .map_err(|e| Error::corrupt(sp, 0, format!("unreadable commit state: {e}")))
-}
-
-/// A state file acts only on the delta it was written for: every recorded file still
-/// there must be the same file (device, inode, size, mtime); in phases before `remove`
-/// all must still be there.
-fn verify_members(sp: &Path, st: &State) -> Result<()> {
-    for m in &st.remove {
-        match m.matches() {
-            Some(true) => {}
-            Some(false) => {
-                return Err(Error::chain(
-                    sp,
-                    format!(
-                        "this commit state belongs to an earlier delta, but `{}` is now a different file; \
-                         refusing to act on it (if no vmdkit commit is running, remove the state file and commit again)",
-                        m.path.display()
-                    ),
-                ))
-            }
-            None if st.phase != Phase::Remove => {
-                return Err(Error::chain(
-                    sp,
-                    format!(
-                        "an interrupted commit recorded `{}`, which is gone; it cannot be finished",
-                        m.path.display()
-                    ),
-                ))
-            }
-            None => {}
-        }
-    }
     Ok(())
 }
 
-fn remove_files(files: &[PathBuf]) -> Result<()> {
-    for f in files {
-        fault_point();
-        match std::fs::remove_file(f) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove", f, 0, e)),
+/// The delta's files as they can still be resolved from its descriptor at `top`, for the
+/// removals of phase `remove` (extents may already be gone): the descriptor itself and
+/// the extents it names in its folder. A file that is not a text descriptor is all of
+/// its delta.
+fn remaining_delta_files(top: &Path) -> Result<Vec<PathBuf>> {
+    let meta = match std::fs::symlink_metadata(top) {
+        Ok(m) => m,
+        Err(_) => return Ok(vec![]),
+    };
+    let mut files = vec![top.to_path_buf()];
+    if !meta.is_file() || meta.len() > crate::format::descriptor::MAX_DESCRIPTOR_BYTES as u64 {
+        return Ok(files);
+    }
+    let b = std::fs::read(top).map_err(|e| Error::io("read", top, 0, e))?;
+    if b.starts_with(b"KDMV") || b.starts_with(b"COWD") {
+        return Ok(files);
+    }
+    let Ok(d) = crate::format::descriptor::Descriptor::parse(&b, top) else {
+        return Ok(files);
+    };
+    let dir = crate::resolve::folder_of(top);
+    for e in d.extents() {
+        let Some(name) = &e.file else { continue };
+        let p = crate::resolve::resolve_name(&dir, name, false, "extent", top, &mut vec![])?;
+        if p.exists() && !files.iter().any(|f| same_file(f, &p)) {
+            files.push(p);
         }
     }
-    Ok(())
+    Ok(files)
 }
 
-/// Remove the delta's files (those still there and still the recorded files), the
-/// journal, then the state file.
-fn finish_removal(sp: &Path, st: &State) -> Result<()> {
-    let mine: Vec<PathBuf> = st
-        .remove
-        .iter()
-        .filter(|m| m.matches() == Some(true))
-        .map(|m| m.path.clone())
-        .collect();
-    remove_files(&mine)?;
-    remove_files(&[journal_path(sp), sp.to_path_buf()])
+/// The merged deltas that can still be resolved, walking from `top` down the parents
+/// their descriptors name, until the target: each layer's files (descriptor first).
+fn remaining_layers(top: &Path, target: &Path) -> Result<Vec<Vec<PathBuf>>> {
+    let mut layers = Vec::new();
+    let mut cur = top.to_path_buf();
+    while cur.exists() && !same_file(&cur, target) && layers.len() < crate::chain::MAX_CHAIN_DEPTH {
+        layers.push(remaining_delta_files(&cur)?);
+        match crate::resolve::names_parent(&cur) {
+            Some(p) => cur = p,
+            None => break,
+        }
+    }
+    Ok(layers)
+}
+
+/// Remove the delta's files that are still there and still the recorded ones, the
+/// deepest merged layer first and in each its extents before its descriptor (so a rerun
+/// can still resolve what is left from the top), then the journal and the state file,
+/// durably.
+fn finish_removal(top: &Path, sp: &Path, st: &State) -> Result<()> {
+    let layers = remaining_layers(top, &st.target)?;
+    let mut now = Resolved::default();
+    for f in layers.iter().flatten() {
+        now.add(f)?;
+    }
+    for m in &st.delta {
+        if m.path.exists() {
+            now.admit(sp, &m.path)?;
+            if !m.unchanged() {
+                return Err(Error::chain(
+                    sp,
+                    format!(
+                        "this commit state belongs to an earlier delta: `{}` is now a different file (or was changed); \
+                         it is left in place and nothing was done (if no vmdkit commit is running, move the state file away)",
+                        m.path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let recorded = |p: &PathBuf| st.delta.iter().any(|m| same_file(&m.path, p));
+    for files in layers.iter().rev() {
+        let (desc, extents) = files.split_first().expect("a layer has its descriptor");
+        let extents: Vec<PathBuf> = extents.iter().filter(|p| recorded(p)).cloned().collect();
+        crate::output::remove_durably(&extents)?;
+        if recorded(desc) {
+            crate::output::remove_durably(std::slice::from_ref(desc))?;
+        }
+    }
+    recovery::remove_state_files(&[journal_path(sp), sp.to_path_buf()])
 }
 
 /// Commit `top` into its parent (or, with `all`, every delta into the base).
@@ -270,14 +292,39 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
     if top.exists() {
         locks.lock(top, LockKind::Exclusive)?;
     }
-    let state = read_state(&sp)?;
-    if let Some(done) = resume(&sp, state.as_ref(), opts, &mut locks)? {
-        return Ok(done);
+    let mut state: Option<State> = recovery::read(&sp)?;
+    if let Some(st) = &state {
+        if st.phase == Phase::Remove {
+            let report = CommitReport {
+                target: st.target.clone(),
+                removed: st.delta.iter().map(|m| m.path.clone()).collect(),
+                repointed: st.children.iter().map(|m| m.path.clone()).collect(),
+                resumed: true,
+                dry_run: opts.dry_run,
+                ..Default::default()
+            };
+            if st.top != recovery::canonical(top).unwrap_or_default() && top.exists() {
+                return Err(Error::chain(
+                    &sp,
+                    "this commit state was written for another delta; it is not acted on",
+                ));
+            }
+            if !opts.dry_run {
+                let existing: Vec<PathBuf> = remaining_layers(top, &st.target)?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                locks.exclusive_all(&existing)?;
+                finish_removal(top, &sp, st)?;
+            }
+            return Ok(report);
+        }
     }
     let mut chain = Chain::open(
         top,
         &OpenOptions {
             ignore_cid: true,
+            ignore_pending: true,
             ..Default::default()
         },
     )?;
@@ -293,14 +340,34 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
     // layers below shared.
     chain.lock(&mut locks, target)?;
     crate::guard::test_hold_hook();
-    refuse_target(&chain.layers[target])?;
-    check_links(&chain, target, state.as_ref())?;
-    if state.is_none() && !opts.force {
-        check_siblings(&chain, target)?;
+    if let Some(st) = &state {
+        if !resume_check(&sp, st, &chain, target)? {
+            // Void: nothing of the interrupted run reached the parent. Start afresh.
+            recovery::remove_state_files(&[journal_path(&sp), sp.clone()])?;
+            state = None;
+        }
     }
+    refuse_target(&chain.layers[target])?;
+    if state.is_none() {
+        // A layer in the middle of another operation (an interrupted apply or commit).
+        if let Some(l) = chain.layers[..=target]
+            .iter()
+            .find(|l| recovery::pending_of(l).is_some())
+        {
+            let m = recovery::pending_message(l).unwrap_or_default();
+            return Err(Error::chain(&l.path, m));
+        }
+    }
+    check_links(&chain, target, state.as_ref())?;
+    let children = match &state {
+        Some(st) => st.children.iter().map(|c| c.path.clone()).collect(),
+        None => check_dependents(&chain, target, opts.force)?,
+    };
+    locks.exclusive_all(&children)?;
     let (units, runs, mut report) = plan(&chain, target)?;
     let remove = files_to_remove(&chain, target);
     report.removed = remove.clone();
+    report.repointed = children.clone();
     if opts.dry_run {
         report.dry_run = true;
         report.resumed = state.is_some();
@@ -311,105 +378,145 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
     for r in &runs {
         writer.check_writable(r.start, r.len)?;
     }
+    report.resumed = state.is_some();
     let st = match state {
-        Some(st) => st,
-        None => State {
-            version: STATE_VERSION,
-            phase: Phase::Copy,
-            target: chain.layers[target].path.clone(),
-            target_old_cid: chain.layers[target].cid(),
-            target_new_cid: random_cid(),
-            remove: remove
-                .iter()
-                .map(|p| Member::of(p))
-                .collect::<Result<Vec<_>>>()?,
-            target_lengths: writer.extent_files(),
-        },
+        Some(st) => {
+            // Phase `tables`: the journal finishes it.
+            if st.phase == Phase::Tables {
+                drop(writer);
+                let journal = admitted_journal(&sp, &st, &chain.layers[target])?;
+                apply_journal(&journal)?;
+                finish_target(top, &sp, &st, &mut chain.layers[target])?;
+                return Ok(report);
+            }
+            let lengths: Vec<(PathBuf, u64)> =
+                st.extents.iter().map(|f| (f.path.clone(), f.len)).collect();
+            cut_back_files(&lengths)?;
+            writer = LayerWriter::open_with(&chain.layers[target], opts.allow_device_write)?;
+            st
+        }
+        None => {
+            let st = State {
+                phase: Phase::Copy,
+                token: recovery::new_token(),
+                top: recovery::canonical(top)?,
+                target: recovery::canonical(&chain.layers[target].path)?,
+                target_old_cid: chain.layers[target].cid(),
+                target_new_cid: random_cid(),
+                delta: remove
+                    .iter()
+                    .map(|p| FileRecord::of(p))
+                    .collect::<Result<Vec<_>>>()?,
+                extents: writer
+                    .extent_files()
+                    .iter()
+                    .map(|(p, _)| FileRecord::of(p))
+                    .collect::<Result<Vec<_>>>()?,
+                children: children
+                    .iter()
+                    .map(|p| FileRecord::of(p))
+                    .collect::<Result<Vec<_>>>()?,
+            };
+            recovery::write(&sp, &st)?;
+            recovery::mark(&mut chain.layers[target], "commit", &st.token)?;
+            st
+        }
     };
-    report.resumed = st.phase != Phase::Copy || std::fs::metadata(&sp).is_ok();
     progress.set_total(report.data_bytes + report.zero_bytes);
-    write_state(&sp, &st)?;
     copy_into(&chain, target, &mut writer, units, opts, progress)?;
     // Data is durable; record the table writes, then move to phase `tables`, then apply
     // them. A crash before the phase change redoes the copy (after cutting the appended
     // grains off); after it, the journal is replayed.
     let journal = writer.take_journal()?;
     drop(writer);
-    write_journal(&journal_path(&sp), &journal)?;
+    write_journal(&journal_path(&sp), &st.token, &journal)?;
     let st = State {
         phase: Phase::Tables,
         ..st
     };
-    write_state(&sp, &st)?;
+    recovery::write(&sp, &st)?;
     apply_journal(&journal)?;
-    finish_target(&sp, &st, &mut chain.layers[target])?;
+    finish_target(top, &sp, &st, &mut chain.layers[target])?;
     drop(chain);
     Ok(report)
 }
 
-/// An interrupted commit: finish it when it is past the copy (phases `tables` and
-/// `remove`, returning its report), or prepare a redo of the copy (cut the parent back).
-fn resume(
-    sp: &Path,
-    state: Option<&State>,
-    opts: &CommitOptions,
-    locks: &mut LockSet,
-) -> Result<Option<CommitReport>> {
-    let Some(st) = state else {
-        return Ok(None);
-    };
-    verify_members(sp, st)?;
-    let existing: Vec<PathBuf> = st
-        .remove
-        .iter()
-        .filter(|m| m.path.exists())
-        .map(|m| m.path.clone())
-        .collect();
-    locks.exclusive_all(&existing)?;
-    let done = CommitReport {
-        target: st.target.clone(),
-        removed: st.remove.iter().map(|m| m.path.clone()).collect(),
-        resumed: true,
-        dry_run: opts.dry_run,
-        ..Default::default()
-    };
-    match st.phase {
-        Phase::Copy if opts.dry_run => Ok(None),
-        Phase::Copy => {
-            cut_back(st, locks)?;
-            Ok(None)
-        }
-        _ if opts.dry_run => Ok(Some(done)),
-        Phase::Remove => {
-            finish_removal(sp, st)?;
-            Ok(Some(done))
-        }
-        Phase::Tables => {
-            let targets: Vec<PathBuf> = std::iter::once(st.target.clone())
-                .chain(st.target_lengths.iter().map(|(p, _)| p.clone()))
-                .collect();
-            locks.exclusive_all(&targets)?;
-            apply_journal(&read_journal(&journal_path(sp))?)?;
-            let mut layer = Layer::open(
-                &st.target,
-                &OpenOptions {
-                    ignore_cid: true,
-                    ..Default::default()
-                },
-            )?;
-            finish_target(sp, st, &mut layer)?;
-            Ok(Some(done))
-        }
+/// A state found beside the delta (phases `copy` and `tables`): act on it only when it is
+/// this delta's and this parent's, bound by the token. `Ok(false)`: the state is void
+/// (phase `copy`, and the parent carries no mark and has its recorded extent files at
+/// their recorded lengths: nothing of the interrupted run is in it).
+fn resume_check(sp: &Path, st: &State, chain: &Chain, target: usize) -> Result<bool> {
+    let tl = &chain.layers[target];
+    let resolved = files_to_remove(chain, target);
+    verify_delta(sp, st, &resolved)?;
+    let tfiles = Resolved::of_layers([tl])?;
+    let tpath = tfiles.admit(sp, &st.target)?;
+    if !same_file(&tpath, &tl.path) {
+        return Err(Error::chain(
+            sp,
+            format!(
+                "this commit state was written for a commit into `{}`, not into `{}`; it is not acted on",
+                st.target.display(),
+                tl.path.display()
+            ),
+        ));
     }
+    for f in &st.extents {
+        tfiles.admit(sp, &f.path)?;
+    }
+    let marked = recovery::carries(tl, "commit", &st.token);
+    let finished_target = st.phase == Phase::Tables
+        && recovery::pending_of(tl).is_none()
+        && tl.cid() == Some(st.target_new_cid);
+    if marked || finished_target {
+        for f in &st.extents {
+            let now = std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0);
+            if !f.same_inode() || now < f.len {
+                return Err(replaced(sp, tl));
+            }
+        }
+        return Ok(true);
+    }
+    if st.phase == Phase::Copy
+        && st
+            .extents
+            .iter()
+            .all(|f| f.same_inode() && std::fs::metadata(&f.path).is_ok_and(|m| m.len() == f.len))
+    {
+        return Ok(false);
+    }
+    Err(replaced(sp, tl))
 }
 
-/// Phase `copy` was interrupted: the parent's tables are untouched (they are only
-/// written from the journal), so what the run appended is referenced by nothing. Cut
-/// it off, and the rerun allocates the same places again.
-fn cut_back(st: &State, locks: &mut LockSet) -> Result<()> {
-    let targets: Vec<PathBuf> = st.target_lengths.iter().map(|(p, _)| p.clone()).collect();
-    locks.exclusive_all(&targets)?;
-    cut_back_files(&st.target_lengths)
+fn replaced(sp: &Path, tl: &Layer) -> Error {
+    Error::chain(
+        sp,
+        format!(
+            "`{}` is not the disk this interrupted commit was writing into (it does not carry the commit's mark: \
+             restored from a copy, or replaced). Nothing was done. If the parent was restored on purpose and holds \
+             the content the delta was made on, move this state file and its journal away and commit again",
+            tl.path.display()
+        ),
+    )
+}
+
+/// The journal of phase `tables`, bound to the state's token, every record into a file of
+/// the target (the record's path replaced by the admitted one).
+fn admitted_journal(sp: &Path, st: &State, tl: &Layer) -> Result<Vec<crate::write::JournalRecord>> {
+    let jp = journal_path(sp);
+    let (token, mut records) = read_journal(&jp)?;
+    if token != st.token {
+        return Err(Error::corrupt(
+            &jp,
+            0,
+            "journal of another commit (its token is not the state's); it is not acted on",
+        ));
+    }
+    let allowed = Resolved::of_layers([tl])?;
+    for r in &mut records {
+        r.file = allowed.admit(&jp, &r.file)?;
+    }
+    Ok(records)
 }
 
 /// Parents we cannot write into.
@@ -480,24 +587,128 @@ fn check_links(chain: &Chain, target: usize, state: Option<&State>) -> Result<()
     Ok(())
 }
 
-/// Siblings: another delta naming the target (or a layer we remove) would be corrupted.
-fn check_siblings(chain: &Chain, target: usize) -> Result<()> {
-    let members: Vec<&Path> = chain.layers.iter().map(|l| l.path.as_path()).collect();
-    for l in chain.layers[1..=target].iter() {
-        if let Some(p) = children_of(&l.path)
-            .into_iter()
-            .find(|p| !members.iter().any(|m| same_file(m, p)))
-        {
+/// What depends on the files the commit changes or removes. A delta naming the target
+/// or a merged middle layer (another branch) would be corrupted: refused unless `force`.
+/// Children of the top are re-pointed at the target (returned). A file that may be a
+/// delta but cannot be read is unknown: refused, naming it, unless `force`.
+fn check_dependents(chain: &Chain, target: usize, force: bool) -> Result<Vec<PathBuf>> {
+    let is_member = |p: &Path| chain.layers.iter().any(|l| same_file(&l.path, p));
+    let mut repoint = Vec::new();
+    for (i, l) in chain.layers[..=target].iter().enumerate() {
+        let (children, unknown) = crate::resolve::dependents_of(&l.path);
+        for c in children.into_iter().filter(|p| !is_member(p)) {
+            if i == 0 {
+                repoint.push(c);
+            } else if !force {
+                return Err(Error::chain(
+                    &c,
+                    format!(
+                        "this delta also has `{}` as its parent; committing would corrupt it (use --force to commit anyway)",
+                        l.path.display()
+                    ),
+                ));
+            }
+        }
+        if let Some((p, why)) = unknown.into_iter().find(|(p, _)| !is_member(p)) {
+            if !force {
+                return Err(Error::chain(
+                    &p,
+                    format!(
+                        "{why}; it may be a delta of `{}`, which this commit changes. Refusing while that is unknown \
+                         (fix or move the file, or pass --force)",
+                        l.path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    let top = chain.top();
+    let tl = &chain.layers[target];
+    for c in &repoint {
+        let child = Layer::open(
+            c,
+            &OpenOptions {
+                ignore_cid: true,
+                ..Default::default()
+            },
+        )?;
+        if child.bare_cowd {
             return Err(Error::chain(
-                &p,
+                c,
                 format!(
-                    "this delta also has `{}` as its parent; committing would corrupt it (use --force to commit anyway)",
-                    l.path.display()
+                    "this REDO log names `{}` as its parent by its file name (ESX 2 naming) and cannot be re-pointed; \
+                     commit it first (`vmdkit commit {}`), then `{}`",
+                    top.path.display(),
+                    c.display(),
+                    top.path.display()
+                ),
+            ));
+        }
+        if !top.bare_cowd && child.parent_cid() != top.cid() {
+            return Err(Error::chain(
+                c,
+                format!(
+                    "this delta names `{}` as its parent but its parentCID does not match that disk's CID: \
+                     it is already stale; refusing to commit under it (move it away, or pass --force only after moving it)",
+                    top.path.display()
+                ),
+            ));
+        }
+        if !same_folder(c, &tl.path) {
+            return Err(Error::chain(
+                c,
+                format!(
+                    "this delta of `{}` would have to name `{}`, which is in another folder; refusing",
+                    top.path.display(),
+                    tl.path.display()
                 ),
             ));
         }
     }
-    Ok(())
+    Ok(repoint)
+}
+
+fn same_folder(a: &Path, b: &Path) -> bool {
+    let canon = |p: &Path| std::fs::canonicalize(crate::resolve::folder_of(p)).ok();
+    canon(a).is_some() && canon(a) == canon(b)
+}
+
+/// Point `child` (a delta of the merged top) at the target: its parentFileNameHint and
+/// parentCID, in one atomic descriptor write. Idempotent: a child already pointing at
+/// the target with its new CID is left alone. A recorded child that names neither is
+/// refused.
+fn repoint(sp: &Path, st: &State, c: &FileRecord, tl: &Layer) -> Result<()> {
+    let named = crate::resolve::names_parent(&c.path);
+    let to_top = named
+        .as_deref()
+        .is_some_and(|p| std::fs::canonicalize(p).is_ok_and(|p| p == st.top));
+    let mut child = Layer::open(
+        &c.path,
+        &OpenOptions {
+            ignore_cid: true,
+            ignore_pending: true,
+            ..Default::default()
+        },
+    )?;
+    let to_target = named.as_deref().is_some_and(|p| same_file(p, &tl.path));
+    if to_target && child.parent_cid() == Some(st.target_new_cid) {
+        return Ok(());
+    }
+    if !to_top && !to_target {
+        return Err(Error::chain(
+            sp,
+            format!(
+                "the commit recorded `{}` as a child to re-point, but it names neither the merged delta nor its parent; it is not touched",
+                c.path.display()
+            ),
+        ));
+    }
+    let name = crate::resolve::file_name_of(&tl.path);
+    child.descriptor.set("parentFileNameHint", &name, true);
+    child
+        .descriptor
+        .set("parentCID", &format!("{:08x}", st.target_new_cid), false);
+    crate::write::write_descriptor(&child)
 }
 
 /// Plan: every range decided above the target, as engine units; the runs; the report.
@@ -591,16 +802,24 @@ fn copy_into(
     Ok(())
 }
 
-/// The parent's data and tables are durable: give it its new CID, then remove the
-/// delta.
-fn finish_target(sp: &Path, st: &State, target: &mut Layer) -> Result<()> {
-    if target.cid() != Some(st.target_new_cid) {
-        set_cid(target, st.target_new_cid)?;
+/// The parent's data and tables are durable: give it its new CID and drop its mark (one
+/// descriptor write), re-point the children, then remove the delta.
+fn finish_target(top: &Path, sp: &Path, st: &State, target: &mut Layer) -> Result<()> {
+    let done = recovery::pending_of(target).is_none() && target.cid() == Some(st.target_new_cid);
+    if !done && !target.bare_cowd {
+        recovery::unmark(target);
+        target
+            .descriptor
+            .set("CID", &format!("{:08x}", st.target_new_cid), false);
+        crate::write::write_descriptor(target)?;
+    }
+    for c in &st.children {
+        repoint(sp, st, c, target)?;
     }
     let st = State {
         phase: Phase::Remove,
         ..st.clone()
     };
-    write_state(sp, &st)?;
-    finish_removal(sp, &st)
+    recovery::write(sp, &st)?;
+    finish_removal(top, sp, &st)
 }

@@ -490,8 +490,47 @@ fn an_interrupted_apply_is_not_resumed_over_a_disk_written_since() {
         .unwrap();
     assert!(!out.status.success(), "the hook aborts it");
     assert!(r.join("vm.vmdk.vmdkit-apply").exists());
+    // Issue 17 item 6: the half-applied disk is refused by every command that would
+    // read it as a disk or write it, naming the apply to rerun; info and check say so.
     std::fs::write(r.join("p.bin"), vec![0x99u8; 65536]).unwrap();
-    vmdkit_ok(&r, &["write", "vm.vmdk", "--offset", "60M", "p.bin"]);
+    let before = sha256_file(&r.join("vm.vmdk"));
+    for args in [
+        &["write", "vm.vmdk", "--offset", "60M", "p.bin"][..],
+        &["export", "vm.vmdk", "out.vmdk", "-q"],
+        &["cat", "vm.vmdk"],
+        &["redo", "add", "vm.vmdk"],
+        &["extend", "vm.vmdk", "--size", "+1M"],
+    ] {
+        let err = vmdkit_err(&r, args);
+        assert!(
+            err.contains("interrupted `vmdkit apply`") && err.contains("vmdkit apply vm.vmdk"),
+            "{args:?}: {err}"
+        );
+    }
+    let out = vmdkit(&r, &["check", "vm.vmdk"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "check of a half-applied disk: {text}"
+    );
+    assert!(
+        text.contains("interrupted `vmdkit apply`") && !text.contains("harmless"),
+        "{text}"
+    );
+    let info = vmdkit(&r, &["info", "vm.vmdk"]);
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("interrupted `vmdkit apply`")
+            || String::from_utf8_lossy(&info.stderr).contains("interrupted `vmdkit apply`")
+    );
+    assert_eq!(
+        sha256_file(&r.join("vm.vmdk")),
+        before,
+        "refused commands change nothing"
+    );
+    assert!(!r.join("out.vmdk").exists() && !r.join("vm-000001.vmdk").exists());
+    // Another tool writes into it meanwhile (qemu ignores the mark).
+    qemu_io(&r, "vm.vmdk", &["write -P 0x99 60M 64k"]);
     let before = sha256_file(&r.join("vm.vmdk"));
     let err = vmdkit_err(&r, &["apply", "vm.vmdk", "../src/inc1.vmdk"]);
     assert!(err.contains("changed after an apply"), "{err}");

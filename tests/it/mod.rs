@@ -16,3 +16,4 @@ mod props;
 mod read_qemu;
 mod redo;
 mod safety;
+mod trust;
