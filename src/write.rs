@@ -23,10 +23,12 @@ use crate::layer::Layer;
 /// Reads the content below the layer being written (for copy-on-write fills).
 pub type ReadBelow<'a> = &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync);
 
-/// Test hook: abort the process after this many data/metadata writes (crash tests).
+/// Test hook: abort the process after this many data/metadata writes (crash tests);
+/// `VMDKIT_TEST_WRITE_DELAY_MS` slows every write (signal tests).
 pub(crate) fn fault_point() {
     use std::sync::atomic::{AtomicI64, Ordering};
     static LEFT: AtomicI64 = AtomicI64::new(i64::MIN);
+    static DELAY: AtomicI64 = AtomicI64::new(-1);
     let mut left = LEFT.load(Ordering::Relaxed);
     if left == i64::MIN {
         left = std::env::var("VMDKIT_TEST_ABORT_AFTER_WRITES")
@@ -34,6 +36,17 @@ pub(crate) fn fault_point() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(-1);
         LEFT.store(left, Ordering::Relaxed);
+        DELAY.store(
+            std::env::var("VMDKIT_TEST_WRITE_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            Ordering::Relaxed,
+        );
+    }
+    let delay = DELAY.load(Ordering::Relaxed);
+    if delay > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(delay as u64));
     }
     if left >= 0 && LEFT.fetch_sub(1, Ordering::Relaxed) == 0 {
         std::process::abort();

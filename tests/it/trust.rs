@@ -525,3 +525,143 @@ fn temporaries_of_live_writers_elsewhere_are_never_swept() {
     vmdkit_ok(d, &["export", "a.vmdk", "out2.vmdk", "-d", "stream", "-q"]);
     assert!(!live.exists(), "once its writer is gone it is swept");
 }
+
+/// Items 5 and 6: a damaged increment (tail lost on tape, a bad deflate stream), from a
+/// file or a pipe, into a VMDK or a raw target, is found before the first write: the
+/// target stays byte for byte at its previous point and nothing is left beside it. A
+/// full disk or a signal during the writes leaves the disk marked, says the apply is
+/// incomplete and how to finish it; other commands refuse the disk until the rerun,
+/// which gives qemu's content.
+#[test]
+fn a_damaged_increment_changes_nothing_and_an_interrupted_one_says_so() {
+    need_qemu!();
+    let t = tmp();
+    let (r, inc, want) = restore_and_increment(t.path());
+    let good = std::fs::read(&inc).unwrap();
+    let mut tail_lost = good.clone();
+    tail_lost.truncate(good.len() - 100);
+    let mut bad_deflate = good.clone();
+    // Into the first grain's compressed bytes: its marker (LBA, size) sits at overHead.
+    let over = u64::from_le_bytes(good[64..72].try_into().unwrap()) as usize * 512;
+    let size = u32::from_le_bytes(good[over + 8..over + 12].try_into().unwrap()) as usize;
+    assert!(size > 40, "a compressed grain at {over}");
+    for b in &mut bad_deflate[over + 12 + size / 2..over + 12 + size / 2 + 16] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(t.path().join("tail.vmdk"), &tail_lost).unwrap();
+    std::fs::write(t.path().join("deflate.vmdk"), &bad_deflate).unwrap();
+    let raw = r.join("vm.raw");
+    vmdkit_ok(&r, &["cat", "vm.vmdk", "-o", "vm.raw"]);
+    let files_before: Vec<String> = {
+        let mut v: Vec<String> = std::fs::read_dir(&r)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = sha256_file(&r.join("vm.vmdk"));
+    let raw_before = sha256_file(&raw);
+    for bad in ["tail.vmdk", "deflate.vmdk"] {
+        let path = t.path().join(bad);
+        let p = path.to_str().unwrap();
+        for (target, extra) in [("vm.vmdk", &[][..]), ("vm.raw", &["--raw", "--force"][..])] {
+            let mut args = vec!["apply", target, p];
+            args.extend_from_slice(extra);
+            let err = vmdkit_err(&r, &args);
+            assert!(
+                err.contains("nothing was written"),
+                "{bad} into {target}: {err}"
+            );
+            // Through a pipe, as from tape.
+            let script = format!(
+                "cat {p} | {} apply {target} - {}",
+                bin().display(),
+                extra.join(" ")
+            );
+            let out = Command::new("bash")
+                .args(["-c", &script])
+                .current_dir(&r)
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{script}");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("nothing was written"));
+        }
+        assert_eq!(
+            sha256_file(&r.join("vm.vmdk")),
+            before,
+            "{bad}: the restore changed"
+        );
+        assert_eq!(
+            sha256_file(&raw),
+            raw_before,
+            "{bad}: the raw restore changed"
+        );
+        let mut now: Vec<String> = std::fs::read_dir(&r)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        now.sort();
+        assert_eq!(now, files_before, "{bad}: files left beside the disk");
+    }
+    // A full disk while the grains are written (a file-size limit stands in for it:
+    // the appended grains cannot be written).
+    let limit_kib = std::fs::metadata(r.join("vm.vmdk")).unwrap().len() / 1024 + 8;
+    let script = format!(
+        "trap '' XFSZ; ulimit -f {limit_kib}; exec {} apply vm.vmdk {}",
+        bin().display(),
+        inc.display()
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .current_dir(&r)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "apply past the limit: {err}");
+    assert!(
+        err.contains("incomplete") && err.contains("vmdkit apply vm.vmdk"),
+        "{err}"
+    );
+    let refused = vmdkit_err(&r, &["export", "vm.vmdk", "x.vmdk", "-q"]);
+    assert!(refused.contains("interrupted `vmdkit apply`"), "{refused}");
+    vmdkit_ok(&r, &["apply", "vm.vmdk", inc.to_str().unwrap(), "-q"]);
+    assert_same(&qemu_raw(&r, "vm.vmdk"), &want, "after the rerun");
+    qemu_img(&r, &["check", "vm.vmdk"]);
+    vmdkit_ok(&r, &["check", "vm.vmdk"]);
+
+    // Ctrl-C in the middle of the writes: the message on the way out says what to do.
+    let (r2, inc, want) = {
+        let t2 = t.path().join("again");
+        std::fs::create_dir_all(&t2).unwrap();
+        restore_and_increment(&t2)
+    };
+    let mut child = Command::new(bin())
+        .args(["apply", "vm.vmdk", inc.to_str().unwrap()])
+        .current_dir(&r2)
+        .env("VMDKIT_TEST_WRITE_DELAY_MS", "50")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sp = r2.join("vm.vmdk.vmdkit-apply");
+    let start = std::time::Instant::now();
+    while !sp.exists() && start.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: sending SIGINT to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("incomplete") && err.contains("vmdkit apply vm.vmdk"),
+        "{err}"
+    );
+    vmdkit_ok(&r2, &["apply", "vm.vmdk", inc.to_str().unwrap(), "-q"]);
+    assert_same(
+        &qemu_raw(&r2, "vm.vmdk"),
+        &want,
+        "after Ctrl-C and the rerun",
+    );
+}
