@@ -238,7 +238,18 @@ pub fn dependents_of(disk: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
     };
     let mut children = Vec::new();
     let mut unknown = Vec::new();
-    let mut paths: Vec<PathBuf> = rd.flatten().map(|e| e.path()).collect();
+    // Named as the user named the disk: bare names beside a bare name.
+    let bare = disk.parent().is_none_or(|p| p.as_os_str().is_empty());
+    let mut paths: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| {
+            if bare {
+                PathBuf::from(e.file_name())
+            } else {
+                e.path()
+            }
+        })
+        .collect();
     paths.sort();
     for p in paths {
         if same_file(&p, disk) {
@@ -279,7 +290,7 @@ pub fn refuse_dependents(disk: &Path, force: bool, doing: &str) -> Result<()> {
         return Err(Error::chain(
             p,
             format!(
-                "{why}; it may be a delta of `{}`, which {doing} would break. Refusing while that is unknown                  (fix or move the file, or pass --force)",
+                "{why}; it may be a delta of `{}`, which {doing} would break. Refusing while that is unknown (fix or move the file, or pass --force)",
                 disk.display()
             ),
         ));

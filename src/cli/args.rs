@@ -527,12 +527,17 @@ pub(super) enum RdmCmd {
 #[derive(Subcommand)]
 pub(super) enum RedoCmd {
     /// Put an empty delta on top of DISK's chain; prints the new top's path.
-    #[command(after_help = concat!("Examples:\n  vmdkit redo add vm.vmdk                 # vm.vmdk.REDO (ESX 2)\n  vmdkit redo add vm.vmdk --style vmfsSparse\n\n", "Exit: 0 created, 1 error, 64 usage error."))]
+    #[command(after_help = concat!("Examples:\n  vmdkit redo add vm.vmdk                 # the chain's own style: vm-000001.vmdk on a hosted disk, vm.vmdk.REDO on an ESX base\n  vmdkit redo add vm.vmdk --style vmfsSparse\n\n", "Exit: 0 created, 1 error, 64 usage error."))]
     Add {
         /// The disk (the current top).
         disk: PathBuf,
         /// redo (ESX 2 `DISK.REDO`), vmfsSparse (`name-000001.vmdk` + `-delta`), hosted.
-        #[arg(long, default_value = "redo")]
-        style: String,
+        /// Default: the chain's own style (REDO on REDO, vmfsSparse on vmfsSparse, hosted
+        /// on hosted disks, an ESX 2 REDO log on an ESX base).
+        #[arg(long)]
+        style: Option<String>,
+        /// Add a delta although DISK already has one (start a second branch).
+        #[arg(long)]
+        branch: bool,
     },
 }

@@ -148,13 +148,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Cat(a) => run_cat(a, ui),
         Cmd::Export(a) => run_export(a, ui),
         Cmd::Redo {
-            cmd: RedoCmd::Add { disk, style },
+            cmd:
+                RedoCmd::Add {
+                    disk,
+                    style,
+                    branch,
+                },
         } => {
-            use vmdkit::ops::redo::{add, RedoStyle};
-            let style = RedoStyle::parse(&style).ok_or_else(|| {
-                anyhow::anyhow!("unknown style `{style}` (redo, vmfsSparse, hosted)")
-            })?;
-            let new = add(&disk, style)?;
+            use vmdkit::ops::redo::{add_opts, AddOptions, RedoStyle};
+            let style = style
+                .map(|s| {
+                    RedoStyle::parse(&s).ok_or_else(|| {
+                        anyhow::anyhow!("unknown style `{s}` (redo, vmfsSparse, hosted)")
+                    })
+                })
+                .transpose()?;
+            let mut opts = AddOptions::default();
+            opts.style = style;
+            opts.branch = branch;
+            let new = add_opts(&disk, &opts)?;
             if ui.json {
                 ui.result(&serde_json::json!({"file": new, "parent": disk}), false)?;
             } else {

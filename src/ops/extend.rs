@@ -184,17 +184,7 @@ pub fn extend(disk: &Path, size: NewSize, force: bool) -> Result<(u64, u64)> {
             disk.display()
         )));
     }
-    if !force {
-        if let Some(child) = crate::resolve::children_of(disk).into_iter().next() {
-            return Err(Error::chain(
-                &child,
-                format!(
-                    "this delta sits on `{}`; extending the base would break it (use --force)",
-                    disk.display()
-                ),
-            ));
-        }
-    }
+    crate::resolve::refuse_dependents(disk, force, "extending it")?;
     let new_sectors = new_size / SECTOR;
     let ct = layer.create_type;
     let dir = disk

@@ -61,8 +61,78 @@ fn base_stem(name: &str) -> String {
     }
 }
 
-/// Add an empty delta on top of `disk`'s chain; returns the new top's path.
+/// Options of [`add_opts`].
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct AddOptions {
+    /// The delta's style; `None`: the chain's own (a REDO log on a REDO log, vmfsSparse on
+    /// vmfsSparse, hosted on hosted disks, an ESX 2 REDO log on an ESX base).
+    pub style: Option<RedoStyle>,
+    /// Add a delta although the disk already has one (a second branch: writing either
+    /// then diverges from the other).
+    pub branch: bool,
+}
+
+impl AddOptions {
+    /// The options with `style` (and no branch).
+    pub fn style(style: RedoStyle) -> AddOptions {
+        AddOptions {
+            style: Some(style),
+            branch: false,
+        }
+    }
+}
+
+/// Add an empty delta of `style` on top of `disk`; returns the new top's path.
 pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
+    add_opts(disk, &AddOptions::style(style))
+}
+
+/// The style of the deltas a chain already has (see [`AddOptions::style`]).
+fn own_style(top: &crate::layer::Layer) -> RedoStyle {
+    match top.create_type {
+        _ if top.bare_cowd => RedoStyle::Redo,
+        CreateType::VmfsSparse => RedoStyle::VmfsSparse,
+        ct if ct.as_str().to_ascii_lowercase().starts_with("vmfs") || ct.is_device() => {
+            RedoStyle::Redo
+        }
+        _ => RedoStyle::Hosted,
+    }
+}
+
+/// The next snapshot number for `stem` in `dir`: one past every number any file there
+/// carries (deltas, their extents, state files, temporaries) and past the parent's own,
+/// so a name that was used and freed is not handed out again while anything of it (or
+/// a later one) is left.
+fn next_number(dir: &Path, stem: &str, parent_name: &str) -> u32 {
+    let number_in = |name: &str| -> Option<u32> {
+        let rest = name
+            .trim_start_matches('.')
+            .strip_prefix(stem)?
+            .strip_prefix('-')?;
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        (digits.len() == 6).then(|| digits.parse().ok()).flatten()
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let mut max = number_in(parent_name).unwrap_or(0);
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if let Some(n) = number_in(&e.file_name().to_string_lossy()) {
+                max = max.max(n);
+            }
+        }
+    }
+    max + 1
+}
+
+/// Add an empty delta on top of `disk`; returns the new top's path. A disk that already
+/// has a delta (or a file that may be one and cannot be read) is refused unless
+/// `opts.branch`.
+pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
     let mut locks = LockSet::new();
     locks.lock(disk, LockKind::Shared)?;
     let chain = Chain::open(
@@ -75,6 +145,30 @@ pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
     )?;
     locks.shared_all(&chain.source_files())?;
     let top = chain.top();
+    let style = opts.style.unwrap_or_else(|| own_style(top));
+    if !opts.branch {
+        let (children, unknown) = crate::resolve::dependents_of(disk);
+        let redo = PathBuf::from(format!("{}.REDO", disk.display()));
+        if let Some(c) = children.first().or(redo.exists().then_some(&redo)) {
+            return Err(Error::chain(
+                disk,
+                format!(
+                    "it already has the delta `{}`: a second one would start a branch. Add to the top of the chain (`vmdkit redo add {}`), or pass --branch to branch on purpose",
+                    c.display(),
+                    c.display()
+                ),
+            ));
+        }
+        if let Some((p, why)) = unknown.first() {
+            return Err(Error::chain(
+                p,
+                format!(
+                    "{why}; it may be a delta of `{}`. Refusing to add another while that is unknown (fix or move it, or pass --branch)",
+                    disk.display()
+                ),
+            ));
+        }
+    }
     if top.create_type == CreateType::VmfsPassthroughRawDeviceMap {
         return Err(Error::unsupported(
             disk,
@@ -97,23 +191,19 @@ pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
     let parent_cid = top.cid().unwrap_or(0xffff_fffe);
     match style {
         RedoStyle::Redo => {
-            // DISK.REDO; on an existing REDO chain, one more `.REDO`.
-            let mut parent = disk.to_path_buf();
-            let mut new = PathBuf::from(format!("{}.REDO", disk.display()));
-            while new.exists() {
-                parent = new.clone();
-                new = PathBuf::from(format!("{}.REDO", new.display()));
-            }
-            if parent != disk {
-                // Re-open so the capacity check sees the real top.
-                Chain::open(
-                    &parent,
-                    &OpenOptions {
-                        ignore_cid: false,
-                        mode: SourceMode::Pread,
-                        ..Default::default()
-                    },
-                )?;
+            // DISK.REDO: the name is the link, so a disk has at most one.
+            let parent = disk.to_path_buf();
+            let new = PathBuf::from(format!("{}.REDO", disk.display()));
+            if new.symlink_metadata().is_ok() {
+                return Err(Error::chain(
+                    disk,
+                    format!(
+                        "`{}` exists: an ESX 2 REDO log is named after its parent, so a disk cannot have two; \
+                         add to `{}` instead, or use --style hosted or vmfsSparse for a branch",
+                        new.display(),
+                        new.display()
+                    ),
+                ));
             }
             let sectors = u32::try_from(cap / SECTOR).map_err(|_| {
                 Error::unsupported(disk, "a COWD REDO log holds at most 2^32-1 sectors (2 TiB)")
@@ -130,7 +220,7 @@ pub fn add(disk: &Path, style: RedoStyle) -> Result<PathBuf> {
         }
         RedoStyle::VmfsSparse | RedoStyle::Hosted => {
             let stem = base_stem(&parent_name);
-            let mut n = 1;
+            let mut n = next_number(&dir, &stem, &parent_name);
             let (desc, delta) = loop {
                 let d = dir.join(format!("{stem}-{n:06}.vmdk"));
                 let x = dir.join(format!("{stem}-{n:06}-delta.vmdk"));
@@ -326,24 +416,12 @@ pub fn write_opts(
     }
     let mut w = LayerWriter::open_with(chain.top(), opts.allow_device_write)?;
     w.check_writable(offset, len)?;
-    if !opts.force {
-        let children = crate::resolve::children_of(disk);
-        if !children.is_empty() {
-            return Err(Error::chain(
-                disk,
-                format!(
-                    "{} delta(s) name this disk as their parent ({}); writing into it would break them. \
-                     Write into the top of the chain instead, or pass --force",
-                    children.len(),
-                    children
-                        .iter()
-                        .map(|c| format!("`{}`", c.display()))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            ));
-        }
-    }
+    crate::resolve::refuse_dependents(
+        disk,
+        opts.force,
+        "writing into it (write into the top of the chain instead)",
+    )?;
+    crate::ops::apply::refuse_read_only_files(chain.top(), opts.force)?;
     if len == 0 {
         return Ok(0);
     }

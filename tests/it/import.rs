@@ -433,7 +433,7 @@ fn ls_groups_disks_with_extents_and_deltas() {
             "twoGbMaxExtentSparse",
         ],
     );
-    vmdkit_ok(d, &["redo", "add", "b.vmdk"]);
+    vmdkit_ok(d, &["redo", "add", "b.vmdk", "--style", "redo"]);
     let v: serde_json::Value =
         serde_json::from_slice(&vmdkit_ok(d, &["ls", ".", "--json"]).stdout).unwrap();
     let arr = v.as_array().unwrap();

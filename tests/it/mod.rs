@@ -16,4 +16,5 @@ mod props;
 mod read_qemu;
 mod redo;
 mod safety;
+mod snapshots;
 mod trust;

@@ -107,7 +107,7 @@ fn esx2_redo_logs_commit_level_by_level() {
     let d = t.path();
     let mut model = flat_base(d, 8);
     assert_eq!(
-        String::from_utf8(vmdkit_ok(d, &["redo", "add", "base.vmdk"]).stdout)
+        String::from_utf8(vmdkit_ok(d, &["redo", "add", "base.vmdk", "--style", "redo"]).stdout)
             .unwrap()
             .trim(),
         "base.vmdk.REDO"
@@ -119,8 +119,15 @@ fn esx2_redo_logs_commit_level_by_level() {
         1000 * 512,
         &pattern(4, 70_000),
     );
+    // A second REDO log of the base cannot exist (the name is the link): the next one
+    // goes on the top.
+    let err = vmdkit_err(d, &["redo", "add", "base.vmdk"]);
+    assert!(
+        err.contains("already has the delta `base.vmdk.REDO`"),
+        "{err}"
+    );
     assert_eq!(
-        String::from_utf8(vmdkit_ok(d, &["redo", "add", "base.vmdk"]).stdout)
+        String::from_utf8(vmdkit_ok(d, &["redo", "add", "base.vmdk.REDO"]).stdout)
             .unwrap()
             .trim(),
         "base.vmdk.REDO.REDO"
