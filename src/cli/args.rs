@@ -79,7 +79,7 @@ impl ReadArgs {
         // Library errors name the file (and offset) already.
         let chain = Chain::open(path, &opts)?;
         for w in &chain.warnings {
-            eprintln!("vmdkit: warning: {w}");
+            note!("vmdkit: warning: {w}");
         }
         Ok(chain)
     }
@@ -391,6 +391,9 @@ pub(super) struct ImportArgs {
     /// Worker threads (default: all cores).
     #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     pub(super) threads: usize,
+    /// Permit a capacity over 62 TiB (more than any VMware product makes).
+    #[arg(long)]
+    pub(super) large: bool,
     #[command(flatten)]
     pub(super) read: ReadArgs,
 }
@@ -418,6 +421,9 @@ pub(super) struct CreateArgs {
     /// Overwrite existing files.
     #[arg(long)]
     pub(super) force: bool,
+    /// Permit a capacity over 62 TiB (more than any VMware product makes).
+    #[arg(long)]
+    pub(super) large: bool,
 }
 
 /// Arguments of `extend`.
@@ -432,9 +438,12 @@ pub(super) struct ExtendArgs {
     /// New size with a unit (60G), or `+N` to grow by N.
     #[arg(long, short = 's', allow_hyphen_values = true)]
     pub(super) size: String,
-    /// Extend although deltas sit on the disk.
+    /// Extend although deltas sit on the disk, or its files are marked read-only.
     #[arg(long)]
     pub(super) force: bool,
+    /// Permit a capacity over 62 TiB (more than any VMware product makes).
+    #[arg(long)]
+    pub(super) large: bool,
 }
 
 /// Arguments of `geometry`.
@@ -477,6 +486,9 @@ pub(super) struct CheckArgs {
     /// it may be guest data whose table entry was lost.
     #[arg(long, requires = "repair")]
     pub(super) discard_unreferenced: bool,
+    /// With --repair: write into files marked read-only.
+    #[arg(long, requires = "repair")]
+    pub(super) force: bool,
 }
 
 /// Arguments of `verify`.

@@ -14,6 +14,15 @@ use vmdkit::copy::PipelineOptions;
 use vmdkit::ops::{self, Progress};
 use vmdkit::VirtualDisk;
 
+/// A line on stderr that never panics: with stderr on a full disk or a closed pipe the
+/// message is lost, and the exit code still says what happened.
+macro_rules! note {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 mod args;
 mod vmkfstools;
 
@@ -30,7 +39,7 @@ impl Ui {
     /// A one-line summary on stderr unless quiet or printing JSON.
     fn say(&self, msg: impl std::fmt::Display) {
         if !self.quiet && !self.json {
-            eprintln!("vmdkit: {msg}");
+            note!("vmdkit: {msg}");
         }
     }
 
@@ -222,12 +231,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Verify(a) => run_verify(a, ui),
         Cmd::Completions { shell } => {
             let mut cmd = Cli::command();
-            clap_complete::generate(shell, &mut cmd, "vmdkit", &mut std::io::stdout());
+            // Into memory first: clap_complete panics on a failed write.
+            let mut text = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "vmdkit", &mut text);
+            let mut out = std::io::stdout().lock();
+            out.write_all(&text)?;
+            out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Man => {
             let man = clap_mangen::Man::new(Cli::command());
-            man.render(&mut std::io::stdout())?;
+            let mut out = std::io::stdout().lock();
+            man.render(&mut out)?;
+            out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Vmkfstools { args } => vmkfstools::run(&args, ui),
@@ -249,7 +265,7 @@ fn run_info(args: InfoArgs, ui: Ui) -> Result<ExitCode> {
                 };
                 match vmdkit::Chain::top_only(&disk, &opts, why.clone()) {
                     Ok(c) => {
-                        eprintln!("vmdkit: error: {why} (showing this layer alone)");
+                        note!("vmdkit: error: {why} (showing this layer alone)");
                         (c, ExitCode::FAILURE)
                     }
                     Err(_) => return Err(e),
@@ -327,6 +343,24 @@ fn run_cat(args: CatArgs, ui: Ui) -> Result<ExitCode> {
 
 /// `dst` as written: an existing folder means "inside it, under `name`".
 fn into_folder(dst: &Path, name: Option<&std::ffi::OsStr>) -> Result<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    // A trailing `/` names a folder: made here (one level; its parent must exist), so an
+    // output never lands beside it under the folder's name.
+    if dst.as_os_str().as_bytes().ends_with(b"/") && !dst.is_dir() {
+        let parent = dst.parent().filter(|p| !p.as_os_str().is_empty());
+        if parent.is_some_and(|p| !p.is_dir()) {
+            anyhow::bail!(
+                "`{}` names a folder whose parent `{}` does not exist; nothing was written",
+                dst.display(),
+                parent.unwrap_or(Path::new(".")).display()
+            );
+        }
+        std::fs::create_dir(dst)
+            .with_context(|| format!("creating the folder `{}`", dst.display()))?;
+        let _ = vmdkit::output::sync_folder(&vmdkit::resolve::folder_of(
+            &dst.components().collect::<PathBuf>(),
+        ));
+    }
     if dst.as_os_str() != "-" && dst.is_dir() {
         let name = name.ok_or_else(|| {
             anyhow::anyhow!(
@@ -359,7 +393,7 @@ fn level_of(level: Option<u32>, stream: bool) -> Result<u32> {
         anyhow::bail!("--level {l}: the compression level must be 0 to 9");
     }
     if level.is_some() && !stream {
-        eprintln!("vmdkit: warning: --level applies to streamOptimized output only; ignored");
+        note!("vmdkit: warning: --level applies to streamOptimized output only; ignored");
     }
     Ok(l)
 }
@@ -453,7 +487,23 @@ fn run_export(args: ExportArgs, ui: Ui) -> Result<ExitCode> {
         ..Default::default()
     };
     let label = if delta { "increment" } else { "export" };
-    let report = export_to(&chain, &src, &dst, kind, opts, force, ui, label)?;
+    let report = match export_to(&chain, &src, &dst, kind, opts, force, ui, label) {
+        Ok(r) => r,
+        // A backup into a pipe whose reader went away (mbuffer out of space, a tape
+        // error, a dropped ssh) is a failed backup, not a quiet `cat | head`.
+        Err(e) if to_stdout && is_broken_pipe(&e) => {
+            anyhow::bail!(
+                "the reader of standard output closed the pipe{}: the {} of `{}` is INCOMPLETE and unusable; \
+                 nothing after that point was written",
+                bytes_through(&e)
+                    .map(|n| format!(" after {n} bytes ({}) had been written into it", ops::human(n)))
+                    .unwrap_or_default(),
+                if delta { "increment" } else { "backup stream" },
+                src.display()
+            )
+        }
+        Err(e) => return Err(e),
+    };
     ui.say(format_args!(
         "exported {}`{}` ({} disk): {} grains of data{}, {} written",
         if delta { "the increment of " } else { "" },
@@ -655,6 +705,7 @@ fn run_import(args: ImportArgs, ui: Ui) -> Result<ExitCode> {
         adapter,
         force,
         threads,
+        large,
         read,
     } = args;
     use vmdkit::copy::target::DiskType;
@@ -696,6 +747,7 @@ fn run_import(args: ImportArgs, ui: Ui) -> Result<ExitCode> {
             adapter,
             force,
             threads,
+            large,
         };
         if from_stdin {
             let dst = into_folder(&dst, None)?;
@@ -736,6 +788,7 @@ fn run_create(args: CreateArgs, ui: Ui) -> Result<ExitCode> {
         kind,
         adapter,
         force,
+        large,
     } = args;
     use vmdkit::copy::target::DiskType;
     use vmdkit::ops::import::{create, ImportOptions};
@@ -749,6 +802,7 @@ fn run_create(args: CreateArgs, ui: Ui) -> Result<ExitCode> {
             adapter,
             force,
             threads: 0,
+            large,
         },
         &vmdkit::ops::NoProgress,
     )?;
@@ -760,13 +814,18 @@ fn run_create(args: CreateArgs, ui: Ui) -> Result<ExitCode> {
 }
 
 fn run_extend(args: ExtendArgs, ui: Ui) -> Result<ExitCode> {
-    let ExtendArgs { disk, size, force } = args;
+    let ExtendArgs {
+        disk,
+        size,
+        force,
+        large,
+    } = args;
     use vmdkit::ops::extend::{extend, NewSize};
     let size = match vmdkit::units::parse_new_size(&size)? {
         (n, true) => NewSize::By(n),
         (n, false) => NewSize::To(n),
     };
-    let (old, new) = extend(&disk, size, force)?;
+    let (old, new) = extend(&disk, size, force, large)?;
     ui.say(format_args!(
         "extended `{}` from {} to {}",
         disk.display(),
@@ -823,7 +882,7 @@ fn run_ls(args: LsArgs, ui: Ui) -> Result<ExitCode> {
         vmdkit::ops::ls::write_text(&mut out, &entries, human_readable, mappings)?;
     }
     for (t, alive) in vmdkit::guard::temporaries(&dir) {
-        eprintln!(
+        note!(
             "vmdkit: temporary `{}`: {}",
             t.display(),
             if alive {
@@ -841,15 +900,17 @@ fn run_check(args: CheckArgs, ui: Ui) -> Result<ExitCode> {
         disk,
         repair,
         discard_unreferenced,
+        force,
     } = args;
     let copts = vmdkit::ops::check::CheckOptions {
         repair,
         discard_unreferenced,
+        force,
     };
     let r = match vmdkit::ops::check::check_with(&disk, &copts) {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("vmdkit: error: {e}");
+            note!("vmdkit: error: {e}");
             return Ok(ExitCode::from(1));
         }
     };
@@ -917,7 +978,7 @@ fn run_verify(args: VerifyArgs, ui: Ui) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if !ui.json {
-        eprintln!("vmdkit: {} does NOT match the manifest", disk.display());
+        note!("vmdkit: {} does NOT match the manifest", disk.display());
     }
     Ok(ExitCode::from(EX_DIFFERS))
 }
@@ -930,6 +991,15 @@ fn raw_stdout() -> Result<std::fs::File> {
         .try_clone_to_owned()
         .context("duplicating stdout")?;
     Ok(std::fs::File::from(fd))
+}
+
+/// How far a write into a pipe got before it broke (the offset of the failed write).
+fn bytes_through(e: &anyhow::Error) -> Option<u64> {
+    e.chain()
+        .find_map(|c| match c.downcast_ref::<vmdkit::Error>() {
+            Some(vmdkit::Error::Io { offset, .. }) => Some(*offset),
+            _ => None,
+        })
 }
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
@@ -971,6 +1041,25 @@ fn remove_temporaries_on_signals() {
 /// Exit code of a usage error (sysexits' EX_USAGE): not check's "corruption" (2).
 const EX_USAGE: u8 = 64;
 
+/// Print clap's help, version or usage error and give its exit code: 0 for help and
+/// version (also into a closed pipe, as `| head` is), 1 when they could not be written
+/// (a full disk), 64 for a usage error.
+fn clap_exit(e: &clap::Error) -> ExitCode {
+    let shown = e.print();
+    let help = matches!(
+        e.kind(),
+        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+    );
+    match shown {
+        Err(io) if help && io.kind() != std::io::ErrorKind::BrokenPipe => {
+            note!("vmdkit: error: writing the help: {io}");
+            ExitCode::FAILURE
+        }
+        _ if help => ExitCode::SUCCESS,
+        _ => ExitCode::from(EX_USAGE),
+    }
+}
+
 /// Run a parsed command line to its exit code (errors printed; a closed pipe is quiet).
 fn finish(cli: Cli) -> ExitCode {
     remove_temporaries_on_signals();
@@ -978,7 +1067,7 @@ fn finish(cli: Cli) -> ExitCode {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vmdkit: error: {e:#}");
+            note!("vmdkit: error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -1025,22 +1114,14 @@ pub fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("vmkfstools: error: {e:#}");
+                note!("vmkfstools: error: {e:#}");
                 ExitCode::FAILURE
             }
         };
     }
     let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                    ExitCode::SUCCESS
-                }
-                _ => ExitCode::from(EX_USAGE),
-            };
-        }
+        Err(e) => return clap_exit(&e),
     };
     finish(cli)
 }
@@ -1071,9 +1152,6 @@ fn run_args(args: &[String], ui: Ui) -> Result<ExitCode> {
     argv.extend(args.iter().cloned());
     match Cli::try_parse_from(&argv) {
         Ok(cli) => run(cli),
-        Err(e) => {
-            let _ = e.print();
-            Ok(ExitCode::from(EX_USAGE))
-        }
+        Err(e) => Ok(clap_exit(&e)),
     }
 }

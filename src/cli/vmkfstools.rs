@@ -65,7 +65,10 @@ fn unsupported(flag: &str) -> Option<&'static str> {
 pub(super) fn run(args: &[String], ui: Ui) -> Result<ExitCode> {
     let argv = translate(args)?;
     if argv.is_empty() {
-        println!("{TABLE}");
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{TABLE}")?;
+        out.flush()?;
         return Ok(ExitCode::SUCCESS);
     }
     super::run_args(&argv, ui)

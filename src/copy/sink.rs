@@ -176,12 +176,17 @@ impl Sink for StreamSink {
 struct WrittenFile(AtomicFile);
 
 fn commit_all(pending: Vec<WrittenFile>, force: bool) -> Result<Vec<PathBuf>> {
-    let mut names = Vec::new();
+    let mut names: Vec<PathBuf> = Vec::new();
     // Extents first, the descriptor (pushed last) last: an interrupted rename sequence
-    // never leaves a descriptor pointing at missing extents.
+    // never leaves a descriptor pointing at missing extents. A rename that fails takes
+    // back the files already renamed: no partial output stays behind.
     for p in pending {
-        names.push(p.0.target().to_path_buf());
-        p.0.commit(force)?;
+        let target = p.0.target().to_path_buf();
+        if let Err(e) = p.0.commit(force) {
+            let _ = crate::output::remove_durably(&names);
+            return Err(e);
+        }
+        names.push(target);
     }
     Ok(names)
 }

@@ -523,10 +523,15 @@ pub fn export_fed(
         unit: opts.unit,
     };
     let sources = chain.source_files();
-    if let Some(m) = &opts.manifest {
-        crate::guard::refuse_source_as_target(m, &sources)?;
-        check_target(m, opts.force)?;
-    }
+    // The manifest's temporary first: a manifest that cannot be written (no such
+    // folder, not writable, exists without --force) refuses the export before any work.
+    let manifest_file = match &opts.manifest {
+        Some(m) => {
+            crate::guard::refuse_source_as_target(m, &sources)?;
+            Some(crate::output::AtomicFile::create(m, opts.force)?)
+        }
+        None => None,
+    };
     let mut locks = crate::guard::LockSet::new();
     locks.shared_all(&sources)?;
     let mut manifest =
@@ -567,6 +572,15 @@ pub fn export_fed(
         Dest::Path(path) => {
             let dir = crate::resolve::folder_of(&path);
             // Refuse before doing any work.
+            {
+                use std::os::unix::ffi::OsStrExt;
+                if path.as_os_str().as_bytes().ends_with(b"/") || !dir.is_dir() {
+                    return Err(Error::InvalidInput(format!(
+                        "`{}` is not a file in an existing folder; nothing was written",
+                        path.display()
+                    )));
+                }
+            }
             crate::guard::refuse_source_as_target(&path, &sources)?;
             check_target(&path, opts.force)?;
             for p in &pieces {
@@ -642,12 +656,22 @@ pub fn export_fed(
             progress,
         )?,
     }
+    // The manifest's bytes are written (and can fail for space) before the outputs take
+    // their names; its own rename follows theirs.
+    let crc = manifest.map(|m| {
+        let total = m.total();
+        (total, m.finish())
+    });
+    if let (Some(f), Some((_, bytes))) = (&manifest_file, &crc) {
+        use std::os::unix::fs::FileExt;
+        f.file()
+            .write_all_at(bytes, 0)
+            .map_err(|e| crate::output::write_error(f.tmp_path(), 0, e))?;
+    }
     let mut report = sink.finish()?;
-    if let Some(m) = manifest {
-        report.crc32 = Some(m.total());
-        if let Some(path) = &opts.manifest {
-            crate::output::write_file_atomically(path, &m.finish(), opts.force)?;
-        }
+    report.crc32 = crc.map(|(t, _)| t);
+    if let Some(f) = manifest_file {
+        f.commit(opts.force)?;
     }
     Ok(report)
 }

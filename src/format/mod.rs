@@ -17,6 +17,27 @@ pub mod stream;
 pub mod tables;
 
 use std::ops::Range;
+use std::path::Path;
+
+/// The largest capacity any VMware product makes (62 TiB, VMFS 5 and later). Larger ones
+/// are refused where a disk is made or grown (`import`, `create`, `extend`) unless asked
+/// for: a header claiming more is far more often damage or a hostile file than a disk,
+/// and its metadata alone would be written for hours.
+pub const MAX_CAPACITY: u64 = 62 << 40;
+
+/// Refuse a capacity over [`MAX_CAPACITY`] unless `large`; `what` names the source of
+/// the number in the message.
+pub fn check_capacity(capacity: u64, large: bool, what: &Path) -> Result<()> {
+    if capacity > MAX_CAPACITY && !large {
+        return Err(crate::error::Error::InvalidInput(format!(
+            "`{}`: a capacity of {capacity} bytes ({}) is more than any VMware product makes (62 TiB); \
+             nothing was written (pass --large if the disk really is that large)",
+            what.display(),
+            crate::ops::human(capacity)
+        )));
+    }
+    Ok(())
+}
 
 use byteorder::ByteOrder;
 

@@ -488,7 +488,7 @@ fn apply_vmdk(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
             let marked = recovery::mark(&mut chain.layers[0], "apply", &st.token);
             if let Err(e) = marked {
                 // Nothing was written into the disk: the state is void.
-                let _ = recovery::remove_state_files(&[sp.clone()]);
+                let _ = recovery::remove_state_files(std::slice::from_ref(&sp));
                 return Err(e);
             }
             st

@@ -46,10 +46,13 @@ fn export_delta(
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
     let meta = OutputMeta::for_delta(chain, opts.parent_hint.as_deref())?;
-    if let Some(m) = &opts.manifest {
-        crate::guard::refuse_source_as_target(m, &chain.source_files())?;
-        crate::output::check_target(m, opts.force)?;
-    }
+    let manifest_file = match &opts.manifest {
+        Some(m) => {
+            crate::guard::refuse_source_as_target(m, &chain.source_files())?;
+            Some(crate::output::AtomicFile::create(m, opts.force)?)
+        }
+        None => None,
+    };
     let delta_opts = ExportOptions {
         unit: GRAIN,
         manifest: None,
@@ -65,8 +68,12 @@ fn export_delta(
         };
         let b = crate::copy::manifest_of(chain, popts, &crate::copy::NoProgress)?;
         report.crc32 = Some(b.total());
-        if let Some(m) = &opts.manifest {
-            crate::output::write_file_atomically(m, &b.finish(), opts.force)?;
+        if let Some(f) = manifest_file {
+            use std::os::unix::fs::FileExt;
+            f.file()
+                .write_all_at(&b.finish(), 0)
+                .map_err(|e| crate::output::write_error(f.tmp_path(), 0, e))?;
+            f.commit(opts.force)?;
         }
     }
     Ok(report)

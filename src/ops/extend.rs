@@ -147,7 +147,9 @@ pub enum NewSize {
 }
 
 /// Grow `disk` to `size`; returns the capacity before and after.
-pub fn extend(disk: &Path, size: NewSize, force: bool) -> Result<(u64, u64)> {
+/// `large` permits a new capacity over 62 TiB ([`crate::format::MAX_CAPACITY`]); `force`
+/// extends although deltas sit on the disk and writes into host files marked read-only.
+pub fn extend(disk: &Path, size: NewSize, force: bool, large: bool) -> Result<(u64, u64)> {
     let mut locks = crate::guard::LockSet::new();
     locks.lock(disk, crate::guard::LockKind::Exclusive)?;
     let mut chain = Chain::open(
@@ -184,7 +186,23 @@ pub fn extend(disk: &Path, size: NewSize, force: bool) -> Result<(u64, u64)> {
             disk.display()
         )));
     }
+    crate::format::check_capacity(new_size, large, disk)?;
     crate::resolve::refuse_dependents(disk, force, "extending it")?;
+    if layer.create_type.is_device()
+        || layer.extents.iter().any(|e| {
+            use std::os::unix::fs::FileTypeExt;
+            e.path
+                .as_ref()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .is_some_and(|m| m.file_type().is_block_device())
+        })
+    {
+        return Err(Error::unsupported(
+            disk,
+            "extending a disk whose extents are host devices (its size is the device's); nothing was changed",
+        ));
+    }
+    crate::ops::apply::refuse_read_only_files(layer, force)?;
     let new_sectors = new_size / SECTOR;
     let ct = layer.create_type;
     let dir = disk

@@ -29,6 +29,8 @@ pub struct ImportOptions {
     pub force: bool,
     /// Worker threads.
     pub threads: usize,
+    /// Permit capacities over 62 TiB ([`crate::format::MAX_CAPACITY`]).
+    pub large: bool,
 }
 
 fn meta_for(
@@ -59,6 +61,7 @@ pub fn import_disk(
     opts: &ImportOptions,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
+    crate::format::check_capacity(chain.capacity(), opts.large, &chain.top().path)?;
     let (format, prealloc) = opts.kind.format();
     let meta = meta_for(
         OutputMeta::from_chain(chain),
@@ -99,6 +102,7 @@ pub fn create(
             "size {capacity} is not a positive multiple of 512 bytes"
         )));
     }
+    crate::format::check_capacity(capacity, opts.large, dst)?;
     let (format, prealloc) = opts.kind.format();
     let adapter = opts.adapter.clone().unwrap_or_else(|| "lsilogic".into());
     let mut meta = OutputMeta {
@@ -183,6 +187,7 @@ fn finish_stream(
 ) -> Result<ExportReport> {
     let (format, prealloc) = opts.kind.format();
     let cap = feed.capacity;
+    crate::format::check_capacity(cap, opts.large, Path::new("<stdin>"))?;
     let meta = meta_for(meta, opts.kind, opts.adapter.as_deref(), cap);
     if opts.kind == DiskType::Raw && is_existing_target(dst)? {
         return raw_in_place(&ZeroDisk(cap), Some(&mut feed), dst, opts, progress);

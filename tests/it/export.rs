@@ -332,8 +332,11 @@ fn refuses_to_overwrite_and_leaves_nothing_behind() {
     assert!(names.iter().all(|n| !n.contains("vmdkit-tmp")), "{names:?}");
 }
 
+/// Issue 17 item 10: a backup into a pipe whose reader dies (mbuffer out of space, a tape
+/// error, a dropped ssh) fails, saying how many bytes got through; `cat | head` stays
+/// quiet.
 #[test]
-fn export_to_a_closed_pipe_ends_quietly() {
+fn export_to_a_closed_pipe_fails_and_says_so() {
     need_qemu!();
     let t = tmp();
     let d = t.path();
@@ -346,17 +349,33 @@ fn export_to_a_closed_pipe_ends_quietly() {
             .current_dir(d)
             .output()
             .unwrap();
-        assert!(
-            String::from_utf8_lossy(&out.stderr).is_empty(),
-            "{f}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),
-            "0",
-            "{f}: exit status of vmdkit"
+            "1",
+            "{f}: exit status of vmdkit: {err}"
         );
+        assert!(
+            err.contains("INCOMPLETE") && err.contains("bytes"),
+            "{f}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
     }
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "{} cat s.vmdk | head -c 1000 >/dev/null; echo ${{PIPESTATUS[0]}}",
+            bin().display()
+        ))
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "cat | head"
+    );
 }
 
 #[test]

@@ -117,6 +117,7 @@ fn huge_empty_disks_stay_within_the_memory_bound() {
             "300t",
             "--type",
             "monolithicSparse",
+            "--large",
         ],
     ] {
         let r = vmdkit_limited(d, args, None, 300);

@@ -12,6 +12,7 @@ mod hostile;
 mod import;
 mod model;
 mod mutate;
+mod outputs;
 mod props;
 mod read_qemu;
 mod redo;

@@ -636,7 +636,7 @@ fn a_damaged_increment_changes_nothing_and_an_interrupted_one_says_so() {
         std::fs::create_dir_all(&t2).unwrap();
         restore_and_increment(&t2)
     };
-    let mut child = Command::new(bin())
+    let child = Command::new(bin())
         .args(["apply", "vm.vmdk", inc.to_str().unwrap()])
         .current_dir(&r2)
         .env("VMDKIT_TEST_WRITE_DELAY_MS", "50")

@@ -197,6 +197,10 @@ pub fn read_stream_zeroed(
     let want_zeroed = zeroed.is_some() && h.zero_grain();
     // Tables holding zeroed entries, by the sector they start at: the GD names them.
     let mut zero_tables: std::collections::HashMap<u64, Vec<u16>> = Default::default();
+    // Stored grains (ascending, as records must come) and zeroed runs seen, to refuse a
+    // grain that is both.
+    let mut stored_lbas: Vec<u64> = Vec::new();
+    let mut zeroed_runs: Vec<(u64, u64)> = Vec::new();
     loop {
         if !r.fill(&mut sector)? {
             break;
@@ -219,7 +223,35 @@ pub fn read_stream_zeroed(
                 MARKER_GD if want_zeroed => {
                     flush(&mut batch, emit, r.name)?;
                     let z = zeroed.as_mut().expect("want_zeroed");
-                    read_directory_zeroed(r, h, val, at, base, &mut zero_tables, &mut **z)?;
+                    let name = r.name;
+                    // A grain both zeroed (table entry 1) and stored (a record) is
+                    // corrupt input: which one is meant cannot be known.
+                    let stored = &stored_lbas;
+                    read_directory_zeroed(
+                        r,
+                        h,
+                        val,
+                        at,
+                        base,
+                        &mut zero_tables,
+                        &mut |off, len| {
+                            let lo = (off - base) / SECTOR;
+                            let hi = (off + len - base) / SECTOR;
+                            let i = stored.partition_point(|&l| l < lo);
+                            if stored.get(i).is_some_and(|&l| l < hi) {
+                                return Err(Error::corrupt(
+                                name,
+                                at,
+                                format!(
+                                    "grain at LBA {} is both zeroed in its grain table and stored as a record",
+                                    stored[i]
+                                ),
+                            ));
+                            }
+                            zeroed_runs.push((lo, hi));
+                            z(off, len)
+                        },
+                    )?;
                 }
                 _ => {
                     saw_footer |= kind == MARKER_FOOTER;
@@ -251,6 +283,16 @@ pub fn read_stream_zeroed(
             ));
         }
         last = Some(lba);
+        if want_zeroed {
+            if zeroed_runs.iter().any(|&(lo, hi)| lo <= lba && lba < hi) {
+                return Err(Error::corrupt(
+                    r.name,
+                    at,
+                    format!("grain at LBA {lba} is both zeroed in its grain table and stored as a record"),
+                ));
+            }
+            stored_lbas.push(lba);
+        }
         let total = (12 + size).div_ceil(SECTOR) * SECTOR;
         let mut rec = vec![0u8; total as usize];
         rec[..512].copy_from_slice(&sector);

@@ -24,9 +24,14 @@ pub fn inflate_grain(
             std::cell::RefCell::new(libdeflater::Decompressor::new());
     }
     let mut out = vec![0u8; grain.max(want)];
+    let short = |n: usize| {
+        format!("compressed grain inflates to {n} bytes, short of the {want} bytes it holds (qemu refuses such grains)")
+    };
     let fast = INFLATER.with(|d| d.borrow_mut().zlib_decompress(cmp, &mut out[..grain]));
     if let Ok(n) = fast {
-        out[n..].fill(0);
+        if n < want {
+            return Err(short(n));
+        }
         out.truncate(want);
         return Ok(out);
     }
@@ -41,8 +46,10 @@ pub fn inflate_grain(
             "compressed grain inflates past the {grain}-byte grain size"
         ));
     }
+    if n < want {
+        return Err(short(n));
+    }
     out.truncate(want);
-    out.resize(want, 0);
     Ok(out)
 }
 

@@ -47,6 +47,28 @@ struct Walk<'a> {
 
 /// Check `disk` and every parent below it, as `opts` says.
 pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
+    if opts.repair && !opts.force {
+        // Files the host marks read-only are refused before any repair writes (as
+        // commit refuses them), root or not.
+        let files = crate::chain::Chain::open(
+            disk,
+            &OpenOptions {
+                ignore_cid: true,
+                ignore_pending: true,
+                ..Default::default()
+            },
+        )
+        .map(|c| c.layers.iter().flat_map(|l| l.files()).collect::<Vec<_>>())
+        .unwrap_or_else(|_| vec![disk.to_path_buf()]);
+        for f in files {
+            if std::fs::metadata(&f).is_ok_and(|m| m.is_file() && m.permissions().readonly()) {
+                return Err(crate::error::Error::InvalidInput(format!(
+                    "`{}` is read-only: refusing to repair it; nothing was changed (make it writable, or pass --force)",
+                    f.display()
+                )));
+            }
+        }
+    }
     let mut w = Walk {
         opts,
         r: CheckReport::default(),
@@ -301,6 +323,7 @@ impl Walk<'_> {
                     if let Some(msg) = crate::chain::missing_parent_hint(l) {
                         self.r.add(&l.path, 0, Severity::Corruption, msg);
                     }
+                    self.stored_inside_files(l);
                 }
             }
             Err(e) if e.kind() == crate::error::ErrorKind::Io => {
@@ -313,6 +336,77 @@ impl Walk<'_> {
                     self.r.add(disk, 0, Severity::Corruption, msg);
                 }
             }
+        }
+    }
+}
+
+impl Walk<'_> {
+    /// Extents this walk has no checker of its own for (SESparse): every grain the
+    /// layer's map places must lie inside its file, or the readers fail on it.
+    fn stored_inside_files(&mut self, l: &crate::layer::Layer) {
+        use crate::disk::Alloc;
+        use crate::format::Extent;
+        if !l
+            .extents
+            .iter()
+            .any(|e| matches!(e.extent, Extent::SeSparse(_)))
+        {
+            return;
+        }
+        let runs = match l.map(0..l.capacity) {
+            Ok(r) => r,
+            Err(e) => {
+                self.r.add(
+                    &l.path,
+                    0,
+                    Severity::Corruption,
+                    format!("its grain maps cannot be read: {e}"),
+                );
+                return;
+            }
+        };
+        let mut past: Vec<(usize, u64, u64)> = Vec::new();
+        for r in &runs {
+            let (extent, end) = match r.alloc {
+                Alloc::Data { extent, offset } | Alloc::Hole { extent, offset } => {
+                    (extent, offset.saturating_add(r.len))
+                }
+                Alloc::Compressed { extent, offset } => (extent, offset.saturating_add(12)),
+                _ => continue,
+            };
+            let Some(slot) = l.extents.get(extent) else {
+                continue;
+            };
+            if !matches!(slot.extent, Extent::SeSparse(_)) {
+                continue;
+            }
+            let Some(len) = slot
+                .path
+                .as_ref()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+            else {
+                continue;
+            };
+            if end > len {
+                match past.iter_mut().find(|(e, _, _)| *e == extent) {
+                    Some(p) => p.2 += 1,
+                    None => past.push((extent, r.start, 1)),
+                }
+            }
+        }
+        for (extent, first, n) in past {
+            let file = l.extents[extent]
+                .path
+                .clone()
+                .unwrap_or_else(|| l.path.clone());
+            self.r.add(
+                &file,
+                0,
+                Severity::Corruption,
+                format!("{n} stored runs lie past the end of the file (the first at guest offset {first:#x}); readers fail on them"),
+            );
         }
     }
 }

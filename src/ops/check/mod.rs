@@ -76,6 +76,8 @@ pub struct CheckOptions {
     pub repair: bool,
     /// With `repair`: also free leaked grains that hold data (the data is lost).
     pub discard_unreferenced: bool,
+    /// With `repair`: write into files the host marks read-only (refused otherwise).
+    pub force: bool,
 }
 
 impl CheckReport {

@@ -123,6 +123,17 @@ fn walk_markers(path: &Path, ext: &SparseExtent, r: &mut CheckReport) -> Result<
                 }
             }
             2 => {
+                let want = (h.num_gts() * 4).div_ceil(SECTOR);
+                if val != want {
+                    r.add(
+                        path,
+                        pos,
+                        Severity::Corruption,
+                        format!(
+                            "grain-directory marker says {val} sectors, the directory has {want}"
+                        ),
+                    );
+                }
                 if pos / SECTOR + 1 != h.gd_offset {
                     r.add(path, pos, Severity::Corruption, format!("grain-directory marker at sector {}, but the directory in use is at sector {}", pos / SECTOR, h.gd_offset));
                 }
@@ -151,7 +162,16 @@ fn walk_markers(path: &Path, ext: &SparseExtent, r: &mut CheckReport) -> Result<
                 return Ok(());
             }
         }
-        pos += SECTOR + val.saturating_mul(SECTOR).min(len);
+        if val.saturating_mul(SECTOR) > len - pos - SECTOR {
+            r.add(
+                path,
+                pos,
+                Severity::Corruption,
+                format!("marker of {val} sectors runs past the end of the file"),
+            );
+            return Ok(());
+        }
+        pos += SECTOR + val * SECTOR;
     }
     r.add(
         path,
