@@ -116,6 +116,29 @@ pub fn pipe(data: &[u8]) {
     };
 }
 
+/// Recovery state: the bytes as a commit state file, an apply state file and a journal
+/// (each checksummed and, when it parses, bounded by its bytes). None may panic; what
+/// they name is admitted by the commands, not here ([`crate::recovery`]).
+pub fn recovery(data: &[u8]) {
+    let path = std::path::Path::new("fuzz.vmdk.vmdkit-commit");
+    let _ = crate::ops::commit::parse_state(path, data);
+    let _ = crate::ops::apply::parse_state(path, data);
+    let _ = crate::recovery::decode::<serde_json::Value>(path, data);
+    if let Ok((_, records)) = crate::write::parse_journal(path, data) {
+        let total: usize = records.iter().map(|r| r.bytes.len()).sum();
+        assert!(
+            total <= data.len(),
+            "journal records larger than the journal"
+        );
+    }
+}
+
+/// An increment as `apply` validates it before writing: header, descriptor, parentCID,
+/// then every grain and zeroed range, the content discarded after [`FUZZ_MAP_BYTES`].
+pub fn increment(data: &[u8]) {
+    let _ = crate::ops::apply::validate_bytes(data, FUZZ_MAP_BYTES);
+}
+
 /// Hand-made hostile inputs (issue 9): each once crashed, hung or ran away with memory.
 /// The mutation suite starts from them too.
 pub fn hostile_seeds() -> Vec<(&'static str, Vec<u8>)> {

@@ -278,3 +278,34 @@ pub(crate) fn carries(layer: &Layer, op: &str, token: &str) -> bool {
 pub(crate) fn remove_state_files(files: &[PathBuf]) -> Result<()> {
     crate::output::remove_durably(files)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A state file reads back as written, and no single changed byte of it is
+        /// taken for a state (the checksum, the magic or the parser catches it).
+        #[test]
+        fn a_state_reads_back_and_no_edited_byte_passes(
+            token in "[0-9a-f]{32}",
+            paths in proptest::collection::vec("[a-z/]{1,40}", 0..6),
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let body = serde_json::json!({"token": token, "paths": paths});
+            let b = encode(&body);
+            let p = Path::new("x.vmdkit-apply");
+            prop_assert_eq!(decode::<serde_json::Value>(p, &b).unwrap(), body.clone());
+            let mut e = b.clone();
+            let i = at.index(e.len());
+            e[i] ^= flip;
+            if let Ok(v) = decode::<serde_json::Value>(p, &e) {
+                // Only a change the JSON reader cannot see (whitespace) may pass, and it
+                // then means the same.
+                prop_assert_eq!(v, body);
+            }
+        }
+    }
+}

@@ -187,6 +187,41 @@ struct State {
     files: Vec<FileRecord>,
 }
 
+/// Parse an apply state file's bytes (the fuzz target's body).
+pub(crate) fn parse_state(path: &Path, b: &[u8]) -> Result<()> {
+    recovery::decode::<State>(path, b).map(|_| ())
+}
+
+/// Read an increment from bytes as `apply` validates it before the first write: header,
+/// descriptor and links, then every grain and zeroed range (the fuzz target's body;
+/// `budget` caps the bytes it lets through).
+pub(crate) fn validate_bytes(data: &[u8], budget: u64) -> Result<()> {
+    let name = Path::new("<increment>");
+    let mut input: &[u8] = data;
+    let inc = read_increment(&mut Counted::new(&mut input, name), name)?;
+    let mut input: &[u8] = data;
+    let mut c = Counted::new(&mut input, name);
+    let mut first = [0u8; 512];
+    c.exact(&mut first)?;
+    let mut seen = 0u64;
+    let mut count = |n: u64| -> Result<()> {
+        seen = seen.saturating_add(n);
+        if seen > budget {
+            return Err(Error::InvalidInput("fuzz cap".into()));
+        }
+        Ok(())
+    };
+    let count = std::cell::RefCell::new(&mut count);
+    stream_in::read_stream_zeroed(
+        &mut c,
+        &inc.header,
+        0,
+        &mut |_, b| (count.borrow_mut())(b.len() as u64),
+        Some(&mut |_, len| (count.borrow_mut())(len / 4096)),
+    )
+    .map(|_| ())
+}
+
 fn state_path(target: &Path) -> PathBuf {
     PathBuf::from(format!("{}.vmdkit-apply", target.display()))
 }

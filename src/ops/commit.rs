@@ -163,6 +163,11 @@ struct State {
     children: Vec<FileRecord>,
 }
 
+/// Parse a commit state file's bytes (the fuzz target's body).
+pub(crate) fn parse_state(path: &Path, b: &[u8]) -> Result<()> {
+    recovery::decode::<State>(path, b).map(|_| ())
+}
+
 fn state_path(top: &Path) -> PathBuf {
     PathBuf::from(format!("{}.vmdkit-commit", top.display()))
 }
