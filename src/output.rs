@@ -74,11 +74,13 @@ impl AtomicFile {
                 .open(&tmp)
             {
                 Ok(file) => {
-                    // Ours alone from its creation: nobody else has opened it yet.
-                    if !crate::guard::try_flock(&file, libc::LOCK_EX)
-                        .map_err(|e| Error::io("lock", &tmp, 0, e))?
-                    {
-                        return Err(Error::Busy(tmp));
+                    // Lock it, then make sure the name is still this file: a sweep in
+                    // another process may have taken the lock and removed the name in
+                    // the instant between the create and the lock. Then take the next.
+                    let locked = crate::guard::try_flock(&file, libc::LOCK_EX)
+                        .map_err(|e| Error::io("lock", &tmp, 0, e))?;
+                    if !locked || !same_inode(&file, &tmp) {
+                        continue;
                     }
                     crate::guard::register_temporary(&tmp);
                     return Ok(AtomicFile {
@@ -139,6 +141,15 @@ impl Drop for AtomicFile {
             let _ = std::fs::remove_file(&self.tmp);
             crate::guard::unregister_temporary(&self.tmp);
         }
+    }
+}
+
+/// Whether `path` names the open `file` (same device and inode).
+fn same_inode(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }
 

@@ -500,6 +500,7 @@ fn an_interrupted_apply_is_not_resumed_over_a_disk_written_since() {
         &["cat", "vm.vmdk"],
         &["redo", "add", "vm.vmdk"],
         &["extend", "vm.vmdk", "--size", "+1M"],
+        &["check", "--repair", "vm.vmdk"],
     ] {
         let err = vmdkit_err(&r, args);
         assert!(

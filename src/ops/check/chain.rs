@@ -47,6 +47,24 @@ struct Walk<'a> {
 
 /// Check `disk` and every parent below it, as `opts` says.
 pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
+    if opts.repair {
+        // A disk in the middle of an interrupted commit or apply holds data its tables do
+        // not reference yet: "repairing" it would take what the rerun needs.
+        if let Ok(c) = crate::chain::Chain::open(
+            disk,
+            &OpenOptions {
+                ignore_cid: true,
+                ignore_pending: true,
+                ..Default::default()
+            },
+        ) {
+            if let Some(m) = c.layers.iter().find_map(crate::recovery::pending_message) {
+                return Err(crate::error::Error::InvalidInput(format!(
+                    "{m}; refusing to repair it before that (nothing was changed)"
+                )));
+            }
+        }
+    }
     if opts.repair && !opts.force {
         // Files the host marks read-only are refused before any repair writes (as
         // commit refuses them), root or not.
