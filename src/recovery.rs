@@ -7,9 +7,9 @@
 //! - **It never names what is acted on.** A command resolves the chain itself, from the
 //!   path the user gave, with the extent rules (folder rule, no `..`, no symlink out, no
 //!   absolute name unasked). Every path in a state or journal record must then be one of
-//!   those files, by canonical path *and* device+inode ([`Resolved::admit`]); a record
+//!   those files, by canonical path *and* device+inode (`Resolved::admit`); a record
 //!   naming anything else makes the whole state refused, before anything is written.
-//! - **It is checksummed.** State files carry a CRC-32 of their body ([`encode`]); the
+//! - **It is checksummed.** State files carry a CRC-32 of their body (`encode`); the
 //!   journal is one CRC-covered record list that also carries the state's token. A torn
 //!   or edited state is refused.
 //! - **It binds to the exact disk it was written for.** When an operation starts it
