@@ -160,10 +160,11 @@ pub fn sync_folder(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io("flush the folder", dir, 0, e))
 }
 
-/// Remove files (a missing one is fine), then make the removals durable: one fsync per
-/// folder, before the caller reports success.
+/// Remove files in order (a missing one is fine), each removal made durable (an fsync of
+/// its folder) before the next: a file system may persist removals out of order, and
+/// the order is what recovery relies on (a journal never outlives its state file; a
+/// descriptor never outlives its extents' removal unless they were removed first).
 pub fn remove_durably(files: &[PathBuf]) -> Result<()> {
-    let mut dirs: Vec<PathBuf> = Vec::new();
     for f in files {
         crate::write::fault_point();
         match std::fs::remove_file(f) {
@@ -171,13 +172,7 @@ pub fn remove_durably(files: &[PathBuf]) -> Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io("remove", f, 0, e)),
         }
-        let d = crate::resolve::folder_of(f);
-        if !dirs.contains(&d) {
-            dirs.push(d);
-        }
-    }
-    for d in &dirs {
-        sync_folder(d)?;
+        sync_folder(&crate::resolve::folder_of(f))?;
     }
     Ok(())
 }

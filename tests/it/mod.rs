@@ -6,6 +6,7 @@ mod cli;
 mod commandline;
 mod corpus;
 mod corrupt;
+mod crash;
 mod deltas_handmade;
 mod export;
 mod hostile;
