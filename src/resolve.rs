@@ -252,7 +252,8 @@ pub fn dependents_of(disk: &Path) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
         .collect();
     paths.sort();
     for p in paths {
-        if same_file(&p, disk) {
+        // vmdkit's own temporaries are outputs not yet in place, never deltas.
+        if same_file(&p, disk) || crate::guard::temporary_pid(&file_name_of(&p)).is_some() {
             continue;
         }
         match names_parent_checked(&p) {

@@ -151,12 +151,12 @@ impl SparseExtentWriter {
             h.num_gts() as usize,
             h.num_gtes_per_gt as usize,
         )?;
-        let flen = file
-            .metadata()
-            .map_err(|e| Error::io("stat", path, 0, e))?
-            .len();
         let grain = h.grain_size * SECTOR;
-        let cursor = flen.max(h.over_head * SECTOR).div_ceil(grain) * grain / SECTOR;
+        // New grains go right after what the tables reference, not after the file's
+        // end: a tail a power cut left unreferenced (grains written, their tables not)
+        // is reused, and cut off once this writer's tables are durable (`trim_to`).
+        let used = tables.referenced_end(&file, h.grain_size)?;
+        let cursor = (used * SECTOR).max(h.over_head * SECTOR).div_ceil(grain) * grain / SECTOR;
         Ok(SparseExtentWriter {
             file,
             path: path.to_path_buf(),
@@ -557,6 +557,17 @@ impl LayerWriter {
             dirs.extend(d.into_iter().map(rec));
         }
         tables.extend(dirs);
+        // Last: cut each sparse extent after what its tables now reference (a record
+        // without bytes; see [`apply_journal`]).
+        for (_, _, w) in &self.extents {
+            if let ExtentWriter::Sparse(s) = w {
+                tables.push(JournalRecord {
+                    file: s.path.clone(),
+                    offset: s.cursor * SECTOR,
+                    bytes: Vec::new(),
+                });
+            }
+        }
         Ok(tables)
     }
 
@@ -579,7 +590,8 @@ impl LayerWriter {
             match w {
                 ExtentWriter::Sparse(s) if s.tables.is_dirty() => {
                     let w = s.metadata_writes();
-                    flush_metadata(&s.file, &s.path, w)?
+                    flush_metadata(&s.file, &s.path, w)?;
+                    trim_to(&s.file, &s.path, s.cursor * SECTOR)?;
                 }
                 ExtentWriter::Cowd(c) if c.tables.is_dirty() => {
                     let w = c.metadata_writes();
@@ -605,8 +617,25 @@ pub struct JournalRecord {
     pub bytes: Vec<u8>,
 }
 
+/// Cut `file` to `len` when it is longer (only ever past what its tables reference), and
+/// make that durable.
+fn trim_to(file: &File, path: &Path, len: u64) -> Result<()> {
+    let now = file
+        .metadata()
+        .map_err(|e| Error::io("stat", path, 0, e))?
+        .len();
+    if now > len {
+        fault_point();
+        file.set_len(len)
+            .map_err(|e| Error::io("truncate", path, len, e))?;
+        sync(file, path)?;
+    }
+    Ok(())
+}
+
 /// Apply journal records (idempotent: replaying them again writes the same bytes), then
-/// sync every file touched.
+/// sync every file touched. A record without bytes cuts its file to `offset` when it is
+/// longer (the unreferenced tail of a sparse extent).
 pub fn apply_journal(records: &[JournalRecord]) -> Result<()> {
     let mut files: Vec<(PathBuf, File)> = Vec::new();
     for r in records {
@@ -617,10 +646,19 @@ pub fn apply_journal(records: &[JournalRecord]) -> Result<()> {
                 files.len() - 1
             }
         };
+        if r.bytes.is_empty() {
+            continue;
+        }
         pwrite(&files[i].1, &r.file, &r.bytes, r.offset)?;
     }
     for (p, f) in &files {
         sync(f, p)?;
+    }
+    // Cuts last, once every table write is durable.
+    for r in records.iter().filter(|r| r.bytes.is_empty()) {
+        if let Some((p, f)) = files.iter().find(|(p, _)| *p == r.file) {
+            trim_to(f, p, r.offset)?;
+        }
     }
     Ok(())
 }

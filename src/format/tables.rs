@@ -108,11 +108,27 @@ impl GrainTables {
                 self.dirty.insert(gdi);
                 vec![0; per]
             } else {
+                let t = read_u32s(file, &self.path, u64::from(self.gd[gdi]), per)?;
                 if let Some(r) = self.rgd.as_ref().map(|r| r[gdi]).filter(|&r| r != 0) {
-                    let rt = read_u32s(file, &self.path, u64::from(r), per)?;
+                    let mut rt = read_u32s(file, &self.path, u64::from(r), per)?;
+                    // The primary copy is written (and synced) first, and writers only
+                    // turn entries 0 and 1 into others: a redundant entry still 0 or 1
+                    // where the primary has moved on is one a power cut left behind.
+                    // Mend those from the primary with this writer's table writes; any
+                    // other difference is damage, left for `check` to judge.
+                    let mut lagging = false;
+                    for (r, &p) in rt.iter_mut().zip(&t) {
+                        if *r != p && *r <= 1 {
+                            *r = p;
+                            lagging = true;
+                        }
+                    }
+                    if lagging {
+                        self.dirty.insert(gdi);
+                    }
                     self.rtables.insert(gdi, rt);
                 }
-                read_u32s(file, &self.path, u64::from(self.gd[gdi]), per)?
+                t
             };
             self.tables.insert(gdi, t);
         }
@@ -158,35 +174,60 @@ impl GrainTables {
         Ok(())
     }
 
+    /// The sector just past everything the directories reference: their tables (both
+    /// copies) and every grain a table entry points at (entries of 2 and more; `grain`
+    /// sectors each). Reads each table once, without keeping it. What lies past this in
+    /// the file is referenced by nothing: a writer's tail a crash cut off.
+    pub fn referenced_end(&self, file: &File, grain: u64) -> Result<u64> {
+        let table_sectors = (self.per as u64 * 4).div_ceil(SECTOR);
+        let mut end = 0u64;
+        let dirs = std::iter::once(&self.gd).chain(self.rgd.as_ref());
+        for dir in dirs {
+            for &t in dir.iter().filter(|&&t| t != 0) {
+                let t = u64::from(t);
+                end = end.max(t + table_sectors);
+                for e in read_u32s(file, &self.path, t, self.per)? {
+                    if e >= 2 {
+                        end = end.max(u64::from(e) + grain);
+                    }
+                }
+            }
+        }
+        Ok(end)
+    }
+
     /// Whether anything changed since the last [`take_writes`](Self::take_writes).
     pub fn is_dirty(&self) -> bool {
         !self.dirty.is_empty() || self.gd_dirty
     }
 
-    /// The pending writes, tables (both copies) first, then the directories; the
-    /// in-memory state counts as clean afterwards. Write them in this order, syncing
-    /// between the two groups and after, and grain data synced before either.
+    /// The pending writes in two groups: the primary tables, then the redundant tables
+    /// and the directories; the in-memory state counts as clean afterwards. Write them in
+    /// this order, syncing after each group, with grain data synced before either: at a
+    /// power cut the primary copy is then never older than the redundant one, which a
+    /// later writer mends from it (see [`table`](Self::table)), and no directory entry
+    /// points at a table not yet written.
     pub fn take_writes(&mut self) -> (Vec<MetaWrite>, Vec<MetaWrite>) {
         let mut tables = Vec::new();
+        let mut rest = Vec::new();
         for &gdi in &self.dirty {
             tables.push((
                 u64::from(self.gd[gdi]) * SECTOR,
                 u32s_bytes(&self.tables[&gdi]),
             ));
             if let (Some(r), Some(rt)) = (&self.rgd, self.rtables.get(&gdi)) {
-                tables.push((u64::from(r[gdi]) * SECTOR, u32s_bytes(rt)));
+                rest.push((u64::from(r[gdi]) * SECTOR, u32s_bytes(rt)));
             }
         }
-        let mut dirs = Vec::new();
         if self.gd_dirty {
-            dirs.push((self.gd_at * SECTOR, u32s_bytes(&self.gd)));
+            rest.push((self.gd_at * SECTOR, u32s_bytes(&self.gd)));
             if let (Some(r), Some(at)) = (&self.rgd, self.rgd_at) {
-                dirs.push((at * SECTOR, u32s_bytes(r)));
+                rest.push((at * SECTOR, u32s_bytes(r)));
             }
         }
         self.dirty.clear();
         self.gd_dirty = false;
-        (tables, dirs)
+        (tables, rest)
     }
 }
 
@@ -219,17 +260,18 @@ mod tests {
         t.set(&f, 9, 77, &mut alloc).unwrap();
         assert_eq!(t.get(&f, 9).unwrap(), 77);
         assert!(t.is_dirty());
-        let (tables, dirs) = t.take_writes();
+        let (tables, rest) = t.take_writes();
         assert_eq!(
             tables.iter().map(|w| w.0).collect::<Vec<_>>(),
-            vec![10 * 512, 11 * 512]
+            vec![10 * 512]
         );
+        // The redundant table after the primary, then both directories.
         assert_eq!(
-            dirs.iter().map(|w| w.0).collect::<Vec<_>>(),
-            vec![512, 1024]
+            rest.iter().map(|w| w.0).collect::<Vec<_>>(),
+            vec![11 * 512, 512, 1024]
         );
-        assert_eq!(&dirs[0].1[4..8], &10u32.to_le_bytes());
-        assert_eq!(&dirs[1].1[4..8], &11u32.to_le_bytes());
+        assert_eq!(&rest[1].1[4..8], &10u32.to_le_bytes());
+        assert_eq!(&rest[2].1[4..8], &11u32.to_le_bytes());
         assert!(!t.is_dirty());
     }
 }

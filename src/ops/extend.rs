@@ -180,7 +180,14 @@ pub fn extend(disk: &Path, size: NewSize, force: bool, large: bool) -> Result<(u
             "size {new_size} is not a multiple of 512"
         )));
     }
-    if new_size <= old {
+    // An extend interrupted after its extents grew and before the descriptor was
+    // rewritten (descriptor last): the extents already hold the new size, and the
+    // same command finishes it by writing the descriptor.
+    let stale = layer
+        .extents
+        .iter()
+        .any(|e| e.line.sectors * SECTOR != e.extent.len());
+    if new_size < old || (new_size == old && !stale) {
         return Err(Error::InvalidInput(format!(
             "`{}` is {old} bytes: refusing to shrink or keep it at {new_size}",
             disk.display()
@@ -210,7 +217,15 @@ pub fn extend(disk: &Path, size: NewSize, force: bool, large: bool) -> Result<(u
         .filter(|p| !p.as_os_str().is_empty())
         .map_or(std::path::PathBuf::from("."), Path::to_path_buf);
     let thick = ct == CreateType::Vmfs && layer.descriptor.ddb("thinProvisioned") != Some("1");
-    let mut lines: Vec<ExtentLine> = layer.extents.iter().map(|e| e.line.clone()).collect();
+    let mut lines: Vec<ExtentLine> = layer
+        .extents
+        .iter()
+        .map(|e| {
+            let mut l = e.line.clone();
+            l.sectors = e.extent.len() / SECTOR;
+            l
+        })
+        .collect();
     let last = layer.extents.last().expect("a layer has extents");
     let split = matches!(
         ct,

@@ -80,7 +80,19 @@ pub fn create(disk: &Path, device: &Path, physical: bool, adapter: &str) -> Resu
     let map_path = disk.with_file_name(&map_name);
     crate::format::descriptor::check_file_name(&map_name)?;
     check_target(disk, false)?;
-    check_target(&map_path, false)?;
+    // A mapping link already pointing at this device, with no descriptor (`disk` is
+    // free): an rdm create cut short after its link. It is reused, not refused.
+    let leftover = std::fs::read_link(&map_path).is_ok_and(|to| {
+        let to = if to.is_absolute() {
+            to
+        } else {
+            crate::resolve::folder_of(&map_path).join(to)
+        };
+        std::fs::canonicalize(to).is_ok_and(|to| to == device)
+    });
+    if !leftover {
+        check_target(&map_path, false)?;
+    }
     let ct = if physical {
         CreateType::VmfsPassthroughRawDeviceMap
     } else {
@@ -99,8 +111,12 @@ pub fn create(disk: &Path, device: &Path, physical: bool, adapter: &str) -> Resu
     ];
     let line = ExtentLine::rw(ExtentType::VmfsRdm, sectors, map_name);
     let d = Descriptor::new(ct, random_cid(), None, vec![line], &ddb);
-    std::os::unix::fs::symlink(&device, &map_path)
-        .map_err(|e| Error::io("create the mapping link", &map_path, 0, e))?;
+    if !leftover {
+        std::os::unix::fs::symlink(&device, &map_path)
+            .map_err(|e| Error::io("create the mapping link", &map_path, 0, e))?;
+    }
+    // The link is durable before the descriptor that names it can be.
+    crate::output::sync_folder(&crate::resolve::folder_of(&map_path))?;
     let f = match AtomicFile::create(disk, false) {
         Ok(f) => f,
         Err(e) => {

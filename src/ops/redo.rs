@@ -121,8 +121,15 @@ fn next_number(dir: &Path, stem: &str, parent_name: &str) -> u32 {
     let mut max = number_in(parent_name).unwrap_or(0);
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
-            if let Some(n) = number_in(&e.file_name().to_string_lossy()) {
-                max = max.max(n);
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(n) = number_in(&name) {
+                // The empty extent of an add cut short (no descriptor) holds no number.
+                let orphan = name.strip_suffix("-delta.vmdk").is_some_and(|d| {
+                    !dir.join(format!("{d}.vmdk")).exists() && empty_cowd(&e.path())
+                });
+                if !orphan {
+                    max = max.max(n);
+                }
             }
         }
     }
@@ -220,12 +227,19 @@ pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
         }
         RedoStyle::VmfsSparse | RedoStyle::Hosted => {
             let stem = base_stem(&parent_name);
+            // Temporaries a crash left do not hold a number (a live writer's do).
+            crate::guard::sweep_stale_temporaries(&crate::resolve::folder_of(disk));
             let mut n = next_number(&dir, &stem, &parent_name);
-            let (desc, delta) = loop {
+            let (desc, delta, reuse_delta) = loop {
                 let d = dir.join(format!("{stem}-{n:06}.vmdk"));
                 let x = dir.join(format!("{stem}-{n:06}-delta.vmdk"));
                 if !d.exists() && !x.exists() {
-                    break (d, x);
+                    break (d, x, false);
+                }
+                // An add cut short after its empty delta extent took its name and before
+                // its descriptor did: the extent holds nothing and nothing names it.
+                if !d.exists() && style == RedoStyle::VmfsSparse && empty_cowd(&x) {
+                    break (d, x, true);
                 }
                 n += 1;
                 if n > 999_999 {
@@ -236,9 +250,9 @@ pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
             if style == RedoStyle::VmfsSparse {
                 let sectors = u32::try_from(cap / SECTOR)
                     .map_err(|_| Error::unsupported(disk, "a vmfsSparse delta holds at most 2^32-1 sectors (2 TiB); use --style hosted"))?;
-                check_target(&delta, false)?;
+                check_target(&delta, reuse_delta)?;
                 let h = CowdHeader::new_child(sectors, 1, "");
-                let fd = AtomicFile::create(&delta, false)?;
+                let fd = AtomicFile::create(&delta, reuse_delta)?;
                 let mut b = h.to_bytes();
                 b.resize((h.free_sector as u64 * SECTOR) as usize, 0);
                 fd.file()
@@ -257,7 +271,7 @@ pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
                     .file()
                     .write_all_at(d.to_text().as_bytes(), 0)
                     .map_err(|e| Error::io("write", fdesc.tmp_path(), 0, e))?;
-                fd.commit(false)?;
+                fd.commit(reuse_delta)?;
                 fdesc.commit(false)?;
             } else {
                 let d = child_descriptor(
@@ -281,6 +295,22 @@ pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
             Ok(desc)
         }
     }
+}
+
+/// Whether `x` is a COWD extent with no grain allocated (what `redo add` writes first).
+fn empty_cowd(x: &Path) -> bool {
+    let Ok(src) = crate::io::Source::open(x, SourceMode::Pread) else {
+        return false;
+    };
+    let Ok(ext) = crate::format::cowd::CowdExtent::open(src) else {
+        return false;
+    };
+    let mut runs = Vec::new();
+    let e = crate::format::Extent::Cowd(Box::new(ext));
+    e.map(0, 0..e.len(), 0, &mut runs).is_ok()
+        && runs
+            .iter()
+            .all(|r| r.alloc == crate::disk::Alloc::Unallocated)
 }
 
 /// The descriptor of a new child: one extent `file` of `kind` holding `cap` bytes,

@@ -25,7 +25,7 @@
 #include <unistd.h>
 
 enum { OP_CREATE = 1, OP_WRITE = 2, OP_TRUNC = 3, OP_ZERO = 4, OP_FSYNC = 5,
-       OP_RENAME = 6, OP_UNLINK = 7, OP_MKDIR = 8 };
+       OP_RENAME = 6, OP_UNLINK = 7, OP_MKDIR = 8, OP_SYMLINK = 9 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static int logfd = -2;
@@ -276,7 +276,7 @@ static int do_sync(int fd, int rc) {
 int fsync(int fd) { REAL(int, fsync, int); return do_sync(fd, real_fsync(fd)); }
 int fdatasync(int fd) { REAL(int, fdatasync, int); return do_sync(fd, real_fdatasync(fd)); }
 
-static int two_paths(int op, int d1, const char *a, int d2, const char *b, int rc_before_ok) {
+__attribute__((unused)) static int two_paths(int op, int d1, const char *a, int d2, const char *b, int rc_before_ok) {
     (void)rc_before_ok;
     char x[PATH_MAX], y[PATH_MAX];
     init();
@@ -342,6 +342,27 @@ int mkdirat(int d, const char *p, mode_t m) {
     return rc;
 }
 int mkdir(const char *p, mode_t m) { return mkdirat(AT_FDCWD, p, m); }
+
+int symlinkat(const char *target, int d, const char *p) {
+    REAL(int, symlinkat, const char *, int, const char *);
+    pthread_mutex_lock(&mu);
+    int rc = real_symlinkat(target, d, p);
+    char x[PATH_MAX];
+    if (rc == 0) {
+        init();
+        if (logfd >= 0 && abs_path(d, p, x) && under_root(x)) {
+            struct rec r = {0};
+            uint8_t o = OP_SYMLINK;
+            put(&r, &o, 1);
+            put_bytes(&r, x, strlen(x));
+            put_bytes(&r, target, strlen(target));
+            emit(&r);
+        }
+    }
+    pthread_mutex_unlock(&mu);
+    return rc;
+}
+int symlink(const char *target, const char *p) { return symlinkat(target, AT_FDCWD, p); }
 
 ssize_t copy_file_range(int a, loff_t *b, int c, loff_t *d, size_t e, unsigned int f) {
     (void)a; (void)b; (void)c; (void)d; (void)e; (void)f;
