@@ -62,7 +62,17 @@ impl Chain {
                 ));
             }
             seen.push((id, next.clone()));
-            let layer = Layer::open(&next, opts)?;
+            // A delta an interrupted commit is removing (extents first) may be missing
+            // an extent: say that, not just what is missing.
+            let layer =
+                Layer::open(&next, opts).map_err(
+                    |e| match crate::recovery::commit_pending_note(&next)
+                        .or_else(|| crate::recovery::commit_pending_note(path))
+                    {
+                        Some(note) => Error::chain(&next, note),
+                        None => e,
+                    },
+                )?;
             let parent = match layer.parent_hint() {
                 Some(hint) => {
                     let dir = crate::resolve::folder_of(&layer.path);
@@ -82,6 +92,11 @@ impl Chain {
                         &layer.path,
                     )?;
                     if !p.exists() {
+                        if let Some(note) = crate::recovery::commit_pending_note(&layer.path)
+                            .or_else(|| crate::recovery::commit_pending_note(path))
+                        {
+                            return Err(Error::chain(&layer.path, note));
+                        }
                         return Err(Error::chain(
                             &layer.path,
                             format!(
@@ -138,6 +153,10 @@ impl Chain {
                         "`{}`: {msg} (reading anyway: --ignore-cid)",
                         child.path.display()
                     ));
+                } else if let Some(note) = crate::recovery::commit_pending_note(&child.path)
+                    .or_else(|| crate::recovery::commit_pending_note(path))
+                {
+                    return Err(Error::chain(&child.path, note));
                 } else {
                     return Err(Error::chain(
                         &child.path,
@@ -163,6 +182,11 @@ impl Chain {
     /// flat files). Its content ID is derived from the file's identity.
     pub fn open_raw(path: &Path, opts: &OpenOptions) -> Result<Chain> {
         use std::os::unix::fs::FileTypeExt;
+        if !opts.ignore_pending {
+            if let Some(note) = crate::recovery::raw_pending_note(path) {
+                return Err(Error::chain(path, note));
+            }
+        }
         let meta = std::fs::metadata(path).map_err(|e| Error::io("stat", path, 0, e))?;
         let block = meta.file_type().is_block_device();
         if !block && !meta.is_file() {

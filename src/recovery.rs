@@ -251,6 +251,35 @@ pub fn pending_message(layer: &Layer) -> Option<String> {
     })
 }
 
+/// The note for a delta whose parent no longer matches it because an interrupted
+/// `vmdkit commit` merged it and had not removed it yet: its state file
+/// `<delta>.vmdkit-commit` is beside it (a well-formed one; nothing in it is acted on,
+/// it only explains).
+pub fn commit_pending_note(delta: &Path) -> Option<String> {
+    let sp = PathBuf::from(format!("{}.vmdkit-commit", delta.display()));
+    let _: serde_json::Value = read(&sp).ok()??;
+    Some(format!(
+        "`{}` was merged into its parent by an interrupted `vmdkit commit` (its state file `{}` is beside it) and is being removed: \
+         run the same `vmdkit commit {}` again to finish it; until then read the parent",
+        delta.display(),
+        sp.display(),
+        delta.display()
+    ))
+}
+
+/// A raw file that an interrupted `vmdkit apply --raw` was writing in place (its state
+/// file `<raw>.vmdkit-apply` is beside it): what to tell the user.
+pub fn raw_pending_note(raw: &Path) -> Option<String> {
+    let sp = PathBuf::from(format!("{}.vmdkit-apply", raw.display()));
+    let _: serde_json::Value = read(&sp).ok()??;
+    Some(format!(
+        "`{}` is in the middle of an interrupted `vmdkit apply` (in-place writes into a raw target cannot be made atomic): \
+         its content may be neither the old nor the new point. Run the same `vmdkit apply {} INCREMENT --raw --force` again to finish it",
+        raw.display(),
+        raw.display()
+    ))
+}
+
 /// Give `layer` the pending mark `op token` (durably), before the first write of an
 /// operation. Layers without a descriptor (bare COWD) cannot carry it.
 pub(crate) fn mark(layer: &mut Layer, op: &str, token: &str) -> Result<()> {

@@ -776,6 +776,16 @@ fn apply_raw(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
     }
     // Every grain of the increment, before the first write.
     validate(job)?;
+    // A raw file has no descriptor to mark: a state file beside it says that its
+    // in-place writes are under way (readers of it refuse it until the rerun). A block
+    // device's folder (/dev) is not ours to write: the interruption note is all it gets.
+    let sp = (!block).then(|| state_path(target));
+    if let Some(sp) = &sp {
+        recovery::write(
+            sp,
+            &serde_json::json!({"raw": true, "parent_cid": inc.parent_cid, "cid": inc.cid}),
+        )?;
+    }
     crate::guard::set_interrupt_note(Some(format!(
         "the apply into `{}` is incomplete: run the same apply again (with --force) to finish it",
         target.display()
@@ -789,7 +799,11 @@ fn apply_raw(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
         },
         &mut |off, len| crate::output::zero_range(&f, target, block, off, len),
     )
-    .and_then(|()| f.sync_all().map_err(|e| Error::io("flush", target, 0, e)));
+    .and_then(|()| f.sync_all().map_err(|e| Error::io("flush", target, 0, e)))
+    .and_then(|()| match &sp {
+        Some(sp) => recovery::remove_state_files(std::slice::from_ref(sp)),
+        None => Ok(()),
+    });
     crate::guard::set_interrupt_note(None);
     written.map_err(|e| {
         Error::chain(

@@ -536,7 +536,12 @@ fn files_and_sizes(d: &Path) -> Vec<(String, u64)> {
 fn vmdkit_read(disk: &Path) -> Result<Vec<u8>, String> {
     use vmdkit::VirtualDisk;
     if disk.extension().is_some_and(|e| e == "raw") {
-        return std::fs::read(disk).map_err(|e| e.to_string());
+        // Through vmdkit's raw reader, which refuses a raw file under an interrupted apply.
+        let c = vmdkit::Chain::open_raw(disk, &vmdkit::OpenOptions::default())
+            .map_err(|e| e.to_string())?;
+        let mut b = vec![0u8; c.capacity() as usize];
+        c.read_at(&mut b, 0).map_err(|e| e.to_string())?;
+        return Ok(b);
     }
     let c =
         vmdkit::Chain::open(disk, &vmdkit::OpenOptions::default()).map_err(|e| e.to_string())?;
@@ -627,14 +632,67 @@ fn clean_run(
     args: &[&str],
     disk: &str,
     setup: &dyn Fn(&Path),
-) -> (Vec<u8>, Vec<(String, u64)>) {
+) -> (Option<Vec<u8>>, Vec<u8>, Vec<(String, u64)>) {
     let d = root.join("clean");
     std::fs::create_dir_all(&d).unwrap();
     setup(&d);
+    let before = vmdkit_read(&d.join(disk)).ok();
     vmdkit_ok(&d, args);
     let want = vmdkit_read(&d.join(disk)).unwrap();
     std::fs::write(root.join("want.raw"), &want).unwrap();
-    (want, files_and_sizes(&d))
+    (before, want, files_and_sizes(&d))
+}
+
+/// What a power-cut state shows a user before anything is rerun (rules a and d).
+#[derive(Debug, Default)]
+struct Seen {
+    before: usize,
+    after: usize,
+    /// Refused, naming the interrupted operation and what finishes it.
+    pending: usize,
+    /// Anything else: the first few, described.
+    wrong: Vec<String>,
+}
+
+/// Classify what `top` (the top of the chain as the user reads it: `delta` while it
+/// exists, else `disk`) shows in this state.
+fn seen_in(
+    dir: &Path,
+    disk: &str,
+    delta: Option<&str>,
+    before: Option<&[u8]>,
+    want: &[u8],
+    k: usize,
+    seen: &std::cell::RefCell<Seen>,
+) {
+    let top = delta.filter(|d| dir.join(d).exists()).unwrap_or(disk);
+    let mut s = seen.borrow_mut();
+    match vmdkit_read(&dir.join(top)) {
+        Ok(b) if b == want => s.after += 1,
+        Ok(b) if Some(&b[..]) == before => s.before += 1,
+        Err(_) if before.is_none() && !dir.join(top).exists() => s.before += 1,
+        Err(e) if e.contains("interrupted") => {
+            if std::env::var("VMDKIT_CRASH_DEBUG").is_ok() {
+                let names: Vec<String> = std::fs::read_dir(dir)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect();
+                eprintln!("pending after call {k}: `{top}` among {names:?}: {e}");
+            }
+            s.pending += 1
+        }
+        other => {
+            if s.wrong.len() < 3 {
+                let what = match other {
+                    Ok(_) => "reads neither the old nor the new content".to_string(),
+                    Err(e) => e,
+                };
+                s.wrong.push(format!("after call {k}: `{top}` {what}"));
+            } else {
+                s.wrong.push(String::new());
+            }
+        }
+    }
 }
 
 /// How a scenario's folder is made.
@@ -644,12 +702,44 @@ type Setup<'a> = &'a dyn Fn(&Path);
 /// finishes the job, `disk` reads what an uninterrupted run gives. Returns the number of
 /// states checked.
 fn power_cut(name: &str, setup: Setup<'_>, args: &[&str], disk: &str, seed: u64) -> usize {
+    power_cut_top(name, setup, args, disk, None, seed)
+}
+
+/// [`power_cut`] where the user reads `delta` (the top) while it exists.
+fn power_cut_top(
+    name: &str,
+    setup: Setup<'_>,
+    args: &[&str],
+    disk: &str,
+    delta: Option<&str>,
+    seed: u64,
+) -> usize {
     let t = tmp();
-    let (want, files) = clean_run(t.path(), args, disk, setup);
+    let (before, want, files) = clean_run(t.path(), args, disk, setup);
     let s = Scenario::new(t.path(), args, setup);
-    let n = s.run(seed, &|d, _| rerun_finishes(d, args, disk, &want, &files));
-    eprintln!("{name}: {n} power-cut states checked");
+    let seen = std::cell::RefCell::new(Seen::default());
+    let n = s.run(seed, &|d, k| {
+        seen_in(d, disk, delta, before.as_deref(), &want, k, &seen);
+        rerun_finishes(d, args, disk, &want, &files)
+    });
+    let seen = seen.into_inner();
+    eprintln!(
+        "{name}: {n} power-cut states checked; before a rerun the disk reads the old content in {}, the new in {}, is refused as pending in {}, other in {} {:?}",
+        seen.before, seen.after, seen.pending, seen.wrong.len(), seen.wrong.iter().filter(|w| !w.is_empty()).collect::<Vec<_>>()
+    );
     assert!(n >= 2, "{name}: only {n} states");
+    // Rules (a) and (d): before any rerun, the disk the user reads holds the old or the
+    // new content, or is refused with a message naming the interrupted operation and
+    // the command that finishes it; never other content, never a misleading error.
+    assert!(
+        seen.wrong.is_empty(),
+        "{name}: {} states show the user something else: {:?}",
+        seen.wrong.len(),
+        seen.wrong
+            .iter()
+            .filter(|w| !w.is_empty())
+            .collect::<Vec<_>>()
+    );
     n
 }
 
@@ -688,11 +778,12 @@ fn write_into(d: &Path, disk: &str, off: &str, byte: u8, len: usize) {
 fn commit_survives_every_power_cut_state() {
     need_qemu!();
     let mut total = 0;
-    total += power_cut(
+    total += power_cut_top(
         "commit (hosted into monolithicSparse)",
         &hosted_pair,
         &["commit", "c.vmdk", "-q"],
         "p.vmdk",
+        Some("c.vmdk"),
         0x18,
     );
     let vmfs_sparse = |d: &Path| {
@@ -700,11 +791,12 @@ fn commit_survives_every_power_cut_state() {
         vmdkit_ok(d, &["redo", "add", "p.vmdk", "--style", "vmfsSparse"]);
         write_into(d, "p-000001.vmdk", "102400", 0x6b, 70_000);
     };
-    total += power_cut(
+    total += power_cut_top(
         "commit (vmfsSparse into vmfs)",
         &vmfs_sparse,
         &["commit", "p-000001.vmdk", "-q"],
         "p.vmdk",
+        Some("p-000001.vmdk"),
         0x19,
     );
     let redo = |d: &Path| {
@@ -712,21 +804,23 @@ fn commit_survives_every_power_cut_state() {
         vmdkit_ok(d, &["redo", "add", "p.vmdk", "--style", "redo"]);
         write_into(d, "p.vmdk.REDO", "2048", 0x7c, 9000);
     };
-    total += power_cut(
+    total += power_cut_top(
         "commit (ESX 2 REDO into vmfs)",
         &redo,
         &["commit", "p.vmdk.REDO", "-q"],
         "p.vmdk",
+        Some("p.vmdk.REDO"),
         0x1a,
     );
     let sesparse = |d: &Path| {
         super::deltas_handmade::sesparse_chain(d);
     };
-    total += power_cut(
+    total += power_cut_top(
         "commit (SESparse into vmfs)",
         &sesparse,
         &["commit", "s.vmdk", "-q"],
         "base.vmdk",
+        Some("s.vmdk"),
         0x1b,
     );
     let three = |d: &Path| {
@@ -734,11 +828,12 @@ fn commit_survives_every_power_cut_state() {
         qemu_child(d, "c.vmdk", "c2.vmdk", false);
         qemu_io(d, "c2.vmdk", &["write -P 0x51 6M 64k"]);
     };
-    total += power_cut(
+    total += power_cut_top(
         "commit --all (two hosted deltas)",
         &three,
         &["commit", "--all", "c2.vmdk", "-q"],
         "p.vmdk",
+        Some("c2.vmdk"),
         0x1c,
     );
     total += power_cut(
