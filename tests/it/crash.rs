@@ -627,12 +627,11 @@ fn finish_checks(dir: &Path, disk: &str, files: &[(String, u64)]) -> Result<(), 
 
 /// A clean run of `args` on a copy of what `setup` makes: the content of `disk` and the
 /// files left.
-fn clean_run(
-    root: &Path,
-    args: &[&str],
-    disk: &str,
-    setup: &dyn Fn(&Path),
-) -> (Option<Vec<u8>>, Vec<u8>, Vec<(String, u64)>) {
+/// An uninterrupted run: the disk's content before (if it existed) and after, and the
+/// files it leaves (names and sizes).
+type Clean = (Option<Vec<u8>>, Vec<u8>, Vec<(String, u64)>);
+
+fn clean_run(root: &Path, args: &[&str], disk: &str, setup: &dyn Fn(&Path)) -> Clean {
     let d = root.join("clean");
     std::fs::create_dir_all(&d).unwrap();
     setup(&d);
