@@ -561,6 +561,17 @@ impl Layer {
         self.descriptor.parent_cid().filter(|&c| c != NO_PARENT_CID)
     }
 
+    /// Whether this is an increment (`export --delta`): a streamOptimized file with a
+    /// parent link. It is a backup of a delta's changes, not a snapshot: nothing runs on
+    /// it, so it is never counted as a child of the disk it names.
+    pub fn is_increment(&self) -> bool {
+        self.create_type == crate::format::descriptor::CreateType::StreamOptimized
+            && self
+                .descriptor
+                .parent_cid()
+                .is_some_and(|c| c != crate::format::descriptor::NO_PARENT_CID)
+    }
+
     /// The parent hint, if the layer names a parent.
     pub fn parent_hint(&self) -> Option<&str> {
         self.descriptor

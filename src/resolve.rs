@@ -188,6 +188,10 @@ pub fn names_parent_checked(path: &Path) -> std::result::Result<Option<PathBuf>,
             },
         )
         .map_err(|e| format!("cannot open it: {e}"))?;
+        // An increment names the disk it applies to, but is not a delta of it.
+        if l.is_increment() {
+            return Ok(None);
+        }
         l.descriptor.to_text().into_bytes()
     } else if meta.len() <= 1 << 20 {
         fs::read(path).map_err(|e| format!("cannot read it: {e}"))?

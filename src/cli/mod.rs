@@ -254,24 +254,43 @@ fn run_info(args: InfoArgs, ui: Ui) -> Result<ExitCode> {
     let InfoArgs { disk, read } = args;
     // A broken chain (a missing parent, say) still shows the layer named, with the
     // reason as a warning, and exits 1, as qemu-img info shows what it can.
-    let (chain, code) = match read.open(&disk) {
-        Ok(c) => (c, ExitCode::SUCCESS),
-        Err(e) => match e.downcast_ref::<vmdkit::Error>() {
-            Some(err) if err.kind() == vmdkit::ErrorKind::Chain => {
-                let why = format!("{err}");
-                let opts = vmdkit::OpenOptions {
-                    ignore_cid: true,
-                    ..Default::default()
-                };
-                match vmdkit::Chain::top_only(&disk, &opts, why.clone()) {
-                    Ok(c) => {
-                        note!("vmdkit: error: {why} (showing this layer alone)");
-                        (c, ExitCode::FAILURE)
+    // An increment is described on its own: it needs no parent to say what it is.
+    let increment = vmdkit::Layer::open(
+        &disk,
+        &vmdkit::OpenOptions {
+            ignore_cid: true,
+            ..Default::default()
+        },
+    )
+    .ok()
+    .filter(|l| l.is_increment());
+    let (chain, code) = match increment {
+        Some(l) => (
+            vmdkit::Chain {
+                layers: vec![l],
+                warnings: vec![],
+            },
+            ExitCode::SUCCESS,
+        ),
+        None => match read.open(&disk) {
+            Ok(c) => (c, ExitCode::SUCCESS),
+            Err(e) => match e.downcast_ref::<vmdkit::Error>() {
+                Some(err) if err.kind() == vmdkit::ErrorKind::Chain => {
+                    let why = format!("{err}");
+                    let opts = vmdkit::OpenOptions {
+                        ignore_cid: true,
+                        ..Default::default()
+                    };
+                    match vmdkit::Chain::top_only(&disk, &opts, why.clone()) {
+                        Ok(c) => {
+                            note!("vmdkit: error: {why} (showing this layer alone)");
+                            (c, ExitCode::FAILURE)
+                        }
+                        Err(_) => return Err(e),
                     }
-                    Err(_) => return Err(e),
                 }
-            }
-            _ => return Err(e),
+                _ => return Err(e),
+            },
         },
     };
     let info = ops::info::info(&chain);

@@ -87,6 +87,19 @@ pub struct DiskInfo {
     pub notes: Vec<String>,
     /// Problems accepted while opening (CID mismatch with --ignore-cid).
     pub warnings: Vec<String>,
+    /// For an increment (`export --delta`): what it applies to.
+    pub increment: Option<IncrementInfo>,
+}
+
+/// What an increment applies to (see [`crate::Layer::is_increment`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct IncrementInfo {
+    /// The content ID a disk must have for `apply` to take it (its parentCID).
+    pub applies_to_cid: String,
+    /// The file the source delta's parent was (parentFileNameHint).
+    pub parent_hint: Option<String>,
+    /// The content ID the disk has after the apply (its CID).
+    pub gives_cid: Option<String>,
 }
 
 fn layer_info(l: &Layer) -> LayerInfo {
@@ -181,6 +194,15 @@ pub fn info(chain: &Chain) -> DiskInfo {
         chain: chain_info,
         notes,
         warnings: chain.warnings.clone(),
+        increment: top.is_increment().then(|| IncrementInfo {
+            applies_to_cid: top
+                .descriptor
+                .parent_cid()
+                .map(|c| format!("{c:08x}"))
+                .unwrap_or_default(),
+            parent_hint: top.parent_hint().map(str::to_string),
+            gives_cid: top.cid().map(|c| format!("{c:08x}")),
+        }),
     }
 }
 
@@ -188,6 +210,16 @@ pub fn info(chain: &Chain) -> DiskInfo {
 pub fn write_info_text(out: &mut dyn Write, i: &DiskInfo) -> std::io::Result<()> {
     writeln!(out, "file:          {}", i.file)?;
     writeln!(out, "create type:   {}", i.create_type)?;
+    if let Some(inc) = &i.increment {
+        writeln!(
+            out,
+            "increment:     applies to a disk with content ID {} (the restore of `{}`), gives it content ID {}: `vmdkit apply DISK {}`",
+            inc.applies_to_cid,
+            inc.parent_hint.as_deref().unwrap_or("?"),
+            inc.gives_cid.as_deref().unwrap_or("?"),
+            i.file
+        )?;
+    }
     writeln!(
         out,
         "capacity:      {} bytes ({})",

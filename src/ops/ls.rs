@@ -38,6 +38,9 @@ pub struct Entry {
     pub deltas: Vec<Entry>,
     /// Why it could not be opened, if it could not.
     pub error: Option<String>,
+    /// For an increment (`export --delta`): the file its source delta's parent was. An
+    /// increment is listed on its own, never as a delta of that disk.
+    pub increment_of: Option<String>,
 }
 
 fn candidate(p: &Path) -> bool {
@@ -70,7 +73,10 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>> {
             Ok(l) => {
                 let extents: Vec<PathBuf> = l.files().into_iter().filter(|x| x != f).collect();
                 owned.extend(extents.iter().cloned());
-                let parent = l.parent_hint().map(|h| {
+                let increment_of = l
+                    .is_increment()
+                    .then(|| l.parent_hint().unwrap_or("").to_string());
+                let parent = l.parent_hint().filter(|_| !l.is_increment()).map(|h| {
                     crate::resolve::resolve_name(dir, h, false, "parent", f, &mut Vec::new())
                         .unwrap_or_else(|_| dir.join(h))
                 });
@@ -105,6 +111,7 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>> {
                     device,
                     deltas: vec![],
                     error: None,
+                    increment_of,
                 };
                 layers.insert(f.clone(), (e, parent));
             }
@@ -159,6 +166,7 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>> {
             device: None,
             deltas: vec![],
             error: Some(err),
+            increment_of: None,
         });
     }
     Ok(out)
@@ -202,6 +210,9 @@ pub fn write_text(
             if let Some(d) = &e.device {
                 write!(out, "  -> {d}")?;
             }
+        }
+        if let Some(of) = &e.increment_of {
+            write!(out, "  increment of {of}")?;
         }
         writeln!(out)?;
         for x in &e.extents {

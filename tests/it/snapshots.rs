@@ -266,3 +266,55 @@ fn redo_add_never_branches_nor_reuses_a_name_unasked() {
     // qemu reads the whole chain the adds made.
     qemu_img(d, &["check", "vm-000004.vmdk"]);
 }
+
+/// Issue 22 item 4: increments kept beside the VM are not snapshots. `ls` lists them on
+/// their own ("increment of"), `commit`, `write` and `redo add` do not count them as
+/// children, and `info` describes one without its parent.
+#[test]
+fn increments_beside_the_vm_are_not_taken_for_snapshots() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_create(d, "monolithicSparse", "vm.vmdk", "16M");
+    qemu_io(d, "vm.vmdk", &["write -P 0x11 0 1M"]);
+    qemu_child(d, "vm.vmdk", "vm-000001.vmdk", false);
+    qemu_io(d, "vm-000001.vmdk", &["write -P 0x22 2M 64k"]);
+    vmdkit_ok(
+        d,
+        &["export", "vm-000001.vmdk", "inc1.vmdk", "--delta", "-q"],
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&vmdkit_ok(d, &["ls", ".", "--json"]).stdout).unwrap();
+    let arr = v.as_array().unwrap();
+    let inc = arr
+        .iter()
+        .find(|e| e["file"] == "inc1.vmdk")
+        .expect("listed on its own");
+    assert_eq!(inc["increment_of"], "vm.vmdk");
+    let vm = arr.iter().find(|e| e["file"] == "vm.vmdk").unwrap();
+    let deltas: Vec<&str> = vm["deltas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["file"].as_str().unwrap())
+        .collect();
+    assert_eq!(deltas, ["vm-000001.vmdk"], "the increment is not a delta");
+    // info without the parent: what it applies to, exit 0.
+    std::fs::rename(d.join("vm.vmdk"), d.join("away.vmdk")).unwrap();
+    let out = vmdkit_ok(d, &["info", "inc1.vmdk", "--json"]);
+    let i: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(i["increment"]["parent_hint"], "vm.vmdk", "{i}");
+    assert!(!i["increment"]["applies_to_cid"]
+        .as_str()
+        .unwrap()
+        .is_empty());
+    std::fs::rename(d.join("away.vmdk"), d.join("vm.vmdk")).unwrap();
+    // The snapshot commits although the increment names its parent; the chain's content
+    // is qemu's.
+    let want = qemu_raw(d, "vm-000001.vmdk");
+    vmdkit_ok(d, &["commit", "vm-000001.vmdk", "-q"]);
+    assert_same(&qemu_raw(d, "vm.vmdk"), &want, "after the commit");
+    std::fs::write(d.join("w.bin"), vec![3u8; 4096]).unwrap();
+    vmdkit_ok(d, &["write", "vm.vmdk", "--offset", "0", "w.bin"]);
+    vmdkit_ok(d, &["redo", "add", "vm.vmdk"]);
+}
