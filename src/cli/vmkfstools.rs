@@ -10,6 +10,7 @@
 //! (TYPE defaults to zeroedthick, as in vmkfstools, for both.)
 //! | `-X SIZE DISK` | `extend DISK --size SIZE` |
 //! | `-e DST SRC` | `export SRC DST -d split` (ESX 2.5 export: 2 GB pieces) |
+//! | `-e DISK` | `check DISK` (ESXi: check the disk's chain for consistency) |
 //! | `-m DISK` | `commit DISK.REDO` (or DISK itself when it is the REDO log) |
 //! | `-r DEVICE DISK` / `-z DEVICE DISK` | `rdm create DISK --device DEVICE [--physical]` |
 //! | `-q DISK` | `rdm query DISK` |
@@ -27,8 +28,11 @@ const TABLE: &str = "\
 vmkfstools front end: the classic flags, run by vmdkit's commands.
   -c SIZE [-d TYPE] [-a ADAPTER] DISK    create DISK --size SIZE -d TYPE -a ADAPTER
   -i SRC [-d TYPE] [-a ADAPTER] DST      import SRC DST -d TYPE -a ADAPTER (clone)
-  -X SIZE DISK                           extend DISK --size SIZE
+  -X SIZE [-d zeroedthick|eagerzeroedthick] DISK
+                                         extend DISK --size SIZE (new space of a thick
+                                         disk is allocated, and reads as zeros)
   -e DST SRC                             export SRC DST -d split (ESX 2.5 export)
+  -e DISK                                check DISK (ESXi: chain consistency)
   -m DISK                                commit DISK.REDO (or DISK, a REDO log)
   -r DEVICE DISK | -z DEVICE DISK        rdm create DISK --device DEVICE [--physical]
   -q DISK                                rdm query DISK
@@ -61,15 +65,28 @@ fn unsupported(flag: &str) -> Option<&'static str> {
     })
 }
 
-/// Parse vmkfstools arguments and run the matching vmdkit command.
+/// Parse vmkfstools arguments and run the matching vmdkit command. `--help` prints the
+/// table (exit 0); no arguments, or arguments that are not a vmkfstools command line,
+/// are a usage error (exit 64, as every other usage error), the table on stderr.
 pub(super) fn run(args: &[String], ui: Ui) -> Result<ExitCode> {
-    let argv = translate(args)?;
+    use std::io::Write as _;
+    let help = args.iter().any(|a| a == "--help" || a == "-H");
+    let argv = match translate(args) {
+        Ok(v) => v,
+        Err(e) => {
+            note!("{e:#}");
+            return Ok(ExitCode::from(super::EX_USAGE));
+        }
+    };
     if argv.is_empty() {
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{TABLE}")?;
-        out.flush()?;
-        return Ok(ExitCode::SUCCESS);
+        if help {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{TABLE}")?;
+            out.flush()?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        note!("vmkfstools: no operation given\n\n{TABLE}");
+        return Ok(ExitCode::from(super::EX_USAGE));
     }
     super::run_args(&argv, ui)
 }
@@ -138,7 +155,14 @@ pub(super) fn translate(args: &[String]) -> Result<Vec<String>> {
                 }
                 set(&mut op, "-x", v)?;
             }
-            "-d" | "--diskformat" => kind = Some(value(&mut i, a)?),
+            "-d" | "--diskformat" => {
+                let v = value(&mut i, a)?;
+                if let Some(prev) = kind.replace(v.clone()) {
+                    bail!(
+                        "vmkfstools -d given twice (`{prev}`, then `{v}`): say the disk type once"
+                    );
+                }
+            }
             "-a" | "--adaptertype" => adapter = Some(value(&mut i, a)?),
             "-h" | "--humanreadable" => human = true,
             "-M" => mappings = true,
@@ -158,6 +182,12 @@ pub(super) fn translate(args: &[String]) -> Result<Vec<String>> {
         i += 1;
     }
     let Some((o, v)) = op else {
+        if mappings {
+            bail!(
+                "vmkfstools -M: {}",
+                unsupported("-M").unwrap_or("migration is ESXi's")
+            );
+        }
         if rest.is_empty() {
             return Ok(Vec::new());
         }
@@ -202,7 +232,20 @@ pub(super) fn translate(args: &[String]) -> Result<Vec<String>> {
                 out.extend([s("-a"), a]);
             }
         }
-        "-X" => out.extend([s("extend"), one("disk")?, s("--size"), v]),
+        "-X" => {
+            // vmkfstools -X -d eagerzeroedthick zeroes the new space of a thick disk:
+            // extend allocates a thick disk's new space, which reads as zeros.
+            match kind.as_deref().map(str::to_ascii_lowercase).as_deref() {
+                None | Some("zeroedthick") | Some("eagerzeroedthick") => {}
+                Some(k) => bail!(
+                    "vmkfstools -X -d {k}: extend keeps the disk's own type (thick disks get their new space allocated); \
+                     to change the type, `vmdkit import DISK NEW -d {k}`"
+                ),
+            }
+            out.extend([s("extend"), one("disk")?, s("--size"), v])
+        }
+        // ESXi's -e DISK checks a disk's chain; ESX 2.5's -e DST SRC exports.
+        "-e" if rest.is_empty() => out.extend([s("check"), v]),
         "-e" => out.extend([s("export"), one("source disk")?, v, s("-d"), s("split")]),
         "-m" => {
             let d = one("disk")?;

@@ -502,9 +502,46 @@ fn vmkfstools_flags_work_end_to_end() {
     let q2 = vmdkit_ok(d, &["vmkfstools", "-q", "rdmp.vmdk"]).stdout;
     assert_eq!(String::from_utf8(q2).unwrap(), q);
     // Unknown and unsupported flags name what to use.
+    // (Issue 22 item 5: usage errors exit 64, as the exit-code table says.)
     let out = vmdkit(d, &["vmkfstools", "-U", "v.vmdk"]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("rm"));
+    for (args, says) in [
+        (&[][..], "no operation given"),
+        (&["-M"][..], "to migrate a disk"),
+        (
+            &["-c", "1m", "-d", "thin", "-d", "zeroedthick", "x.vmdk"][..],
+            "-d given twice",
+        ),
+        (
+            &["-X", "64m", "-d", "thin", "v.vmdk"][..],
+            "keeps the disk's own type",
+        ),
+    ] {
+        let out = Command::new(&link)
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(!d.join("x.vmdk").exists());
+    // ESXi's `-e DISK` (one argument) checks the disk's chain; ESX 2.5's `-e DST SRC`
+    // exports. -X with -d eagerzeroedthick extends.
+    let e = vmkfstools(&["-e", "v.vmdk"]);
+    assert!(
+        String::from_utf8_lossy(&e.stdout)
+            .to_lowercase()
+            .contains("no errors"),
+        "{}",
+        String::from_utf8_lossy(&e.stdout)
+    );
+    vmkfstools(&["-X", "80m", "-d", "eagerzeroedthick", "v.vmdk"]);
     let out = Command::new(&link)
         .arg("-H")
         .current_dir(d)
