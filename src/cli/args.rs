@@ -44,7 +44,7 @@ pub(super) struct ReadArgs {
     pub(super) ignore_cid: bool,
     /// The source's format: `vmdk` (default: any VMDK and its chain) or `raw` (a raw
     /// disk image file or block device).
-    #[arg(long, value_name = "FORMAT", default_value = "vmdk")]
+    #[arg(long, value_name = "FORMAT", default_value = "vmdk", value_parser = Offer(&["vmdk", "raw"]))]
     pub(super) from: String,
     /// Memory-map source files instead of positional reads (resident memory then grows
     /// with what is read).
@@ -219,7 +219,9 @@ pub(super) struct ExportArgs {
         long = "type",
         short = 'd',
         visible_alias = "format",
-        visible_short_alias = 'f'
+        visible_short_alias = 'f',
+        value_parser = Offer(DISK_TYPES),
+        hide_possible_values = true
     )]
     pub(super) kind: Option<String>,
     /// Worker threads (default: all cores).
@@ -334,7 +336,7 @@ pub(super) struct MeasureArgs {
     /// The disk (the top of a chain).
     pub(super) disk: PathBuf,
     /// Disk type, as export takes it (default: stream).
-    #[arg(long = "type", short = 'd', visible_alias = "format")]
+    #[arg(long = "type", short = 'd', visible_alias = "format", value_parser = Offer(DISK_TYPES), hide_possible_values = true)]
     pub(super) kind: Option<String>,
     /// Measure the increment of the top layer (`export --delta`).
     #[arg(long)]
@@ -377,10 +379,10 @@ pub(super) struct ImportArgs {
     /// twoGbMaxExtentSparse (split, 2gbsparse), monolithicFlat (flat), twoGbMaxExtentFlat
     /// (2gbflat), streamOptimized (stream), raw. (No `-f`: in qemu-img that names the
     /// input's format, which is `--from` here.)
-    #[arg(long = "type", short = 'd', visible_alias = "format")]
+    #[arg(long = "type", short = 'd', visible_alias = "format", value_parser = Offer(DISK_TYPES), hide_possible_values = true)]
     pub(super) kind: Option<String>,
     /// With --from raw and a pipe: the disk's size (a pipe cannot tell it).
-    #[arg(long, short = 's')]
+    #[arg(long, short = 's', value_parser = size_arg)]
     pub(super) size: Option<String>,
     /// Adapter type (ide, buslogic, lsilogic, legacyESX, pvscsi); geometry recomputed.
     #[arg(long, short = 'a', value_parser = adapter_arg)]
@@ -410,10 +412,10 @@ pub(super) struct CreateArgs {
     pub(super) disk: PathBuf,
     /// Size: bytes or a number with a unit (s = sectors; k, m, g, t binary, optionally
     /// with B or iB; decimals allowed: 1.5G).
-    #[arg(long, short = 's')]
+    #[arg(long, short = 's', value_parser = size_arg)]
     pub(super) size: String,
     /// Disk type, as import takes it (default zeroedthick, as vmkfstools).
-    #[arg(long = "type", short = 'd', default_value = "zeroedthick")]
+    #[arg(long = "type", short = 'd', default_value = "zeroedthick", value_parser = Offer(DISK_TYPES), hide_possible_values = true)]
     pub(super) kind: String,
     /// Adapter type: ide, buslogic, lsilogic (default), legacyESX, pvscsi.
     #[arg(long, short = 'a', value_parser = adapter_arg)]
@@ -436,7 +438,7 @@ pub(super) struct ExtendArgs {
     /// The disk (a base, not a delta).
     pub(super) disk: PathBuf,
     /// New size with a unit (60G), or `+N` to grow by N.
-    #[arg(long, short = 's', allow_hyphen_values = true)]
+    #[arg(long, short = 's', allow_hyphen_values = true, value_parser = new_size_arg)]
     pub(super) size: String,
     /// Extend although deltas sit on the disk, or its files are marked read-only.
     #[arg(long)]
@@ -546,10 +548,67 @@ pub(super) enum RedoCmd {
         /// redo (ESX 2 `DISK.REDO`), vmfsSparse (`name-000001.vmdk` + `-delta`), hosted.
         /// Default: the chain's own style (REDO on REDO, vmfsSparse on vmfsSparse, hosted
         /// on hosted disks, an ESX 2 REDO log on an ESX base).
-        #[arg(long)]
+        #[arg(long, value_parser = Offer(&["redo", "vmfsSparse", "hosted"]))]
         style: Option<String>,
         /// Add a delta although DISK already has one (start a second branch).
         #[arg(long)]
         branch: bool,
     },
+}
+
+/// A value parser that takes any text (the command explains what it does not know, with
+/// the list) and offers `names` to shell completion and `--help`.
+#[derive(Clone)]
+pub(super) struct Offer(pub(super) &'static [&'static str]);
+
+impl clap::builder::TypedValueParser for Offer {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> std::result::Result<String, clap::Error> {
+        Ok(value.to_string_lossy().into_owned())
+    }
+
+    fn possible_values(
+        &self,
+    ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(
+            self.0.iter().map(|n| clap::builder::PossibleValue::new(*n)),
+        ))
+    }
+}
+
+/// Disk types offered to completion (every alias is accepted).
+pub(super) const DISK_TYPES: &[&str] = &[
+    "thin",
+    "zeroedthick",
+    "eagerzeroedthick",
+    "monolithicSparse",
+    "twoGbMaxExtentSparse",
+    "monolithicFlat",
+    "twoGbMaxExtentFlat",
+    "streamOptimized",
+    "raw",
+    "sparse",
+    "split",
+    "flat",
+    "stream",
+];
+
+/// A size as `--size` takes it: checked here, so a bad one is a usage error (64).
+pub(super) fn size_arg(s: &str) -> std::result::Result<String, String> {
+    vmdkit::units::parse_size(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// A new size as `extend --size` takes it (`60G` or `+10G`).
+pub(super) fn new_size_arg(s: &str) -> std::result::Result<String, String> {
+    vmdkit::units::parse_new_size(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
 }

@@ -1057,6 +1057,26 @@ fn remove_temporaries_on_signals() {
     });
 }
 
+/// qemu-img's flags, typed from habit: what vmdkit calls them (instead of clap's advice
+/// to pass them after `--`).
+fn qemu_habit(argv: &[std::ffi::OsString]) -> Option<String> {
+    let args: Vec<&str> = argv.iter().skip(1).filter_map(|a| a.to_str()).collect();
+    args.iter().enumerate().find_map(|(i, &a)| {
+        // `cat --output FILE` is vmdkit's own; `--output json|human` is qemu-img's.
+        let qemu_output = a == "--output=json"
+            || a == "--output=human"
+            || (a == "--output" && matches!(args.get(i + 1), Some(&"json") | Some(&"human")));
+        Some(match a {
+            "-p" => "-p is qemu-img's progress flag: vmdkit shows a progress bar on its own when stderr is a terminal (-q hides it)".to_string(),
+            "-O" => "-O FMT is qemu-img's output format: vmdkit's is -d TYPE (`vmdkit export SRC DST -d stream`; `vmdkit export --help` lists the types)".to_string(),
+            _ if qemu_output => {
+                "--output=json is qemu-img's: vmdkit's is --json (before or after the command)".to_string()
+            }
+            _ => return None,
+        })
+    })
+}
+
 /// Exit code of a usage error (sysexits' EX_USAGE): not check's "corruption" (2).
 const EX_USAGE: u8 = 64;
 
@@ -1137,6 +1157,10 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Some(hint) = qemu_habit(&argv) {
+        note!("vmdkit: error: {hint}");
+        return ExitCode::from(EX_USAGE);
     }
     let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,

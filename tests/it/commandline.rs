@@ -173,11 +173,12 @@ fn the_exit_code_table_holds() {
             .code(),
         Some(1)
     );
+    // A bad size is a usage error (issue 22 item 7).
     assert_eq!(
         vmdkit(d, &["create", "x.vmdk", "--size", "1q"])
             .status
             .code(),
-        Some(1)
+        Some(64)
     );
     assert_eq!(vmdkit(d, &["create", "x.vmdk"]).status.code(), Some(64));
     assert_eq!(vmdkit(d, &["frobnicate"]).status.code(), Some(64));
@@ -673,4 +674,40 @@ fn info_notes_when_a_snapshot_and_its_base_disagree_on_the_adapter() {
     vmdkit_ok(d, &["export", "c.vmdk", "e.vmdk", "-d", "stream"]);
     let info = String::from_utf8(vmdkit_ok(d, &["info", "e.vmdk"]).stdout).unwrap();
     assert!(info.contains("adapter type:  lsilogic"), "{info}");
+}
+
+/// Issue 22 item 7: completion offers the disk types after -d, the styles after --style
+/// and the formats after --from; qemu-img's habits (-p, -O, --output=json) get a hint
+/// naming vmdkit's equivalent and exit 64; a bad size is a usage error (64).
+#[test]
+fn completion_offers_values_and_qemu_habits_get_a_hint() {
+    let t = tmp();
+    let d = t.path();
+    let bash = String::from_utf8(vmdkit_ok(d, &["completions", "bash"]).stdout).unwrap();
+    for word in [
+        "eagerzeroedthick",
+        "twoGbMaxExtentSparse",
+        "vmfsSparse",
+        "hosted",
+    ] {
+        assert!(bash.contains(word), "bash completion lacks `{word}`");
+    }
+    for (args, says) in [
+        (&["export", "a.vmdk", "b.vmdk", "-p"][..], "progress"),
+        (&["export", "a.vmdk", "-O", "vmdk", "b.vmdk"][..], "-d TYPE"),
+        (&["info", "a.vmdk", "--output=json"][..], "--json"),
+        (&["info", "--output", "json", "a.vmdk"][..], "--json"),
+        (&["create", "c.vmdk", "--size", "12zb"][..], "size"),
+        (&["extend", "c.vmdk", "--size", "+lots"][..], "size"),
+    ] {
+        let out = vmdkit(d, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert!(
+            !err.contains("-- -p"),
+            "{args:?}: clap's advice instead of a hint: {err}"
+        );
+    }
+    assert!(!d.join("c.vmdk").exists());
 }

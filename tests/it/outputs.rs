@@ -180,7 +180,7 @@ fn output_errors_never_panic() {
         ),
         ("$V completions bash >/dev/full; echo $?", "1"),
         ("$V man >/dev/full; echo $?", "1"),
-        ("$V vmkfstools >/dev/full; echo $?", "1"),
+        ("$V vmkfstools --help >/dev/full; echo $?", "1"),
         ("$V --help >/dev/full; echo $?", "1"),
         (
             "$V --help | head -c1 >/dev/null; echo ${PIPESTATUS[0]}",
