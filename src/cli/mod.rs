@@ -811,8 +811,10 @@ fn run_create(args: CreateArgs, ui: Ui) -> Result<ExitCode> {
     } = args;
     use vmdkit::copy::target::DiskType;
     use vmdkit::ops::import::{create, ImportOptions};
+    let kind_name = kind.clone();
     let kind = DiskType::parse_or_explain(&kind)?;
     let size = vmdkit::units::parse_size(&size)?;
+    let adapter_given = adapter.is_some();
     let r = create(
         &disk,
         size,
@@ -825,6 +827,22 @@ fn run_create(args: CreateArgs, ui: Ui) -> Result<ExitCode> {
         },
         &vmdkit::ops::NoProgress,
     )?;
+    ui.say(format_args!(
+        "created `{}`: {} {} disk ({}){}",
+        disk.display(),
+        ops::human(size),
+        kind_name,
+        r.files
+            .iter()
+            .map(|f| format!("`{}`", f.display()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if adapter_given {
+            ""
+        } else {
+            ", adapter lsilogic"
+        }
+    ));
     ui.result(
         &serde_json::json!({"file": disk, "files": r.files, "capacity": size}),
         false,
@@ -1048,9 +1066,15 @@ fn remove_temporaries_on_signals() {
     };
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
-            vmdkit::guard::remove_registered_temporaries();
-            if let Some(note) = vmdkit::guard::interrupt_note() {
-                let _ = writeln!(std::io::stderr(), "vmdkit: interrupted: {note}");
+            let removed = vmdkit::guard::remove_registered_temporaries();
+            // One line saying what was left as it was.
+            match vmdkit::guard::interrupt_note() {
+                Some(note) => note!("vmdkit: interrupted: {note}"),
+                None if removed > 0 => note!(
+                    "vmdkit: interrupted: the unfinished output was removed ({removed} temporary file{}); the inputs are as they were",
+                    if removed == 1 { "" } else { "s" }
+                ),
+                None => note!("vmdkit: interrupted"),
             }
             std::process::exit(128 + sig);
         }
@@ -1106,10 +1130,48 @@ fn finish(cli: Cli) -> ExitCode {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            note!("vmdkit: error: {e:#}");
+            note!("vmdkit: error: {}", for_people(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error message as a person reads it: no `at offset 0x0` where no offset matters, no
+/// `(os error N)` tails, and a temporary's name (`.NAME.vmdkit-tmp.PID.N`) replaced by the
+/// output it was to become.
+fn for_people(msg: &str) -> String {
+    let mut out = msg.replace(" at offset 0x0", "");
+    // `(os error 2)` and the like.
+    while let Some(i) = out.find(" (os error ") {
+        match out[i..].find(')') {
+            Some(j) => out.replace_range(i..i + j + 1, ""),
+            None => break,
+        }
+    }
+    // Temporaries: `DIR/.NAME.vmdkit-tmp.PID.N` -> `DIR/NAME (being written)`.
+    let mut rest = out.as_str();
+    let mut done = String::new();
+    while let Some(i) = rest.find(".vmdkit-tmp.") {
+        let head = &rest[..i];
+        let start = head.rfind(['/', '`', ' ']).map_or(0, |k| k + 1);
+        let tail = &rest[i + ".vmdkit-tmp.".len()..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(tail.len());
+        // The number part may end in a sentence's full stop.
+        let end = if tail[..end].ends_with('.') {
+            end - 1
+        } else {
+            end
+        };
+        let name = head[start..].strip_prefix('.').unwrap_or(&head[start..]);
+        done.push_str(&head[..start]);
+        done.push_str(name);
+        done.push_str(" (being written)");
+        rest = &tail[end..];
+    }
+    done.push_str(rest);
+    done
 }
 
 /// Entry point. Invoked as `vmkfstools` (through a link), it is the vmkfstools front end.
@@ -1153,7 +1215,7 @@ pub fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
             Err(e) => {
-                note!("vmkfstools: error: {e:#}");
+                note!("vmkfstools: error: {}", for_people(&format!("{e:#}")));
                 ExitCode::FAILURE
             }
         };
@@ -1196,5 +1258,29 @@ fn run_args(args: &[String], ui: Ui) -> Result<ExitCode> {
     match Cli::try_parse_from(&argv) {
         Ok(cli) => run(cli),
         Err(e) => Ok(clap_exit(&e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::for_people;
+
+    /// Issue 22 item 6: messages as people read them.
+    #[test]
+    fn messages_lose_zero_offsets_os_error_tails_and_temporary_names() {
+        assert_eq!(
+            for_people(
+                "failed to stat `x.vmdk` at offset 0x0: No such file or directory (os error 2)"
+            ),
+            "failed to stat `x.vmdk`: No such file or directory"
+        );
+        assert_eq!(
+            for_people("failed to write (the disk is full) `/b/.vm-s001.vmdk.vmdkit-tmp.4711.0` at offset 0x10000: No space left on device (os error 28)"),
+            "failed to write (the disk is full) `/b/vm-s001.vmdk (being written)` at offset 0x10000: No space left on device"
+        );
+        assert_eq!(
+            for_people("renaming .a.vmdk.vmdkit-tmp.12.3. Then"),
+            "renaming a.vmdk (being written). Then"
+        );
     }
 }

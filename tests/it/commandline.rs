@@ -711,3 +711,56 @@ fn completion_offers_values_and_qemu_habits_get_a_hint() {
     }
     assert!(!d.join("c.vmdk").exists());
 }
+
+/// Issue 22 item 6: a missing file is named without `at offset 0x0` or `(os error 2)`;
+/// `create` says what it made; Ctrl-C prints one line saying what was left as it was.
+#[test]
+fn messages_say_what_happened_as_people_write_it() {
+    let t = tmp();
+    let d = t.path();
+    let err = vmdkit_err(d, &["info", "missing.vmdk"]);
+    assert!(
+        err.contains("missing.vmdk") && !err.contains("0x0") && !err.contains("os error"),
+        "{err}"
+    );
+    let out = vmdkit_ok(d, &["create", "n.vmdk", "--size", "1m", "-d", "sparse"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("created `n.vmdk`") && said.contains("1.0 MiB"),
+        "{said}"
+    );
+    assert!(vmdkit_ok(d, &["create", "q.vmdk", "--size", "1m", "-q"])
+        .stderr
+        .is_empty());
+    // An import from a pipe that stalls after the stream's first 64 KiB, interrupted.
+    vmdkit_ok(
+        d,
+        &["create", "s.vmdk", "--size", "4m", "-d", "sparse", "-q"],
+    );
+    vmdkit_ok(d, &["export", "s.vmdk", "s.stream", "-d", "stream", "-q"]);
+    let head = std::fs::read(d.join("s.stream")).unwrap();
+    let mut child = Command::new(bin())
+        .args(["import", "-", "out.vmdk", "-d", "sparse"])
+        .current_dir(d)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    use std::io::Write;
+    stdin.write_all(&head[..head.len().min(1024)]).unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // SAFETY: sending SIGINT to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.contains("interrupted")).count(),
+        1,
+        "{err}"
+    );
+    assert!(!d.join("out.vmdk").exists());
+}
