@@ -138,8 +138,16 @@ pub(super) enum Cmd {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
-    /// The manual page (roff), on stdout: `vmdkit man > vmdkit.1`.
-    Man,
+    /// The manual pages (roff): vmdkit(1) on stdout, or with --dir every page
+    /// (vmdkit.1 and one per command, vmdkit-export.1 ...) written into DIR.
+    #[command(
+        after_help = "Examples:\n  vmdkit man > vmdkit.1\n  mkdir -p ~/.local/share/man/man1 && vmdkit man --dir ~/.local/share/man/man1\n\nExit: 0 written, 1 error, 64 usage error."
+    )]
+    Man {
+        /// Write every page into this folder (made if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<std::path::PathBuf>,
+    },
     /// vmkfstools' flags, mapped onto these commands (see `vmdkit vmkfstools -h`).
     #[command(disable_help_flag = true)]
     Vmkfstools {

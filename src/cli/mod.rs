@@ -239,11 +239,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Man => {
-            let man = clap_mangen::Man::new(Cli::command());
-            let mut out = std::io::stdout().lock();
-            man.render(&mut out)?;
-            out.flush()?;
+        Cmd::Man { dir } => {
+            let pages = man_pages()?;
+            match dir {
+                None => {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&pages[0].1)?;
+                    out.flush()?;
+                }
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating `{}`", dir.display()))?;
+                    for (name, text) in &pages {
+                        vmdkit::output::write_file_atomically(&dir.join(name), text, true)?;
+                    }
+                    ui.say(format_args!(
+                        "wrote {} manual pages into `{}` ({})",
+                        pages.len(),
+                        dir.display(),
+                        pages
+                            .iter()
+                            .map(|(n, _)| n.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Vmkfstools { args } => vmkfstools::run(&args, ui),
@@ -1080,6 +1101,59 @@ fn remove_temporaries_on_signals() {
         }
     });
 }
+
+/// Every manual page, vmdkit.1 first, then one per command and subcommand
+/// (vmdkit-export.1, vmdkit-redo-add.1 ...): options and examples from the command
+/// definitions, then the exit codes and the safety rules every page shares.
+fn man_pages() -> Result<Vec<(String, Vec<u8>)>> {
+    fn walk(cmd: &clap::Command, out: &mut Vec<(String, Vec<u8>)>) -> Result<()> {
+        let man = clap_mangen::Man::new(cmd.clone());
+        let mut text = Vec::new();
+        man.render(&mut text)?;
+        text.extend_from_slice(MAN_TAIL.as_bytes());
+        out.push((man.get_filename(), text));
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            walk(sub, out)?;
+        }
+        Ok(())
+    }
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    let mut pages = Vec::new();
+    walk(&cmd, &mut pages)?;
+    Ok(pages)
+}
+
+/// The sections every manual page ends with (roff).
+const MAN_TAIL: &str = r#".SH "EXIT STATUS"
+.TP
+0
+success (also when the reader of stdout goes away from cat, map, info and the like)
+.TP
+1
+error: the message names the file, the offset or line, and what is wrong; a refused command changed nothing; an export into a pipe whose reader went away (that backup is incomplete)
+.TP
+2
+check: corruption found
+.TP
+3
+check: only leaked space found
+.TP
+4
+verify: the content differs from the manifest
+.TP
+64
+usage error
+.TP
+128+N
+killed by signal N, after removing its temporaries
+.SH SAFETY
+Inputs are never modified, except the one disk a command exists to change (commit's parent, apply's, write's and extend's disk). A refused command changes nothing. Outputs are written under a temporary name, synced, and renamed into place; existing files are replaced only with \-\-force, never when they are the source or part of its chain. Commands that change a disk lock its files (flock). Extents, parents and state files never reach outside the descriptor's folder unless \-\-allow\-outside\-paths is given.
+.PP
+commit and apply are crash\-safe: killed or cut by a power loss at any point, running the same command again finishes the job. Their state files (*.vmdkit\-commit, *.vmdkit\-apply) and journals are trusted only to finish the operation they were written for, on the disk they were written for; a disk in the middle of one is marked, and other commands refuse it, naming the command that finishes it.
+.SH "SEE ALSO"
+vmdkit(1), qemu\-img(1), vmkfstools(1); README.md in the source for the formats and the benchmarks.
+"#;
 
 /// qemu-img's flags, typed from habit: what vmdkit calls them (instead of clap's advice
 /// to pass them after `--`).

@@ -764,3 +764,83 @@ fn messages_say_what_happened_as_people_write_it() {
     );
     assert!(!d.join("out.vmdk").exists());
 }
+
+/// Issue 22 item 1: `man --dir` writes vmdkit(1) and a page for every command it names
+/// (vmdkit-export(1) ...), each with its options, its examples, the exit codes and the
+/// safety rules; README's install lines work on a fresh account (run here with HOME in
+/// a new folder).
+#[test]
+fn the_manual_has_a_page_per_command_and_the_install_lines_work() {
+    let t = tmp();
+    let d = t.path();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = readme
+        .find("## Install\n\n```sh\n")
+        .expect("install section")
+        + "## Install\n\n```sh\n".len();
+    let block = &readme[start..start + readme[start..].find("```").unwrap()];
+    let home = d.join("home");
+    std::fs::create_dir(&home).unwrap();
+    let bindir = d.join("bin");
+    std::fs::create_dir(&bindir).unwrap();
+    std::os::unix::fs::symlink(bin(), bindir.join("vmdkit")).unwrap();
+    // Every line but the cargo install (the binary is already built).
+    let script: String = block
+        .lines()
+        .filter(|l| !l.starts_with("cargo install"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &script])
+        .env("HOME", &home)
+        .env(
+            "PATH",
+            format!("{}:{}", bindir.display(), std::env::var("PATH").unwrap()),
+        )
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let man1 = home.join(".local/share/man/man1");
+    let main = std::fs::read_to_string(man1.join("vmdkit.1")).unwrap();
+    for cmd in [
+        "info",
+        "export",
+        "import",
+        "commit",
+        "apply",
+        "check",
+        "verify",
+        "measure",
+        "redo-add",
+        "rdm-create",
+        "vmkfstools",
+    ] {
+        let page = man1.join(format!("vmdkit-{cmd}.1"));
+        let text =
+            std::fs::read_to_string(&page).unwrap_or_else(|_| panic!("no page {}", page.display()));
+        let name = cmd.split('-').next().unwrap();
+        assert!(
+            main.contains(&format!("vmdkit\\-{name}(1)"))
+                || main.contains(&format!("vmdkit-{name}(1)")),
+            "vmdkit.1 does not name {cmd}"
+        );
+        for section in ["EXIT STATUS", "SAFETY"] {
+            assert!(text.contains(section), "{cmd}: no {section}");
+        }
+    }
+    let export = std::fs::read_to_string(man1.join("vmdkit-export.1")).unwrap();
+    assert!(
+        export.contains("manifest") && export.contains("Examples"),
+        "export's page lacks its options or examples"
+    );
+    assert!(home
+        .join(".local/share/bash-completion/completions/vmdkit")
+        .exists());
+    assert!(home.join(".local/bin/vmkfstools").exists());
+}
