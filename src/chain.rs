@@ -153,6 +153,17 @@ impl Chain {
                         "`{}`: {msg} (reading anyway: --ignore-cid)",
                         child.path.display()
                     ));
+                } else if crate::recovery::commit_explains(&child.path, parent, want)
+                    || crate::recovery::commit_explains(path, parent, want)
+                {
+                    // An interrupted commit merged this delta into its parent and gave
+                    // the parent its new CID: the delta still shadows only what the
+                    // parent now holds too, so reading through it reads the same.
+                    warnings.push(format!(
+                        "`{}`: merged into `{}` by an interrupted `vmdkit commit` that has not removed it yet; run the same commit again to finish",
+                        child.path.display(),
+                        parent.path.display()
+                    ));
                 } else if let Some(note) = crate::recovery::commit_pending_note(&child.path)
                     .or_else(|| crate::recovery::commit_pending_note(path))
                 {

@@ -129,14 +129,26 @@ impl LockSet {
             LockKind::Shared => libc::LOCK_SH,
             LockKind::Exclusive => libc::LOCK_EX,
         } | libc::LOCK_NB;
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-        if rc != 0 {
+        // A lock can look taken for an instant after its holder let it go: a process
+        // that forked (a library user spawning a program) shares the open file with the
+        // child until the child execs. So "busy" is believed only when it lasts 100 ms;
+        // a second vmdkit that really holds the file is still refused at once to a person.
+        let mut tries = 0;
+        loop {
+            // SAFETY: flock on a descriptor we own; no memory is involved.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+            if rc == 0 {
+                break;
+            }
             let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(Error::io("lock", path, 0, e));
+            }
+            tries += 1;
+            if tries > 20 {
                 return Err(Error::Busy(path.to_path_buf()));
             }
-            return Err(Error::io("lock", path, 0, e));
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
         self.held.insert(id, (file, kind, path.to_path_buf()));
         Ok(())

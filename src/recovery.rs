@@ -267,6 +267,23 @@ pub fn commit_pending_note(delta: &Path) -> Option<String> {
     ))
 }
 
+/// Whether the commit state beside `delta` (a well-formed, checksummed one, past its copy
+/// phase) explains a CID mismatch between a child whose parentCID is `want` and
+/// `parent`: it merged into exactly this parent (canonical path), the parent has the new
+/// CID the commit gave it, and the child names the CID the parent had before.
+pub fn commit_explains(delta: &Path, parent: &Layer, want: Option<u32>) -> bool {
+    let sp = PathBuf::from(format!("{}.vmdkit-commit", delta.display()));
+    let Ok(Some(v)) = read::<serde_json::Value>(&sp) else {
+        return false;
+    };
+    let phase_ok = matches!(v["phase"].as_str(), Some("tables") | Some("remove"));
+    let target_ok = canonical(&parent.path)
+        .is_ok_and(|p| v["target"].as_str().is_some_and(|t| Path::new(t) == p));
+    let new_ok = parent.cid().map(u64::from) == v["target_new_cid"].as_u64();
+    let old_ok = want.map(u64::from) == v["target_old_cid"].as_u64();
+    phase_ok && target_ok && new_ok && old_ok && pending_of(parent).is_none()
+}
+
 /// A raw file that an interrupted `vmdkit apply --raw` was writing in place (its state
 /// file `<raw>.vmdkit-apply` is beside it): what to tell the user.
 pub fn raw_pending_note(raw: &Path) -> Option<String> {

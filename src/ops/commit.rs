@@ -29,11 +29,21 @@
 //!    parentFileNameHint and parentCID (descriptor replaced atomically; its data is not
 //!    touched, and the parent now holds the merged delta's content beneath it, so the
 //!    child reads exactly as before).
-//! 5. The state moves to phase `remove` only then; the delta's extents are removed, then
-//!    its descriptor (so a rerun can still resolve what is left from it), then the
-//!    journal and the state file; the folder is fsynced before success is reported. A
-//!    rerun in phase `remove` re-resolves the delta's files from its descriptor and
-//!    removes only those that are still the recorded ones.
+//! 5. The state moves to phase `remove` only then. The delta's descriptor is moved aside
+//!    (`.NAME.vmdkit-removing`, folder fsynced): from then on the parent is the top, and
+//!    it already reads the same. The merged layers' extents are removed, deepest layer
+//!    first, each layer's extents before its descriptor, then the journal and the state
+//!    file, each removal durable before the next. A rerun in phase `remove` re-resolves
+//!    what is left from the descriptor (under either name) and removes only files that
+//!    are both resolved and recorded; when it finds the delta still intact under its
+//!    name, it first proves the parent alone reads what the chain reads over the
+//!    delta's ranges (a planted state claiming a merge that never happened is refused).
+//!
+//! Until the delta is moved aside a reader still opens it: its parentCID is the
+//! parent's old CID, and the parent already has the new one. Readers accept exactly that
+//! mismatch when the commit state beside the delta says so (past the copy phase, this
+//! parent, these two CIDs): the delta shadows only ranges the parent now holds too, so
+//! the chain reads as before (`recovery::commit_explains`).
 
 use std::path::{Path, PathBuf};
 
@@ -236,47 +246,154 @@ fn remaining_delta_files(top: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// The merged deltas that can still be resolved, walking from `top` down the parents
-/// their descriptors name, until the target: each layer's files (descriptor first).
+/// A state in phase `remove` found beside an intact delta: before anything of the delta
+/// is removed, prove that the parent alone holds the delta's content (every range the
+/// merged layers hold reads the same through the chain and from the parent down). A
+/// state that cannot show this (planted, or for another parent) is refused, not acted on.
+fn prove_merged(top: &Path, sp: &Path, st: &State) -> Result<()> {
+    use crate::disk::VirtualDisk;
+    let chain = Chain::open(
+        top,
+        &OpenOptions {
+            ignore_cid: true,
+            ignore_pending: true,
+            ..Default::default()
+        },
+    )?;
+    let target = chain
+        .layers
+        .iter()
+        .position(|l| recovery::canonical(&l.path).is_ok_and(|p| p == st.target))
+        .filter(|&t| t > 0)
+        .ok_or_else(|| {
+            Error::chain(
+                sp,
+                "this commit state names a parent that is not below the delta; it is not acted on",
+            )
+        })?;
+    let cap = chain.capacity().min(chain.layers[target].capacity);
+    let mut a = vec![0u8; 1 << 20];
+    let mut b = vec![0u8; 1 << 20];
+    for r in chain
+        .map(0..cap)?
+        .into_iter()
+        .filter(|r| (r.depth as usize) < target)
+    {
+        let mut off = r.start;
+        while off < r.end() {
+            let n = (r.end() - off).min(a.len() as u64) as usize;
+            chain.read_at(&mut a[..n], off)?;
+            chain.read_below(target, &mut b[..n], off)?;
+            if a[..n] != b[..n] {
+                return Err(Error::chain(
+                    sp,
+                    format!(
+                        "this commit state says the delta was merged, but `{}` does not hold the delta's content at guest offset {off:#x}; \
+                         nothing was removed (if no vmdkit commit is running, move the state file away and commit again)",
+                        chain.layers[target].path.display()
+                    ),
+                ));
+            }
+            off += n as u64;
+        }
+    }
+    Ok(())
+}
+
+/// Where the delta's descriptor is moved when its removal begins: a hidden name beside
+/// it, so the delta is no longer a disk anyone opens, while a rerun can still resolve
+/// its extents (and the layers below it, with `--all`) from it.
+fn removing_path(top: &Path) -> PathBuf {
+    crate::resolve::folder_of(top).join(format!(
+        ".{}.vmdkit-removing",
+        crate::resolve::file_name_of(top)
+    ))
+}
+
+/// The parent a merged layer names: by its descriptor, or, for an ESX 2 REDO log (whose
+/// link is its name), by the name it had (`original`).
+fn parent_of(file: &Path, original: &Path) -> Option<PathBuf> {
+    let mut magic = [0u8; 4];
+    let cowd = std::fs::File::open(file)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && &magic == b"COWD";
+    if cowd {
+        let name = crate::resolve::file_name_of(original);
+        return name
+            .strip_suffix(".REDO")
+            .map(|p| crate::resolve::folder_of(original).join(p));
+    }
+    crate::resolve::names_parent(file)
+}
+
+/// The merged deltas that can still be resolved, walking from the delta's descriptor
+/// (under its name `top` or its removal name) down the parents named, until the target:
+/// each layer's files (descriptor first).
 fn remaining_layers(top: &Path, target: &Path) -> Result<Vec<Vec<PathBuf>>> {
     let mut layers = Vec::new();
-    let mut cur = top.to_path_buf();
+    let hidden = removing_path(top);
+    let (mut cur, mut original) = if hidden.exists() {
+        (hidden, top.to_path_buf())
+    } else {
+        (top.to_path_buf(), top.to_path_buf())
+    };
     while cur.exists() && !same_file(&cur, target) && layers.len() < crate::chain::MAX_CHAIN_DEPTH {
         layers.push(remaining_delta_files(&cur)?);
-        match crate::resolve::names_parent(&cur) {
-            Some(p) => cur = p,
+        match parent_of(&cur, &original) {
+            Some(p) => {
+                original = p.clone();
+                cur = p;
+            }
             None => break,
         }
     }
     Ok(layers)
 }
 
-/// Remove the delta's files that are still there and still the recorded ones, the
-/// deepest merged layer first and in each its extents before its descriptor (so a rerun
-/// can still resolve what is left from the top), then the journal and the state file,
-/// durably.
+/// Remove the delta's files that are still there and still the recorded ones: first
+/// the delta's descriptor moves to its removal name (the delta is no longer a disk:
+/// the parent, which holds everything, is the top now), then the deepest merged layer's
+/// files go first, each layer's extents before its descriptor (so a rerun can still
+/// resolve what is left), then the journal and the state file; every step durable.
 fn finish_removal(top: &Path, sp: &Path, st: &State) -> Result<()> {
-    let layers = remaining_layers(top, &st.target)?;
-    let mut now = Resolved::default();
-    for f in layers.iter().flatten() {
-        now.add(f)?;
+    let recorded = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            st.delta
+                .iter()
+                .any(|r| r.dev == m.dev() && r.ino == m.ino())
+        })
+    };
+    let hidden = removing_path(top);
+    if top.exists() {
+        if !recorded(top) {
+            return Err(Error::chain(
+                sp,
+                format!(
+                    "this commit state belongs to an earlier delta: `{}` is now a different file; \
+                     it is left in place and nothing was done (if no vmdkit commit is running, move the state file away)",
+                    top.display()
+                ),
+            ));
+        }
+        crate::write::fault_point();
+        std::fs::rename(top, &hidden).map_err(|e| Error::io("move aside", top, 0, e))?;
+        crate::output::sync_folder(&crate::resolve::folder_of(top))?;
     }
+    let layers = remaining_layers(top, &st.target)?;
     for m in &st.delta {
-        if m.path.exists() {
-            now.admit(sp, &m.path)?;
-            if !m.unchanged() {
-                return Err(Error::chain(
-                    sp,
-                    format!(
-                        "this commit state belongs to an earlier delta: `{}` is now a different file (or was changed); \
-                         it is left in place and nothing was done (if no vmdkit commit is running, move the state file away)",
-                        m.path.display()
-                    ),
-                ));
-            }
+        if m.path.exists() && !m.unchanged() {
+            return Err(Error::chain(
+                sp,
+                format!(
+                    "this commit state belongs to an earlier delta: `{}` is now a different file (or was changed); \
+                     it is left in place and nothing was done (if no vmdkit commit is running, move the state file away)",
+                    m.path.display()
+                ),
+            ));
         }
     }
-    let recorded = |p: &PathBuf| st.delta.iter().any(|m| same_file(&m.path, p));
     for files in layers.iter().rev() {
         let (desc, extents) = files.split_first().expect("a layer has its descriptor");
         let extents: Vec<PathBuf> = extents.iter().filter(|p| recorded(p)).cloned().collect();
@@ -320,6 +437,9 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
                     .flatten()
                     .collect();
                 locks.exclusive_all(&existing)?;
+                if top.exists() {
+                    prove_merged(top, &sp, st)?;
+                }
                 finish_removal(top, &sp, st)?;
             }
             return Ok(report);

@@ -779,6 +779,15 @@ fn power_cut_top(
             .filter(|w| !w.is_empty())
             .collect::<Vec<_>>()
     );
+    // Rule (a) in full: every command but apply (which marks its target pending between
+    // its first and last write; README says why) leaves the disk readable as old or new
+    // in every state, without a rerun.
+    if !name.starts_with("apply") {
+        assert_eq!(
+            seen.pending, 0,
+            "{name}: states where the disk is refused as pending"
+        );
+    }
     n
 }
 
