@@ -696,7 +696,7 @@ fn run_measure(args: MeasureArgs, ui: Ui) -> Result<ExitCode> {
         Some(k) => DiskType::parse_or_explain(&k)?,
         None => DiskType::StreamOptimized,
     };
-    let format = kind.format().0;
+    let (format, prealloc) = kind.format();
     let level = level_of(level, format == ExportFormat::StreamOptimized)?;
     let chain = read.open(&disk)?;
     let name = name.unwrap_or_else(|| {
@@ -720,6 +720,7 @@ fn run_measure(args: MeasureArgs, ui: Ui) -> Result<ExitCode> {
             exact,
             name,
             threads,
+            thick: prealloc != vmdkit::copy::target::Prealloc::Thin,
         },
         &bar,
     )

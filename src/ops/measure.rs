@@ -6,11 +6,17 @@
 //! outputs the sizes are exact: `required` is the bytes of the files export then writes
 //! (apparent sizes, holes included), `allocated` the bytes of them that hold data.
 //!
+//! `required` is the space the output takes on a file system (what to have free):
+//! holes in thin flat and raw files do not count, thick types count their whole size;
+//! `file_size` is what `ls -l` adds up (a thin flat file's apparent size is the disk's).
+//!
 //! A stream's size depends on how each grain compresses. `required` is then a bound never
 //! below the real size (every data grain as libdeflate's compression bound, plus the
 //! exact metadata), and `estimate` extrapolates from compressing a sample of the grains
-//! (the first 256 data grains read, then one in 16, spread by a hash of the grain
-//! number); `--exact` compresses them all.
+//! spread over the whole disk (one in 8, chosen by a hash of the grain number, so the
+//! start of a disk — boot code, binaries — weighs no more than the rest; the first 64
+//! data grains stand in only when a small disk leaves the sample too thin); `--exact`
+//! compresses them all.
 
 use serde::Serialize;
 
@@ -38,6 +44,8 @@ pub struct MeasureOptions {
     pub name: String,
     /// Worker threads (0 = all cores).
     pub threads: usize,
+    /// Flat files are allocated whole (zeroedthick, eagerzeroedthick).
+    pub thick: bool,
 }
 
 /// What an export would write.
@@ -47,14 +55,21 @@ pub struct Measurement {
     pub format: String,
     /// Virtual size of the disk.
     pub capacity: u64,
-    /// Bytes of the output files (exact; for a stream unless `exact`: an upper bound).
+    /// Space the output takes on a file system (holes not counted; exact; for a stream
+    /// unless `exact`: an upper bound).
     pub required: u64,
-    /// Whether `required` is exact.
+    /// Bytes of the output files as `ls -l` adds them (apparent sizes, holes included).
+    pub file_size: u64,
+    /// Whether `required` and `file_size` are exact.
     pub exact: bool,
-    /// Bytes of the output files that hold data (sparse formats: all of them).
+    /// Bytes of the output that hold data (a stream: its estimated or exact size).
     pub allocated: u64,
-    /// The size with every grain holding data (as `qemu-img measure` reports it).
-    pub fully_allocated: u64,
+    /// The size with every grain holding data (as `qemu-img measure` reports it); not
+    /// for an increment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fully_allocated: Option<u64>,
+    /// The output's file name the sizes are for (names are recorded in descriptors).
+    pub name: String,
     /// A stream's estimated size from a sample of compressed grains.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub estimate: Option<u64>,
@@ -79,11 +94,19 @@ impl Measurement {
         )?;
         writeln!(
             out,
-            "required size: {} ({} bytes){}",
+            "required size: {} ({} bytes){}, on a file system",
             h(self.required),
             self.required,
             if self.exact { "" } else { ", an upper bound" }
         )?;
+        if self.file_size != self.required {
+            writeln!(
+                out,
+                "file size: {} ({} bytes), as ls -l adds it (holes included)",
+                h(self.file_size),
+                self.file_size
+            )?;
+        }
         if let Some(e) = self.estimate {
             writeln!(
                 out,
@@ -97,17 +120,19 @@ impl Measurement {
             h(self.allocated),
             self.allocated
         )?;
-        writeln!(
-            out,
-            "fully allocated size: {} ({} bytes)",
-            h(self.fully_allocated),
-            self.fully_allocated
-        )?;
+        if let Some(f) = self.fully_allocated {
+            writeln!(out, "fully allocated size: {} ({f} bytes)", h(f))?;
+        }
         writeln!(out, "data grains: {}", self.data_grains)?;
         if self.zeroed_grains > 0 {
             writeln!(out, "zeroed grains: {}", self.zeroed_grains)?;
         }
-        writeln!(out, "files: {}", self.files.join(" "))
+        writeln!(
+            out,
+            "files: {} (for an output named `{}`; --name measures another)",
+            self.files.join(" "),
+            self.name
+        )
     }
 }
 
@@ -118,9 +143,10 @@ fn record_bound() -> u64 {
     (12 + c.zlib_compress_bound(GRAIN as usize) as u64).div_ceil(SECTOR) * SECTOR
 }
 
-/// Whether grain `g` is in the sample whose compression is measured.
+/// Whether grain `g` is in the sample whose compression is measured (one in 8, spread
+/// over the disk by a hash).
 fn sampled(g: u64) -> bool {
-    (g.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 60) == 0
+    (g.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 61) == 0
 }
 
 /// Counts made while reading.
@@ -134,6 +160,9 @@ struct Counts {
     data_bytes: u64,
     sample_grains: u64,
     sample_bytes: u64,
+    /// The first data grains read, measured in case the spread sample is too thin.
+    early_grains: u64,
+    early_bytes: u64,
     compressed_all: u64,
 }
 
@@ -190,8 +219,9 @@ pub fn measure(
         &mut planner,
         popts,
         |u| {
-            // Per grain: (grain, holds data, compressed record size if measured).
-            let mut out: Vec<(u64, bool, Option<u64>)> = Vec::new();
+            // Per grain: (grain, holds data, compressed record size if measured, in the
+            // spread sample).
+            let mut out: Vec<(u64, bool, Option<u64>, bool)> = Vec::new();
             if !u.read {
                 return Ok(out);
             }
@@ -201,18 +231,19 @@ pub fn measure(
                 let grain = u.start / GRAIN + i as u64;
                 let data = !is_zero(g);
                 let early =
-                    data && stream && seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 256;
-                let size = if data && stream && (exact || early || sampled(grain)) {
+                    data && stream && seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 64;
+                let spread = sampled(grain);
+                let size = if data && stream && (exact || early || spread) {
                     Some(grain_record(grain * GRAIN / SECTOR, g, level)?.len() as u64)
                 } else {
                     None
                 };
-                out.push((grain, data, size));
+                out.push((grain, data, size, spread));
             }
             Ok(out)
         },
         |u, grains| {
-            for (g, data, size) in grains {
+            for (g, data, size, spread) in grains {
                 let start = g * GRAIN;
                 if data {
                     // Pieces are in address order and cover the disk.
@@ -225,8 +256,13 @@ pub fn measure(
                     counts.tables.insert(g / 512);
                 }
                 if let Some(s) = size {
-                    counts.sample_grains += 1;
-                    counts.sample_bytes += s;
+                    if spread {
+                        counts.sample_grains += 1;
+                        counts.sample_bytes += s;
+                    } else {
+                        counts.early_grains += 1;
+                        counts.early_bytes += s;
+                    }
                     counts.compressed_all += s;
                 }
             }
@@ -249,9 +285,11 @@ pub fn measure(
             .map_or("raw".to_string(), |c| c.as_str().to_string()),
         capacity: cap,
         required: 0,
+        file_size: 0,
         exact: true,
         allocated: 0,
-        fully_allocated: 0,
+        fully_allocated: None,
+        name: opts.name.clone(),
         estimate: None,
         data_grains,
         zeroed_grains: counts.zeroed,
@@ -272,21 +310,31 @@ pub fn measure(
             let meta_bytes = head + counts.tables.len() as u64 * table + tail;
             let bound = record_bound();
             m.required = meta_bytes + data_grains * bound;
-            m.fully_allocated = head + layout.num_gts * table + tail + layout.num_grains * bound;
+            m.fully_allocated = (!opts.delta)
+                .then(|| head + layout.num_gts * table + tail + layout.num_grains * bound);
             if exact {
                 m.required = meta_bytes + counts.compressed_all;
+                m.allocated = m.required;
             } else {
                 m.exact = false;
-                m.estimate = Some(if counts.sample_grains > 0 {
-                    meta_bytes
-                        + (data_grains as f64 * counts.sample_bytes as f64
-                            / counts.sample_grains as f64)
-                            .ceil() as u64
+                // The spread sample; the early grains join it only when it is thin.
+                let (n, b) = if counts.sample_grains >= 64 {
+                    (counts.sample_grains, counts.sample_bytes)
+                } else {
+                    (
+                        counts.sample_grains + counts.early_grains,
+                        counts.sample_bytes + counts.early_bytes,
+                    )
+                };
+                let e = if n > 0 {
+                    meta_bytes + (data_grains as f64 * b as f64 / n as f64).ceil() as u64
                 } else {
                     meta_bytes + data_grains * bound
-                });
+                };
+                m.estimate = Some(e);
+                m.allocated = e;
             }
-            m.allocated = m.required;
+            m.file_size = m.required;
         }
         f if f.is_sparse() => {
             let embedded = if f == ExportFormat::MonolithicSparse {
@@ -294,19 +342,24 @@ pub fn measure(
             } else {
                 0
             };
+            let mut full = 0;
             for (p, n) in plan.pieces.iter().zip(&counts.per_piece) {
                 let layout = SparseLayout::new(p.len / SECTOR, embedded);
                 m.required += layout.file_bytes(*n);
-                m.fully_allocated += layout.file_bytes(layout.num_grains);
+                full += layout.file_bytes(layout.num_grains);
             }
             m.required += separate;
-            m.fully_allocated += separate;
+            m.fully_allocated = Some(full + separate);
             m.allocated = m.required;
+            m.file_size = m.required;
         }
         _ => {
-            m.required = cap + separate;
-            m.fully_allocated = m.required;
+            // Flat and raw: the files' apparent size is the disk's; a thin one takes
+            // only its data on a file system, a thick one all of it.
+            m.file_size = cap + separate;
+            m.fully_allocated = Some(m.file_size);
             m.allocated = counts.data_bytes + separate;
+            m.required = if opts.thick { m.file_size } else { m.allocated };
         }
     }
     Ok(m)
