@@ -531,7 +531,7 @@ fn the_stream_estimate_is_within_five_percent_on_mixed_data() {
     img[..8 << 20].copy_from_slice(&rnd(8 << 20));
     for (k, chunk) in img[8 << 20..].chunks_mut(1 << 20).enumerate() {
         match k % 8 {
-            0 | 1 | 2 => chunk.copy_from_slice(&rnd(1 << 20)),
+            0..=2 => chunk.copy_from_slice(&rnd(1 << 20)),
             3 | 4 => chunk.copy_from_slice(&text),
             _ => {}
         }
