@@ -111,6 +111,29 @@ impl Error {
         }
     }
 
+    /// The file the error is about, when it names one.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Error::Io { path, .. }
+            | Error::Corrupt { path, .. }
+            | Error::Descriptor { path, .. }
+            | Error::Chain { path, .. }
+            | Error::Unsupported { path, .. } => Some(path),
+            Error::AlreadyExists(p) | Error::Busy(p) => Some(p),
+            Error::InvalidInput(_) => None,
+        }
+    }
+
+    /// The byte offset in [`file`](Self::file) the error is about, when it names one.
+    pub fn offset(&self) -> Option<u64> {
+        match self {
+            // An I/O error's offset is 0 when no offset matters (open, stat).
+            Error::Io { offset, .. } => Some(*offset).filter(|&o| o != 0),
+            Error::Corrupt { offset, .. } => Some(*offset),
+            _ => None,
+        }
+    }
+
     /// The I/O error underneath, if this is one.
     pub fn io_error(&self) -> Option<&io::Error> {
         match self {

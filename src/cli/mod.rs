@@ -484,8 +484,9 @@ fn export_to(
     Ok(report)
 }
 
-fn report_json(r: &vmdkit::ops::export::ExportReport) -> serde_json::Value {
+fn report_json(r: &vmdkit::ops::export::ExportReport, file: &Path) -> serde_json::Value {
     serde_json::json!({
+        "file": file,
         "files": r.files,
         "bytes": r.bytes_out,
         "grains": r.grains,
@@ -557,7 +558,7 @@ fn run_export(args: ExportArgs, ui: Ui) -> Result<ExitCode> {
         },
         ops::human(report.bytes_out)
     ));
-    ui.result(&report_json(&report), to_stdout)?;
+    ui.result(&report_json(&report, &dst), to_stdout)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -818,7 +819,7 @@ fn run_import(args: ImportArgs, ui: Ui) -> Result<ExitCode> {
                 .join(", ")
         }
     ));
-    ui.result(&report_json(&r), to_stdout)?;
+    ui.result(&report_json(&r, &dst), to_stdout)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -976,7 +977,7 @@ fn run_check(args: CheckArgs, ui: Ui) -> Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if ui.json {
-        r.write_json(&mut out)?;
+        r.write_json(&disk, &mut out)?;
     } else {
         r.write_text(&mut out)?;
     }
@@ -1201,14 +1202,44 @@ fn clap_exit(e: &clap::Error) -> ExitCode {
 /// Run a parsed command line to its exit code (errors printed; a closed pipe is quiet).
 fn finish(cli: Cli) -> ExitCode {
     remove_temporaries_on_signals();
+    let json = cli.json;
     match run(cli) {
         Ok(code) => code,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if json => {
+            note!("{}", error_json(&e));
+            ExitCode::FAILURE
+        }
         Err(e) => {
             note!("vmdkit: error: {}", for_people(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error under `--json`: one object on stderr, `{"error": {"kind", "message",
+/// "file", "offset"}}` (kind: io, corrupt, descriptor, chain, unsupported, invalid_input,
+/// already_exists, busy, or usage for what the command line itself refuses).
+fn error_json(e: &anyhow::Error) -> String {
+    let lib = e.chain().find_map(|c| c.downcast_ref::<vmdkit::Error>());
+    let kind = lib.map_or("usage".to_string(), |l| {
+        let k = format!("{:?}", l.kind());
+        let mut out = String::new();
+        for (i, ch) in k.chars().enumerate() {
+            if ch.is_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(ch.to_ascii_lowercase());
+        }
+        out
+    });
+    let v = serde_json::json!({"error": {
+        "kind": kind,
+        "message": for_people(&format!("{e:#}")),
+        "file": lib.and_then(|l| l.file()).map(|p| p.display().to_string()),
+        "offset": lib.and_then(|l| l.offset()),
+    }});
+    v.to_string()
 }
 
 /// An error message as a person reads it: no `at offset 0x0` where no offset matters, no
@@ -1299,8 +1330,28 @@ pub fn main() -> ExitCode {
         note!("vmdkit: error: {hint}");
         return ExitCode::from(EX_USAGE);
     }
+    let json = argv.iter().any(|a| a == "--json");
     let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
+        Err(e)
+            if json
+                && !matches!(
+                    e.kind(),
+                    clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+                ) =>
+        {
+            let msg = e.to_string();
+            let first = msg
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("error: ");
+            note!(
+                "{}",
+                serde_json::json!({"error": {"kind": "usage", "message": first, "file": null, "offset": null}})
+            );
+            return ExitCode::from(EX_USAGE);
+        }
         Err(e) => return clap_exit(&e),
     };
     finish(cli)

@@ -83,7 +83,9 @@ pub struct CommitOptions {
 /// What a commit did (or would do).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CommitReport {
-    /// The parent written into.
+    /// The parent written into (`file` in JSON, as every command names the disk it
+    /// changed).
+    #[serde(rename = "file")]
     pub target: PathBuf,
     /// Bytes of data copied.
     pub data_bytes: u64,

@@ -844,3 +844,98 @@ fn the_manual_has_a_page_per_command_and_the_install_lines_work() {
         .exists());
     assert!(home.join(".local/bin/vmkfstools").exists());
 }
+
+/// Issue 22 item 2 (in part): under --json every command that names a disk says which in
+/// `file`, and an error is one JSON object on stderr, `{"error": {"kind", "message",
+/// "file", "offset"}}`, with the exit code it has without --json.
+#[test]
+fn json_results_name_their_file_and_errors_are_json_too() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_create(d, "monolithicSparse", "p.vmdk", "8M");
+    qemu_io(d, "p.vmdk", &["write -P 0x31 0 1M"]);
+    qemu_child(d, "p.vmdk", "c.vmdk", false);
+    qemu_io(d, "c.vmdk", &["write -P 0x41 0 64k"]);
+    std::fs::write(d.join("w.bin"), vec![5u8; 4096]).unwrap();
+    let json = |args: &[&str], stdout: bool| -> serde_json::Value {
+        let out = vmdkit_ok(d, args);
+        let text = if stdout { out.stdout } else { out.stderr };
+        serde_json::from_slice(&text)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&text)))
+    };
+    for (args, file, on_stdout) in [
+        (&["--json", "info", "c.vmdk"][..], "c.vmdk", true),
+        (
+            &["--json", "export", "c.vmdk", "e.vmdk", "-d", "sparse"][..],
+            "e.vmdk",
+            true,
+        ),
+        (&["--json", "export", "c.vmdk", "-"][..], "-", false),
+        (
+            &["--json", "import", "e.vmdk", "i.vmdk"][..],
+            "i.vmdk",
+            true,
+        ),
+        (&["--json", "check", "c.vmdk"][..], "c.vmdk", true),
+        (
+            &["--json", "write", "c.vmdk", "--offset", "0", "w.bin"][..],
+            "c.vmdk",
+            true,
+        ),
+        (
+            &["--json", "create", "n.vmdk", "--size", "1m"][..],
+            "n.vmdk",
+            true,
+        ),
+        (
+            &["--json", "extend", "n.vmdk", "--size", "2m"][..],
+            "n.vmdk",
+            true,
+        ),
+        (&["--json", "commit", "c.vmdk"][..], "./p.vmdk", true),
+    ] {
+        let v = if on_stdout {
+            json(args, true)
+        } else {
+            let out = Command::new(bin())
+                .args(args)
+                .current_dir(d)
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            serde_json::from_slice(&out.stderr).unwrap()
+        };
+        let got = v["file"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{args:?}: no file in {v}"));
+        assert!(
+            got == file || got.trim_start_matches("./") == file.trim_start_matches("./"),
+            "{args:?}: file {got}, want {file}"
+        );
+    }
+    // Errors: one object, the same exit codes.
+    for (args, code, kind) in [
+        (&["--json", "info", "missing.vmdk"][..], 1, "io"),
+        (
+            &["--json", "create", "x.vmdk", "--size", "1q"][..],
+            64,
+            "usage",
+        ),
+        (
+            &["--json", "create", "n.vmdk", "--size", "1m"][..],
+            1,
+            "already_exists",
+        ),
+    ] {
+        let out = vmdkit(d, args);
+        assert_eq!(out.status.code(), Some(code), "{args:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stderr)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(v["error"]["kind"], kind, "{args:?}: {v}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+        assert!(v["error"].get("file").is_some() && v["error"].get("offset").is_some());
+    }
+}

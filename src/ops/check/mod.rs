@@ -97,8 +97,13 @@ impl CheckReport {
 
     /// The report as JSON: `exit_code`, `findings` (each `file`, `offset`, `severity`,
     /// `what`, `repaired`), `incomplete`, `leaked_bytes`, `lost` (guest byte ranges).
-    pub fn write_json(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    pub fn write_json(
+        &self,
+        file: &std::path::Path,
+        out: &mut dyn std::io::Write,
+    ) -> std::io::Result<()> {
         let v = serde_json::json!({
+            "file": file,
             "exit_code": self.exit_code(),
             "findings": self.findings,
             "incomplete": self.incomplete,
