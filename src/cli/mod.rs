@@ -1211,9 +1211,44 @@ fn finish(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            note!("vmdkit: error: {}", for_people(&format!("{e:#}")));
+            note!(
+                "vmdkit: error: {}",
+                with_stdin_hint(&for_people(&format!("{e:#}")))
+            );
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A compressed input's hint names `vmdkit import - out.vmdk`; say the command that
+/// was run instead, with `-` in place of the file it named.
+fn with_stdin_hint(msg: &str) -> String {
+    const GENERIC: &str = "vmdkit import - out.vmdk";
+    if !msg.contains(GENERIC) {
+        return msg.to_string();
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // The argument that is a compressed file (gzip, xz, zstd, bzip2 magic).
+    let compressed = |a: &str| {
+        let mut m = [0u8; 4];
+        std::fs::File::open(a)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut m))
+            .is_ok()
+            && (m[..2] == [0x1f, 0x8b]
+                || m == [0xfd, b'7', b'z', b'X']
+                || m == [0x28, 0xb5, 0x2f, 0xfd]
+                || m[..3] == *b"BZh")
+    };
+    match args
+        .iter()
+        .position(|a| msg.contains(&format!("`{a}`")) && compressed(a))
+    {
+        Some(i) => {
+            let mut cmd = args.clone();
+            cmd[i] = "-".into();
+            msg.replace(GENERIC, &format!("vmdkit {}", cmd.join(" ")))
+        }
+        None => msg.to_string(),
     }
 }
 

@@ -28,13 +28,20 @@ impl Verification {
     /// One line per differing range (bytes and 1 MiB blocks), and a capacity mismatch.
     pub fn write_text(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
         for r in &self.differing {
+            // As people write ranges: from - to, both ends inclusive in the hex.
+            let (a, b) = (r.start / BLOCK, (r.end - 1) / BLOCK);
+            let blocks = if a == b {
+                format!("1 MiB block {a}")
+            } else {
+                format!("1 MiB blocks {a}-{b}")
+            };
             writeln!(
                 out,
-                "differs: bytes {:#x}..{:#x} (blocks {}..={})",
+                "differs: {} - {} (bytes {:#x}-{:#x}, {blocks})",
+                crate::ops::human(r.start),
+                crate::ops::human(r.end),
                 r.start,
-                r.end,
-                r.start / BLOCK,
-                (r.end - 1) / BLOCK
+                r.end - 1,
             )?;
         }
         if let Some(msg) = &self.capacity_mismatch {

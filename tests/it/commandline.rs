@@ -160,7 +160,8 @@ fn the_exit_code_table_holds() {
     qemu_io(d, "a.vmdk", &["write -P 0x12 2M 4k"]);
     let out = vmdkit(d, &["verify", "a.vmdk", "--manifest", "a.crc"]);
     assert_eq!(out.status.code(), Some(4));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("differs: bytes 0x200000..0x300000"));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("differs: 2.0 MiB - 3.0 MiB (bytes 0x200000-0x2fffff"));
     assert_eq!(
         vmdkit(d, &["verify", "a.s.vmdk", "--manifest", "a.crc"])
             .status
@@ -721,6 +722,26 @@ fn messages_say_what_happened_as_people_write_it() {
     let err = vmdkit_err(d, &["info", "missing.vmdk"]);
     assert!(
         err.contains("missing.vmdk") && !err.contains("0x0") && !err.contains("os error"),
+        "{err}"
+    );
+    // A compressed input's hint names the command that was run, with `-` for the file.
+    vmdkit_ok(
+        d,
+        &["create", "g.vmdk", "--size", "1m", "-d", "sparse", "-q"],
+    );
+    vmdkit_ok(
+        d,
+        &["export", "g.vmdk", "e.vmdk", "--manifest", "m.crc", "-q"],
+    );
+    let gz = Command::new("gzip")
+        .args(["-k", "g.vmdk"])
+        .current_dir(d)
+        .status()
+        .unwrap();
+    assert!(gz.success());
+    let err = vmdkit_err(d, &["verify", "g.vmdk.gz", "--manifest", "m.crc"]);
+    assert!(
+        err.contains("gunzip -c FILE | vmdkit verify - --manifest m.crc"),
         "{err}"
     );
     let out = vmdkit_ok(d, &["create", "n.vmdk", "--size", "1m", "-d", "sparse"]);

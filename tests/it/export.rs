@@ -417,5 +417,6 @@ fn manifest_verifies_a_copy_and_names_damaged_ranges() {
     let out = vmdkit(d, &["verify", "copy.vmdk", "--manifest", "m.txt"]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text, "differs: bytes 0x500000..0x700000 (blocks 5..=6)\ndiffers: bytes 0x2800000..0x2900000 (blocks 40..=40)\n");
+    // Ranges as people write them (issue 22 item 6).
+    assert_eq!(text, "differs: 5.0 MiB - 7.0 MiB (bytes 0x500000-0x6fffff, 1 MiB blocks 5-6)\ndiffers: 40.0 MiB - 41.0 MiB (bytes 0x2800000-0x28fffff, 1 MiB block 40)\n");
 }
