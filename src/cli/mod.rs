@@ -234,8 +234,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // Into memory first: clap_complete panics on a failed write.
             let mut text = Vec::new();
             clap_complete::generate(shell, &mut cmd, "vmdkit", &mut text);
+            let text = without_hidden_flags(&String::from_utf8_lossy(&text), &cmd);
             let mut out = std::io::stdout().lock();
-            out.write_all(&text)?;
+            out.write_all(text.as_bytes())?;
             out.flush()?;
             Ok(ExitCode::SUCCESS)
         }
@@ -1102,6 +1103,43 @@ fn remove_temporaries_on_signals() {
             std::process::exit(128 + sig);
         }
     });
+}
+
+/// A completion script without the flags hidden from `--help` (clap_complete offers
+/// them): bash word lists, zsh specs and fish lines that name them.
+fn without_hidden_flags(script: &str, cmd: &clap::Command) -> String {
+    fn hidden(cmd: &clap::Command, out: &mut Vec<String>) {
+        for a in cmd.get_arguments().filter(|a| a.is_hide_set()) {
+            if let Some(l) = a.get_long() {
+                if !out.iter().any(|x| x == l) {
+                    out.push(l.to_string());
+                }
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            hidden(sub, out);
+        }
+    }
+    let mut longs = Vec::new();
+    hidden(cmd, &mut longs);
+    script
+        .lines()
+        .filter(|line| {
+            !longs.iter().any(|l| {
+                line.trim_start().starts_with(&format!("'--{l}["))
+                    || line.contains(&format!(" -l {l} "))
+                    || line.ends_with(&format!(" -l {l}"))
+            })
+        })
+        .map(|line| {
+            let mut line = line.to_string();
+            for l in &longs {
+                line = line.replace(&format!(" --{l} "), " ");
+                line = line.replace(&format!(" --{l}\""), "\"");
+            }
+            line + "\n"
+        })
+        .collect()
 }
 
 /// Every manual page, vmdkit.1 first, then one per command and subcommand

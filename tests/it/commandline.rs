@@ -695,6 +695,20 @@ fn completion_offers_values_and_qemu_habits_get_a_hint() {
     ] {
         assert!(bash.contains(word), "bash completion lacks `{word}`");
     }
+    // Flags hidden from --help are not offered either; the script still parses.
+    for shell in ["bash", "zsh", "fish"] {
+        let text = String::from_utf8(vmdkit_ok(d, &["completions", shell]).stdout).unwrap();
+        assert!(
+            !text.contains("mmap"),
+            "{shell} completion offers the hidden --mmap"
+        );
+        assert!(text.contains("allow-outside-paths"), "{shell}");
+    }
+    let syntax = Command::new("bash")
+        .args(["-n", "-c", &bash])
+        .status()
+        .unwrap();
+    assert!(syntax.success(), "bash completion does not parse");
     for (args, says) in [
         (&["export", "a.vmdk", "b.vmdk", "-p"][..], "progress"),
         (&["export", "a.vmdk", "-O", "vmdk", "b.vmdk"][..], "-d TYPE"),
