@@ -179,7 +179,14 @@ impl CheckReport {
                 if lost.len() == 1 { "" } else { "s" }
             )?;
             for (a, b) in lost.iter().take(SHOWN) {
-                writeln!(out, "  bytes {a:#x}..{b:#x} ({})", crate::ops::human(b - a))?;
+                writeln!(
+                    out,
+                    "  {} - {} (bytes {a:#x}-{:#x}, {})",
+                    crate::ops::human(*a),
+                    crate::ops::human(*b),
+                    b - 1,
+                    crate::ops::human(b - a)
+                )?;
             }
             if lost.len() > SHOWN {
                 writeln!(out, "  ... and {} more ranges", lost.len() - SHOWN)?;

@@ -523,7 +523,7 @@ impl<'a> SparseCheck<'a> {
                 entry_at,
                 Severity::Corruption,
                 format!(
-                    "grain {g} at sector {s} lies past the end of the file: guest bytes {a:#x}..{b:#x} are lost"
+                    "grain {g} at sector {s} lies past the end of the file: guest bytes {a:#x}-{:#x} are lost", b - 1
                 ),
             );
             return;
@@ -533,7 +533,10 @@ impl<'a> SparseCheck<'a> {
                 path,
                 entry_at,
                 Severity::Corruption,
-                format!("grain {g} at sector {s} overlaps metadata (sectors {a}..{b})"),
+                format!(
+                    "grain {g} at sector {s} overlaps metadata (sectors {a}-{})",
+                    b - 1
+                ),
             );
         }
         if let Some(&other) = used.get(&e) {
