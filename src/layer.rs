@@ -81,6 +81,19 @@ impl Default for OpenOptions {
     }
 }
 
+impl OpenOptions {
+    /// What the commands that finish or judge an interrupted operation open a disk with:
+    /// CIDs not enforced (a commit in progress changes them) and pending marks not
+    /// refused (they are the reason to open it).
+    pub fn for_recovery() -> OpenOptions {
+        OpenOptions {
+            ignore_cid: true,
+            ignore_pending: true,
+            ..Default::default()
+        }
+    }
+}
+
 impl Layer {
     /// Open one layer (no parent) from `path`.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Layer> {

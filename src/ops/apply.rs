@@ -423,14 +423,7 @@ fn apply_vmdk(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
     } = job;
     let mut locks = LockSet::new();
     locks.lock(target, LockKind::Exclusive)?;
-    let mut chain = Chain::open(
-        target,
-        &OpenOptions {
-            ignore_cid: true,
-            ignore_pending: true,
-            ..Default::default()
-        },
-    )?;
+    let mut chain = Chain::open(target, &OpenOptions::for_recovery())?;
     chain.lock(&mut locks, 0)?;
     crate::guard::test_hold_hook();
     let sp = state_path(&chain.top().path);

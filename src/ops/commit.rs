@@ -254,14 +254,7 @@ fn remaining_delta_files(top: &Path) -> Result<Vec<PathBuf>> {
 /// state that cannot show this (planted, or for another parent) is refused, not acted on.
 fn prove_merged(top: &Path, sp: &Path, st: &State) -> Result<()> {
     use crate::disk::VirtualDisk;
-    let chain = Chain::open(
-        top,
-        &OpenOptions {
-            ignore_cid: true,
-            ignore_pending: true,
-            ..Default::default()
-        },
-    )?;
+    let chain = Chain::open(top, &OpenOptions::for_recovery())?;
     let target = chain
         .layers
         .iter()
@@ -447,14 +440,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
             return Ok(report);
         }
     }
-    let mut chain = Chain::open(
-        top,
-        &OpenOptions {
-            ignore_cid: true,
-            ignore_pending: true,
-            ..Default::default()
-        },
-    )?;
+    let mut chain = Chain::open(top, &OpenOptions::for_recovery())?;
     let n = chain.layers.len();
     if n < 2 {
         return Err(Error::InvalidInput(format!(
@@ -809,14 +795,7 @@ fn repoint(sp: &Path, st: &State, c: &FileRecord, tl: &Layer) -> Result<()> {
     let to_top = named
         .as_deref()
         .is_some_and(|p| std::fs::canonicalize(p).is_ok_and(|p| p == st.top));
-    let mut child = Layer::open(
-        &c.path,
-        &OpenOptions {
-            ignore_cid: true,
-            ignore_pending: true,
-            ..Default::default()
-        },
-    )?;
+    let mut child = Layer::open(&c.path, &OpenOptions::for_recovery())?;
     let to_target = named.as_deref().is_some_and(|p| same_file(p, &tl.path));
     if to_target && child.parent_cid() == Some(st.target_new_cid) {
         return Ok(());

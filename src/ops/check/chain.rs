@@ -50,14 +50,7 @@ pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     if opts.repair {
         // A disk in the middle of an interrupted commit or apply holds data its tables do
         // not reference yet: "repairing" it would take what the rerun needs.
-        if let Ok(c) = crate::chain::Chain::open(
-            disk,
-            &OpenOptions {
-                ignore_cid: true,
-                ignore_pending: true,
-                ..Default::default()
-            },
-        ) {
+        if let Ok(c) = crate::chain::Chain::open(disk, &OpenOptions::for_recovery()) {
             if let Some(m) = c.layers.iter().find_map(crate::recovery::pending_message) {
                 return Err(crate::error::Error::InvalidInput(format!(
                     "{m}; refusing to repair it before that (nothing was changed)"
@@ -68,16 +61,9 @@ pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     if opts.repair && !opts.force {
         // Files the host marks read-only are refused before any repair writes (as
         // commit refuses them), root or not.
-        let files = crate::chain::Chain::open(
-            disk,
-            &OpenOptions {
-                ignore_cid: true,
-                ignore_pending: true,
-                ..Default::default()
-            },
-        )
-        .map(|c| c.layers.iter().flat_map(|l| l.files()).collect::<Vec<_>>())
-        .unwrap_or_else(|_| vec![disk.to_path_buf()]);
+        let files = crate::chain::Chain::open(disk, &OpenOptions::for_recovery())
+            .map(|c| c.layers.iter().flat_map(|l| l.files()).collect::<Vec<_>>())
+            .unwrap_or_else(|_| vec![disk.to_path_buf()]);
         for f in files {
             if std::fs::metadata(&f).is_ok_and(|m| m.is_file() && m.permissions().readonly()) {
                 return Err(crate::error::Error::InvalidInput(format!(
