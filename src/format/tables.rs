@@ -205,7 +205,7 @@ impl GrainTables {
     /// and the directories; the in-memory state counts as clean afterwards. Write them in
     /// this order, syncing after each group, with grain data synced before either: at a
     /// power cut the primary copy is then never older than the redundant one, which a
-    /// later writer mends from it (see [`table`](Self::table)), and no directory entry
+    /// later writer mends from it (see `GrainTables::table`), and no directory entry
     /// points at a table not yet written.
     pub fn take_writes(&mut self) -> (Vec<MetaWrite>, Vec<MetaWrite>) {
         let mut tables = Vec::new();
