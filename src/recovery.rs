@@ -320,6 +320,59 @@ pub(crate) fn carries(layer: &Layer, op: &str, token: &str) -> bool {
     layer.bare_cowd || pending_of(layer).is_some_and(|p| p.op == op && p.token == token)
 }
 
+/// The journal beside a state file: `<state>.journal`.
+pub(crate) fn journal_path(state: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.journal", state.display()))
+}
+
+/// The journal of the state file `sp` (phase `tables`), bound to the state's `token`,
+/// every record's file admitted as one of `layer`'s own (its path replaced by the
+/// admitted one). `op` names the operation in the refusal.
+pub(crate) fn admitted_journal(
+    sp: &Path,
+    token: &str,
+    layer: &Layer,
+    op: &str,
+) -> Result<Vec<crate::write::JournalRecord>> {
+    let jp = journal_path(sp);
+    let (found, mut records) = crate::write::read_journal(&jp)?;
+    if found != token {
+        return Err(Error::corrupt(
+            &jp,
+            0,
+            format!("journal of another {op} (its token is not the state's); it is not acted on"),
+        ));
+    }
+    let allowed = Resolved::of_layers([layer])?;
+    for r in &mut records {
+        r.file = allowed.admit(&jp, &r.file)?;
+    }
+    Ok(records)
+}
+
+/// Files the host marks read-only (mode 0444) are refused by the commands that write a
+/// disk in place, even for root (who could write them anyway), unless `force`.
+pub(crate) fn refuse_read_only_files(layer: &Layer, force: bool) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if force {
+        return Ok(());
+    }
+    for f in layer.files() {
+        let Ok(m) = std::fs::metadata(&f) else {
+            continue;
+        };
+        if m.is_file() && m.permissions().readonly() {
+            return Err(Error::InvalidInput(format!(
+                "`{}` is read-only (mode {:o}): refusing to write into it; nothing was written \
+                 (make it writable, or pass --force)",
+                f.display(),
+                m.permissions().mode() & 0o7777
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The removal of the files of an operation's state (journal, state file), durably.
 pub(crate) fn remove_state_files(files: &[PathBuf]) -> Result<()> {
     crate::output::remove_durably(files)

@@ -46,7 +46,7 @@
 //! idempotent.
 
 use std::io::Read;
-use std::os::unix::fs::{FileExt, FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -59,8 +59,8 @@ use crate::format::stream::pipe::{self as stream_in, Counted};
 use crate::guard::{LockKind, LockSet};
 use crate::layer::OpenOptions;
 use crate::ops::Progress;
-use crate::recovery::{self, FileRecord, Resolved};
-use crate::write::{apply_journal, cut_back_files, read_journal, write_journal, LayerWriter};
+use crate::recovery::{self, journal_path, FileRecord, Resolved};
+use crate::write::{apply_journal, cut_back_files, write_journal, LayerWriter};
 
 /// Options of an apply.
 #[derive(Debug, Clone, Default)]
@@ -224,10 +224,6 @@ pub(crate) fn validate_bytes(data: &[u8], budget: u64) -> Result<()> {
 
 fn state_path(target: &Path) -> PathBuf {
     PathBuf::from(format!("{}.vmdkit-apply", target.display()))
-}
-
-fn journal_path(state: &Path) -> PathBuf {
-    PathBuf::from(format!("{}.journal", state.display()))
 }
 
 fn cid_text(c: u32) -> String {
@@ -461,7 +457,7 @@ fn apply_vmdk(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
                 // Crashed between removing the journal and the state.
                 Vec::new()
             } else {
-                admitted_journal(&sp, st, chain.top())?
+                recovery::admitted_journal(&sp, &st.token, chain.top(), "apply")?
             };
             let done = (|| {
                 apply_journal(&journal)?;
@@ -484,7 +480,7 @@ fn apply_vmdk(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
     if state.is_none() {
         check_links(top, inc, name, opts)?;
     }
-    refuse_read_only_files(top, opts.force)?;
+    recovery::refuse_read_only_files(top, opts.force)?;
     let writer = LayerWriter::open_with(top, opts.allow_device_write)?;
     writer.check_writable(0, inc.capacity)?;
     drop(writer);
@@ -650,50 +646,6 @@ fn resume_check(sp: &Path, st: &State, chain: &Chain, inc: &Increment) -> Result
             top.path.display()
         ),
     ))
-}
-
-/// The journal of phase `tables`, bound to the state's token, every record into a file of
-/// the target.
-fn admitted_journal(
-    sp: &Path,
-    st: &State,
-    top: &crate::layer::Layer,
-) -> Result<Vec<crate::write::JournalRecord>> {
-    let jp = journal_path(sp);
-    let (token, mut records) = read_journal(&jp)?;
-    if token != st.token {
-        return Err(Error::corrupt(
-            &jp,
-            0,
-            "journal of another apply (its token is not the state's); it is not acted on",
-        ));
-    }
-    let allowed = Resolved::of_layers([top])?;
-    for r in &mut records {
-        r.file = allowed.admit(&jp, &r.file)?;
-    }
-    Ok(records)
-}
-
-/// Files the host marks read-only (mode 0444) are refused, as commit refuses them, even
-/// for root (who could write them anyway), unless `force`.
-pub(crate) fn refuse_read_only_files(layer: &crate::layer::Layer, force: bool) -> Result<()> {
-    if force {
-        return Ok(());
-    }
-    for f in layer.files() {
-        if std::fs::metadata(&f).is_ok_and(|m| m.is_file() && m.permissions().readonly()) {
-            return Err(Error::InvalidInput(format!(
-                "`{}` is read-only (mode {:o}): refusing to write into it; nothing was written \
-                 (make it writable, or pass --force)",
-                f.display(),
-                std::fs::metadata(&f)
-                    .map(|m| m.permissions().mode() & 0o7777)
-                    .unwrap_or(0)
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// The target must hold the increment's parent: its CID is the increment's parentCID.

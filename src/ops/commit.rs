@@ -58,10 +58,10 @@ use crate::format::Extent;
 use crate::guard::{LockKind, LockSet};
 use crate::layer::{Layer, OpenOptions};
 use crate::ops::Progress;
-use crate::recovery::{self, FileRecord, Resolved};
+use crate::recovery::{self, journal_path, FileRecord, Resolved};
 pub use crate::resolve::children_of;
 use crate::resolve::same_file;
-use crate::write::{apply_journal, cut_back_files, read_journal, write_journal, LayerWriter};
+use crate::write::{apply_journal, cut_back_files, write_journal, LayerWriter};
 
 /// Options of a commit.
 #[derive(Debug, Clone, Default)]
@@ -182,10 +182,6 @@ pub(crate) fn parse_state(path: &Path, b: &[u8]) -> Result<()> {
 
 fn state_path(top: &Path) -> PathBuf {
     PathBuf::from(format!("{}.vmdkit-commit", top.display()))
-}
-
-fn journal_path(state: &Path) -> PathBuf {
-    PathBuf::from(format!("{}.journal", state.display()))
 }
 
 /// The state's recorded delta files must be exactly the files the command resolves from
@@ -497,7 +493,8 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
             // Phase `tables`: the journal finishes it.
             if st.phase == Phase::Tables {
                 drop(writer);
-                let journal = admitted_journal(&sp, &st, &chain.layers[target])?;
+                let journal =
+                    recovery::admitted_journal(&sp, &st.token, &chain.layers[target], "commit")?;
                 apply_journal(&journal)?;
                 finish_target(top, &sp, &st, &mut chain.layers[target])?;
                 return Ok(report);
@@ -611,25 +608,6 @@ fn replaced(sp: &Path, tl: &Layer) -> Error {
             tl.path.display()
         ),
     )
-}
-
-/// The journal of phase `tables`, bound to the state's token, every record into a file of
-/// the target (the record's path replaced by the admitted one).
-fn admitted_journal(sp: &Path, st: &State, tl: &Layer) -> Result<Vec<crate::write::JournalRecord>> {
-    let jp = journal_path(sp);
-    let (token, mut records) = read_journal(&jp)?;
-    if token != st.token {
-        return Err(Error::corrupt(
-            &jp,
-            0,
-            "journal of another commit (its token is not the state's); it is not acted on",
-        ));
-    }
-    let allowed = Resolved::of_layers([tl])?;
-    for r in &mut records {
-        r.file = allowed.admit(&jp, &r.file)?;
-    }
-    Ok(records)
 }
 
 /// Parents we cannot write into.

@@ -209,7 +209,7 @@ pub fn extend(disk: &Path, size: NewSize, force: bool, large: bool) -> Result<(u
             "extending a disk whose extents are host devices (its size is the device's); nothing was changed",
         ));
     }
-    crate::ops::apply::refuse_read_only_files(layer, force)?;
+    crate::recovery::refuse_read_only_files(layer, force)?;
     let new_sectors = new_size / SECTOR;
     let ct = layer.create_type;
     let dir = disk

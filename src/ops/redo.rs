@@ -451,7 +451,7 @@ pub fn write_opts(
         opts.force,
         "writing into it (write into the top of the chain instead)",
     )?;
-    crate::ops::apply::refuse_read_only_files(chain.top(), opts.force)?;
+    crate::recovery::refuse_read_only_files(chain.top(), opts.force)?;
     if len == 0 {
         return Ok(0);
     }

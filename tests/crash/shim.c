@@ -276,21 +276,6 @@ static int do_sync(int fd, int rc) {
 int fsync(int fd) { REAL(int, fsync, int); return do_sync(fd, real_fsync(fd)); }
 int fdatasync(int fd) { REAL(int, fdatasync, int); return do_sync(fd, real_fdatasync(fd)); }
 
-__attribute__((unused)) static int two_paths(int op, int d1, const char *a, int d2, const char *b, int rc_before_ok) {
-    (void)rc_before_ok;
-    char x[PATH_MAX], y[PATH_MAX];
-    init();
-    if (logfd < 0 || !abs_path(d1, a, x) || !abs_path(d2, b, y)) return 0;
-    if (!under_root(x) && !under_root(y)) return 0;
-    struct rec r = {0};
-    uint8_t o = (uint8_t)op;
-    put(&r, &o, 1);
-    put_bytes(&r, x, strlen(x));
-    put_bytes(&r, y, strlen(y));
-    emit(&r);
-    return 1;
-}
-
 int renameat2(int d1, const char *a, int d2, const char *b, unsigned int flags) {
     REAL(int, renameat2, int, const char *, int, const char *, unsigned int);
     pthread_mutex_lock(&mu);
