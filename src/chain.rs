@@ -125,10 +125,19 @@ impl Chain {
         // A layer in the middle of an interrupted apply (any layer: the content through it
         // may be neither point), or the top in the middle of an interrupted commit into it
         // (read through its child it is whole; read alone it may be neither point).
+        // A reader may read an apply's target that can be read as one point (see
+        // `ops::apply::read_through`); the chain's warnings then say so.
+        let mut pending_notes = Vec::new();
         if !opts.ignore_pending {
-            for (i, l) in layers.iter().enumerate() {
+            for (i, l) in layers.iter_mut().enumerate() {
                 if let Some(p) = crate::recovery::pending_of(l) {
                     if i == 0 || p.op != "commit" {
+                        if opts.read_pending && p.op == "apply" {
+                            if let Some(note) = crate::ops::apply::read_through(l) {
+                                pending_notes.push(note);
+                                continue;
+                            }
+                        }
                         let m = crate::recovery::pending_message(l).unwrap_or_default();
                         return Err(Error::chain(&l.path, m));
                     }
@@ -185,6 +194,7 @@ impl Chain {
                 ));
             }
         }
+        warnings.extend(pending_notes);
         Ok(Chain { layers, warnings })
     }
 

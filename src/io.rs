@@ -39,6 +39,9 @@ pub struct Source {
     backing: Backing,
     len: u64,
     path: PathBuf,
+    /// Bytes laid over the file's on reads (a complete journal of table writes not yet
+    /// applied: see [`Source::with_patches`]), sorted by offset.
+    patches: Vec<(u64, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for Source {
@@ -81,6 +84,7 @@ impl Source {
             backing,
             len,
             path: path.to_path_buf(),
+            patches: Vec::new(),
         })
     }
 
@@ -91,6 +95,29 @@ impl Source {
             len: bytes.len() as u64,
             backing: Backing::Mem(bytes),
             path: PathBuf::from(name),
+            patches: Vec::new(),
+        }
+    }
+
+    /// This source with `patches` (byte offset, bytes) laid over what it reads, later
+    /// patches over earlier ones: the file as it will be once those writes are made,
+    /// without making them. Bytes past the source's length are left out.
+    pub fn with_patches(mut self, patches: Vec<(u64, Vec<u8>)>) -> Source {
+        self.patches = patches;
+        self
+    }
+
+    fn overlay(&self, buf: &mut [u8], offset: u64) {
+        let end = offset + buf.len() as u64;
+        for (at, bytes) in &self.patches {
+            let p_end = at.saturating_add(bytes.len() as u64);
+            if *at >= end || p_end <= offset {
+                continue;
+            }
+            let from = (*at).max(offset);
+            let to = p_end.min(end);
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&bytes[(from - at) as usize..(to - at) as usize]);
         }
     }
 
@@ -170,13 +197,24 @@ impl Source {
                 }
             }
         }
+        if !self.patches.is_empty() {
+            self.overlay(head, offset);
+        }
         Ok(avail)
     }
 
-    /// Borrow bytes directly when the source is memory-backed.
+    /// Borrow bytes directly when the source is memory-backed (and no patch lies over
+    /// them).
     pub fn slice(&self, offset: u64, len: usize) -> Option<&[u8]> {
         let end = offset.checked_add(len as u64)?;
         if end > self.len {
+            return None;
+        }
+        if self
+            .patches
+            .iter()
+            .any(|(at, b)| *at < end && at.saturating_add(b.len() as u64) > offset)
+        {
             return None;
         }
         let (o, e) = (offset as usize, end as usize);

@@ -68,6 +68,11 @@ pub struct OpenOptions {
     /// Open a chain although a layer carries a pending mark of an interrupted vmdkit
     /// operation (the commands that finish or report it; see [`crate::recovery`]).
     pub ignore_pending: bool,
+    /// Read a disk an interrupted `vmdkit apply` left marked, as it reads before or after
+    /// that apply (hosted sparse targets, whose tables switch through a journal), instead
+    /// of refusing it; the chain's warnings then say so and what finishes it. For
+    /// commands that only read; a command that writes must refuse such a disk.
+    pub read_pending: bool,
 }
 
 impl Default for OpenOptions {
@@ -77,6 +82,7 @@ impl Default for OpenOptions {
             mode: SourceMode::Pread,
             allow_outside_paths: crate::guard::outside_paths_allowed(),
             ignore_pending: false,
+            read_pending: false,
         }
     }
 }
@@ -95,6 +101,29 @@ impl OpenOptions {
 }
 
 impl Layer {
+    /// Reopen this layer's hosted sparse extents with `records` (an admitted journal of
+    /// table and directory writes, see [`crate::write::JournalRecord`]) laid over their
+    /// bytes: the layer as it reads once the journal is applied, with nothing written.
+    pub(crate) fn overlay(&mut self, records: &[crate::write::JournalRecord]) -> Result<()> {
+        for slot in &mut self.extents {
+            let (Extent::Sparse(_), Some(p)) = (&slot.extent, &slot.path) else {
+                continue;
+            };
+            let canon = crate::recovery::canonical(p)?;
+            let patches: Vec<(u64, Vec<u8>)> = records
+                .iter()
+                .filter(|r| !r.bytes.is_empty() && crate::resolve::same_file(&r.file, &canon))
+                .map(|r| (r.offset, r.bytes.clone()))
+                .collect();
+            if patches.is_empty() {
+                continue;
+            }
+            let src = Source::open(p, SourceMode::Pread)?.with_patches(patches);
+            slot.extent = Extent::Sparse(Box::new(SparseExtent::open(src)?));
+        }
+        Ok(())
+    }
+
     /// Open one layer (no parent) from `path`.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Layer> {
         let src = Source::open(path, opts.mode)?;

@@ -117,6 +117,64 @@ struct SparseExtentWriter {
     cursor: u64,
     len: u64,
     grain: u64,
+    /// Copy-on-write into the extent itself (see [`LayerWriter::shadow`]).
+    shadow: Option<Shadow>,
+}
+
+/// A writer that never writes a grain the tables referenced when it opened: such a grain
+/// is written whole (its old bytes with the new laid over them) into scratch space past
+/// every new grain, and its entry moves there. Until the tables are switched the extent
+/// reads as before, byte for byte; [`LayerWriter::compact`] later copies each moved
+/// grain back to its old place, so the file ends as an in-place writer leaves it.
+#[derive(Debug)]
+struct Shadow {
+    /// Grains and tables at or past this sector are this writer's own.
+    first_new: u64,
+    /// Where the next moved grain goes.
+    scratch: u64,
+    /// New grains and tables must stay below this (where the scratch space starts);
+    /// `None` while planning.
+    limit: Option<u64>,
+    /// Planning: nothing is written, only places are handed out.
+    dry: bool,
+    moves: Vec<Move>,
+}
+
+/// A grain a shadowing writer moved: grain `grain` of extent `extent` (its index in the
+/// layer's extents) was at sector `old` and now is at sector `new`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Move {
+    /// The extent's index in the layer.
+    pub extent: usize,
+    /// The grain's index in the extent.
+    pub grain: u64,
+    /// Sector of its place before the write.
+    pub old: u32,
+    /// Sector of its copy in the scratch space.
+    pub new: u32,
+}
+
+/// Read `buf.len()` bytes at `off`; bytes past the end of the file read as zeros.
+fn read_zero_fill(f: &File, path: &Path, buf: &mut [u8], off: u64) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("read", path, off + done as u64, e)),
+        }
+    }
+    buf[done..].fill(0);
+    Ok(())
+}
+
+/// The plan was broken: new grains would reach the scratch space (a bug, never input).
+fn past_plan(path: &Path) -> Error {
+    Error::chain(
+        path,
+        "the writes do not follow the plan made for them (new grains would reach the scratch space); nothing was switched",
+    )
 }
 
 /// Sector numbers handed out from a cursor, in whole grains (tables take a grain each,
@@ -165,15 +223,46 @@ impl SparseExtentWriter {
             h,
             tables,
             cursor,
+            shadow: None,
         })
     }
 
     fn set_gte(&mut self, g: u64, v: u32) -> Result<()> {
         let (cursor, gs, path) = (&mut self.cursor, self.h.grain_size, &self.path);
+        let limit = self.shadow.as_ref().and_then(|s| s.limit);
         let table_sectors = (self.tables.per_table() as u64 * 4).div_ceil(SECTOR);
         self.tables.set(&self.file, g, v, &mut || {
-            take_sectors(cursor, table_sectors, gs, path)
+            let at = take_sectors(cursor, table_sectors, gs, path)?;
+            if limit.is_some_and(|l| *cursor > l) {
+                return Err(past_plan(path));
+            }
+            Ok(at)
         })
+    }
+
+    /// Move grain `g` (at sector `old`, referenced before this writer) to the scratch
+    /// space with `data` laid over it at grain offset `o`.
+    fn move_grain(&mut self, g: u64, old: u32, data: &[u8], o: usize) -> Result<()> {
+        let sh = self.shadow.as_mut().expect("shadowing");
+        let at = take_sectors(
+            &mut sh.scratch,
+            self.h.grain_size,
+            self.h.grain_size,
+            &self.path,
+        )?;
+        if !sh.dry {
+            let mut full = vec![0u8; self.grain as usize];
+            read_zero_fill(&self.file, &self.path, &mut full, u64::from(old) * SECTOR)?;
+            full[o..o + data.len()].copy_from_slice(data);
+            pwrite(&self.file, &self.path, &full, u64::from(at) * SECTOR)?;
+        }
+        sh.moves.push(Move {
+            extent: 0,
+            grain: g,
+            old,
+            new: at,
+        });
+        self.set_gte(g, at)
     }
 
     /// Write `data` at extent-relative `off` (within one grain).
@@ -187,7 +276,19 @@ impl SparseExtentWriter {
         let g = off / self.grain;
         let gstart = g * self.grain;
         let gte = self.tables.get(&self.file, g)?;
+        let dry = self.shadow.as_ref().is_some_and(|s| s.dry);
+        if gte >= 2
+            && self
+                .shadow
+                .as_ref()
+                .is_some_and(|s| u64::from(gte) < s.first_new)
+        {
+            return self.move_grain(g, gte, data, (off - gstart) as usize);
+        }
         if gte >= 2 || (gte == 1 && !self.h.zero_grain()) {
+            if dry {
+                return Ok(());
+            }
             return pwrite(
                 &self.file,
                 &self.path,
@@ -195,24 +296,31 @@ impl SparseExtentWriter {
                 u64::from(gte) * SECTOR + (off - gstart),
             );
         }
-        // A zeroed grain (gte 1) reads as zeros: nothing to fill from below.
-        let full = new_grain(
-            data,
-            off,
-            gstart,
-            self.grain,
-            self.len,
-            base,
-            gte == 0,
-            below,
-        )?;
         let s = take_sectors(
             &mut self.cursor,
             self.h.grain_size,
             self.h.grain_size,
             &self.path,
         )?;
-        pwrite(&self.file, &self.path, &full, u64::from(s) * SECTOR)?;
+        if let Some(sh) = &self.shadow {
+            if sh.limit.is_some_and(|l| self.cursor > l) {
+                return Err(past_plan(&self.path));
+            }
+        }
+        if !dry {
+            // A zeroed grain (gte 1) reads as zeros: nothing to fill from below.
+            let full = new_grain(
+                data,
+                off,
+                gstart,
+                self.grain,
+                self.len,
+                base,
+                gte == 0,
+                below,
+            )?;
+            pwrite(&self.file, &self.path, &full, u64::from(s) * SECTOR)?;
+        }
         self.set_gte(g, s)
     }
 
@@ -561,14 +669,198 @@ impl LayerWriter {
         // without bytes; see [`apply_journal`]).
         for (_, _, w) in &self.extents {
             if let ExtentWriter::Sparse(s) = w {
+                // A shadowing writer's moved grains lie past its new ones.
+                let end = s
+                    .shadow
+                    .as_ref()
+                    .map_or(s.cursor, |sh| sh.scratch.max(s.cursor));
                 tables.push(JournalRecord {
                     file: s.path.clone(),
-                    offset: s.cursor * SECTOR,
+                    offset: end * SECTOR,
                     bytes: Vec::new(),
                 });
             }
         }
         Ok(tables)
+    }
+
+    /// Whether this layer can be written without touching a grain its tables reference
+    /// (every extent hosted sparse): see [`shadow`](Self::shadow).
+    pub fn can_shadow(&self) -> bool {
+        !self.extents.is_empty()
+            && self
+                .extents
+                .iter()
+                .all(|(_, _, w)| matches!(w, ExtentWriter::Sparse(_)))
+    }
+
+    /// Write without touching what the tables reference (apply's atomic switch): a
+    /// write into a grain the tables already reference goes, with the grain's old
+    /// bytes, to scratch space past every new grain, and its entry moves there (a
+    /// [`Move`]). `plan` is where that space starts in each extent: what a `dry` run of
+    /// the same writes (nothing written, places handed out) left in [`plan`](Self::plan).
+    /// Then nothing the old tables reference is written before the journal switches
+    /// them, and [`compact`](Self::compact) moves the grains back afterwards.
+    pub fn shadow(&mut self, dry: bool, plan: Option<&[u64]>) -> Result<()> {
+        if !self.can_shadow() {
+            return Err(Error::unsupported(
+                &self.path,
+                "copy-on-write into a layer that is not hosted sparse",
+            ));
+        }
+        for (i, (_, _, w)) in self.extents.iter_mut().enumerate() {
+            if let ExtentWriter::Sparse(s) = w {
+                let start = match plan {
+                    Some(p) => *p.get(i).ok_or_else(|| past_plan(&s.path))?,
+                    // Planning: the scratch space's place does not matter, only that it
+                    // is past what the tables reference.
+                    None => s.cursor,
+                };
+                if start < s.cursor {
+                    return Err(past_plan(&s.path));
+                }
+                s.shadow = Some(Shadow {
+                    first_new: s.cursor,
+                    scratch: start,
+                    limit: plan.map(|_| start),
+                    dry,
+                    moves: Vec::new(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Where each extent's new grains end (in sectors): after a `dry`
+    /// [`shadow`](Self::shadow) run, the start of the scratch space of the real one.
+    pub fn plan(&self) -> Vec<u64> {
+        self.extents
+            .iter()
+            .map(|(_, _, w)| match w {
+                ExtentWriter::Sparse(s) => s.cursor,
+                _ => 0,
+            })
+            .collect()
+    }
+
+    /// The grains a shadowing writer moved so far.
+    pub fn take_moves(&mut self) -> Vec<Move> {
+        let mut out = Vec::new();
+        for (i, (_, _, w)) in self.extents.iter_mut().enumerate() {
+            if let ExtentWriter::Sparse(s) = w {
+                if let Some(sh) = s.shadow.as_mut() {
+                    out.extend(sh.moves.drain(..).map(|m| Move { extent: i, ..m }));
+                }
+            }
+        }
+        out
+    }
+
+    /// Check moves read back from a state file (untrusted) before [`compact`]
+    /// acts on them: each names a grain of a hosted sparse extent that now points at its
+    /// old or its new place, the old place lies below `ends` (where the extent will be
+    /// cut) and the new one at or past it, no two moves share a grain or a place, and no
+    /// other grain or table lies in an old place or past `ends`. Then copying the moved
+    /// grains back and cutting the extent can only touch the moved grains.
+    ///
+    /// [`compact`]: Self::compact
+    pub fn check_moves(&mut self, moves: &[Move], ends: &[u64]) -> Result<()> {
+        use std::collections::HashMap;
+        let bad = |p: &Path, what: String| {
+            Error::chain(
+                p,
+                format!("the interrupted apply's state does not fit this disk ({what}); it is not acted on"),
+            )
+        };
+        if ends.len() != self.extents.len() {
+            return Err(bad(&self.path, "another number of extents".into()));
+        }
+        for (i, (_, _, w)) in self.extents.iter_mut().enumerate() {
+            let ExtentWriter::Sparse(s) = w else {
+                if moves.iter().any(|m| m.extent == i) {
+                    return Err(bad(&self.path, format!("extent {i} is not hosted sparse")));
+                }
+                continue;
+            };
+            let end = ends[i];
+            let gs = s.h.grain_size;
+            let mut by_grain: HashMap<u64, &Move> = HashMap::new();
+            let mut olds: HashMap<u32, u64> = HashMap::new();
+            for m in moves.iter().filter(|m| m.extent == i) {
+                let (old, new) = (u64::from(m.old), u64::from(m.new));
+                if old < s.h.over_head.max(1) || old + gs > end || new < end {
+                    return Err(bad(
+                        &s.path,
+                        format!("grain {} moved from sector {old} to {new}", m.grain),
+                    ));
+                }
+                if by_grain.insert(m.grain, m).is_some() || olds.insert(m.old, m.grain).is_some() {
+                    return Err(bad(&s.path, format!("grain {} moved twice", m.grain)));
+                }
+            }
+            if s.tables.tables_end() > end {
+                return Err(bad(&s.path, "a table lies past the new end".into()));
+            }
+            let grains = s.h.capacity_sectors.div_ceil(gs.max(1));
+            for g in 0..grains {
+                let e = s.tables.get(&s.file, g)?;
+                match by_grain.get(&g) {
+                    Some(m) if e == m.old || e == m.new => {}
+                    Some(m) => {
+                        return Err(bad(
+                            &s.path,
+                            format!(
+                                "grain {g} points at sector {e}, neither {} nor {}",
+                                m.old, m.new
+                            ),
+                        ))
+                    }
+                    None if e >= 2 && (u64::from(e) + gs > end || olds.contains_key(&e)) => {
+                        return Err(bad(
+                            &s.path,
+                            format!("grain {g} at sector {e} is in the way"),
+                        ))
+                    }
+                    None => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After the switch (the tables point at the moved grains, durably): copy each moved
+    /// grain back to its old place (which no table references now), make that durable,
+    /// point the entries back (primary tables, sync, redundant ones, sync), and cut each
+    /// extent at `ends` (sectors: the plan), which drops the scratch space. Every state
+    /// on the way reads the same: both places hold the new bytes before any entry moves
+    /// back. Rerun after a power cut: an extent already cut has had its grains copied and
+    /// its entries moved durably (the cut comes last); its entries are set again.
+    pub fn compact(&mut self, moves: &[Move], ends: &[u64]) -> Result<()> {
+        for (i, (_, _, w)) in self.extents.iter_mut().enumerate() {
+            let ExtentWriter::Sparse(s) = w else { continue };
+            let end = *ends.get(i).ok_or_else(|| past_plan(&s.path))? * SECTOR;
+            let mine: Vec<&Move> = moves.iter().filter(|m| m.extent == i).collect();
+            let len = s
+                .file
+                .metadata()
+                .map_err(|e| Error::io("stat", &s.path, 0, e))?
+                .len();
+            if len > end {
+                let mut buf = vec![0u8; s.grain as usize];
+                for m in &mine {
+                    read_zero_fill(&s.file, &s.path, &mut buf, u64::from(m.new) * SECTOR)?;
+                    pwrite(&s.file, &s.path, &buf, u64::from(m.old) * SECTOR)?;
+                }
+            }
+            for m in &mine {
+                s.tables
+                    .set(&s.file, m.grain, m.old, &mut || Err(past_plan(&s.path)))?;
+            }
+            let writes = s.tables.take_writes();
+            flush_metadata(&s.file, &s.path, writes)?;
+            trim_to(&s.file, &s.path, end)?;
+        }
+        Ok(())
     }
 
     /// The files of extents this writer can change, with their current lengths.

@@ -71,6 +71,9 @@ impl ReadArgs {
             } else {
                 SourceMode::Pread
             },
+            // Commands that only read take a half-applied disk as the point it reads as
+            // (and say so); every command that writes refuses it.
+            read_pending: true,
             ..Default::default()
         };
         if self.raw()? {

@@ -196,6 +196,18 @@ impl GrainTables {
         Ok(end)
     }
 
+    /// The sector just past every table the directories (both copies) point at.
+    pub fn tables_end(&self) -> u64 {
+        let table_sectors = (self.per as u64 * 4).div_ceil(SECTOR);
+        std::iter::once(&self.gd)
+            .chain(self.rgd.as_ref())
+            .flat_map(|d| d.iter())
+            .filter(|&&t| t != 0)
+            .map(|&t| u64::from(t) + table_sectors)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Whether anything changed since the last [`take_writes`](Self::take_writes).
     pub fn is_dirty(&self) -> bool {
         !self.dirty.is_empty() || self.gd_dirty

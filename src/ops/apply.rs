@@ -60,7 +60,7 @@ use crate::guard::{LockKind, LockSet};
 use crate::layer::OpenOptions;
 use crate::ops::Progress;
 use crate::recovery::{self, journal_path, FileRecord, Resolved};
-use crate::write::{apply_journal, cut_back_files, write_journal, LayerWriter};
+use crate::write::{apply_journal, cut_back_files, write_journal, LayerWriter, Move};
 
 /// Options of an apply.
 #[derive(Debug, Clone, Default)]
@@ -171,6 +171,9 @@ enum Phase {
     Copy,
     /// The data is durable and the journal of table writes complete: replay it.
     Tables,
+    /// The journal is applied (the disk reads the new point): grains the apply moved
+    /// are being copied back to their places ([`LayerWriter::compact`]).
+    Compact,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -185,6 +188,12 @@ struct State {
     /// The target's extent files before the apply (a rerun cuts them back to these
     /// lengths).
     files: Vec<FileRecord>,
+    /// Grains moved to scratch space (phases `tables` and `compact`).
+    #[serde(default)]
+    moves: Vec<Move>,
+    /// Where each extent's new grains end, in sectors (where it is cut at the end).
+    #[serde(default)]
+    ends: Vec<u64>,
 }
 
 /// Parse an apply state file's bytes (the fuzz target's body).
@@ -323,15 +332,47 @@ fn apply_file_handle(
 }
 
 /// Read the whole increment, inflating every grain, writing nothing: damage is found
-/// while the target is untouched.
-fn validate(job: Job<'_>) -> Result<()> {
+/// while the target is untouched. Given a target that can be written copy-on-write
+/// (hosted sparse), the same pass plans the writes with a dry writer and returns where
+/// each extent's new grains will end ([`LayerWriter::shadow`]).
+fn validate(job: Job<'_>, target: Option<&crate::layer::Layer>) -> Result<Option<Vec<u64>>> {
     let quiet = Job {
         progress: &crate::ops::NoProgress,
         ..job
     };
     let mut scratch = ApplyReport::default();
-    read_grains(quiet, &mut scratch, &mut |_, _| Ok(()), &mut |_, _| Ok(()))
-        .map_err(|e| damaged(job.name, e))
+    let mut planner = match target {
+        Some(t) => {
+            let mut w = LayerWriter::open_with(t, job.opts.allow_device_write)?;
+            w.shadow(true, None)?;
+            Some(w)
+        }
+        None => None,
+    };
+    let no_read = |buf: &mut [u8], _: u64| {
+        buf.fill(0);
+        Ok(())
+    };
+    let planned: std::cell::RefCell<Result<()>> = std::cell::RefCell::new(Ok(()));
+    let planner = std::cell::RefCell::new(planner.as_mut());
+    let step = |f: &mut dyn FnMut(&mut LayerWriter) -> Result<()>| {
+        if let Some(w) = planner.borrow_mut().as_mut() {
+            if planned.borrow().is_ok() {
+                let r = f(w);
+                *planned.borrow_mut() = r;
+            }
+        }
+        Ok(())
+    };
+    read_grains(
+        quiet,
+        &mut scratch,
+        &mut |off, b| step(&mut |w| w.write_at(b, off, &no_read)),
+        &mut |off, len| step(&mut |w| w.write_zeroes(off, len, &no_read)),
+    )
+    .map_err(|e| damaged(job.name, e))?;
+    planned.into_inner()?;
+    Ok(planner.into_inner().map(|w| w.plan()))
 }
 
 fn damaged(name: &Path, e: Error) -> Error {
@@ -347,8 +388,9 @@ fn incomplete(target: &Path, name: &Path, e: Error) -> Error {
     Error::chain(
         target,
         format!(
-            "the apply is incomplete ({e}). The disk is marked and every other command refuses it until \
-             the same apply is run again: `vmdkit apply {} {}` (with a good copy of the same increment)",
+            "the apply is incomplete ({e}). The disk is marked: until the same apply is run again, commands that \
+             write refuse it and commands that read read it as one point (before or after the apply) where they can: \
+             `vmdkit apply {} {}` (with a good copy of the same increment)",
             target.display(),
             name.display()
         ),
@@ -450,19 +492,20 @@ fn apply_vmdk(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
     }
     if let Some(st) = &state {
         report.resumed = true;
-        if st.phase == Phase::Tables {
+        if st.phase != Phase::Copy {
             let finished =
                 recovery::pending_of(chain.top()).is_none() && chain.top().cid() == Some(inc.cid);
-            let journal = if finished && !journal_path(&sp).exists() {
-                // Crashed between removing the journal and the state.
-                Vec::new()
-            } else {
-                recovery::admitted_journal(&sp, &st.token, chain.top(), "apply")?
-            };
+            if finished {
+                // Crashed between the last descriptor write and removing the state.
+                return recovery::remove_state_files(&[journal_path(&sp), sp.clone()])
+                    .map_err(|e| incomplete(target, name, e));
+            }
             let done = (|| {
-                apply_journal(&journal)?;
-                finish(&mut chain.layers[0], inc.cid)?;
-                recovery::remove_state_files(&[journal_path(&sp), sp.clone()])
+                if st.phase == Phase::Tables {
+                    let journal = recovery::admitted_journal(&sp, &st.token, chain.top(), "apply")?;
+                    apply_journal(&journal)?;
+                }
+                switched(&mut chain, &sp, st.clone(), inc.cid, opts, true)
             })();
             return done.map_err(|e| incomplete(target, name, e));
         }
@@ -483,14 +526,19 @@ fn apply_vmdk(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
     recovery::refuse_read_only_files(top, opts.force)?;
     let writer = LayerWriter::open_with(top, opts.allow_device_write)?;
     writer.check_writable(0, inc.capacity)?;
+    let shadows = writer.can_shadow();
     drop(writer);
-    // Every grain of the increment, before the first write.
-    validate(job)?;
+    // Every grain of the increment, before the first write (and the plan of the writes).
+    let plan = validate(job, shadows.then_some(top))?;
     let st = match state {
         Some(st) => {
+            // A journal of the interrupted run (complete, but the state never reached
+            // phase `tables`) goes first: readers would lay it over what is cut now.
             let lengths: Vec<(PathBuf, u64)> =
                 st.files.iter().map(|f| (f.path.clone(), f.len)).collect();
-            cut_back_files(&lengths).map_err(|e| incomplete(target, name, e))?;
+            recovery::remove_state_files(&[journal_path(&sp)])
+                .and_then(|()| cut_back_files(&lengths))
+                .map_err(|e| incomplete(target, name, e))?;
             st
         }
         None => {
@@ -506,6 +554,8 @@ fn apply_vmdk(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
                     .iter()
                     .map(|(p, _)| FileRecord::of(p))
                     .collect::<Result<Vec<_>>>()?,
+                moves: Vec::new(),
+                ends: Vec::new(),
             };
             drop(w);
             recovery::write(&sp, &st)?;
@@ -519,12 +569,12 @@ fn apply_vmdk(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
         }
     };
     crate::guard::set_interrupt_note(Some(format!(
-        "the apply into `{}` is incomplete; the disk is marked and other commands refuse it until the same apply is run again: `vmdkit apply {} {}`",
+        "the apply into `{}` is incomplete; the disk is marked (commands that write refuse it) until the same apply is run again: `vmdkit apply {} {}`",
         target.display(),
         target.display(),
         name.display()
     )));
-    let r = write_grains(job, &mut chain, &sp, st, report);
+    let r = write_grains(job, &mut chain, &sp, st, plan.as_deref(), report);
     crate::guard::set_interrupt_note(None);
     r.map_err(|e| incomplete(target, name, e))
 }
@@ -535,9 +585,13 @@ fn write_grains(
     chain: &mut Chain,
     sp: &Path,
     st: State,
+    plan: Option<&[u64]>,
     report: &mut ApplyReport,
 ) -> Result<()> {
     let mut writer = LayerWriter::open_with(chain.top(), job.opts.allow_device_write)?;
+    if let Some(plan) = plan {
+        writer.shadow(false, Some(plan))?;
+    }
     {
         let chain_ref: &Chain = chain;
         let below = |buf: &mut [u8], off: u64| chain_ref.read_below(1, buf, off);
@@ -549,19 +603,95 @@ fn write_grains(
             &mut |off, len| w.borrow_mut().write_zeroes(off, len, &below),
         )?;
     }
+    let moves = writer.take_moves();
     let journal = writer.take_journal()?;
     drop(writer);
     write_journal(&journal_path(sp), &st.token, &journal)?;
-    recovery::write(
-        sp,
-        &State {
-            phase: Phase::Tables,
-            ..st
-        },
-    )?;
+    let st = State {
+        phase: Phase::Tables,
+        moves,
+        ends: plan.map(<[u64]>::to_vec).unwrap_or_default(),
+        ..st
+    };
+    recovery::write(sp, &st)?;
     apply_journal(&journal)?;
-    finish(&mut chain.layers[0], job.inc.cid)?;
+    switched(chain, sp, st, job.inc.cid, job.opts, false)
+}
+
+/// The journal is applied: the moved grains go back to their places (phase
+/// `compact`; the journal goes first, so no reader lays it over the copies), then the
+/// CID and the mark, and the state goes. `resumed`: the moves come from a state file
+/// and are checked against the disk first.
+fn switched(
+    chain: &mut Chain,
+    sp: &Path,
+    st: State,
+    cid: u32,
+    opts: &ApplyOptions,
+    resumed: bool,
+) -> Result<()> {
+    if !st.moves.is_empty() {
+        let mut w = LayerWriter::open_with(chain.top(), opts.allow_device_write)?;
+        if resumed {
+            w.check_moves(&st.moves, &st.ends)?;
+        }
+        if st.phase != Phase::Compact {
+            recovery::write(
+                sp,
+                &State {
+                    phase: Phase::Compact,
+                    ..st.clone()
+                },
+            )?;
+        }
+        recovery::remove_state_files(&[journal_path(sp)])?;
+        w.compact(&st.moves, &st.ends)?;
+    }
+    finish(&mut chain.layers[0], cid)?;
     recovery::remove_state_files(&[journal_path(sp), sp.to_path_buf()])
+}
+
+/// A layer an interrupted apply left marked, made to read as one whole point when it
+/// can be: a hosted sparse target (its old grains are never written before the switch)
+/// whose state file is this mark's. With the apply's journal complete it reads as after
+/// the apply (the journal laid over its tables, nothing written); without one, in phase
+/// `copy` as before it, in phase `compact` as after it. Returns what to tell the user,
+/// or `None` when the layer cannot be read as one point (it is then refused).
+pub(crate) fn read_through(layer: &mut crate::layer::Layer) -> Option<String> {
+    let p = recovery::pending_of(layer).filter(|p| p.op == "apply")?;
+    // What `LayerWriter::can_shadow` needs, seen without opening anything for writing.
+    let sparse = layer
+        .extents
+        .iter()
+        .all(|e| matches!(&e.extent, crate::format::Extent::Sparse(s) if !s.header().compressed()));
+    if !sparse {
+        return None;
+    }
+    let sp = state_path(&recovery::canonical(&layer.path).ok()?);
+    let st: State = recovery::read(&sp).ok()??;
+    if st.token != p.token {
+        return None;
+    }
+    let after = if std::fs::symlink_metadata(journal_path(&sp)).is_ok() {
+        let records = recovery::admitted_journal(&sp, &st.token, layer, "apply").ok()?;
+        layer.overlay(&records).ok()?;
+        true
+    } else {
+        match st.phase {
+            Phase::Copy => false,
+            Phase::Compact => true,
+            // The journal of phase `tables` is gone: the tables may be half switched.
+            Phase::Tables => return None,
+        }
+    };
+    Some(format!(
+        "`{}` is in the middle of an interrupted `vmdkit apply` (content ID {} -> {}); it reads as it is {} that apply.          Run the same `vmdkit apply {} INCREMENT` again with that increment to finish it",
+        layer.path.display(),
+        cid_text(st.parent_cid),
+        cid_text(st.cid),
+        if after { "after" } else { "before" },
+        layer.path.display()
+    ))
 }
 
 /// The tables are durable: the increment's CID and no mark, in one descriptor write.
@@ -615,9 +745,8 @@ fn resume_check(sp: &Path, st: &State, chain: &Chain, inc: &Increment) -> Result
         ));
     }
     let marked = recovery::carries(top, "apply", &st.token);
-    let finished = st.phase == Phase::Tables
-        && recovery::pending_of(top).is_none()
-        && top.cid() == Some(st.cid);
+    let finished =
+        st.phase != Phase::Copy && recovery::pending_of(top).is_none() && top.cid() == Some(st.cid);
     let lengths_ok = |exact: bool| {
         st.files.iter().all(|f| {
             f.same_inode()
@@ -720,7 +849,7 @@ fn apply_raw(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
         )));
     }
     // Every grain of the increment, before the first write.
-    validate(job)?;
+    validate(job, None)?;
     // A raw file has no descriptor to mark: a state file beside it says that its
     // in-place writes are under way (readers of it refuse it until the rerun). A block
     // device's folder (/dev) is not ours to write: the interruption note is all it gets.

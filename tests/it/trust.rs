@@ -624,8 +624,16 @@ fn a_damaged_increment_changes_nothing_and_an_interrupted_one_says_so() {
         err.contains("incomplete") && err.contains("vmdkit apply vm.vmdk"),
         "{err}"
     );
-    let refused = vmdkit_err(&r, &["export", "vm.vmdk", "x.vmdk", "-q"]);
+    // Writers refuse it; readers read it as one point and say so (issue 18 (a), (d)).
+    let refused = vmdkit_err(&r, &["redo", "add", "vm.vmdk"]);
     assert!(refused.contains("interrupted `vmdkit apply`"), "{refused}");
+    let read = vmdkit(&r, &["export", "vm.vmdk", "x.vmdk", "-q"]);
+    let said = String::from_utf8_lossy(&read.stderr);
+    assert!(
+        read.status.success() && said.contains("interrupted `vmdkit apply`"),
+        "{said}"
+    );
+    std::fs::remove_file(r.join("x.vmdk")).unwrap();
     vmdkit_ok(&r, &["apply", "vm.vmdk", inc.to_str().unwrap(), "-q"]);
     assert_same(&qemu_raw(&r, "vm.vmdk"), &want, "after the rerun");
     qemu_img(&r, &["check", "vm.vmdk"]);
