@@ -27,9 +27,10 @@
 //! # The pending mark
 //! The token in the descriptor is also what every other command sees: a disk whose
 //! descriptor says `ddb.vmdkit.pending` is in the middle of a vmdkit operation. Opening a
-//! chain refuses a top layer marked by commit or any layer marked by apply (their
-//! content may be neither point), naming the command that finishes it ([`pending_of`]);
-//! `info` and `check` report it. The mark is removed in the same descriptor write that
+//! chain refuses a top layer marked by commit or any layer marked by apply, naming the
+//! command that finishes it ([`pending_of`]); `info` and `check` report it. Commands that
+//! only read (`OpenOptions::read_pending`) read an apply's hosted sparse target as the
+//! one point it holds, before or after (`ops::apply::read_through`), with a warning. The mark is removed in the same descriptor write that
 //! gives the disk its final CID, so the disk is never unmarked while it is half done.
 
 use std::os::unix::fs::MetadataExt;
@@ -240,8 +241,9 @@ pub fn pending_message(layer: &Layer) -> Option<String> {
     let name = layer.path.display();
     Some(match p.op.as_str() {
         "apply" => format!(
-            "`{name}` is in the middle of an interrupted `vmdkit apply`: its content may be neither the old nor the new point. \
-             Run the same `vmdkit apply {name} INCREMENT` again with the same increment to finish it"
+            "`{name}` is in the middle of an interrupted `vmdkit apply`: it is refused (commands that only read it read a \
+             sparse target as before or after the apply; a flat or raw one is half written) until the same \
+             `vmdkit apply {name} INCREMENT` is run again with the same increment to finish it"
         ),
         "commit" => format!(
             "`{name}` is the parent of an interrupted `vmdkit commit`: read alone, its content may be neither the old nor the new point. \

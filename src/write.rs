@@ -169,6 +169,35 @@ fn read_zero_fill(f: &File, path: &Path, buf: &mut [u8], off: u64) -> Result<()>
     Ok(())
 }
 
+/// Copy `len` bytes of `f` from `from` to `to` (ranges that do not overlap), in the
+/// kernel where it can (`copy_file_range`), else through a buffer; bytes past the end
+/// of the file read as zeros.
+fn copy_within(f: &File, path: &Path, from: u64, to: u64, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    fault_point();
+    let (mut done, fd) = (0u64, f.as_raw_fd());
+    while done < len {
+        let (mut src, mut dst) = ((from + done) as libc::loff_t, (to + done) as libc::loff_t);
+        // SAFETY: both offsets point at locals that live across the call; the fd is
+        // `f`'s, open for reading and writing; no memory of ours is written.
+        let n =
+            unsafe { libc::copy_file_range(fd, &mut src, fd, &mut dst, (len - done) as usize, 0) };
+        if n <= 0 {
+            break; // the end of the file, or no kernel copy here: the buffer does the rest
+        }
+        done += n as u64;
+    }
+    let mut buf = vec![0u8; (len - done).min(1 << 20) as usize];
+    while done < len {
+        let k = (len - done).min(buf.len() as u64) as usize;
+        read_zero_fill(f, path, &mut buf[..k], from + done)?;
+        f.write_all_at(&buf[..k], to + done)
+            .map_err(|e| crate::output::write_error(path, to + done, e))?;
+        done += k as u64;
+    }
+    Ok(())
+}
+
 /// The plan was broken: new grains would reach the scratch space (a bug, never input).
 fn past_plan(path: &Path) -> Error {
     Error::chain(
@@ -251,10 +280,16 @@ impl SparseExtentWriter {
             &self.path,
         )?;
         if !sh.dry {
-            let mut full = vec![0u8; self.grain as usize];
-            read_zero_fill(&self.file, &self.path, &mut full, u64::from(old) * SECTOR)?;
-            full[o..o + data.len()].copy_from_slice(data);
-            pwrite(&self.file, &self.path, &full, u64::from(at) * SECTOR)?;
+            let valid = (self.len - g * self.grain).min(self.grain) as usize;
+            if o == 0 && data.len() >= valid {
+                // The whole grain is new: its old bytes are not needed.
+                pwrite(&self.file, &self.path, data, u64::from(at) * SECTOR)?;
+            } else {
+                let mut full = vec![0u8; self.grain as usize];
+                read_zero_fill(&self.file, &self.path, &mut full, u64::from(old) * SECTOR)?;
+                full[o..o + data.len()].copy_from_slice(data);
+                pwrite(&self.file, &self.path, &full, u64::from(at) * SECTOR)?;
+            }
         }
         sh.moves.push(Move {
             extent: 0,
@@ -846,10 +881,28 @@ impl LayerWriter {
                 .map_err(|e| Error::io("stat", &s.path, 0, e))?
                 .len();
             if len > end {
-                let mut buf = vec![0u8; s.grain as usize];
-                for m in &mine {
-                    read_zero_fill(&s.file, &s.path, &mut buf, u64::from(m.new) * SECTOR)?;
-                    pwrite(&s.file, &s.path, &buf, u64::from(m.old) * SECTOR)?;
+                // Runs of grains moved from consecutive places to consecutive places
+                // (the usual case: an increment rewrites a stretch of the disk) go back
+                // in one copy each, in the kernel.
+                let gs = s.h.grain_size;
+                let mut i = 0;
+                while i < mine.len() {
+                    let mut n = 1;
+                    while i + n < mine.len()
+                        && n < 128
+                        && u64::from(mine[i + n].old) == u64::from(mine[i].old) + n as u64 * gs
+                        && u64::from(mine[i + n].new) == u64::from(mine[i].new) + n as u64 * gs
+                    {
+                        n += 1;
+                    }
+                    copy_within(
+                        &s.file,
+                        &s.path,
+                        u64::from(mine[i].new) * SECTOR,
+                        u64::from(mine[i].old) * SECTOR,
+                        n as u64 * s.grain,
+                    )?;
+                    i += n;
                 }
             }
             for m in &mine {

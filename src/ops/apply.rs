@@ -23,17 +23,50 @@
 //! input ([`crate::recovery`]): a state file `<target>.vmdkit-apply` records a random
 //! token, the increment (its parentCID and CID), the target's extent files (canonical
 //! paths, identity, lengths) (phase `copy`); then the target's descriptor gets the
-//! pending mark with that token, so every other command refuses the disk until the apply
-//! is finished. Data grains go into grains the target already has (in place) or are
-//! appended; zeroed grains become zeroed grain entries; no table or directory is written
-//! in this phase. A rerun of the same increment cuts the extents back and writes again:
-//! the same bytes land in the same places. Then the table writes go to a checksummed
-//! journal carrying the token, the state moves to `tables`, the journal is applied, the
-//! target gets the increment's CID and loses the mark in one descriptor write, and the
-//! journal and the state are removed (the folder fsynced before success is reported). A
-//! rerun in phase `tables` replays the journal (it does not need the rest of the input).
+//! pending mark with that token, so every command that writes refuses the disk until the
+//! apply is finished.
+//!
+//! # Why the target reads as before or after at every power cut (hosted sparse)
+//! In phase `copy` no byte the target's tables reference is written
+//! ([`LayerWriter::shadow`]). The pass that validates the increment also plans the writes
+//! with a dry writer: where each extent's new grains (and new tables) will end. New
+//! grains are appended below that end; a grain the target already has is written whole
+//! (its old bytes under the new) into scratch space from that end on, and its entry is
+//! changed in memory only. Zeroed grains are entry changes too. Then, in order, each
+//! step durable before the next:
+//! 1. the grain data is synced; the table and directory writes go to a checksummed
+//!    journal carrying the token (written atomically); the state moves to `tables`
+//!    with the moves (grain, old place, scratch place) and the planned ends;
+//! 2. the journal is applied (primary tables, sync, redundant copies and directories,
+//!    sync): the tables now point at the new grains and the scratch copies;
+//! 3. the state moves to `compact`, the journal is removed;
+//! 4. each moved grain is copied back to its old place (which no table references now),
+//!    synced, the entries pointed back, synced, and each extent cut at its planned end
+//!    (which drops the scratch space) ([`LayerWriter::compact`]);
+//! 5. the increment's CID and the mark's removal, in one descriptor write; the state is
+//!    removed.
+//!
+//! A reader (`read_through`, for every command that only reads) of a disk carrying the
+//! mark of this state's token: with the journal present (complete: it is renamed into
+//! place whole) it lays the journal over the tables and reads the new point without
+//! writing; without it, in phase `copy` the tables are the old ones (old point), in phase
+//! `compact` they point at the new data in one place or the other (new point); phase
+//! `tables` without its journal is refused. Steps 2 and 4 are idempotent, so a power cut
+//! during them leaves, for the rerun, the same work to do: phase `tables` replays the
+//! journal, phase `compact` the copies (an extent already cut had its copies and entries
+//! made durable before the cut: only its entries are set again). The moves come from the
+//! state, so a rerun checks them against the disk first ([`LayerWriter::check_moves`]).
+//! A rerun in phase `copy` removes a journal left there first (readers would lay it over
+//! what is cut), then cuts the extents back and writes again: the same bytes land in the
+//! same places. The file ends byte for byte as an in-place apply leaves it; the price is
+//! that rewritten grains are written twice.
+//!
 //! A state whose token the target does not carry (the disk was restored from a copy),
 //! or that names files that are not the target's, is refused.
+//!
+//! Flat and vmfs targets have no tables to switch: their grains are written in place in
+//! phase `copy`, and between the first write and the last the target is refused as
+//! pending by readers as well.
 //!
 //! What an interruption leaves: after the input was validated, only a crash, a signal or
 //! an I/O error (a full disk) can stop the writes; the target is then marked, the error

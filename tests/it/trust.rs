@@ -674,3 +674,83 @@ fn a_damaged_increment_changes_nothing_and_an_interrupted_one_says_so() {
         "after Ctrl-C and the rerun",
     );
 }
+
+/// Issue 18: the moves an interrupted apply records (grains it wrote to scratch space,
+/// copied back to their places in phase `compact`) are input too. In a genuine
+/// interrupted apply (its mark and token in the target), moves edited to copy over a
+/// grain another entry uses, to land past the end, or to name a grain twice are refused
+/// before anything is written; the genuine state then finishes the apply.
+#[test]
+fn edited_moves_of_an_interrupted_apply_are_refused() {
+    need_qemu!();
+    let t = tmp();
+    let (r, inc, want) = restore_and_increment(t.path());
+    let args = ["apply", "vm.vmdk", inc.to_str().unwrap(), "-q"];
+    let g = abort_until(
+        t.path(),
+        &r,
+        &args,
+        &phase_is("vm.vmdk.vmdkit-apply".into(), "compact"),
+    );
+    let sp = g.join("vm.vmdk.vmdkit-apply");
+    let genuine = std::fs::read(&sp).unwrap();
+    let body = state_body(&sp);
+    let moves = body["moves"].as_array().unwrap().clone();
+    assert!(
+        !moves.is_empty(),
+        "the increment overwrites grains the restore has"
+    );
+    // The disk reads as after the apply meanwhile (phase `compact`), and says so.
+    let out = vmdkit(&g, &["cat", "vm.vmdk"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reads as it is after"));
+    assert_same(&out.stdout, &want, "a disk in phase compact, read");
+    // A grain the restore holds and the increment leaves alone: the full backup's data
+    // at 33M (grain 528 of 64 KiB).
+    let m = vmdkit_ok(&g, &["map", "vm.vmdk", "--json"]);
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&m.stdout).unwrap();
+    let other = map
+        .iter()
+        .find(|e| e["start"].as_u64() == Some(33 << 20) && e["data"] == true)
+        .and_then(|e| e["offset"].as_u64())
+        .expect("the grain at 33M is stored");
+    let edit = |f: &dyn Fn(&mut Vec<serde_json::Value>)| {
+        let mut b = body.clone();
+        let mut v = moves.clone();
+        f(&mut v);
+        b["moves"] = serde_json::Value::Array(v);
+        state_bytes(&b)
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "copy over another grain",
+            edit(&|v| v[0]["old"] = serde_json::json!(other / 512)),
+        ),
+        (
+            "a place past the end",
+            edit(&|v| v[0]["old"] = serde_json::json!(body["ends"][0].as_u64().unwrap() + 128)),
+        ),
+        (
+            "a grain twice",
+            edit(&|v| {
+                let first = v[0].clone();
+                v.push(first)
+            }),
+        ),
+    ];
+    for (what, bytes) in cases {
+        std::fs::write(&sp, &bytes).unwrap();
+        let guard = Bystanders::new(&[&g]);
+        let err = vmdkit_err(&g, &args);
+        assert!(err.contains("does not fit this disk"), "{what}: {err}");
+        guard.assert_untouched(what);
+    }
+    std::fs::write(&sp, &genuine).unwrap();
+    vmdkit_ok(&g, &args);
+    assert_same(
+        &qemu_raw(&g, "vm.vmdk"),
+        &want,
+        "the genuine state finished",
+    );
+    vmdkit_ok(&g, &["check", "vm.vmdk"]);
+    qemu_img(&g, &["check", "vm.vmdk"]);
+}
