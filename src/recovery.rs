@@ -30,8 +30,11 @@
 //! chain refuses a top layer marked by commit or any layer marked by apply, naming the
 //! command that finishes it ([`pending_of`]); `info` and `check` report it. Commands that
 //! only read (`OpenOptions::read_pending`) read an apply's hosted sparse target as the
-//! one point it holds, before or after (`ops::apply::read_through`), with a warning. The mark is removed in the same descriptor write that
-//! gives the disk its final CID, so the disk is never unmarked while it is half done.
+//! one point it holds, before or after (`ops::apply::read_through`), with a warning.
+//! The mark is removed by the last descriptor write, which also gives the disk its final
+//! CID (`settle`), so the disk is never unmarked while it is half done; in an embedded
+//! descriptor the mark never straddles two sectors, so a power cut during that write
+//! leaves it whole or gone.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -283,7 +286,11 @@ pub fn commit_explains(delta: &Path, parent: &Layer, want: Option<u32>) -> bool 
         .is_ok_and(|p| v["target"].as_str().is_some_and(|t| Path::new(t) == p));
     let new_ok = parent.cid().map(u64::from) == v["target_new_cid"].as_u64();
     let old_ok = want.map(u64::from) == v["target_old_cid"].as_u64();
-    phase_ok && target_ok && new_ok && old_ok && pending_of(parent).is_none()
+    // Between the two writes of an embedded descriptor's `settle` the parent has its new
+    // CID and still this commit's mark.
+    let mark_ok = pending_of(parent)
+        .is_none_or(|p| p.op == "commit" && v["token"].as_str() == Some(p.token.as_str()));
+    phase_ok && target_ok && new_ok && old_ok && mark_ok
 }
 
 /// A raw file that an interrupted `vmdkit apply --raw` was writing in place (its state
@@ -305,15 +312,38 @@ pub(crate) fn mark(layer: &mut Layer, op: &str, token: &str) -> Result<()> {
     if layer.bare_cowd {
         return Ok(());
     }
-    layer
-        .descriptor
-        .set_ddb(PENDING_KEY, &format!("{op} {token}"));
+    let value = format!("{op} {token}");
+    let before = layer.descriptor.to_text().len();
+    layer.descriptor.set_ddb(PENDING_KEY, &value);
+    let after = layer.descriptor.to_text().len();
+    // An embedded descriptor is written in place, and a power cut may leave any of its
+    // sectors old or new: the mark (appended last) must not straddle two sectors, or a
+    // half-written mark line would make the descriptor unreadable. Blank lines move it
+    // to the next sector; removing it later then changes that one sector only.
+    const S: usize = crate::format::sparse::SECTOR as usize;
+    if layer.embedded && before % S != 0 && before / S != (after - 1) / S {
+        layer.descriptor.remove_ddb(PENDING_KEY);
+        layer.descriptor.push_blank_lines(S - before % S);
+        layer.descriptor.set_ddb(PENDING_KEY, &value);
+    }
     crate::write::write_descriptor(layer)
 }
 
-/// The descriptor with the mark removed (the caller writes it, with the final CID).
-pub(crate) fn unmark(layer: &mut Layer) {
+/// Give `layer` its final CID and remove its mark, durably. A descriptor file is
+/// replaced whole (one rename). An embedded descriptor is written in place, where a
+/// power cut keeps each sector old or new, so it takes two writes: the CID first (the
+/// mark stays: the operation's rerun still finishes it), then the mark's removal, which
+/// changes only the mark's own sector ([`mark`]). Neither write moves a line: no state on
+/// the way reads as a torn descriptor.
+pub(crate) fn settle(layer: &mut Layer, cid: u32) -> Result<()> {
+    let cid = format!("{cid:08x}");
+    if layer.embedded && pending_of(layer).is_some() && layer.descriptor.get("CID") != Some(&cid) {
+        layer.descriptor.set("CID", &cid, false);
+        crate::write::write_descriptor(layer)?;
+    }
     layer.descriptor.remove_ddb(PENDING_KEY);
+    layer.descriptor.set("CID", &cid, false);
+    crate::write::write_descriptor(layer)
 }
 
 /// Whether `layer` carries the mark of `op` with `token`; layers without a descriptor

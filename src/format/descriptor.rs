@@ -632,6 +632,12 @@ impl Descriptor {
         );
     }
 
+    /// Append `n` blank lines at the end.
+    pub fn push_blank_lines(&mut self, n: usize) {
+        self.lines
+            .extend(std::iter::repeat_n(Line::Verbatim(String::new()), n));
+    }
+
     /// Set a `ddb.*` key (prefix optional), appending it when new.
     pub fn set_ddb(&mut self, key: &str, value: &str) {
         let bare = strip_ddb(key);

@@ -732,9 +732,7 @@ fn finish(top: &mut crate::layer::Layer, cid: u32) -> Result<()> {
     if top.bare_cowd || (top.cid() == Some(cid) && recovery::pending_of(top).is_none()) {
         return Ok(());
     }
-    recovery::unmark(top);
-    top.descriptor.set("CID", &cid_text(cid), false);
-    crate::write::write_descriptor(top)
+    recovery::settle(top, cid)
 }
 
 /// A state found beside the target: act on it only when it is this target's and this

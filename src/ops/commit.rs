@@ -891,11 +891,7 @@ fn copy_into(
 fn finish_target(top: &Path, sp: &Path, st: &State, target: &mut Layer) -> Result<()> {
     let done = recovery::pending_of(target).is_none() && target.cid() == Some(st.target_new_cid);
     if !done && !target.bare_cowd {
-        recovery::unmark(target);
-        target
-            .descriptor
-            .set("CID", &format!("{:08x}", st.target_new_cid), false);
-        crate::write::write_descriptor(target)?;
+        recovery::settle(target, st.target_new_cid)?;
     }
     for c in &st.children {
         repoint(sp, st, c, target)?;
