@@ -64,7 +64,28 @@ fn grow_sparse(path: &Path, h: &SparseHeader, new_cap: u64) -> Result<()> {
         }
     }
     let flen = f.metadata().map_err(io_err("stat", path, 0))?.len();
-    let mut cursor = flen.div_ceil(grain) * grain / SECTOR;
+    // New structures go right after what the old header references (its directories,
+    // tables and grains), not after the file's end: a tail an interrupted extend left
+    // (tables written, the header not) is reused, and cut off below.
+    let used = crate::format::tables::GrainTables::load(
+        &f,
+        path,
+        h.gd_offset,
+        has_rgd.then_some(h.rgd_offset),
+        old_gts as usize,
+        per as usize,
+    )?
+    .referenced_end(&f, h.grain_size)?;
+    let dir_sectors = (old_gts * 4).div_ceil(SECTOR);
+    let used = used
+        .max(h.over_head)
+        .max(h.gd_offset + dir_sectors)
+        .max(if has_rgd {
+            h.rgd_offset + dir_sectors
+        } else {
+            0
+        });
+    let mut cursor = (used * SECTOR).div_ceil(grain) * grain / SECTOR;
     let gt_sectors = (per * 4).div_ceil(SECTOR);
     let mut alloc = |sectors: u64| -> Result<u32> {
         let at = cursor;
@@ -109,10 +130,9 @@ fn grow_sparse(path: &Path, h: &SparseHeader, new_cap: u64) -> Result<()> {
                 .map_err(io_err("write", path, 0))?;
         }
     }
-    let end = cursor * SECTOR;
-    if end > flen {
-        f.set_len(end.div_ceil(grain) * grain)
-            .map_err(io_err("extend", path, end))?;
+    let end = (cursor * SECTOR).div_ceil(grain) * grain;
+    if end != flen {
+        f.set_len(end).map_err(io_err("extend", path, end))?;
     }
     f.sync_all().map_err(io_err("flush", path, 0))?;
     // The commit point: one sector.

@@ -1031,6 +1031,16 @@ fn other_writers_survive_every_power_cut_state() {
         0x22,
     );
     total += power_cut(
+        "extend (monolithicSparse, a 1000-byte descriptor, the extent line grows)",
+        &|d: &Path| {
+            sparse(d);
+            lengthen_descriptor(&d.join("vm.vmdk"), 1000);
+        },
+        &["extend", "vm.vmdk", "--size", "64M", "-q"],
+        "vm.vmdk",
+        0x2b,
+    );
+    total += power_cut(
         "extend (twoGbMaxExtentSparse)",
         &split,
         &["extend", "vm.vmdk", "--size", "12M", "-q"],
