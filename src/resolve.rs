@@ -18,6 +18,17 @@ pub fn folder_of(path: &Path) -> PathBuf {
     }
 }
 
+/// `name` in the folder `dir`, without the `./` that joining onto the current folder
+/// (what [`folder_of`] gives for a bare name) would add: paths shown to people and
+/// written in reports read as they were typed.
+pub fn join_in(dir: &Path, name: impl AsRef<Path>) -> PathBuf {
+    if dir == Path::new(".") && name.as_ref().is_relative() {
+        name.as_ref().to_path_buf()
+    } else {
+        dir.join(name)
+    }
+}
+
 /// The last component of a path, as text (empty when there is none).
 pub fn file_name_of(path: &Path) -> String {
     path.file_name()
@@ -63,14 +74,14 @@ pub fn resolve_name(
                 format!("{what} `{name}` names no file"),
             ));
         };
-        let local = dir.join(base);
+        let local = join_in(&dir, base);
         notes.push(format!(
             "{what} `{name}` is an absolute path; using `{}` from the descriptor's folder",
             local.display()
         ));
         return Ok(local);
     }
-    Ok(dir.join(p))
+    Ok(join_in(dir, p))
 }
 
 /// The folder rule: after following links, an extent must lie inside the descriptor's
@@ -120,7 +131,7 @@ pub fn confine(
 /// The RDM descriptor in `dir` whose VMFSRDM extent is the mapping file `map`, when
 /// `map` is a link (to a device) rather than a VMDK of its own.
 pub fn rdm_owner(dir: &Path, map: &str) -> Option<String> {
-    let p = dir.join(map);
+    let p = join_in(&dir, map);
     if !fs::symlink_metadata(&p).ok()?.file_type().is_symlink() {
         return None;
     }
@@ -177,7 +188,7 @@ pub fn names_parent_checked(path: &Path) -> std::result::Result<Option<PathBuf>,
         .map_err(|e| format!("cannot read it: {e}"))?;
     let name = file_name_of(path);
     if &head == b"COWD" {
-        return Ok(name.strip_suffix(".REDO").map(|p| dir.join(p)));
+        return Ok(name.strip_suffix(".REDO").map(|p| join_in(&dir, p)));
     }
     let text = if &head == b"KDMV" {
         let l = Layer::open(

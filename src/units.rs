@@ -118,3 +118,23 @@ mod tests {
         assert_eq!(parse_new_size("2g").unwrap(), (2 << 30, false));
     }
 }
+
+/// A byte range as every JSON report writes it: `{"start": first byte, "length": bytes}`
+/// (the shape of `map`'s entries, and qemu-img's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ByteRange {
+    /// The first byte.
+    pub start: u64,
+    /// How many bytes.
+    pub length: u64,
+}
+
+impl ByteRange {
+    /// The range `[start, end)`.
+    pub fn from_ends(start: u64, end: u64) -> ByteRange {
+        ByteRange {
+            start,
+            length: end.saturating_sub(start),
+        }
+    }
+}

@@ -203,7 +203,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let map = vmdkit::ops::rdm::create(&disk, &device, physical, &adapter)?;
             if ui.json {
                 ui.result(
-                    &serde_json::json!({"file": map, "device": device, "physical": physical}),
+                    &serde_json::json!({"file": disk, "mapping": map, "device": device, "physical": physical}),
                     false,
                 )?;
             } else if !ui.quiet {
@@ -362,7 +362,7 @@ fn run_cat(args: CatArgs, ui: Ui) -> Result<ExitCode> {
                 .with_context(|| format!("writing `{}`", p.display()))?;
             bar.finish();
             ui.result(
-                &serde_json::json!({"files": [p], "bytes": chain.capacity()}),
+                &serde_json::json!({"file": p, "files": [&p], "bytes": chain.capacity()}),
                 false,
             )?;
             false
@@ -601,7 +601,7 @@ fn run_write(args: WriteArgs, ui: Ui) -> Result<ExitCode> {
         disk.display()
     ));
     ui.result(
-        &serde_json::json!({"file": disk, "offset": offset, "bytes": n}),
+        &serde_json::json!({"file": disk, "start": offset, "length": n}),
         false,
     )?;
     Ok(ExitCode::SUCCESS)
@@ -1023,7 +1023,11 @@ fn run_verify(args: VerifyArgs, ui: Ui) -> Result<ExitCode> {
             "file": disk,
             "manifest": manifest,
             "matches": v.ok(),
-            "differing": v.differing,
+            "differing": v
+                .differing
+                .iter()
+                .map(|r| vmdkit::units::ByteRange::from_ends(r.start, r.end))
+                .collect::<Vec<_>>(),
             "capacity_mismatch": v.capacity_mismatch,
         }))?;
     } else {

@@ -211,7 +211,7 @@ impl SparseFileSink {
     fn open_next(&mut self) -> Result<()> {
         let i = self.next;
         let p = &self.pieces[i];
-        let f = AtomicFile::create(&self.dir.join(&p.name), self.force)?;
+        let f = AtomicFile::create(&crate::resolve::join_in(&self.dir, &p.name), self.force)?;
         let file = f
             .file()
             .try_clone()
@@ -314,7 +314,10 @@ struct FlatFileSink {
 impl FlatFileSink {
     fn file(&mut self, i: usize) -> Result<&AtomicFile> {
         if self.files[i].is_none() {
-            let f = AtomicFile::create(&self.dir.join(&self.pieces[i].name), self.force)?;
+            let f = AtomicFile::create(
+                &crate::resolve::join_in(&self.dir, &self.pieces[i].name),
+                self.force,
+            )?;
             if self.prealloc != Prealloc::Thin {
                 allocate(f.file(), f.tmp_path(), self.pieces[i].len)?;
             }
@@ -751,7 +754,7 @@ pub fn to_files(
 ) -> Result<Box<dyn Sink>> {
     Ok(match kind {
         FileKind::Stream { descriptor, delta } => {
-            let f = AtomicFile::create(&dir.join(&files[0].name), force)?;
+            let f = AtomicFile::create(&crate::resolve::join_in(&dir, &files[0].name), force)?;
             let w = f
                 .file()
                 .try_clone()

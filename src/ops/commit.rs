@@ -295,10 +295,10 @@ fn prove_merged(top: &Path, sp: &Path, st: &State) -> Result<()> {
 /// it, so the delta is no longer a disk anyone opens, while a rerun can still resolve
 /// its extents (and the layers below it, with `--all`) from it.
 fn removing_path(top: &Path) -> PathBuf {
-    crate::resolve::folder_of(top).join(format!(
-        ".{}.vmdkit-removing",
-        crate::resolve::file_name_of(top)
-    ))
+    crate::resolve::join_in(
+        &crate::resolve::folder_of(top),
+        format!(".{}.vmdkit-removing", crate::resolve::file_name_of(top)),
+    )
 }
 
 /// The parent a merged layer names: by its descriptor, or, for an ESX 2 REDO log (whose
@@ -313,7 +313,7 @@ fn parent_of(file: &Path, original: &Path) -> Option<PathBuf> {
         let name = crate::resolve::file_name_of(original);
         return name
             .strip_suffix(".REDO")
-            .map(|p| crate::resolve::folder_of(original).join(p));
+            .map(|p| crate::resolve::join_in(&crate::resolve::folder_of(original), p));
     }
     crate::resolve::names_parent(file)
 }

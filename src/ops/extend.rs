@@ -308,7 +308,7 @@ pub fn extend(disk: &Path, size: NewSize, force: bool, large: bool) -> Result<(u
         } else {
             (format!("{stem}-f{n:03}.vmdk"), ExtentType::Flat, Some(0))
         };
-        let p = dir.join(&name);
+        let p = crate::resolve::join_in(&dir, &name);
         if kind == ExtentType::Sparse {
             new_sparse_extent(&p, sectors)?;
         } else {

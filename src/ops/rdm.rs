@@ -86,7 +86,7 @@ pub fn create(disk: &Path, device: &Path, physical: bool, adapter: &str) -> Resu
         let to = if to.is_absolute() {
             to
         } else {
-            crate::resolve::folder_of(&map_path).join(to)
+            crate::resolve::join_in(&crate::resolve::folder_of(&map_path), to)
         };
         std::fs::canonicalize(to).is_ok_and(|to| to == device)
     });

@@ -231,8 +231,8 @@ pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
             crate::guard::sweep_stale_temporaries(&crate::resolve::folder_of(disk));
             let mut n = next_number(&dir, &stem, &parent_name);
             let (desc, delta, reuse_delta) = loop {
-                let d = dir.join(format!("{stem}-{n:06}.vmdk"));
-                let x = dir.join(format!("{stem}-{n:06}-delta.vmdk"));
+                let d = crate::resolve::join_in(&dir, format!("{stem}-{n:06}.vmdk"));
+                let x = crate::resolve::join_in(&dir, format!("{stem}-{n:06}-delta.vmdk"));
                 if !d.exists() && !x.exists() {
                     break (d, x, false);
                 }

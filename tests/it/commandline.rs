@@ -606,7 +606,10 @@ fn check_of_a_truncated_file_sums_up_the_lost_ranges() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p[0].as_u64().unwrap(), p[1].as_u64().unwrap()))
+        .map(|p| {
+            let a = p["start"].as_u64().unwrap();
+            (a, a + p["length"].as_u64().unwrap())
+        })
         .collect();
     assert_eq!(got, want);
 }
@@ -671,7 +674,7 @@ fn info_notes_when_a_snapshot_and_its_base_disagree_on_the_adapter() {
     qemu_child(d, "b.vmdk", "c.vmdk", false);
     let text = String::from_utf8(vmdkit_ok(d, &["info", "c.vmdk"]).stdout).unwrap();
     assert!(
-        text.contains("the base `./b.vmdk` says adapter lsilogic"),
+        text.contains("the base `b.vmdk` says adapter lsilogic"),
         "{text}"
     );
     vmdkit_ok(d, &["export", "c.vmdk", "e.vmdk", "-d", "stream"]);
@@ -975,4 +978,150 @@ fn json_results_name_their_file_and_errors_are_json_too() {
             .is_some_and(|m| !m.is_empty()));
         assert!(v["error"].get("file").is_some() && v["error"].get("offset").is_some());
     }
+}
+
+/// The keys of README's JSON key table (first column, in backticks).
+fn readme_json_keys() -> std::collections::BTreeSet<String> {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = readme
+        .find("| key | meaning | where |")
+        .expect("the key table");
+    let table = &readme[start
+        ..readme[start..]
+            .find("\n\n")
+            .map_or(readme.len(), |e| start + e)];
+    let mut keys = std::collections::BTreeSet::new();
+    for row in table.lines().skip(2) {
+        let first = row.split('|').nth(1).unwrap_or("");
+        for (i, part) in first.split('`').enumerate() {
+            if i % 2 == 1 {
+                keys.insert(part.to_string());
+            }
+        }
+    }
+    keys
+}
+
+/// Issue 22 item 2: every command's `--json` output uses only keys README's table
+/// explains (its top-level keys, and those of each entry of a list), names its disk in
+/// `file`, and writes byte ranges in one shape (`start`, `length`); an error is one
+/// object on stderr.
+#[test]
+fn every_commands_json_uses_readmes_keys() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    qemu_create(d, "monolithicSparse", "p.vmdk", "8M");
+    qemu_io(d, "p.vmdk", &["write -P 0x31 0 1M"]);
+    std::fs::write(d.join("in.bin"), vec![0x44u8; 70_000]).unwrap();
+    std::fs::write(d.join("lun.raw"), vec![0u8; 1 << 20]).unwrap();
+    let known = readme_json_keys();
+    let runs: Vec<(Vec<&str>, bool)> = vec![
+        (vec!["info", "p.vmdk"], true),
+        (vec!["map", "p.vmdk"], false),
+        (vec!["ls"], false),
+        (vec!["check", "p.vmdk"], true),
+        (vec!["measure", "p.vmdk"], false),
+        (vec!["geometry", "p.vmdk"], true),
+        (vec!["create", "n.vmdk", "--size", "4M"], true),
+        (vec!["extend", "n.vmdk", "--size", "8M"], true),
+        (vec!["write", "n.vmdk", "--offset", "0", "in.bin"], true),
+        (
+            vec!["export", "p.vmdk", "e.vmdk", "--manifest", "e.man"],
+            true,
+        ),
+        (vec!["import", "e.vmdk", "i.vmdk", "-d", "sparse"], true),
+        (vec!["cat", "p.vmdk", "-o", "c.raw"], true),
+        (vec!["verify", "i.vmdk", "--manifest", "e.man"], true),
+        (vec!["redo", "add", "i.vmdk"], true),
+        (
+            vec!["write", "i-000001.vmdk", "--offset", "1M", "in.bin"],
+            true,
+        ),
+        (vec!["export", "i-000001.vmdk", "inc.vmdk", "--delta"], true),
+        (vec!["commit", "i-000001.vmdk"], true),
+        (vec!["import", "e.vmdk", "r.vmdk", "-d", "sparse"], true),
+        (vec!["apply", "r.vmdk", "inc.vmdk"], true),
+        (vec!["rdm", "create", "m.vmdk", "--device", "lun.raw"], true),
+        (vec!["rdm", "query", "m.vmdk"], true),
+    ];
+    let mut ranges = 0;
+    for (args, names_file) in &runs {
+        let mut a = args.clone();
+        a.push("--json");
+        let out = vmdkit_ok(d, &a);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: not one JSON value on stdout ({e})"));
+        let objects: Vec<&serde_json::Map<String, serde_json::Value>> = match &v {
+            serde_json::Value::Object(o) => vec![o],
+            serde_json::Value::Array(a) => a.iter().filter_map(|e| e.as_object()).collect(),
+            other => panic!("{args:?}: {other}"),
+        };
+        assert!(!objects.is_empty(), "{args:?}: {v}");
+        for o in &objects {
+            for k in o.keys() {
+                assert!(
+                    known.contains(k),
+                    "{args:?}: key `{k}` is not in README's JSON key table"
+                );
+            }
+            // Every byte range: `start` and `length`.
+            for key in ["lost", "differing"] {
+                for r in o.get(key).and_then(|r| r.as_array()).into_iter().flatten() {
+                    let r = r.as_object().unwrap();
+                    assert!(
+                        r.contains_key("start") && r.contains_key("length") && r.len() == 2,
+                        "{args:?}: a range {r:?}"
+                    );
+                    ranges += 1;
+                }
+            }
+        }
+        if *names_file {
+            assert!(
+                objects[0].get("file").and_then(|f| f.as_str()).is_some(),
+                "{args:?}: no `file` in {v}"
+            );
+        }
+        // Names as typed: no `./` added in front of a file of this folder.
+        assert!(!v.to_string().contains("\"./"), "{args:?}: {v}");
+    }
+    assert_eq!(
+        runs.iter().filter(|(a, _)| a[0] == "ls").count(),
+        1,
+        "the list covers ls"
+    );
+    // A changed copy of the export: verify names the range in the same shape.
+    vmdkit_ok(d, &["import", "e.vmdk", "x.vmdk", "-d", "sparse", "-q"]);
+    vmdkit_ok(d, &["write", "x.vmdk", "--offset", "3M", "in.bin"]);
+    let out = vmdkit(d, &["verify", "x.vmdk", "--manifest", "e.man", "--json"]);
+    assert_eq!(out.status.code(), Some(4));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["differing"],
+        serde_json::json!([{"start": 3 << 20, "length": 1 << 20}]),
+        "{v}"
+    );
+    // A truncated copy: check's lost range in the same shape.
+    let b = std::fs::read(d.join("x.vmdk")).unwrap();
+    std::fs::write(d.join("x.vmdk"), &b[..b.len() - 65536]).unwrap();
+    let out = vmdkit(d, &["check", "x.vmdk", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let lost = v["lost"].as_array().expect("lost");
+    assert!(!lost.is_empty(), "{v}");
+    for r in lost {
+        assert_eq!(r.as_object().unwrap().len(), 2, "{r}");
+        assert!(r["start"].is_u64() && r["length"].is_u64(), "{r}");
+    }
+    ranges += lost.len();
+    assert!(ranges > 0);
+    // An error: one object on stderr, with the same exit code.
+    let out = vmdkit(d, &["info", "missing.vmdk", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let e: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    for k in e["error"].as_object().unwrap().keys() {
+        assert!(known.contains(k), "error key `{k}`");
+    }
+    assert_eq!(e["error"]["file"], "missing.vmdk");
 }

@@ -96,7 +96,8 @@ impl CheckReport {
     }
 
     /// The report as JSON: `exit_code`, `findings` (each `file`, `offset`, `severity`,
-    /// `what`, `repaired`), `incomplete`, `leaked_bytes`, `lost` (guest byte ranges).
+    /// `what`, `repaired`), `incomplete`, `leaked_bytes`, `lost` (guest byte ranges, each
+    /// `start` and `length`).
     pub fn write_json(
         &self,
         file: &std::path::Path,
@@ -108,7 +109,11 @@ impl CheckReport {
             "findings": self.findings,
             "incomplete": self.incomplete,
             "leaked_bytes": self.leaked_bytes,
-            "lost": self.merged_lost(),
+            "lost": self
+                .merged_lost()
+                .into_iter()
+                .map(|(a, b)| crate::units::ByteRange::from_ends(a, b))
+                .collect::<Vec<_>>(),
         });
         serde_json::to_writer_pretty(&mut *out, &v)?;
         writeln!(out)
