@@ -74,7 +74,7 @@ pub fn resolve_name(
                 format!("{what} `{name}` names no file"),
             ));
         };
-        let local = join_in(&dir, base);
+        let local = join_in(dir, base);
         notes.push(format!(
             "{what} `{name}` is an absolute path; using `{}` from the descriptor's folder",
             local.display()
@@ -131,7 +131,7 @@ pub fn confine(
 /// The RDM descriptor in `dir` whose VMFSRDM extent is the mapping file `map`, when
 /// `map` is a link (to a device) rather than a VMDK of its own.
 pub fn rdm_owner(dir: &Path, map: &str) -> Option<String> {
-    let p = join_in(&dir, map);
+    let p = join_in(dir, map);
     if !fs::symlink_metadata(&p).ok()?.file_type().is_symlink() {
         return None;
     }
