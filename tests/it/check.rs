@@ -389,3 +389,67 @@ fn cowd_leaked_tail_exits_3_and_repair_cuts_it() {
     assert_eq!(check(d, &["check", "--repair", "b.vmdk.REDO"]).0, 0);
     assert_eq!(std::fs::metadata(d.join("b.vmdk.REDO")).unwrap().len(), len);
 }
+
+/// Issue 22 item 6: what `check` says and what `check --repair` then does agree. A
+/// finding check calls unrepairable is still there after the repair; a repair run never
+/// advises running a repair; leaks a repair keeps say why. Cases: a wiped primary
+/// directory (repairable from the redundant copy: check no longer calls its tables
+/// orphaned), a leaked grain holding data (kept), a leak beside damage repair cannot fix
+/// (not reclaimed: a damaged table makes live grains look leaked).
+#[test]
+fn check_and_repair_never_contradict_each_other() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    let img = good(d);
+    let mut leaky = img.clone();
+    leaky.extend(vec![0x55u8; 65536]);
+    let mut both = leaky.clone();
+    // Grain 0's entry in both table copies points far past the end.
+    for at in [39 * S, 22 * S] {
+        both[at..at + 4].copy_from_slice(&0x7fff_ff00u32.to_le_bytes());
+    }
+    let cases: Vec<(&str, Vec<u8>, i32)> = vec![
+        (
+            "wiped primary directory",
+            {
+                let mut b = img.clone();
+                b[38 * S..38 * S + 16].fill(0);
+                b
+            },
+            0,
+        ),
+        ("a leaked grain of data", leaky, 3),
+        ("a leak beside lost data", both, 2),
+    ];
+    for (what, bytes, after_repair) in cases {
+        std::fs::write(d.join("bad.vmdk"), &bytes).unwrap();
+        let (c0, before) = check(d, &["check", "bad.vmdk"]);
+        assert_ne!(c0, 0, "{what}: {before}");
+        let (c1, repaired) = check(d, &["check", "--repair", "bad.vmdk"]);
+        assert_eq!(c1, after_repair, "{what}: {repaired}");
+        assert!(
+            !repaired.contains("--repair reclaims"),
+            "{what}: a repair run advises a repair: {repaired}"
+        );
+        let (c2, again) = check(d, &["check", "bad.vmdk"]);
+        assert_eq!(c2, c1, "{what}: {again}");
+        for line in before.lines().filter(|l| l.contains("not repairable")) {
+            let head = &line[..line.find(':').unwrap_or(line.len())];
+            assert!(
+                again.contains(head) && c2 == 2,
+                "{what}: check called `{line}` unrepairable, the repair mended it: {again}"
+            );
+        }
+        if after_repair != 0 {
+            assert!(
+                repaired.contains("were kept") || repaired.contains("not reclaimed"),
+                "{what}: a kept leak says why: {repaired}"
+            );
+        }
+        if what.starts_with("wiped") {
+            assert!(!before.contains("orphaned"), "{what}: {before}");
+            assert!(qemu_img(d, &["compare", "bad.vmdk", "good.vmdk"]).contains("identical"));
+        }
+    }
+}

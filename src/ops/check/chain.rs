@@ -75,7 +75,10 @@ pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     }
     let mut w = Walk {
         opts,
-        r: CheckReport::default(),
+        r: CheckReport {
+            repair: opts.repair,
+            ..Default::default()
+        },
         locks: LockSet::new(),
         kind: if opts.repair {
             LockKind::Exclusive

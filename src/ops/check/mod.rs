@@ -67,6 +67,9 @@ pub struct CheckReport {
     /// Guest byte ranges `[start, end)` whose data is gone (grains past the end of a
     /// truncated file...); repair cannot bring them back.
     pub lost: Vec<(u64, u64)>,
+    /// The check ran with `--repair` (what is left was declined or cannot be mended).
+    #[serde(skip)]
+    pub repair: bool,
 }
 
 /// What `check` may change.
@@ -207,6 +210,11 @@ impl CheckReport {
             2 => writeln!(
                 out,
                 "{open_errors} errors were found on the image; data may be corrupted."
+            ),
+            3 if self.repair => writeln!(
+                out,
+                "{} bytes of leaked space remain: what repair kept is named above; it is harmless.",
+                self.leaked_bytes
             ),
             3 => writeln!(
                 out,

@@ -575,6 +575,31 @@ impl<'a> SparseCheck<'a> {
                 .map(|(k, _)| over + k as u64 * grain)
                 .take(1 << 16),
         );
+        // Tables one directory copy points at are not orphans, nor is anything read
+        // across them: an entry whose copies disagree is reported (and repaired from
+        // the intact copy) on its own, and the grains that copy's tables name are live.
+        let pointed: Vec<u64> = self
+            .gd
+            .iter()
+            .chain(self.rgd.iter().flatten())
+            .map(|&t| u64::from(t))
+            .filter(|&t| t != 0 && t + gt_sectors <= fsect)
+            .collect();
+        for &t in &pointed {
+            let tab = rd32(&self.f, path, t, self.per)?;
+            if looks_like_table(&h, &tab, fsect) {
+                for e in tab.iter().map(|&e| u64::from(e)).filter(|&e| e >= over) {
+                    if self.leak_map.get(((e - over) / grain) as usize) == Some(&true) {
+                        self.mark_used(e, e + 1);
+                    }
+                }
+            }
+        }
+        candidates.retain(|&s| {
+            !pointed
+                .iter()
+                .any(|&t| s < t + gt_sectors && t < s + gt_sectors)
+        });
         let mut s_iter = candidates.into_iter().peekable();
         while let Some(s) = s_iter.next() {
             if s + gt_sectors > fsect {
@@ -652,6 +677,9 @@ impl<'a> SparseCheck<'a> {
             return Ok(());
         };
         if self.corrupt(r) {
+            r.findings[idx].what.push_str(
+                "; not reclaimed: corruption that repair could not fix remains, and a damaged table can make live grains look leaked",
+            );
             return Ok(());
         }
         let holding_data = self.reclaim(&leaked, discard_data)?;
