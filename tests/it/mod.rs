@@ -16,6 +16,7 @@ mod mutate;
 mod outputs;
 mod props;
 mod read_qemu;
+mod readme;
 mod redo;
 mod safety;
 mod snapshots;
