@@ -272,6 +272,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Standard input as a reader another thread may own (the pipe is read on a thread of
+/// its own while this one writes), buffered in 1 MiB reads.
+fn stdin_reader() -> Result<std::io::BufReader<std::fs::File>> {
+    use std::os::fd::AsFd;
+    let fd = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("reading standard input")?;
+    Ok(std::io::BufReader::with_capacity(
+        1 << 20,
+        std::fs::File::from(fd),
+    ))
+}
+
 fn run_info(args: InfoArgs, ui: Ui) -> Result<ExitCode> {
     let InfoArgs { disk, read } = args;
     // A broken chain (a missing parent, say) still shows the layer named, with the
@@ -795,7 +809,7 @@ fn run_import(args: ImportArgs, ui: Ui) -> Result<ExitCode> {
         if from_stdin {
             let dst = into_folder(&dst, None)?;
             let bar = Bar::open_ended("import", ui);
-            let mut input = std::io::stdin().lock();
+            let mut input = stdin_reader()?;
             let r = import_stream(&mut input, raw_size, &dst, &opts, &bar)?;
             bar.finish();
             r
@@ -1000,11 +1014,11 @@ fn run_verify(args: VerifyArgs, ui: Ui) -> Result<ExitCode> {
     let m = vmdkit::ops::manifest::Manifest::parse(&text, &manifest)?;
     let v = if disk.as_os_str() == "-" {
         let raw_size = read.raw()?.then_some(m.capacity);
-        let mut input = std::io::stdin().lock();
+        let mut input = stdin_reader()?;
         let mut pipe = vmdkit::copy::feed::PipeInput::open(&mut input, raw_size)?;
         let bar = Bar::open_ended("verify", ui);
         let cap = pipe.capacity;
-        let v = vmdkit::ops::manifest::verify_feed(&mut pipe, cap, &m, &bar)?;
+        let v = vmdkit::ops::manifest::verify_feed(&mut pipe, cap, &m, threads, &bar)?;
         bar.finish();
         v
     } else {

@@ -14,7 +14,9 @@ use crate::format::stream::pipe::{self as stream_in, Counted};
 
 /// Groups ascending `(offset, bytes)` pieces into 1 MiB units.
 struct Units<'a> {
-    unit: Option<(u64, Vec<u8>)>,
+    /// The unit being filled: its start, its buffer, and how far it is filled (pieces
+    /// come in ascending order; what they skip is zeroed as they go, not beforehand).
+    unit: Option<(u64, Vec<u8>, usize)>,
     cap: u64,
     put: &'a mut dyn FnMut(Unit, Vec<u8>) -> Result<()>,
 }
@@ -31,20 +33,28 @@ impl Units<'_> {
             }
             let ustart = off / U * U;
             match &self.unit {
-                Some((s, _)) if *s == ustart => {}
-                Some((s, _)) if *s > ustart => {
+                Some((s, _, _)) if *s == ustart => {}
+                Some((s, _, _)) if *s > ustart => {
                     return Err(Error::InvalidInput("stream data out of order".into()));
                 }
                 _ => {
                     self.flush()?;
                     let len = (self.cap - ustart).min(U);
-                    self.unit = Some((ustart, vec![0u8; len as usize]));
+                    // A recycled buffer (fresh 1 MiB buffers cost page faults and
+                    // clearing).
+                    self.unit = Some((ustart, pipeline::buffers::take(len as usize), 0));
                 }
             }
-            let (s, buf) = self.unit.as_mut().expect("set");
+            let (s, buf, filled) = self.unit.as_mut().expect("set");
             let o = (off - *s) as usize;
+            if o < *filled {
+                return Err(Error::InvalidInput("stream data out of order".into()));
+            }
+            // What no piece covers reads as zeros.
+            buf[*filled..o].fill(0);
             let n = data.len().min(buf.len() - o);
             buf[o..o + n].copy_from_slice(&data[..n]);
+            *filled = o + n;
             data = &data[n..];
             off += n as u64;
         }
@@ -52,8 +62,11 @@ impl Units<'_> {
     }
 
     fn flush(&mut self) -> Result<()> {
-        if let Some((s, buf)) = self.unit.take() {
-            if !is_zero(&buf) {
+        if let Some((s, mut buf, filled)) = self.unit.take() {
+            buf[filled..].fill(0);
+            if is_zero(&buf) {
+                pipeline::buffers::give(buf);
+            } else {
                 (self.put)(
                     Unit {
                         start: s,
@@ -79,7 +92,7 @@ enum Kind {
 /// A disk arriving on a pipe: its capacity and descriptor (read from the head of the
 /// input), and a [`Feed`] of its content.
 pub struct PipeInput<'a> {
-    input: &'a mut dyn Read,
+    input: &'a mut (dyn Read + Send),
     head: Vec<u8>,
     kind: Kind,
     /// Capacity in bytes.
@@ -92,7 +105,7 @@ impl<'a> PipeInput<'a> {
     /// Read the head of `input`: with `raw_size`, nothing (raw bytes of that size);
     /// otherwise a stream's or sparse file's header and descriptor, or a tar stream's
     /// descriptor member.
-    pub fn open(input: &'a mut dyn Read, raw_size: Option<u64>) -> Result<PipeInput<'a>> {
+    pub fn open(input: &'a mut (dyn Read + Send), raw_size: Option<u64>) -> Result<PipeInput<'a>> {
         let name = Path::new("<stdin>");
         if let Some(size) = raw_size {
             if size == 0 || size % SECTOR != 0 {
@@ -211,7 +224,11 @@ fn read_raw(r: &mut dyn Read, cap: u64, emit: stream_in::Emit<'_>) -> Result<()>
 }
 
 impl Feed for PipeInput<'_> {
-    fn run(&mut self, put: &mut dyn FnMut(Unit, Vec<u8>) -> Result<()>) -> Result<()> {
+    fn run(
+        &mut self,
+        pool: &rayon::ThreadPool,
+        put: &mut dyn FnMut(Unit, Vec<u8>) -> Result<()>,
+    ) -> Result<()> {
         let name = Path::new("<stdin>");
         let mut units = Units {
             unit: None,
@@ -232,7 +249,7 @@ impl Feed for PipeInput<'_> {
                 let mut s = [0u8; 512];
                 c.exact(&mut s)?;
                 if matches!(self.kind, Kind::Stream(_)) {
-                    stream_in::read_stream(&mut c, h, 0, &mut emit)?;
+                    stream_in::read_stream_on(Some(pool), &mut c, h, 0, &mut emit, None)?;
                 } else {
                     stream_in::read_sparse(&mut c, h, 0, &mut emit)?;
                 }

@@ -149,14 +149,14 @@ where
 /// Unit buffers recycled from the sink back to the readers: a fresh 1 MiB buffer per
 /// unit cost page faults and page clearing (about 4% of a stream export's CPU). At most
 /// two windows' worth are kept, so the memory bound is the pipeline's.
-mod buffers {
+pub(crate) mod buffers {
     use std::sync::Mutex;
 
     static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
     const KEEP: usize = 64;
 
     /// A buffer of exactly `len` bytes (contents unspecified: the caller fills it all).
-    pub(super) fn take(len: usize) -> Vec<u8> {
+    pub(crate) fn take(len: usize) -> Vec<u8> {
         let reused = POOL.lock().ok().and_then(|mut p| p.pop());
         match reused {
             Some(mut b) => {
@@ -168,7 +168,7 @@ mod buffers {
     }
 
     /// Hand a buffer back for reuse.
-    pub(super) fn give(b: Vec<u8>) {
+    pub(crate) fn give(b: Vec<u8>) {
         if b.capacity() > super::DEFAULT_UNIT as usize * 2 {
             return;
         }
@@ -297,9 +297,57 @@ pub fn drive(
 /// Content pushed from a sequential source (import from a pipe) instead of read from a
 /// disk: `run` calls `put(unit, bytes)` for 1 MiB-aligned units in ascending order (units
 /// it skips are zeros).
-pub trait Feed {
-    /// Push every unit.
-    fn run(&mut self, put: &mut dyn FnMut(Unit, Vec<u8>) -> Result<()>) -> Result<()>;
+pub trait Feed: Send {
+    /// Push every unit; parallel work (inflating) goes to `pool`.
+    fn run(
+        &mut self,
+        pool: &rayon::ThreadPool,
+        put: &mut dyn FnMut(Unit, Vec<u8>) -> Result<()>,
+    ) -> Result<()>;
+}
+
+/// Run `feed` on a thread of its own (reading the pipe, parsing, inflating on `pool`)
+/// and hand its units to `consume` on this thread in batches of up to `window`, in order:
+/// reading and inflating the next batches overlap with consuming this one (two batches
+/// in flight at most, so memory stays bounded). An error on either side stops both; the
+/// consumer's comes first (the feed then only saw the consumer go away).
+pub fn feed_batches(
+    feed: &mut dyn Feed,
+    pool: &rayon::ThreadPool,
+    window: usize,
+    consume: &mut dyn FnMut(Vec<(Unit, Vec<u8>)>) -> Result<()>,
+) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(Unit, Vec<u8>)>>(1);
+    std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            let mut batch = Vec::with_capacity(window);
+            let gone = || Error::InvalidInput("the consumer stopped".into());
+            feed.run(pool, &mut |u, buf| {
+                batch.push((u, buf));
+                if batch.len() >= window {
+                    tx.send(std::mem::replace(&mut batch, Vec::with_capacity(window)))
+                        .map_err(|_| gone())?;
+                }
+                Ok(())
+            })?;
+            if !batch.is_empty() {
+                tx.send(batch).map_err(|_| gone())?;
+            }
+            Ok(())
+        });
+        let mut consumed = Ok(());
+        for batch in rx.iter() {
+            consumed = consume(batch);
+            if consumed.is_err() {
+                break;
+            }
+        }
+        drop(rx);
+        let read: Result<()> = reader
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        consumed.and(read)
+    })
 }
 
 /// Like [`drive`], for content pushed by a [`Feed`] (a pipe): gaps are holes. Pushed
@@ -317,19 +365,11 @@ pub fn drive_feed(
     let window = pool.current_num_threads() * window_per_thread(popts.unit);
     let mut next = 0u64;
     let cap = producer.disk.capacity();
-    let mut batch: Vec<(Unit, Vec<u8>)> = Vec::with_capacity(window);
-    feed.run(&mut |u: Unit, buf: Vec<u8>| {
-        batch.push((u, buf));
-        if batch.len() < window {
-            return Ok(());
-        }
+    feed_batches(feed, &pool, window, &mut |mut batch| {
         put_batch(
             &pool, &mut batch, &mut next, producer, sink, observe, progress,
         )
     })?;
-    put_batch(
-        &pool, &mut batch, &mut next, producer, sink, observe, progress,
-    )?;
     if next < cap {
         let gap = Unit {
             start: next,

@@ -134,7 +134,7 @@ pub fn create(
 /// Import a stream read from `input` (stdin): streamOptimized, a sparse file with its
 /// tables first, or export's tar stream; with `raw_size`, raw bytes of that disk size.
 pub fn import_stream(
-    input: &mut dyn Read,
+    input: &mut (dyn Read + Send),
     raw_size: Option<u64>,
     dst: &Path,
     opts: &ImportOptions,
@@ -285,7 +285,12 @@ fn raw_in_place(
         Ok(())
     };
     match feed {
-        Some(feed) => feed.run(&mut |u, b| put(u, Some(b)))?,
+        Some(feed) => {
+            let pool = pipeline::pool(opts.threads)?;
+            pipeline::feed_batches(feed, &pool, pool.current_num_threads() * 4, &mut |batch| {
+                batch.into_iter().try_for_each(|(u, b)| put(u, Some(b)))
+            })?
+        }
         None => {
             let mut planner = Planner::new(disk, pipeline::DEFAULT_UNIT);
             pipeline::run(

@@ -68,17 +68,22 @@ pub fn verify_feed(
     feed: &mut dyn pipeline::Feed,
     capacity: u64,
     m: &Manifest,
+    threads: usize,
     progress: &dyn Progress,
 ) -> Result<Verification> {
     let mut b = ManifestBuilder::new(capacity);
     let mut next = 0u64;
-    feed.run(&mut |u, buf| {
-        if u.start > next {
-            b.zeros(next, u.start - next);
+    let pool = pipeline::pool(threads)?;
+    // The pipe is read and inflated on a thread of its own while this one checksums.
+    pipeline::feed_batches(feed, &pool, pool.current_num_threads() * 4, &mut |batch| {
+        for (u, buf) in batch {
+            if u.start > next {
+                b.zeros(next, u.start - next);
+            }
+            b.data(u.start, &buf);
+            progress.inc(u.len);
+            next = u.start + u.len;
         }
-        b.data(u.start, &buf);
-        progress.inc(u.len);
-        next = u.start + u.len;
         Ok(())
     })?;
     if next < capacity {

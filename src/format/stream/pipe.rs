@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::format::descriptor::{Descriptor, ExtentType, MAX_DESCRIPTOR_BYTES};
 use crate::format::sparse::{SparseHeader, GD_AT_END, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR};
-use crate::format::stream::inflate_grain;
+use crate::format::stream::read::inflate_grain_into;
 
 /// Receives content pieces in ascending offset order.
 pub type Emit<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<()>;
@@ -164,6 +164,20 @@ pub fn read_stream_zeroed(
     h: &SparseHeader,
     base: u64,
     emit: Emit<'_>,
+    zeroed: Option<EmitZeroed<'_>>,
+) -> Result<Option<Descriptor>> {
+    read_stream_on(None, r, h, base, emit, zeroed)
+}
+
+/// Like [`read_stream_zeroed`], inflating each batch of grains on `pool` (the caller's
+/// `--threads`; the global pool without one). The caller must not be a worker of `pool`
+/// that others wait on.
+pub fn read_stream_on(
+    pool: Option<&rayon::ThreadPool>,
+    r: &mut Counted<'_>,
+    h: &SparseHeader,
+    base: u64,
+    emit: Emit<'_>,
     mut zeroed: Option<EmitZeroed<'_>>,
 ) -> Result<Option<Descriptor>> {
     if !h.markers() {
@@ -176,18 +190,31 @@ pub fn read_stream_zeroed(
     let max_cmp = 2 * grain as u64 + 4096;
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut last: Option<u64> = None;
-    let flush = |batch: &mut Vec<(u64, Vec<u8>)>, emit: Emit<'_>, name: &Path| -> Result<()> {
-        let out: Vec<Result<Vec<u8>>> = batch
-            .par_iter()
-            .map(|(lba, cmp)| {
-                let start = lba * SECTOR;
-                let want = (cap - start).min(grain as u64) as usize;
-                inflate_grain(cmp, want, grain)
-                    .map_err(|w| Error::corrupt(name, 0, format!("grain at LBA {lba}: {w}")))
-            })
-            .collect();
-        for ((lba, _), data) in batch.drain(..).zip(out) {
-            emit(base + lba * SECTOR, &data?)?;
+    // Each batch inflates into one buffer kept from batch to batch (a fresh buffer per
+    // grain costs page faults and clearing).
+    let mut inflated: Vec<u8> = Vec::new();
+    let mut flush = |batch: &mut Vec<(u64, Vec<u8>)>, emit: Emit<'_>, name: &Path| -> Result<()> {
+        inflated.resize(batch.len() * grain, 0);
+        let mut inflate = || -> Result<()> {
+            inflated
+                .par_chunks_mut(grain)
+                .zip(batch.par_iter())
+                .try_for_each(|(out, (lba, cmp))| {
+                    let start = lba * SECTOR;
+                    let want = (cap - start).min(grain as u64) as usize;
+                    inflate_grain_into(&cmp[12..], want, out)
+                        .map(|_| ())
+                        .map_err(|w| Error::corrupt(name, 0, format!("grain at LBA {lba}: {w}")))
+                })
+        };
+        match pool {
+            Some(p) => p.install(&mut inflate)?,
+            None => inflate()?,
+        }
+        for ((lba, _), out) in batch.drain(..).zip(inflated.chunks(grain)) {
+            let start = lba * SECTOR;
+            let want = (cap - start).min(grain as u64) as usize;
+            emit(base + start, &out[..want])?;
         }
         Ok(())
     };
@@ -299,8 +326,9 @@ pub fn read_stream_zeroed(
         if total > 512 {
             r.exact(&mut rec[512..])?;
         }
+        // The record's first 12 bytes (LBA, size) stay: `flush` skips them (moving the
+        // grain down would copy it once more).
         rec.truncate(12 + size as usize);
-        rec.drain(..12);
         batch.push((lba, rec));
         if batch.len() >= 64 {
             flush(&mut batch, emit, r.name)?;

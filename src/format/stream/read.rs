@@ -9,37 +9,34 @@ use crate::error::{Error, Result};
 use crate::format::sparse::{SparseHeader, GD_AT_END, MARKER_FOOTER};
 use crate::io::Source;
 
-/// Inflate one zlib stream into a grain: at most `grain` bytes, zero-filled up to `want`.
-///
-/// libdeflate inflates whole buffers (a grain's shape) several times faster than a
-/// streaming inflater; a record it refuses (trailing bytes after the zlib stream, say) is
-/// inflated again by zlib, which decides.
-pub fn inflate_grain(
+/// Inflate one compressed grain into `out` (`grain` bytes long), which must come out at
+/// least `want` bytes: the grain's bytes inside the disk (the last grain may be partial).
+/// Returns how many bytes it inflated to; `out` past them is left as it was.
+pub fn inflate_grain_into(
     cmp: &[u8],
     want: usize,
-    grain: usize,
-) -> std::result::Result<Vec<u8>, String> {
+    out: &mut [u8],
+) -> std::result::Result<usize, String> {
     thread_local! {
         static INFLATER: std::cell::RefCell<libdeflater::Decompressor> =
             std::cell::RefCell::new(libdeflater::Decompressor::new());
     }
-    let mut out = vec![0u8; grain.max(want)];
+    let grain = out.len();
     let short = |n: usize| {
         format!("compressed grain inflates to {n} bytes, short of the {want} bytes it holds (qemu refuses such grains)")
     };
-    let fast = INFLATER.with(|d| d.borrow_mut().zlib_decompress(cmp, &mut out[..grain]));
+    let fast = INFLATER.with(|d| d.borrow_mut().zlib_decompress(cmp, out));
     if let Ok(n) = fast {
         if n < want {
             return Err(short(n));
         }
-        out.truncate(want);
-        return Ok(out);
+        return Ok(n);
     }
-    let mut out = Vec::with_capacity(want);
+    let mut slow = Vec::with_capacity(want);
     let mut d = flate2::read::ZlibDecoder::new(cmp);
     let n = (&mut d)
         .take(grain as u64 + 1)
-        .read_to_end(&mut out)
+        .read_to_end(&mut slow)
         .map_err(|e| format!("compressed grain does not inflate: {e}"))?;
     if n > grain {
         return Err(format!(
@@ -49,6 +46,18 @@ pub fn inflate_grain(
     if n < want {
         return Err(short(n));
     }
+    out[..n].copy_from_slice(&slow);
+    Ok(n)
+}
+
+/// Inflate one compressed grain (see [`inflate_grain_into`]): its first `want` bytes.
+pub fn inflate_grain(
+    cmp: &[u8],
+    want: usize,
+    grain: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut out = vec![0u8; grain.max(want)];
+    inflate_grain_into(cmp, want, &mut out[..grain])?;
     out.truncate(want);
     Ok(out)
 }
