@@ -21,7 +21,12 @@ if [ ! -f src-flat.vmdk ]; then
     $(( SIZE * 2048 )) > src.vmdk
   qemu-img convert -O vmdk -o subformat=monolithicSparse src.vmdk sparse-src.vmdk
 fi
-cat src-flat.vmdk sparse-src.vmdk > /dev/null   # warm the page cache for both tools
+if [ ! -f text-flat.vmdk ]; then
+  python3 "$OLDPWD/benches/mkdisk.py" text-flat.vmdk "$SIZE" 2 text
+  printf '# Disk DescriptorFile\nversion=1\nCID=2b3c4d5e\nparentCID=ffffffff\ncreateType="vmfs"\n\n# Extent description\nRW %d VMFS "text-flat.vmdk"\n\n# The Disk Data Base\n#DDB\n\nddb.adapterType = "lsilogic"\n' \
+    $(( SIZE * 2048 )) > text.vmdk
+fi
+cat src-flat.vmdk sparse-src.vmdk text-flat.vmdk > /dev/null   # warm the page cache for both tools
 
 now() { date +%s.%N; }
 # time_cmd OUTFILES... -- CMD...: remove outputs, run, sync, print seconds
@@ -66,6 +71,9 @@ row() { # name peer vmdkit-outs peer-outs vmdkit-cmd peer-cmd
 row "export streamOptimized (level 6)" qemu-img "v.vmdk" "q.vmdk" \
   "$V export src.vmdk v.vmdk --format stream -q" \
   "qemu-img convert -O vmdk -o subformat=streamOptimized src.vmdk q.vmdk"
+row "export stream, text-heavy disk" qemu-img "v.vmdk" "q.vmdk" \
+  "$V export text.vmdk v.vmdk --format stream -q" \
+  "qemu-img convert -O vmdk -o subformat=streamOptimized text.vmdk q.vmdk"
 if [ -x "$OV" ]; then
   [ -f stream-src.vmdk ] || "$V" export src.vmdk stream-src.vmdk --format stream -q
   row "export streamOptimized (level 6)" open-vmdk "v.vmdk" "o.vmdk" \
@@ -79,9 +87,15 @@ fi
 row "stream -> raw file (restore)" qemu-img "v.raw" "q.raw" \
   "$V cat stream-src.vmdk -o v.raw -q" \
   "qemu-img convert -O raw stream-src.vmdk q.raw"
-row "stream on stdin -> monolithicSparse" qemu-img "v.vmdk" "q.vmdk" \
-  "$V import - v.vmdk --type monolithicSparse -q < stream-src.vmdk" \
+row "stream on a pipe -> monolithicSparse" qemu-img "v.vmdk" "q.vmdk" \
+  "cat stream-src.vmdk | $V import - v.vmdk --type monolithicSparse -q" \
   "qemu-img convert -O vmdk -o subformat=monolithicSparse stream-src.vmdk q.vmdk"
+row "stream on a pipe -> monolithicSparse" vmdk-file "v.vmdk" "q.vmdk" \
+  "cat stream-src.vmdk | $V import - v.vmdk --type monolithicSparse -q" \
+  "$V import stream-src.vmdk q.vmdk --type monolithicSparse -q"
+row "pipe floor: cat | cat" - "v.bin" "q.bin" \
+  "cat stream-src.vmdk | cat > v.bin" \
+  "cat stream-src.vmdk > q.bin"
 row "export monolithicSparse" qemu-img "v.vmdk" "q.vmdk" \
   "$V export src.vmdk v.vmdk --format sparse -q" \
   "qemu-img convert -O vmdk -o subformat=monolithicSparse src.vmdk q.vmdk"
@@ -116,5 +130,22 @@ row "increment of a 5% child" qemu-img "v.vmdk" "q.vmdk" \
 if [ "${WITH_COMMIT:-1}" = 1 ] && [ -x "$OLDPWD/benches/commit-bench.sh" ]; then
   bash "$OLDPWD/benches/commit-bench.sh" "$V" "$RUNS"
 fi
+# Cores busy (CPU time / wall time) of the stream export, median of RUNS, per thread
+# count and disk: how well the pipeline keeps the cores compressing on this machine.
+echo
+printf '%-34s %8s %8s %8s %10s\n' "stream export: cores busy" threads wall_s cpu_s cores
+for disk in src text; do
+  for t in 1 2; do
+    ws=(); cs=()
+    for _ in $(seq "$RUNS"); do
+      rm -f v.vmdk; sync
+      /usr/bin/time -f '%e %U %S' -o cores.txt "$V" export $disk.vmdk v.vmdk --format stream -q --threads $t
+      read -r e u s < <(tail -1 cores.txt)
+      ws+=("$e"); cs+=("$(echo "$u + $s" | bc)")
+    done
+    w=$(printf '%s\n' "${ws[@]}" | median); c=$(printf '%s\n' "${cs[@]}" | median)
+    printf '%-34s %8s %8.2f %8.2f %10.2f\n' "$disk disk" "$t" "$w" "$c" "$(echo "$c / $w" | bc -l)"
+  done
+done
 echo
 echo "(bytes: du of the outputs' apparent sizes; size%: vmdkit relative to the peer; rss: peak resident MiB of one run)"
