@@ -139,6 +139,12 @@ pub fn increment(data: &[u8]) {
     let _ = crate::ops::apply::validate_bytes(data, FUZZ_MAP_BYTES);
 }
 
+/// What an NBD client sends `serve`: a request header, an option header, `INFO`/`GO`
+/// and meta context option data.
+pub fn nbd(data: &[u8]) {
+    crate::serve::parse_any(data);
+}
+
 /// Hand-made hostile inputs (issue 9): each once crashed, hung or ran away with memory.
 /// The mutation suite starts from them too.
 pub fn hostile_seeds() -> Vec<(&'static str, Vec<u8>)> {

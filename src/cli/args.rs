@@ -136,6 +136,9 @@ pub(super) enum Cmd {
     /// Check a disk's content (or a stream on stdin) against a manifest written by
     /// `export --manifest`.
     Verify(VerifyArgs),
+    /// Serve a disk, chain or backup read-only over NBD (a Unix socket or TCP) until
+    /// stopped with Ctrl-C: for file-level restore without a restore.
+    Serve(ServeArgs),
     /// Shell completions for bash, zsh or fish, on stdout.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -465,6 +468,44 @@ pub(super) struct ExtendArgs {
 pub(super) struct GeometryArgs {
     /// The disk.
     pub(super) disk: PathBuf,
+    #[command(flatten)]
+    pub(super) read: ReadArgs,
+}
+
+/// Arguments of `serve`.
+#[derive(clap::Args)]
+#[command(after_help = concat!(
+    "Examples:\n",
+    "  vmdkit serve /backup/vm.vmdk --socket /tmp/vm.sock &\n",
+    "  nbdfuse /mnt/vm 'nbd+unix:///?socket=/tmp/vm.sock' &     # the disk as a file\n",
+    "  mount -o ro,loop,offset=$((2048*512)) /mnt/vm/nbd /mnt/p1  # a partition, read-only\n",
+    "  vmdkit serve vm-000002.vmdk --port 10809                  # nbd://127.0.0.1:10809\n\n",
+    "Read-only: writes get EPERM; the served files are share-locked while it runs.\n",
+    "Exit: 128+N when stopped by signal N (the socket is removed), 1 error, 64 usage error."
+))]
+pub(super) struct ServeArgs {
+    /// The disk (top of the chain), a backup (streamOptimized), any VMDK vmdkit reads.
+    pub(super) disk: PathBuf,
+    /// Listen on a new Unix socket at PATH.
+    #[arg(long, value_name = "PATH", conflicts_with = "port")]
+    pub(super) socket: Option<PathBuf>,
+    /// Listen on TCP port N (on --bind's address).
+    #[arg(long, value_name = "N")]
+    pub(super) port: Option<u16>,
+    /// The address for --port (default 127.0.0.1: this host only).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1",
+        requires = "port"
+    )]
+    pub(super) bind: String,
+    /// The export's name (clients may also ask for the empty name).
+    #[arg(long, default_value = "")]
+    pub(super) name: String,
+    /// Most clients served at once.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub(super) max_connections: usize,
     #[command(flatten)]
     pub(super) read: ReadArgs,
 }

@@ -191,6 +191,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Create(a) => run_create(a, ui),
         Cmd::Extend(a) => run_extend(a, ui),
         Cmd::Geometry(a) => run_geometry(a, ui),
+        Cmd::Serve(a) => run_serve(a, ui),
         Cmd::Rdm {
             cmd:
                 RdmCmd::Create {
@@ -938,6 +939,52 @@ fn run_geometry(args: GeometryArgs, ui: Ui) -> Result<ExitCode> {
     if !stored {
         ui.say("(not in the descriptor: computed for its adapter and capacity)");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_serve(args: ServeArgs, ui: Ui) -> Result<ExitCode> {
+    let ServeArgs {
+        disk,
+        socket,
+        port,
+        bind,
+        name,
+        max_connections,
+        read,
+    } = args;
+    let chain = read.open(&disk)?;
+    // Share locks on every served file for as long as the server runs: a commit, write
+    // or repair of them is refused meanwhile.
+    let mut locks = vmdkit::guard::LockSet::new();
+    locks.shared_all(&chain.source_files())?;
+    let listener = match (socket, port) {
+        (Some(p), _) => vmdkit::serve::Listener::unix(&p)?,
+        (None, Some(n)) => vmdkit::serve::Listener::tcp(&format!("{bind}:{n}"))?,
+        (None, None) => anyhow::bail!("give --socket PATH or --port N"),
+    };
+    if let vmdkit::serve::Listener::Unix(_, p) = &listener {
+        // Removed when a signal stops the server.
+        vmdkit::guard::register_temporary(p);
+    }
+    let uri = listener.uri(&name);
+    let cap = chain.capacity();
+    vmdkit::guard::set_interrupt_note(Some(format!(
+        "stopped serving `{}`; nothing was written",
+        disk.display()
+    )));
+    ui.say(format_args!(
+        "serving `{}` ({cap} bytes, read-only) at {uri}",
+        disk.display()
+    ));
+    if ui.json {
+        print_json(&serde_json::json!({"file": disk, "uri": uri, "capacity": cap}))?;
+    }
+    let mut opts = vmdkit::serve::ServeOptions::default();
+    opts.name = name;
+    opts.max_connections = max_connections;
+    vmdkit::serve::serve(std::sync::Arc::new(chain), &listener, &opts, &|e| {
+        note!("vmdkit: serve: a connection ended: {e}")
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

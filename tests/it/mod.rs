@@ -19,5 +19,6 @@ mod read_qemu;
 mod readme;
 mod redo;
 mod safety;
+mod serve;
 mod snapshots;
 mod trust;

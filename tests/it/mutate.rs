@@ -242,6 +242,7 @@ fn recovery_state_and_increment_bodies_survive_seeded_mutations() {
     for (name, data) in &seeds {
         fuzzing::recovery(data);
         fuzzing::increment(data);
+        fuzzing::nbd(data);
         for _ in 0..400 {
             let mut x = data.clone();
             for _ in 0..1 + m.next_u64() % 4 {
@@ -250,6 +251,7 @@ fn recovery_state_and_increment_bodies_survive_seeded_mutations() {
             let r = std::panic::catch_unwind(|| {
                 fuzzing::recovery(&x);
                 fuzzing::increment(&x);
+                fuzzing::nbd(&x);
             });
             assert!(r.is_ok(), "{name}: a mutation panicked");
         }

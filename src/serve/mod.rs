@@ -1,0 +1,592 @@
+//! `serve`: any disk, chain or backup vmdkit reads, served read-only over NBD (fixed
+//! newstyle handshake; the wire format is in [`proto`]).
+//!
+//! # What a client gets
+//! `INFO`, `GO`, `EXPORT_NAME`, `LIST`, `ABORT`, structured replies, and the
+//! `base:allocation` metadata context, so `nbdcopy` and `qemu-img` skip what the disk
+//! does not store: unallocated ranges, zeroed grains and ZERO extents are `hole,zero`
+//! (as qemu-nbd reports them). A read with
+//! structured replies sends those ranges as `OFFSET_HOLE` chunks and the rest as
+//! `OFFSET_DATA` chunks of at most 1 MiB. The export is read-only: writes, trims and
+//! zero writes answer `EPERM`; it advertises `CAN_MULTI_CONN`, and every connection has
+//! a thread of its own reading the same open chain (compressed grains inflate on the
+//! connection that reads them).
+//!
+//! # Hostile clients
+//! A client is untrusted input. Option data is capped at 64 KiB (more closes the
+//! connection: it cannot be skipped without reading it), a read at 32 MiB and past the
+//! end of the disk is `EINVAL`, a write's payload is read and dropped in 1 MiB pieces
+//! (more than 32 MiB closes the connection), a handshake that has not finished in 30
+//! seconds and a reply nobody reads for 60 seconds close the connection. Replies are
+//! sent in pieces of at most 1 MiB, so a connection holds one such buffer whatever it
+//! asks, and connections are capped ([`ServeOptions::max_connections`], refused past
+//! it): memory stays bounded in total. A bad connection is closed; the others go on.
+//! Nothing is ever written to the served files, which stay share-locked while the server
+//! runs, so a commit, write or repair of them is refused meanwhile.
+
+pub mod proto;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use byteorder::{BigEndian as BE, ByteOrder};
+
+use crate::disk::{Alloc, VirtualDisk};
+use crate::error::{Error, Result};
+use proto::{chunk, errno, info, opt, rep, tflag, Command, Request};
+
+/// Most bytes one read may ask for.
+pub const MAX_REQUEST: u32 = 32 << 20;
+/// Most bytes of option data accepted.
+pub const MAX_OPTION: u32 = 64 << 10;
+/// Size of the pieces a reply is sent in.
+const PIECE: u64 = 1 << 20;
+/// Context ID of `base:allocation`.
+const BASE_ALLOCATION: u32 = 1;
+
+/// How to serve.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServeOptions {
+    /// The export's name (the empty name is accepted too).
+    pub name: String,
+    /// Connections served at once; more are closed on arrival.
+    pub max_connections: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            name: String::new(),
+            max_connections: 64,
+        }
+    }
+}
+
+/// Where to listen.
+#[derive(Debug)]
+pub enum Listener {
+    /// A Unix socket, and its path (removed when the server stops).
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+    /// A TCP socket.
+    Tcp(std::net::TcpListener),
+}
+
+impl Listener {
+    /// Listen on a new Unix socket at `path` (an existing file there is refused).
+    pub fn unix(path: &Path) -> Result<Listener> {
+        if std::fs::symlink_metadata(path).is_ok() {
+            return Err(Error::AlreadyExists(path.to_path_buf()));
+        }
+        let l = std::os::unix::net::UnixListener::bind(path)
+            .map_err(|e| Error::io("listen on", path, 0, e))?;
+        Ok(Listener::Unix(l, path.to_path_buf()))
+    }
+
+    /// Listen on TCP at `addr` (`127.0.0.1:10809`, say).
+    pub fn tcp(addr: &str) -> Result<Listener> {
+        let l = std::net::TcpListener::bind(addr)
+            .map_err(|e| Error::io("listen on", Path::new(addr), 0, e))?;
+        Ok(Listener::Tcp(l))
+    }
+
+    /// The NBD URI a client connects to for the export `name`.
+    pub fn uri(&self, name: &str) -> String {
+        match self {
+            Listener::Unix(_, p) => {
+                let abs = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+                format!("nbd+unix:///{name}?socket={}", abs.display())
+            }
+            Listener::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("nbd://{a}/{name}"),
+                Err(_) => format!("nbd://localhost/{name}"),
+            },
+        }
+    }
+}
+
+/// A connection's stream (Unix or TCP).
+trait Conn: Read + Write + Send {
+    fn timeouts(&self, read: Option<Duration>, write: Option<Duration>);
+}
+
+impl Conn for std::os::unix::net::UnixStream {
+    fn timeouts(&self, read: Option<Duration>, write: Option<Duration>) {
+        let _ = self.set_read_timeout(read);
+        let _ = self.set_write_timeout(write);
+    }
+}
+
+impl Conn for std::net::TcpStream {
+    fn timeouts(&self, read: Option<Duration>, write: Option<Duration>) {
+        let _ = self.set_read_timeout(read);
+        let _ = self.set_write_timeout(write);
+        let _ = self.set_nodelay(true);
+    }
+}
+
+/// Serve `disk` on `listener` until the process is stopped. `on_error` hears of each
+/// connection that ended in an error (a garbage handshake, a client gone mid-reply).
+pub fn serve(
+    disk: Arc<dyn VirtualDisk>,
+    listener: &Listener,
+    opts: &ServeOptions,
+    on_error: &(dyn Fn(String) + Sync),
+) -> Result<()> {
+    let live = Arc::new(AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        let accept = || -> std::io::Result<Box<dyn Conn>> {
+            Ok(match listener {
+                Listener::Unix(l, _) => Box::new(l.accept()?.0),
+                Listener::Tcp(l) => Box::new(l.accept()?.0),
+            })
+        };
+        loop {
+            let conn = match accept() {
+                Ok(c) => c,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    on_error(format!("accepting a connection: {e}"));
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            if live.fetch_add(1, Ordering::SeqCst) >= opts.max_connections {
+                live.fetch_sub(1, Ordering::SeqCst);
+                on_error(format!(
+                    "a connection past the limit of {} was closed",
+                    opts.max_connections
+                ));
+                continue;
+            }
+            let (disk, live) = (disk.clone(), live.clone());
+            s.spawn(move || {
+                let r = Session::new(conn, &*disk, &opts.name).run();
+                live.fetch_sub(1, Ordering::SeqCst);
+                if let Err(e) = r {
+                    on_error(e);
+                }
+            });
+        }
+    })
+}
+
+/// One client.
+struct Session<'a> {
+    conn: Box<dyn Conn>,
+    disk: &'a dyn VirtualDisk,
+    name: &'a str,
+    structured: bool,
+    base_allocation: bool,
+}
+
+type Outcome = std::result::Result<(), String>;
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+impl<'a> Session<'a> {
+    fn new(conn: Box<dyn Conn>, disk: &'a dyn VirtualDisk, name: &'a str) -> Session<'a> {
+        Session {
+            conn,
+            disk,
+            name,
+            structured: false,
+            base_allocation: false,
+        }
+    }
+
+    fn run(mut self) -> Outcome {
+        self.conn
+            .timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(60)));
+        if self.handshake()? {
+            self.conn.timeouts(None, Some(Duration::from_secs(60)));
+            self.transmission()?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, b: &[u8]) -> Outcome {
+        self.conn.write_all(b).map_err(io("sending"))
+    }
+
+    fn recv(&mut self, b: &mut [u8]) -> Outcome {
+        self.conn.read_exact(b).map_err(io("receiving"))
+    }
+
+    fn known(&self, name: &str) -> bool {
+        name.is_empty() || name == self.name
+    }
+
+    fn flags(&self) -> u16 {
+        tflag::HAS_FLAGS | tflag::READ_ONLY | tflag::CAN_MULTI_CONN
+    }
+
+    /// The handshake; `Ok(true)` when the client entered transmission.
+    fn handshake(&mut self) -> std::result::Result<bool, String> {
+        let mut hello = [0u8; 18];
+        BE::write_u64(&mut hello[0..8], proto::NBDMAGIC);
+        BE::write_u64(&mut hello[8..16], proto::IHAVEOPT);
+        BE::write_u16(
+            &mut hello[16..18],
+            proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES,
+        );
+        self.send(&hello)?;
+        let mut cf = [0u8; 4];
+        self.recv(&mut cf)?;
+        let cflags = BE::read_u32(&cf);
+        if cflags & !(proto::C_FIXED_NEWSTYLE | proto::C_NO_ZEROES) != 0 {
+            return Err(format!("unknown client flags {cflags:#x}"));
+        }
+        let no_zeroes = cflags & proto::C_NO_ZEROES != 0;
+        loop {
+            let mut h = [0u8; proto::OPTION_HEADER_LEN];
+            self.recv(&mut h)?;
+            let (option, len) = proto::parse_option_header(&h)?;
+            if len > MAX_OPTION {
+                // Its data cannot be skipped without reading it all: give up on it.
+                let r = proto::option_reply(option, rep::ERR_TOO_BIG, b"");
+                let _ = self.send(&r);
+                return Err(format!("option {option} with {len} bytes of data"));
+            }
+            let mut data = vec![0u8; len as usize];
+            self.recv(&mut data)?;
+            match option {
+                opt::EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data).into_owned();
+                    if !self.known(&name) {
+                        return Err(format!("no export named `{name}`"));
+                    }
+                    let mut b = self.disk.capacity().to_be_bytes().to_vec();
+                    b.extend_from_slice(&self.flags().to_be_bytes());
+                    if !no_zeroes {
+                        b.extend_from_slice(&[0u8; 124]);
+                    }
+                    self.send(&b)?;
+                    return Ok(true);
+                }
+                opt::ABORT => {
+                    let _ = self.send(&proto::option_reply(option, rep::ACK, b""));
+                    return Ok(false);
+                }
+                opt::LIST => {
+                    if !data.is_empty() {
+                        self.reply(option, rep::ERR_INVALID, b"LIST takes no data")?;
+                        continue;
+                    }
+                    let mut b = (self.name.len() as u32).to_be_bytes().to_vec();
+                    b.extend_from_slice(self.name.as_bytes());
+                    self.reply(option, rep::SERVER, &b)?;
+                    self.reply(option, rep::ACK, b"")?;
+                }
+                opt::INFO | opt::GO => {
+                    let q = match proto::parse_info_request(&data) {
+                        Ok(q) => q,
+                        Err(e) => {
+                            self.reply(option, rep::ERR_INVALID, e.as_bytes())?;
+                            continue;
+                        }
+                    };
+                    if !self.known(&q.name) {
+                        self.reply(option, rep::ERR_UNKNOWN, b"no such export")?;
+                        continue;
+                    }
+                    let mut b = info::EXPORT.to_be_bytes().to_vec();
+                    b.extend_from_slice(&self.disk.capacity().to_be_bytes());
+                    b.extend_from_slice(&self.flags().to_be_bytes());
+                    self.reply(option, rep::INFO, &b)?;
+                    if q.wanted.contains(&info::NAME) {
+                        let mut b = info::NAME.to_be_bytes().to_vec();
+                        b.extend_from_slice(self.name.as_bytes());
+                        self.reply(option, rep::INFO, &b)?;
+                    }
+                    if q.wanted.contains(&info::BLOCK_SIZE) {
+                        let mut b = info::BLOCK_SIZE.to_be_bytes().to_vec();
+                        for v in [1u32, 4096, MAX_REQUEST] {
+                            b.extend_from_slice(&v.to_be_bytes());
+                        }
+                        self.reply(option, rep::INFO, &b)?;
+                    }
+                    self.reply(option, rep::ACK, b"")?;
+                    if option == opt::GO {
+                        return Ok(true);
+                    }
+                }
+                opt::STRUCTURED_REPLY => {
+                    if !data.is_empty() {
+                        self.reply(option, rep::ERR_INVALID, b"takes no data")?;
+                        continue;
+                    }
+                    self.structured = true;
+                    self.reply(option, rep::ACK, b"")?;
+                }
+                opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                    if !self.structured {
+                        self.reply(option, rep::ERR_INVALID, b"structured replies first")?;
+                        continue;
+                    }
+                    let q = match proto::parse_meta_request(&data) {
+                        Ok(q) => q,
+                        Err(e) => {
+                            self.reply(option, rep::ERR_INVALID, e.as_bytes())?;
+                            continue;
+                        }
+                    };
+                    if !self.known(&q.name) {
+                        self.reply(option, rep::ERR_UNKNOWN, b"no such export")?;
+                        continue;
+                    }
+                    let listing = option == opt::LIST_META_CONTEXT;
+                    let base = q
+                        .queries
+                        .iter()
+                        .any(|x| x == "base:allocation" || x == "base:")
+                        || (listing && q.queries.is_empty());
+                    if option == opt::SET_META_CONTEXT {
+                        self.base_allocation = base;
+                    }
+                    if base {
+                        let mut b = BASE_ALLOCATION.to_be_bytes().to_vec();
+                        b.extend_from_slice(b"base:allocation");
+                        self.reply(option, rep::META_CONTEXT, &b)?;
+                    }
+                    self.reply(option, rep::ACK, b"")?;
+                }
+                _ => self.reply(option, rep::ERR_UNSUP, b"")?,
+            }
+        }
+    }
+
+    fn reply(&mut self, option: u32, kind: u32, data: &[u8]) -> Outcome {
+        let b = proto::option_reply(option, kind, data);
+        self.send(&b)
+    }
+
+    fn transmission(&mut self) -> Outcome {
+        let mut buf = Vec::new();
+        loop {
+            let mut h = [0u8; proto::REQUEST_LEN];
+            match self.conn.read_exact(&mut h) {
+                Ok(()) => {}
+                // A client that goes away without DISC.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(format!("receiving a request: {e}")),
+            }
+            let r = proto::parse_request(&h)?;
+            match r.command {
+                Command::Disc => return Ok(()),
+                Command::Read => self.read(&r, &mut buf)?,
+                Command::BlockStatus => self.block_status(&r)?,
+                Command::Flush | Command::Cache => self.done(&r, 0)?,
+                Command::Write => {
+                    self.drop_payload(&r, &mut buf)?;
+                    self.fail(&r, errno::EPERM, "the export is read-only")?;
+                }
+                Command::Trim | Command::WriteZeroes => {
+                    self.fail(&r, errno::EPERM, "the export is read-only")?
+                }
+                Command::Other(n) => self.fail(&r, errno::EINVAL, &format!("command {n}"))?,
+            }
+        }
+    }
+
+    /// A reply without data.
+    fn done(&mut self, r: &Request, error: u32) -> Outcome {
+        if self.structured && error == 0 {
+            let h = proto::chunk_header(chunk::FLAG_DONE, chunk::NONE, r.cookie, 0);
+            self.send(&h)
+        } else {
+            let h = proto::simple_reply(error, r.cookie);
+            self.send(&h)
+        }
+    }
+
+    fn fail(&mut self, r: &Request, error: u32, why: &str) -> Outcome {
+        if self.structured {
+            let b = proto::error_chunk(r.cookie, error, why);
+            self.send(&b)
+        } else {
+            self.done(r, error)
+        }
+    }
+
+    fn drop_payload(&mut self, r: &Request, buf: &mut Vec<u8>) -> Outcome {
+        if r.length > MAX_REQUEST {
+            return Err(format!("a write of {} bytes", r.length));
+        }
+        let mut left = u64::from(r.length);
+        buf.resize(PIECE as usize, 0);
+        while left > 0 {
+            let n = left.min(PIECE) as usize;
+            self.recv(&mut buf[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    }
+
+    /// Whether `r` asks for a range inside the disk (and not too much); answers when not.
+    fn in_range(&mut self, r: &Request) -> std::result::Result<bool, String> {
+        let cap = self.disk.capacity();
+        if r.length == 0
+            || r.offset
+                .checked_add(u64::from(r.length))
+                .is_none_or(|e| e > cap)
+        {
+            self.fail(
+                r,
+                errno::EINVAL,
+                "the range is empty or past the end of the disk",
+            )?;
+            return Ok(false);
+        }
+        if r.length > MAX_REQUEST {
+            self.fail(r, errno::EOVERFLOW, "more than 32 MiB in one request")?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn read(&mut self, r: &Request, buf: &mut Vec<u8>) -> Outcome {
+        if !self.in_range(r)? {
+            return Ok(());
+        }
+        let end = r.offset + u64::from(r.length);
+        if !self.structured {
+            // The header first, then the data in pieces; an error half way can only
+            // close the connection (the client already has the header).
+            let h = proto::simple_reply(0, r.cookie);
+            let mut first = true;
+            let mut at = r.offset;
+            while at < end {
+                let n = (end - at).min(PIECE) as usize;
+                buf.resize(n, 0);
+                if let Err(e) = self.disk.read_at(&mut buf[..n], at) {
+                    if first {
+                        return self.fail(r, errno::EIO, &e.to_string());
+                    }
+                    return Err(format!("reading at {at:#x}: {e}"));
+                }
+                if first {
+                    self.send(&h)?;
+                    first = false;
+                }
+                self.conn.write_all(&buf[..n]).map_err(io("sending"))?;
+                at += n as u64;
+            }
+            return Ok(());
+        }
+        let runs = match self.disk.map(r.offset..end) {
+            Ok(runs) => runs,
+            Err(e) => return self.fail(r, errno::EIO, &e.to_string()),
+        };
+        for run in runs {
+            let (a, b) = (run.start.max(r.offset), (run.start + run.len).min(end));
+            if a >= b {
+                continue;
+            }
+            if reads_zero(&run.alloc) {
+                let mut c = proto::chunk_header(0, chunk::OFFSET_HOLE, r.cookie, 12).to_vec();
+                c.extend_from_slice(&a.to_be_bytes());
+                c.extend_from_slice(&((b - a) as u32).to_be_bytes());
+                self.send(&c)?;
+                continue;
+            }
+            let mut at = a;
+            while at < b {
+                let n = (b - at).min(PIECE) as usize;
+                buf.resize(n, 0);
+                if let Err(e) = self.disk.read_at(&mut buf[..n], at) {
+                    return self.fail(r, errno::EIO, &e.to_string());
+                }
+                let h = proto::chunk_header(0, chunk::OFFSET_DATA, r.cookie, 8 + n as u32);
+                self.send(&h)?;
+                self.send(&at.to_be_bytes())?;
+                self.conn.write_all(&buf[..n]).map_err(io("sending"))?;
+                at += n as u64;
+            }
+        }
+        self.done(r, 0)
+    }
+
+    fn block_status(&mut self, r: &Request) -> Outcome {
+        if !self.base_allocation {
+            return self.fail(r, errno::EINVAL, "no metadata context was selected");
+        }
+        // The range is clipped to the disk rather than refused when it only runs past
+        // the end (the protocol lets a server answer less than asked).
+        let cap = self.disk.capacity();
+        if r.length == 0 || r.offset >= cap {
+            return self.fail(r, errno::EINVAL, "the range is empty or past the end");
+        }
+        let end = r.offset.saturating_add(u64::from(r.length)).min(cap);
+        let runs = match self.disk.map(r.offset..end) {
+            Ok(runs) => runs,
+            Err(e) => return self.fail(r, errno::EIO, &e.to_string()),
+        };
+        let mut desc: Vec<(u64, u32)> = Vec::new();
+        for run in runs {
+            let (a, b) = (run.start.max(r.offset), (run.start + run.len).min(end));
+            if a >= b {
+                continue;
+            }
+            // What is not stored reads as zeros: a hole (as qemu-nbd reports zeroed
+            // grains and ZERO extents too).
+            let flags = if reads_zero(&run.alloc) {
+                proto::STATE_HOLE | proto::STATE_ZERO
+            } else {
+                0
+            };
+            match desc.last_mut() {
+                Some((len, f)) if *f == flags => *len += b - a,
+                _ => desc.push((b - a, flags)),
+            }
+        }
+        if r.flags & proto::CMD_FLAG_REQ_ONE != 0 {
+            desc.truncate(1);
+        }
+        let mut body = BASE_ALLOCATION.to_be_bytes().to_vec();
+        for (len, flags) in desc {
+            // A length is 32 bits: long runs go in several descriptors.
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(u64::from(u32::MAX) / 512 * 512);
+                body.extend_from_slice(&(n as u32).to_be_bytes());
+                body.extend_from_slice(&flags.to_be_bytes());
+                left -= n;
+            }
+        }
+        let h = proto::chunk_header(
+            chunk::FLAG_DONE,
+            chunk::BLOCK_STATUS,
+            r.cookie,
+            body.len() as u32,
+        );
+        self.send(&h)?;
+        self.send(&body)
+    }
+}
+
+/// Whether a run reads as zeros without being read.
+fn reads_zero(a: &Alloc) -> bool {
+    matches!(a, Alloc::Unallocated | Alloc::Zero | Alloc::Hole { .. })
+}
+
+/// The request parsers on arbitrary bytes (the fuzz target's body).
+pub(crate) fn parse_any(data: &[u8]) {
+    if let Ok(h) =
+        <&[u8; proto::REQUEST_LEN]>::try_from(data.get(..proto::REQUEST_LEN).unwrap_or(&[]))
+    {
+        let _ = proto::parse_request(h);
+    }
+    if let Ok(h) = <&[u8; proto::OPTION_HEADER_LEN]>::try_from(
+        data.get(..proto::OPTION_HEADER_LEN).unwrap_or(&[]),
+    ) {
+        let _ = proto::parse_option_header(h);
+    }
+    let _ = proto::parse_info_request(data);
+    let _ = proto::parse_meta_request(data);
+}

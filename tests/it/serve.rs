@@ -1,0 +1,368 @@
+//! Issue 20: `vmdkit serve`, checked with libnbd's clients and qemu (independent NBD
+//! implementations): `nbdinfo` (size, flags, `--map` against qemu-nbd's map of the same
+//! file), `nbdcopy` (content against `qemu-img convert`), `qemu-img compare` over NBD; and
+//! hostile clients speaking raw bytes on the socket.
+
+use super::util::*;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// Whether libnbd's clients are installed (CI installs them; a missing oracle fails
+/// there).
+fn have_nbd_tools() -> bool {
+    let ok = Command::new("nbdcopy").arg("--version").output().is_ok()
+        && Command::new("nbdinfo").arg("--version").output().is_ok();
+    if !ok {
+        assert!(
+            !in_ci(),
+            "CI=true but nbdinfo/nbdcopy (libnbd-bin) are missing"
+        );
+        eprintln!("skipping: nbdinfo/nbdcopy not installed");
+    }
+    ok
+}
+
+/// A running `vmdkit serve`, stopped with SIGTERM when dropped.
+struct Server {
+    child: Child,
+    uri: String,
+    socket: PathBuf,
+}
+
+impl Server {
+    fn start(dir: &Path, disk: &str, extra: &[&str]) -> Server {
+        let socket = dir.join(format!("{disk}.sock"));
+        let mut child = Command::new(bin())
+            .args(["serve", disk, "--socket"])
+            .arg(&socket)
+            .args(extra)
+            .arg("--json")
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join(format!("{disk}.serve.err"))).unwrap())
+            .spawn()
+            .unwrap();
+        // The one JSON line comes once it listens.
+        let mut line = Vec::new();
+        let mut out = child.stdout.take().unwrap();
+        let mut b = [0u8; 1];
+        while out.read(&mut b).unwrap_or(0) == 1 {
+            line.push(b[0]);
+            if line.ends_with(b"}\n") {
+                break;
+            }
+        }
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap_or_else(|e| {
+            panic!(
+                "serve's ready line: {e}: {}",
+                String::from_utf8_lossy(&line)
+            )
+        });
+        Server {
+            child,
+            uri: v["uri"].as_str().unwrap().to_string(),
+            socket,
+        }
+    }
+
+    /// Stop it as Ctrl-C would (SIGTERM); its exit code.
+    fn stop(&mut self) -> Option<i32> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap().code()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+    }
+}
+
+fn run_ok(dir: &Path, prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A 64 MiB chain (a qemu base, a child with data over a hole and zeros over data) and a
+/// streamOptimized backup of it.
+fn chain(d: &Path) {
+    qemu_create(d, "monolithicSparse", "p.vmdk", "64M");
+    qemu_io(
+        d,
+        "p.vmdk",
+        &["write -P 0x31 1M 128k", "write -P 0x32 40M 64k"],
+    );
+    qemu_child(d, "p.vmdk", "c.vmdk", true);
+    qemu_io(d, "c.vmdk", &["write -P 0x41 2M 64k", "write -z 40M 64k"]);
+    vmdkit_ok(d, &["export", "c.vmdk", "b.vmdk", "-d", "stream", "-q"]);
+}
+
+#[test]
+fn serve_reads_as_qemu_and_libnbd_read_the_disk() {
+    need_qemu!();
+    if !have_nbd_tools() {
+        return;
+    }
+    let t = tmp();
+    let d = t.path();
+    chain(d);
+    let want = qemu_raw(d, "c.vmdk");
+    for disk in ["c.vmdk", "b.vmdk"] {
+        let mut s = Server::start(d, disk, &[]);
+        let info = run_ok(d, "nbdinfo", &["--json", &s.uri]);
+        let v: serde_json::Value = serde_json::from_str(&info).unwrap();
+        let e = &v["exports"][0];
+        assert_eq!(e["export-size"], 64 << 20, "{disk}: {info}");
+        assert_eq!(e["is_read_only"], true);
+        assert_eq!(e["can_multi_conn"], true);
+        assert_eq!(v["protocol"], "newstyle-fixed", "{info}");
+        // Content: nbdcopy (4 connections at once) and qemu-img over NBD.
+        let out = d.join(format!("{disk}.raw"));
+        run_ok(d, "nbdcopy", &[&s.uri, out.to_str().unwrap()]);
+        assert_same(&std::fs::read(&out).unwrap(), &want, disk);
+        let cmp = run_ok(d, "qemu-img", &["compare", &s.uri, "c.vmdk"]);
+        assert!(cmp.contains("identical"), "{disk}: {cmp}");
+        // The allocation map, as qemu-nbd serves the same file.
+        let ours = run_ok(d, "nbdinfo", &["--map", &s.uri]);
+        let qsock = d.join(format!("{disk}.q.sock"));
+        let mut q = Command::new("qemu-nbd")
+            .args(["-t", "-r", "-f", "vmdk", "-k"])
+            .arg(&qsock)
+            .arg(disk)
+            .current_dir(d)
+            .spawn()
+            .unwrap();
+        let quri = format!("nbd+unix:///?socket={}", qsock.display());
+        let mut theirs = String::new();
+        for _ in 0..100 {
+            let o = Command::new("nbdinfo")
+                .args(["--map", &quri])
+                .output()
+                .unwrap();
+            if o.status.success() {
+                theirs = String::from_utf8_lossy(&o.stdout).into_owned();
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        q.kill().unwrap();
+        q.wait().unwrap();
+        if disk == "c.vmdk" {
+            assert_eq!(ours, theirs, "the allocation map of {disk}");
+        } else {
+            // A stream stores the zeroed 64 KiB as nothing at all: qemu and vmdkit both
+            // call it a hole; they agree on where the data is.
+            let data = |m: &str| -> Vec<String> {
+                m.lines()
+                    .filter(|l| l.ends_with("data"))
+                    .map(str::to_string)
+                    .collect()
+            };
+            assert_eq!(data(&ours), data(&theirs), "the data ranges of {disk}");
+        }
+        // While it serves, the files are share-locked: a write is refused.
+        std::fs::write(d.join("x.bin"), [0x77u8; 512]).unwrap();
+        let err = vmdkit_err(d, &["write", disk, "--offset", "0", "x.bin"]);
+        assert!(
+            err.contains("in use") || err.contains("locked") || err.contains("busy"),
+            "{err}"
+        );
+        // Stopped by a signal: 128+15, the socket gone, the files as they were.
+        let before = sha256_file(&d.join(disk));
+        assert_eq!(s.stop(), Some(143));
+        assert!(!s.socket.exists(), "the socket is removed");
+        assert_eq!(sha256_file(&d.join(disk)), before);
+    }
+}
+
+/// The server's side of the handshake, read off a raw connection; then the client's
+/// flags (fixed newstyle, no zeroes).
+fn hello(c: &mut UnixStream) {
+    let mut h = [0u8; 18];
+    c.read_exact(&mut h).unwrap();
+    assert_eq!(&h[0..8], b"NBDMAGIC");
+    assert_eq!(&h[8..16], b"IHAVEOPT");
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+}
+
+fn option(c: &mut UnixStream, opt: u32, data: &[u8]) {
+    let mut b = b"IHAVEOPT".to_vec();
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    c.write_all(&b).unwrap();
+}
+
+/// One option reply: its type and data.
+fn option_reply(c: &mut UnixStream) -> (u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    c.read_exact(&mut h).unwrap();
+    assert_eq!(
+        u64::from_be_bytes(h[0..8].try_into().unwrap()),
+        0x3e889045565a9
+    );
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+    let mut d = vec![0u8; len];
+    c.read_exact(&mut d).unwrap();
+    (u32::from_be_bytes(h[12..16].try_into().unwrap()), d)
+}
+
+fn request(c: &mut UnixStream, cmd: u16, cookie: u64, offset: u64, len: u32) {
+    let mut b = 0x25609513u32.to_be_bytes().to_vec();
+    b.extend_from_slice(&0u16.to_be_bytes());
+    b.extend_from_slice(&cmd.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    c.write_all(&b).unwrap();
+}
+
+/// A simple reply's error and cookie.
+fn simple_reply(c: &mut UnixStream) -> (u32, u64) {
+    let mut h = [0u8; 16];
+    c.read_exact(&mut h).unwrap();
+    assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x67446698);
+    (
+        u32::from_be_bytes(h[4..8].try_into().unwrap()),
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+    )
+}
+
+/// Whether the server closed `c` (a read gets end-of-file or a reset).
+fn closed(c: &mut UnixStream) -> bool {
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut b = [0u8; 64];
+    loop {
+        match c.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a last reply
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Hostile clients are answered with NBD errors or closed, and never stop the server
+/// serving the others: garbage instead of the handshake, an option announcing 2 GiB of
+/// data, an unknown option, reads past the end and of 2 GiB, writes and trims into the
+/// read-only export, an unknown command, a request with a bad magic, and more
+/// connections than allowed.
+#[test]
+fn hostile_clients_get_errors_and_the_server_keeps_serving() {
+    need_qemu!();
+    if !have_nbd_tools() {
+        return;
+    }
+    let t = tmp();
+    let d = t.path();
+    chain(d);
+    let s = Server::start(d, "c.vmdk", &["--max-connections", "4", "--name", "vm"]);
+    let connect = || UnixStream::connect(&s.socket).unwrap();
+
+    // Garbage client flags.
+    let mut c = connect();
+    let mut h = [0u8; 18];
+    c.read_exact(&mut h).unwrap();
+    c.write_all(&[0xff; 64]).unwrap();
+    assert!(closed(&mut c), "garbage flags close the connection");
+
+    // An option announcing 2 GiB of data: refused as too big, then closed.
+    let mut c = connect();
+    hello(&mut c);
+    option(&mut c, 7, &[]);
+    let (kind, _) = option_reply(&mut c);
+    assert_eq!(
+        kind,
+        (1 << 31) + 3,
+        "GO with no data is invalid, the session goes on"
+    );
+    let mut b = b"IHAVEOPT".to_vec();
+    b.extend_from_slice(&7u32.to_be_bytes());
+    b.extend_from_slice(&(1u32 << 31).to_be_bytes());
+    c.write_all(&b).unwrap();
+    let (kind, _) = option_reply(&mut c);
+    assert_eq!(kind, (1 << 31) + 9, "ERR_TOO_BIG");
+    assert!(closed(&mut c));
+
+    // Unknown option, unknown export, then EXPORT_NAME and requests.
+    let mut c = connect();
+    hello(&mut c);
+    option(&mut c, 1234, b"xyz");
+    assert_eq!(option_reply(&mut c).0, (1 << 31) + 1, "ERR_UNSUP");
+    let mut go = 5u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"other");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    option(&mut c, 6, &go);
+    assert_eq!(option_reply(&mut c).0, (1 << 31) + 6, "ERR_UNKNOWN");
+    option(&mut c, 3, &[]);
+    let (kind, data) = option_reply(&mut c);
+    assert_eq!((kind, &data[4..]), (2, &b"vm"[..]), "LIST names the export");
+    assert_eq!(option_reply(&mut c).0, 1);
+    option(&mut c, 1, b"vm");
+    let mut e = [0u8; 10];
+    c.read_exact(&mut e).unwrap();
+    assert_eq!(u64::from_be_bytes(e[0..8].try_into().unwrap()), 64 << 20);
+    let cap = 64u64 << 20;
+    for (cmd, off, len, want) in [
+        (0u16, cap - 512, 1024u32, 22u32), // read past the end
+        (0, 0, 1 << 31, 22),               // 2 GiB past the end of a 64 MiB disk
+        (0, 0, 0, 22),                     // empty
+        (4, 0, 4096, 1),                   // trim: read-only
+        (6, 0, 4096, 1),                   // write zeroes: read-only
+        (7, 0, 4096, 22),                  // block status without a context
+        (99, 0, 0, 22),                    // unknown command
+    ] {
+        request(&mut c, cmd, 7, off, len);
+        assert_eq!(
+            simple_reply(&mut c),
+            (want, 7),
+            "command {cmd} at {off} for {len}"
+        );
+    }
+    // A write: its payload is read and dropped, EPERM.
+    request(&mut c, 1, 8, 0, 4096);
+    c.write_all(&[0x55; 4096]).unwrap();
+    assert_eq!(simple_reply(&mut c), (1, 8));
+    // A good read still works on the same connection.
+    request(&mut c, 0, 9, 2 << 20, 65536);
+    assert_eq!(simple_reply(&mut c), (0, 9));
+    let mut data = vec![0u8; 65536];
+    c.read_exact(&mut data).unwrap();
+    assert!(data.iter().all(|&b| b == 0x41));
+    // A request with a bad magic closes the connection.
+    c.write_all(&[0u8; 28]).unwrap();
+    assert!(closed(&mut c));
+
+    // Past the connection limit: the fifth is closed on arrival, the four still work.
+    let mut held: Vec<UnixStream> = (0..4).map(|_| connect()).collect();
+    for h in &mut held {
+        hello(h);
+    }
+    let mut fifth = connect();
+    assert!(closed(&mut fifth), "a fifth connection is refused");
+    drop(held);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // And the server serves a well-behaved client after all of that.
+    let out = d.join("after.raw");
+    run_ok(d, "nbdcopy", &[&s.uri, out.to_str().unwrap()]);
+    assert_same(
+        &std::fs::read(&out).unwrap(),
+        &qemu_raw(d, "c.vmdk"),
+        "after the hostile clients",
+    );
+}
