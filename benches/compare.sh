@@ -130,6 +130,35 @@ row "increment of a 5% child" qemu-img "v.vmdk" "q.vmdk" \
 if [ "${WITH_COMMIT:-1}" = 1 ] && [ -x "$OLDPWD/benches/commit-bench.sh" ]; then
   bash "$OLDPWD/benches/commit-bench.sh" "$V" "$RUNS"
 fi
+# serve: nbdcopy (4 connections) from `vmdkit serve` against nbdcopy from `qemu-nbd -r`
+# serving the same file, into a raw file (holes skipped by both through base:allocation).
+if command -v nbdcopy >/dev/null 2>&1; then
+  serve_start() { # tool file -> prints the URI once it listens
+    rm -f "$W/$1.sock"
+    if [ "$1" = vmdkit ]; then
+      "$V" serve "$2" --socket "$W/vmdkit.sock" --json > serve.json 2> /dev/null &
+    else
+      qemu-nbd -t -r -f vmdk -k "$W/qemu.sock" "$2" 2> /dev/null &
+    fi
+    echo $! > "$1.pid"
+    for _ in $(seq 100); do
+      nbdinfo --can connect "nbd+unix:///?socket=$W/$1.sock" 2> /dev/null && break
+      sleep 0.05
+    done
+  }
+  serve_stop() { kill "$(cat "$1.pid")" 2> /dev/null; wait "$(cat "$1.pid")" 2> /dev/null || true; }
+  for f in stream-src.vmdk sparse-src.vmdk; do
+    serve_start vmdkit "$f"; serve_start qemu "$f"
+    row "nbdcopy from serve ($f)" qemu-nbd "v.raw" "q.raw" \
+      "nbdcopy nbd+unix:///?socket=$W/vmdkit.sock v.raw" \
+      "nbdcopy nbd+unix:///?socket=$W/qemu.sock q.raw"
+    printf '%-34s server peak RSS: vmdkit %s MiB, qemu-nbd %s MiB\n' "" \
+      $(( $(awk '/VmHWM/ {print $2}' /proc/"$(cat vmdkit.pid)"/status) / 1024 )) \
+      $(( $(awk '/VmHWM/ {print $2}' /proc/"$(cat qemu.pid)"/status) / 1024 ))
+    serve_stop vmdkit; serve_stop qemu
+  done
+fi
+
 # Cores busy (CPU time / wall time) of the stream export, median of RUNS, per thread
 # count and disk: how well the pipeline keeps the cores compressing on this machine.
 echo
