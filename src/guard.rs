@@ -204,6 +204,25 @@ pub fn interrupt_note() -> Option<String> {
     NOTE.lock().ok().and_then(|n| n.clone())
 }
 
+type Hook = Box<dyn Fn() + Send>;
+static SHUTDOWN: Mutex<Option<Hook>> = Mutex::new(None);
+
+/// Something to do before the process ends on a signal (the binary runs it before it
+/// removes the temporaries): `serve --overlay` makes the overlay's writes durable.
+pub fn set_shutdown_hook(hook: Option<Box<dyn Fn() + Send>>) {
+    if let Ok(mut h) = SHUTDOWN.lock() {
+        *h = hook;
+    }
+}
+
+/// Run the hook set by [`set_shutdown_hook`], once.
+pub fn run_shutdown_hook() {
+    let hook = SHUTDOWN.lock().ok().and_then(|mut h| h.take());
+    if let Some(h) = hook {
+        h();
+    }
+}
+
 /// Record a temporary file so a signal can remove it.
 pub fn register_temporary(path: &Path) {
     if let Ok(mut t) = TEMPS.lock() {

@@ -26,6 +26,7 @@ pub mod ops;
 pub mod output;
 pub mod recovery;
 pub mod resolve;
+pub mod rw;
 pub mod serve;
 pub mod units;
 pub mod write;

@@ -644,6 +644,131 @@ impl LayerWriter {
         Ok(())
     }
 
+    /// Read `buf` at virtual offset `off` as this layer reads now, its own writes
+    /// included (the tables this writer holds, durable or not); `below` reads what the
+    /// layer does not hold.
+    pub fn read_at(&mut self, buf: &mut [u8], off: u64, below: ReadBelow<'_>) -> Result<()> {
+        self.check(off, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let i = self.extents.partition_point(|e| e.0 + e.1 <= pos);
+            let (start, len, w) = &mut self.extents[i];
+            let rel = pos - *start;
+            let out = &mut buf[done..];
+            let n = match w {
+                ExtentWriter::Sparse(s) => {
+                    let g = rel / s.grain;
+                    let gstart = g * s.grain;
+                    let n = (((gstart + s.grain).min(*len) - rel) as usize).min(out.len());
+                    let gte = s.tables.get(&s.file, g)?;
+                    if gte >= 2 || (gte == 1 && !s.h.zero_grain()) {
+                        let at = u64::from(gte) * SECTOR + (rel - gstart);
+                        read_zero_fill(&s.file, &s.path, &mut out[..n], at)?;
+                    } else if gte == 1 {
+                        out[..n].fill(0);
+                    } else {
+                        below(&mut out[..n], pos)?;
+                    }
+                    n
+                }
+                ExtentWriter::Cowd(c) => {
+                    let g = rel / c.grain;
+                    let gstart = g * c.grain;
+                    let n = (((gstart + c.grain).min(*len) - rel) as usize).min(out.len());
+                    let gte = c.tables.get(&c.file, g)?;
+                    if gte == 0 {
+                        below(&mut out[..n], pos)?;
+                    } else {
+                        let at = u64::from(gte) * SECTOR + (rel - gstart);
+                        read_zero_fill(&c.file, &c.path, &mut out[..n], at)?;
+                    }
+                    n
+                }
+                ExtentWriter::Flat(f) => {
+                    let n = ((*len - rel) as usize).min(out.len());
+                    read_zero_fill(&f.file, &f.path, &mut out[..n], f.offset + rel)?;
+                    n
+                }
+                ExtentWriter::ReadOnly(why) => {
+                    return Err(Error::unsupported(
+                        &self.path,
+                        format!("reading through a writer: {why}"),
+                    ))
+                }
+            };
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// What this layer holds over `range` now, its own writes included: runs of
+    /// `Some(alloc)` (data, zeroed grains) and `None` (the layers below decide).
+    pub fn map_at(
+        &mut self,
+        range: std::ops::Range<u64>,
+    ) -> Result<Vec<(u64, u64, Option<crate::disk::Alloc>)>> {
+        use crate::disk::Alloc;
+        let mut out: Vec<(u64, u64, Option<Alloc>)> = Vec::new();
+        let mut push = |a: u64, n: u64, k: Option<Alloc>| match out.last_mut() {
+            Some((s, l, last))
+                if *s + *l == a
+                    && std::mem::discriminant(last) == std::mem::discriminant(&k)
+                    && last.as_ref().map(std::mem::discriminant)
+                        == k.as_ref().map(std::mem::discriminant) =>
+            {
+                *l += n
+            }
+            _ => out.push((a, n, k)),
+        };
+        let end = range.end.min(self.capacity);
+        let mut pos = range.start;
+        while pos < end {
+            let i = self.extents.partition_point(|e| e.0 + e.1 <= pos);
+            let (start, len, w) = &mut self.extents[i];
+            let rel = pos - *start;
+            let ext_end = (*start + *len).min(end);
+            let (n, k) = match w {
+                ExtentWriter::Sparse(s) => {
+                    let g = rel / s.grain;
+                    let n = ((g + 1) * s.grain).min(*len) - rel;
+                    let gte = s.tables.get(&s.file, g)?;
+                    let k = match gte {
+                        0 => None,
+                        1 if s.h.zero_grain() => Some(Alloc::Zero),
+                        e => Some(Alloc::Data {
+                            extent: i,
+                            offset: u64::from(e) * SECTOR + rel - g * s.grain,
+                        }),
+                    };
+                    (n, k)
+                }
+                ExtentWriter::Cowd(c) => {
+                    let g = rel / c.grain;
+                    let n = ((g + 1) * c.grain).min(*len) - rel;
+                    let gte = c.tables.get(&c.file, g)?;
+                    let k = (gte != 0).then_some(Alloc::Data {
+                        extent: i,
+                        offset: u64::from(gte) * SECTOR + rel - g * c.grain,
+                    });
+                    (n, k)
+                }
+                ExtentWriter::Flat(f) => (
+                    *len - rel,
+                    Some(Alloc::Data {
+                        extent: i,
+                        offset: f.offset + rel,
+                    }),
+                ),
+                ExtentWriter::ReadOnly(_) => (*len - rel, Some(Alloc::Zero)),
+            };
+            let n = n.min(ext_end - pos);
+            push(pos, n, k);
+            pos += n;
+        }
+        Ok(out)
+    }
+
     /// Write zeros over `[off, off+len)`: zeroed grains where the format has them.
     pub fn write_zeroes(&mut self, off: u64, len: u64, below: ReadBelow<'_>) -> Result<()> {
         self.check(off, len)?;

@@ -479,8 +479,9 @@ pub(super) struct GeometryArgs {
     "  vmdkit serve /backup/vm.vmdk --socket /tmp/vm.sock &\n",
     "  nbdfuse /mnt/vm 'nbd+unix:///?socket=/tmp/vm.sock' &     # the disk as a file\n",
     "  mount -o ro,loop,offset=$((2048*512)) /mnt/vm/nbd /mnt/p1  # a partition, read-only\n",
-    "  vmdkit serve vm-000002.vmdk --port 10809                  # nbd://127.0.0.1:10809\n\n",
-    "Read-only: writes get EPERM; the served files are share-locked while it runs.\n",
+    "  vmdkit serve vm-000002.vmdk --port 10809                  # nbd://127.0.0.1:10809\n",
+    "  vmdkit serve vm.vmdk --socket /tmp/vm.sock --overlay vm-test.vmdk  # writable\n\n",
+    "Read-only without --overlay: writes get EPERM; the served files are locked while it runs.\n",
     "Exit: 128+N when stopped by signal N (the socket is removed), 1 error, 64 usage error."
 ))]
 pub(super) struct ServeArgs {
@@ -506,6 +507,11 @@ pub(super) struct ServeArgs {
     /// Most clients served at once.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub(super) max_connections: usize,
+    /// Make the export writable: writes go into NEW.vmdk, a hosted sparse child of DISK
+    /// made at start (in DISK's folder) and left as a valid delta (commit it or remove
+    /// it); the files below are never written.
+    #[arg(long, value_name = "NEW.vmdk")]
+    pub(super) overlay: Option<PathBuf>,
     #[command(flatten)]
     pub(super) read: ReadArgs,
 }

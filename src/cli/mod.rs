@@ -950,13 +950,30 @@ fn run_serve(args: ServeArgs, ui: Ui) -> Result<ExitCode> {
         bind,
         name,
         max_connections,
+        overlay,
         read,
     } = args;
     let chain = read.open(&disk)?;
     // Share locks on every served file for as long as the server runs: a commit, write
-    // or repair of them is refused meanwhile.
+    // or repair of them is refused meanwhile (the overlay: an exclusive one).
     let mut locks = vmdkit::guard::LockSet::new();
     locks.shared_all(&chain.source_files())?;
+    let export = match &overlay {
+        None => vmdkit::serve::Export::ReadOnly(std::sync::Arc::new(chain)),
+        Some(new) => {
+            drop(chain);
+            vmdkit::ops::redo::new_overlay(&disk, new)?;
+            let w = std::sync::Arc::new(vmdkit::rw::WritableDisk::open(new)?);
+            w.chain().lock(&mut locks, 0)?;
+            let flush = w.clone();
+            vmdkit::guard::set_shutdown_hook(Some(Box::new(move || {
+                if let Err(e) = flush.flush() {
+                    note!("vmdkit: serve: the overlay's last writes could not be flushed: {e}");
+                }
+            })));
+            vmdkit::serve::Export::Overlay(w)
+        }
+    };
     let listener = match (socket, port) {
         (Some(p), _) => vmdkit::serve::Listener::unix(&p)?,
         (None, Some(n)) => vmdkit::serve::Listener::tcp(&format!("{bind}:{n}"))?,
@@ -967,14 +984,25 @@ fn run_serve(args: ServeArgs, ui: Ui) -> Result<ExitCode> {
         vmdkit::guard::register_temporary(p);
     }
     let uri = listener.uri(&name);
-    let cap = chain.capacity();
-    vmdkit::guard::set_interrupt_note(Some(format!(
-        "stopped serving `{}`; nothing was written",
-        disk.display()
-    )));
+    let cap = match &export {
+        vmdkit::serve::Export::ReadOnly(d) => d.capacity(),
+        vmdkit::serve::Export::Overlay(w) => w.capacity(),
+    };
+    vmdkit::guard::set_interrupt_note(Some(match &overlay {
+        None => format!("stopped serving `{}`; nothing was written", disk.display()),
+        Some(o) => format!(
+            "stopped serving `{}`; its writes are in the delta `{}` (commit it, or remove it), the disk below is as it was",
+            o.display(),
+            o.display()
+        ),
+    }));
     ui.say(format_args!(
-        "serving `{}` ({cap} bytes, read-only) at {uri}",
-        disk.display()
+        "serving `{}` ({cap} bytes, {}) at {uri}",
+        disk.display(),
+        match &overlay {
+            None => "read-only".to_string(),
+            Some(o) => format!("writes into `{}`", o.display()),
+        }
     ));
     if ui.json {
         print_json(&serde_json::json!({"file": disk, "uri": uri, "capacity": cap}))?;
@@ -982,7 +1010,7 @@ fn run_serve(args: ServeArgs, ui: Ui) -> Result<ExitCode> {
     let mut opts = vmdkit::serve::ServeOptions::default();
     opts.name = name;
     opts.max_connections = max_connections;
-    vmdkit::serve::serve(std::sync::Arc::new(chain), &listener, &opts, &|e| {
+    vmdkit::serve::serve(export, &listener, &opts, &|e| {
         note!("vmdkit: serve: a connection ended: {e}")
     })?;
     Ok(ExitCode::SUCCESS)
@@ -1155,6 +1183,7 @@ fn remove_temporaries_on_signals() {
     };
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
+            vmdkit::guard::run_shutdown_hook();
             let removed = vmdkit::guard::remove_registered_temporaries();
             // One line saying what was left as it was.
             match vmdkit::guard::interrupt_note() {

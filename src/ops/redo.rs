@@ -313,6 +313,55 @@ fn empty_cowd(x: &Path) -> bool {
             .all(|r| r.alloc == crate::disk::Alloc::Unallocated)
 }
 
+/// Make `new`, an empty hosted sparse child of the chain whose top is `disk`, in the same
+/// folder (its parent is named by file name, as VMware names them): the overlay `serve
+/// --overlay` writes into. An existing `new` is refused; `disk` is only read.
+pub fn new_overlay(disk: &Path, new: &Path) -> Result<()> {
+    if crate::resolve::folder_of(disk).canonicalize().ok()
+        != crate::resolve::folder_of(new).canonicalize().ok()
+    {
+        return Err(Error::InvalidInput(format!(
+            "the overlay `{}` must be in the folder of `{}` (a delta names its parent by file name)",
+            new.display(),
+            disk.display()
+        )));
+    }
+    let chain = Chain::open(disk, &OpenOptions::default())?;
+    let top = chain.top();
+    let parent_name = file_name(disk);
+    crate::format::descriptor::check_file_name(&parent_name)?;
+    crate::format::descriptor::check_file_name(&file_name(new))?;
+    let cap = chain.capacity();
+    let ddb: Vec<(String, String)> = top
+        .descriptor
+        .ddb_entries()
+        .into_iter()
+        .filter(|(k, _)| {
+            let k = k.to_ascii_lowercase();
+            !k.contains("thinprovisioned")
+                && !k.contains("longcontentid")
+                && !k.contains("parent")
+                && !k.contains("vmdkit")
+        })
+        .collect();
+    let d = child_descriptor(
+        CreateType::MonolithicSparse,
+        ExtentType::Sparse,
+        file_name(new),
+        cap,
+        (random_cid(), top.cid().unwrap_or(0xffff_fffe), &parent_name),
+        &ddb,
+    );
+    let text = d.to_text().into_bytes();
+    let f = AtomicFile::create(new, false)?;
+    let file = f
+        .file()
+        .try_clone()
+        .map_err(|e| Error::io("open", f.tmp_path(), 0, e))?;
+    crate::format::sparse::SparseWriter::new(file, cap, Some(&text), f.tmp_path()).finish()?;
+    f.commit(false)
+}
+
 /// The descriptor of a new child: one extent `file` of `kind` holding `cap` bytes,
 /// `(cid, parent_cid, parent_name)` linking it to its parent.
 fn child_descriptor(

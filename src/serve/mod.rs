@@ -66,6 +66,31 @@ impl Default for ServeOptions {
     }
 }
 
+/// What is served.
+#[derive(Clone)]
+pub enum Export {
+    /// A disk, read-only: writes answer `EPERM`.
+    ReadOnly(Arc<dyn VirtualDisk>),
+    /// A chain whose top (an overlay) takes the writes; the layers below are only read.
+    Overlay(Arc<crate::rw::WritableDisk>),
+}
+
+impl Export {
+    fn disk(&self) -> &dyn VirtualDisk {
+        match self {
+            Export::ReadOnly(d) => &**d,
+            Export::Overlay(w) => &**w,
+        }
+    }
+
+    fn writable(&self) -> Option<&crate::rw::WritableDisk> {
+        match self {
+            Export::ReadOnly(_) => None,
+            Export::Overlay(w) => Some(w),
+        }
+    }
+}
+
 /// Where to listen.
 #[derive(Debug)]
 pub enum Listener {
@@ -131,7 +156,7 @@ impl Conn for std::net::TcpStream {
 /// Serve `disk` on `listener` until the process is stopped. `on_error` hears of each
 /// connection that ended in an error (a garbage handshake, a client gone mid-reply).
 pub fn serve(
-    disk: Arc<dyn VirtualDisk>,
+    export: Export,
     listener: &Listener,
     opts: &ServeOptions,
     on_error: &(dyn Fn(String) + Sync),
@@ -162,9 +187,9 @@ pub fn serve(
                 ));
                 continue;
             }
-            let (disk, live) = (disk.clone(), live.clone());
+            let (export, live) = (export.clone(), live.clone());
             s.spawn(move || {
-                let r = Session::new(conn, &*disk, &opts.name).run();
+                let r = Session::new(conn, &export, &opts.name).run();
                 live.fetch_sub(1, Ordering::SeqCst);
                 if let Err(e) = r {
                     on_error(e);
@@ -178,6 +203,7 @@ pub fn serve(
 struct Session<'a> {
     conn: Box<dyn Conn>,
     disk: &'a dyn VirtualDisk,
+    writable: Option<&'a crate::rw::WritableDisk>,
     name: &'a str,
     structured: bool,
     base_allocation: bool,
@@ -190,10 +216,11 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> String + '_ {
 }
 
 impl<'a> Session<'a> {
-    fn new(conn: Box<dyn Conn>, disk: &'a dyn VirtualDisk, name: &'a str) -> Session<'a> {
+    fn new(conn: Box<dyn Conn>, export: &'a Export, name: &'a str) -> Session<'a> {
         Session {
             conn,
-            disk,
+            disk: export.disk(),
+            writable: export.writable(),
             name,
             structured: false,
             base_allocation: false,
@@ -223,7 +250,19 @@ impl<'a> Session<'a> {
     }
 
     fn flags(&self) -> u16 {
-        tflag::HAS_FLAGS | tflag::READ_ONLY | tflag::CAN_MULTI_CONN
+        // Every connection reads and writes through the same writer, and a flush makes
+        // every connection's writes durable: multi-connection holds for the overlay too.
+        match self.writable {
+            None => tflag::HAS_FLAGS | tflag::READ_ONLY | tflag::CAN_MULTI_CONN,
+            Some(_) => {
+                tflag::HAS_FLAGS
+                    | tflag::SEND_FLUSH
+                    | tflag::SEND_FUA
+                    | tflag::SEND_TRIM
+                    | tflag::SEND_WRITE_ZEROES
+                    | tflag::CAN_MULTI_CONN
+            }
+        }
     }
 
     /// The handshake; `Ok(true)` when the client entered transmission.
@@ -377,19 +416,45 @@ impl<'a> Session<'a> {
                 Err(e) => return Err(format!("receiving a request: {e}")),
             }
             let r = proto::parse_request(&h)?;
-            match r.command {
-                Command::Disc => return Ok(()),
-                Command::Read => self.read(&r, &mut buf)?,
-                Command::BlockStatus => self.block_status(&r)?,
-                Command::Flush | Command::Cache => self.done(&r, 0)?,
-                Command::Write => {
+            match (r.command, self.writable) {
+                (Command::Disc, w) => {
+                    // A client that leaves cleanly has its writes kept.
+                    if let Some(w) = w {
+                        w.flush()
+                            .map_err(|e| format!("flushing at disconnect: {e}"))?;
+                    }
+                    return Ok(());
+                }
+                (Command::Read, _) => self.read(&r, &mut buf)?,
+                (Command::BlockStatus, _) => self.block_status(&r)?,
+                (Command::Cache, _) | (Command::Flush, None) => self.done(&r, 0)?,
+                (Command::Write, None) => {
                     self.drop_payload(&r, &mut buf)?;
                     self.fail(&r, errno::EPERM, "the export is read-only")?;
                 }
-                Command::Trim | Command::WriteZeroes => {
+                (Command::Trim | Command::WriteZeroes, None) => {
                     self.fail(&r, errno::EPERM, "the export is read-only")?
                 }
-                Command::Other(n) => self.fail(&r, errno::EINVAL, &format!("command {n}"))?,
+                (Command::Write, Some(w)) => self.write(&r, w, &mut buf)?,
+                (Command::WriteZeroes, Some(w)) => {
+                    if self.in_range(&r)? {
+                        let done = w
+                            .write_zeroes(r.offset, u64::from(r.length))
+                            .and_then(|()| self.fua(&r, w));
+                        self.answer(&r, done)?;
+                    }
+                }
+                // Trimmed space may read as anything; keeping the old bytes is allowed.
+                (Command::Trim, Some(_)) => {
+                    if self.in_range(&r)? {
+                        self.done(&r, 0)?;
+                    }
+                }
+                (Command::Flush, Some(w)) => {
+                    let done = w.flush();
+                    self.answer(&r, done)?;
+                }
+                (Command::Other(n), _) => self.fail(&r, errno::EINVAL, &format!("command {n}"))?,
             }
         }
     }
@@ -412,6 +477,55 @@ impl<'a> Session<'a> {
         } else {
             self.done(r, error)
         }
+    }
+
+    /// With the FUA flag, the request's writes are made durable before the reply.
+    fn fua(&self, r: &Request, w: &crate::rw::WritableDisk) -> Result<()> {
+        if r.flags & proto::CMD_FLAG_FUA != 0 {
+            w.flush()?;
+        }
+        Ok(())
+    }
+
+    fn answer(&mut self, r: &Request, done: Result<()>) -> Outcome {
+        match done {
+            Ok(()) => self.done(r, 0),
+            Err(e) => self.fail(r, errno::EIO, &e.to_string()),
+        }
+    }
+
+    /// A write into the overlay: the payload in pieces of 1 MiB, each written as it
+    /// arrives (a failure half way leaves the first pieces written, as a disk would).
+    fn write(&mut self, r: &Request, w: &crate::rw::WritableDisk, buf: &mut Vec<u8>) -> Outcome {
+        let cap = self.disk.capacity();
+        if r.length > MAX_REQUEST
+            || r.offset
+                .checked_add(u64::from(r.length))
+                .is_none_or(|e| e > cap)
+        {
+            // The payload is still on the wire: read it away (a bounded amount) first.
+            self.drop_payload(r, buf)?;
+            return self.fail(r, errno::EINVAL, "the range is past the end of the disk");
+        }
+        let mut at = r.offset;
+        let end = r.offset + u64::from(r.length);
+        let mut failed = None;
+        while at < end {
+            let n = (end - at).min(PIECE) as usize;
+            buf.resize(n, 0);
+            self.recv(&mut buf[..n])?;
+            if failed.is_none() {
+                if let Err(e) = w.write_at(&buf[..n], at) {
+                    failed = Some(e);
+                }
+            }
+            at += n as u64;
+        }
+        let done = match failed {
+            Some(e) => Err(e),
+            None => self.fua(r, w),
+        };
+        self.answer(r, done)
     }
 
     fn drop_payload(&mut self, r: &Request, buf: &mut Vec<u8>) -> Outcome {

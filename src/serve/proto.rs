@@ -34,7 +34,15 @@ pub mod tflag {
     pub const HAS_FLAGS: u16 = 1 << 0;
     /// The export is read-only.
     pub const READ_ONLY: u16 = 1 << 1;
-    /// Many connections see the same data (read-only: always).
+    /// FLUSH is understood.
+    pub const SEND_FLUSH: u16 = 1 << 2;
+    /// The FUA flag is understood.
+    pub const SEND_FUA: u16 = 1 << 3;
+    /// TRIM is understood.
+    pub const SEND_TRIM: u16 = 1 << 5;
+    /// WRITE_ZEROES is understood.
+    pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
+    /// Many connections see the same data, and a flush on one covers all.
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
 }
 
@@ -127,6 +135,8 @@ impl Command {
     }
 }
 
+/// Command flag: force unit access (durable before the reply).
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
 /// Command flag: only one block status extent wanted.
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
