@@ -36,14 +36,43 @@ impl WritableDisk {
     /// Open the chain whose top is `top` for writing into that top layer (the caller
     /// holds its locks).
     pub fn open(top: &Path) -> Result<WritableDisk> {
-        let chain = Chain::open(top, &OpenOptions::default())?;
-        let writer = LayerWriter::open(chain.top())?;
-        writer.check_writable(0, chain.capacity())?;
+        let d = Self::open_with(top, &OpenOptions::default(), false)?;
+        d.writer()?.check_writable(0, d.capacity())?;
+        Ok(d)
+    }
+
+    /// Like [`open`](Self::open), with `opts` for the chain, and `allow_device`
+    /// permitting writes into device-backed disks; what may be written is checked per
+    /// write ([`check_writable`](Self::check_writable)).
+    pub fn open_with(top: &Path, opts: &OpenOptions, allow_device: bool) -> Result<WritableDisk> {
+        let chain = Chain::open(
+            top,
+            &OpenOptions {
+                mode: crate::io::SourceMode::Pread,
+                ..*opts
+            },
+        )?;
+        let writer = LayerWriter::open_with(chain.top(), allow_device)?;
         Ok(WritableDisk {
             chain,
             writer: Mutex::new(writer),
             dirty: false.into(),
         })
+    }
+
+    /// Refuse, before anything is written, a range past the capacity or over an
+    /// extent that cannot be written.
+    pub fn check_writable(&self, off: u64, len: u64) -> Result<()> {
+        self.writer()?.check_writable(off, len)
+    }
+
+    /// Give the top layer a new content ID (written at once), as VMware does on the first
+    /// write after an open: children made before it no longer match.
+    pub fn new_cid(&mut self) -> Result<()> {
+        crate::write::set_cid(
+            &mut self.chain.layers[0],
+            crate::format::descriptor::random_cid(),
+        )
     }
 
     /// The chain (its layers as opened; the top's tables there are not current).

@@ -14,7 +14,6 @@ use crate::guard::{LockKind, LockSet};
 use crate::io::SourceMode;
 use crate::layer::OpenOptions;
 use crate::output::{check_target, AtomicFile};
-use crate::write::{set_cid, LayerWriter};
 
 /// Delta styles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -459,21 +458,22 @@ pub fn write_opts(
 ) -> Result<u64> {
     let mut locks = LockSet::new();
     locks.lock(disk, LockKind::Exclusive)?;
-    let mut chain = Chain::open(
+    // The read-write disk model: the top written through its writer, read coherently.
+    let mut rw = crate::rw::WritableDisk::open_with(
         disk,
         &OpenOptions {
             ignore_cid: opts.ignore_cid,
-            mode: SourceMode::Pread,
             ..Default::default()
         },
+        opts.allow_device_write,
     )?;
-    chain.lock(&mut locks, 0)?;
+    rw.chain().lock(&mut locks, 0)?;
     if offset % SECTOR != 0 {
         return Err(Error::InvalidInput(format!(
             "offset {offset} is not a multiple of 512"
         )));
     }
-    let cap = chain.capacity();
+    let cap = rw.capacity();
     if offset > cap {
         return Err(Error::InvalidInput(format!(
             "offset {offset} is past the end of the disk ({cap} bytes)"
@@ -493,23 +493,20 @@ pub fn write_opts(
             "{len} bytes at offset {offset} run past the end of the disk ({cap} bytes); nothing was written"
         )));
     }
-    let mut w = LayerWriter::open_with(chain.top(), opts.allow_device_write)?;
-    w.check_writable(offset, len)?;
+    rw.check_writable(offset, len)?;
     crate::resolve::refuse_dependents(
         disk,
         opts.force,
         "writing into it (write into the top of the chain instead)",
     )?;
-    crate::recovery::refuse_read_only_files(chain.top(), opts.force)?;
+    crate::recovery::refuse_read_only_files(rw.chain().top(), opts.force)?;
     if len == 0 {
         return Ok(0);
     }
-    set_cid(&mut chain.layers[0], random_cid())?;
-    let chain_ref = &chain;
-    let below = move |buf: &mut [u8], off: u64| chain_ref.read_below(1, buf, off);
+    rw.new_cid()?;
     match input {
-        None => w.write_zeroes(offset, len, &below)?,
-        Some(Spooled::Mem(m)) => w.write_at(&m, offset, &below)?,
+        None => rw.write_zeroes(offset, len)?,
+        Some(Spooled::Mem(m)) => rw.write_at(&m, offset)?,
         Some(Spooled::File(f, n)) => {
             let mut buf = vec![0u8; 1 << 20];
             let mut done = 0u64;
@@ -517,11 +514,11 @@ pub fn write_opts(
                 let k = (n - done).min(buf.len() as u64) as usize;
                 f.read_exact_at(&mut buf[..k], done)
                     .map_err(|e| Error::io("read", Path::new("<spooled input>"), done, e))?;
-                w.write_at(&buf[..k], offset + done, &below)?;
+                rw.write_at(&buf[..k], offset + done)?;
                 done += k as u64;
             }
         }
     }
-    w.flush()?;
+    rw.flush()?;
     Ok(len)
 }
