@@ -1005,7 +1005,11 @@ fn run_serve(args: ServeArgs, ui: Ui) -> Result<ExitCode> {
         }
     ));
     if ui.json {
-        print_json(&serde_json::json!({"file": disk, "uri": uri, "capacity": cap}))?;
+        // One line, once it listens: scripts wait for it.
+        let line = serde_json::json!({"file": disk, "uri": uri, "capacity": cap});
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
     }
     let mut opts = vmdkit::serve::ServeOptions::default();
     opts.name = name;
