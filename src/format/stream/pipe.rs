@@ -190,33 +190,14 @@ pub fn read_stream_on(
     let max_cmp = 2 * grain as u64 + 4096;
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut last: Option<u64> = None;
-    // Each batch inflates into one buffer kept from batch to batch (a fresh buffer per
-    // grain costs page faults and clearing).
-    let mut inflated: Vec<u8> = Vec::new();
-    let mut flush = |batch: &mut Vec<(u64, Vec<u8>)>, emit: Emit<'_>, name: &Path| -> Result<()> {
-        inflated.resize(batch.len() * grain, 0);
-        let mut inflate = || -> Result<()> {
-            inflated
-                .par_chunks_mut(grain)
-                .zip(batch.par_iter())
-                .try_for_each(|(out, (lba, cmp))| {
-                    let start = lba * SECTOR;
-                    let want = (cap - start).min(grain as u64) as usize;
-                    inflate_grain_into(&cmp[12..], want, out)
-                        .map(|_| ())
-                        .map_err(|w| Error::corrupt(name, 0, format!("grain at LBA {lba}: {w}")))
-                })
-        };
-        match pool {
-            Some(p) => p.install(&mut inflate)?,
-            None => inflate()?,
-        }
-        for ((lba, _), out) in batch.drain(..).zip(inflated.chunks(grain)) {
-            let start = lba * SECTOR;
-            let want = (cap - start).min(grain as u64) as usize;
-            emit(base + start, &out[..want])?;
-        }
-        Ok(())
+    let mut inflater = Inflater {
+        pool,
+        grain,
+        cap,
+        base,
+        name: r.name.to_path_buf(),
+        pending: std::collections::VecDeque::new(),
+        spare: Vec::new(),
     };
     let mut sector = [0u8; 512];
     let needs_footer = h.gd_offset == GD_AT_END;
@@ -248,7 +229,8 @@ pub fn read_stream_on(
                     }
                 }
                 MARKER_GD if want_zeroed => {
-                    flush(&mut batch, emit, r.name)?;
+                    inflater.push(std::mem::take(&mut batch), emit)?;
+                    inflater.drain(emit)?;
                     let z = zeroed.as_mut().expect("want_zeroed");
                     let name = r.name;
                     // A grain both zeroed (table entry 1) and stored (a record) is
@@ -331,10 +313,11 @@ pub fn read_stream_on(
         rec.truncate(12 + size as usize);
         batch.push((lba, rec));
         if batch.len() >= 64 {
-            flush(&mut batch, emit, r.name)?;
+            inflater.push(std::mem::take(&mut batch), emit)?;
         }
     }
-    flush(&mut batch, emit, r.name)?;
+    inflater.push(std::mem::take(&mut batch), emit)?;
+    inflater.drain(emit)?;
     if needs_footer && !saw_footer {
         return Err(Error::corrupt(
             r.name,
@@ -353,6 +336,96 @@ pub fn read_stream_on(
         ));
     }
     Ok(desc)
+}
+
+/// A batch of grain records (LBA, record with its 12-byte head), the buffer it inflates
+/// into, and how that went.
+type Inflated = (Vec<(u64, Vec<u8>)>, Vec<u8>, Result<()>);
+
+/// Inflates batches of grain records: on a pool, in the background (two batches in
+/// flight while the caller reads the next), or here without one; hands the grains to
+/// `emit` in stream order.
+struct Inflater<'p> {
+    pool: Option<&'p rayon::ThreadPool>,
+    grain: usize,
+    cap: u64,
+    base: u64,
+    name: std::path::PathBuf,
+    pending: std::collections::VecDeque<std::sync::mpsc::Receiver<Inflated>>,
+    /// Buffers of emitted batches, for the next ones (fresh buffers cost page faults).
+    spare: Vec<Vec<u8>>,
+}
+
+fn inflate_batch(
+    batch: &[(u64, Vec<u8>)],
+    out: &mut Vec<u8>,
+    grain: usize,
+    cap: u64,
+    name: &Path,
+) -> Result<()> {
+    out.resize(batch.len() * grain, 0);
+    out.par_chunks_mut(grain)
+        .zip(batch.par_iter())
+        .try_for_each(|(out, (lba, cmp))| {
+            let start = lba * SECTOR;
+            let want = (cap - start).min(grain as u64) as usize;
+            inflate_grain_into(&cmp[12..], want, out)
+                .map(|_| ())
+                .map_err(|w| Error::corrupt(name, 0, format!("grain at LBA {lba}: {w}")))
+        })
+}
+
+impl Inflater<'_> {
+    fn push(&mut self, batch: Vec<(u64, Vec<u8>)>, emit: Emit<'_>) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut out = self.spare.pop().unwrap_or_default();
+        let Some(pool) = self.pool else {
+            let r = inflate_batch(&batch, &mut out, self.grain, self.cap, &self.name);
+            return self.emit((batch, out, r), emit);
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (grain, cap, name) = (self.grain, self.cap, self.name.clone());
+        pool.spawn(move || {
+            let r = inflate_batch(&batch, &mut out, grain, cap, &name);
+            let _ = tx.send((batch, out, r));
+        });
+        self.pending.push_back(rx);
+        while self.pending.len() > 2 {
+            self.next(emit)?;
+        }
+        Ok(())
+    }
+
+    fn next(&mut self, emit: Emit<'_>) -> Result<()> {
+        let Some(rx) = self.pending.pop_front() else {
+            return Ok(());
+        };
+        let done = rx
+            .recv()
+            .map_err(|_| Error::corrupt(&self.name, 0, "a grain could not be inflated"))?;
+        self.emit(done, emit)
+    }
+
+    fn emit(&mut self, (batch, out, r): Inflated, emit: Emit<'_>) -> Result<()> {
+        r?;
+        for ((lba, _), g) in batch.iter().zip(out.chunks(self.grain)) {
+            let start = lba * SECTOR;
+            let want = (self.cap - start).min(self.grain as u64) as usize;
+            emit(self.base + start, &g[..want])?;
+        }
+        self.spare.push(out);
+        Ok(())
+    }
+
+    /// Hand out every batch still in flight.
+    fn drain(&mut self, emit: Emit<'_>) -> Result<()> {
+        while !self.pending.is_empty() {
+            self.next(emit)?;
+        }
+        Ok(())
+    }
 }
 
 /// Read the grain table after a GT marker at `at` (`val` sectors) and return the indices
