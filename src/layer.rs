@@ -416,6 +416,11 @@ impl Layer {
             .unwrap_or(self_line);
         d.set_extents(vec![line.clone()]);
         let ext = SparseExtent::open(src)?;
+        if ext.is_indexed() {
+            notes.push(
+                "the stream was written without a grain directory: its grain records were read once and indexed".into(),
+            );
+        }
         let capacity = ext.len();
         Ok(Layer {
             path: path.to_path_buf(),

@@ -580,3 +580,51 @@ fn one_file_out_of_a_served_backup() {
         "the file out of the served backup",
     );
 }
+
+/// A stream written without a grain directory (gdOffset 0, records then the
+/// end-of-stream marker) is indexed once by reading its records: read, exported and
+/// served as qemu reads the stream it was cut from. The same records with a header that
+/// promises a footer, and none, stay refused (a lost footer cannot be told from a cut).
+#[test]
+fn a_stream_without_a_grain_directory_is_indexed() {
+    need_qemu!();
+    let t = tmp();
+    let d = t.path();
+    chain(d);
+    let b = std::fs::read(d.join("b.vmdk")).unwrap();
+    let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+    // Walk the records to the first table, directory or footer marker.
+    let mut pos = (u64_at(64) as usize * 512).max(512);
+    loop {
+        let (val, size) = (u64_at(pos), u32_at(pos + 8));
+        if size == 0 {
+            match u32_at(pos + 12) {
+                0..=3 => break, // end of stream, a table, the directory, the footer
+                _ => pos += 512 + val as usize * 512,
+            }
+            continue;
+        }
+        pos += (12 + size as usize).div_ceil(512) * 512;
+    }
+    let mut nogd = b[..pos].to_vec();
+    nogd.extend_from_slice(&[0u8; 512]);
+    let lost_footer = nogd.clone();
+    nogd[56..64].copy_from_slice(&0u64.to_le_bytes());
+    std::fs::write(d.join("nogd.vmdk"), &nogd).unwrap();
+    std::fs::write(d.join("lost.vmdk"), &lost_footer).unwrap();
+    let want = qemu_raw(d, "b.vmdk");
+    assert_same(&vmdkit_raw(d, "nogd.vmdk"), &want, "the indexed stream");
+    let info = String::from_utf8(vmdkit_ok(d, &["info", "nogd.vmdk"]).stdout).unwrap();
+    assert!(info.contains("without a grain directory"), "{info}");
+    vmdkit_ok(d, &["export", "nogd.vmdk", "re.vmdk", "-d", "sparse", "-q"]);
+    assert_same(&qemu_raw(d, "re.vmdk"), &want, "exported");
+    let err = vmdkit_err(d, &["cat", "lost.vmdk", "-o", "x.raw"]);
+    assert!(err.contains("footer"), "{err}");
+    if have_nbd_tools() {
+        let s = Server::start(d, "nogd.vmdk", &[]);
+        let out = d.join("nogd.raw");
+        run_ok(d, "nbdcopy", &[&s.uri, out.to_str().unwrap()]);
+        assert_same(&std::fs::read(&out).unwrap(), &want, "served");
+    }
+}

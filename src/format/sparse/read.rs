@@ -19,6 +19,9 @@ pub struct SparseExtent {
     gts: crate::format::TableCache<u32>,
     grain_bytes: u64,
     len: u64,
+    /// A stream without a grain directory: its tables, built once by reading its
+    /// records (only the tables that hold grains).
+    index: Option<std::collections::BTreeMap<usize, std::sync::Arc<[u32]>>>,
 }
 
 impl std::fmt::Debug for SparseExtent {
@@ -38,7 +41,13 @@ impl SparseExtent {
         let path = src.path().to_path_buf();
         let mut header = raw_header;
         if header.gd_offset == GD_AT_END {
+            // A stream whose footer is missing stays refused even when a zero sector
+            // (an end-of-stream marker, or tape padding) ends it: what it lost cannot be
+            // told from what was never written.
             header = read_footer(&src, &raw_header)?;
+        }
+        if header.gd_offset == 0 && header.compressed() && header.markers() {
+            return Self::indexed(src, header);
         }
         let len = header.capacity_sectors * SECTOR;
         // Grains start at or after overHead: a file that ends before it was cut short.
@@ -107,7 +116,92 @@ impl SparseExtent {
             gts,
             grain_bytes,
             len,
+            index: None,
         })
+    }
+
+    /// A streamOptimized file written without a grain directory (its header's and
+    /// footer's gdOffset 0) and complete (its end-of-stream marker is there): its records
+    /// are read once, in order, and indexed. One that stops before the marker is refused.
+    fn indexed(src: Source, header: SparseHeader) -> Result<SparseExtent> {
+        let path = src.path().to_path_buf();
+        if !(header.compressed() && header.markers()) {
+            return Err(Error::corrupt(&path, 56, "no grain directory"));
+        }
+        let grain_bytes = header.grain_size * SECTOR;
+        let len = header.capacity_sectors * SECTOR;
+        let per = header.num_gtes_per_gt as usize;
+        let num_gts = header.num_gts() as usize;
+        let max_cmp = 2 * grain_bytes + 4096;
+        let mut index: std::collections::BTreeMap<usize, Vec<u32>> = Default::default();
+        let mut pos = header.over_head.saturating_mul(SECTOR).max(SECTOR);
+        let mut last: Option<u64> = None;
+        let mut head = [0u8; 16];
+        loop {
+            if pos + 16 > src.len() {
+                return Err(Error::corrupt(
+                    &path,
+                    pos,
+                    "the stream has no grain directory and ends before its end-of-stream marker: truncated",
+                ));
+            }
+            src.read_exact_at(&mut head, pos)?;
+            let val = LE::read_u64(&head[0..8]);
+            let size = u64::from(LE::read_u32(&head[8..12]));
+            if size == 0 {
+                match LE::read_u32(&head[12..16]) {
+                    MARKER_EOS => break,
+                    // A table, a directory or a footer: skip the marker and its sectors.
+                    _ => pos = pos.saturating_add(SECTOR + val.saturating_mul(SECTOR)),
+                }
+                continue;
+            }
+            let g = val / header.grain_size;
+            if val % header.grain_size != 0
+                || val.saturating_mul(SECTOR) >= len
+                || size > max_cmp
+                || last.is_some_and(|l| val <= l)
+            {
+                return Err(Error::corrupt(
+                    &path,
+                    pos,
+                    format!(
+                        "grain record (LBA {val}, {size} bytes) is not the next grain of the disk"
+                    ),
+                ));
+            }
+            last = Some(val);
+            let sector = u32::try_from(pos / SECTOR).map_err(|_| {
+                Error::unsupported(&path, "a stream past 2 TiB without a grain directory")
+            })?;
+            let t = index
+                .entry((g / per as u64) as usize)
+                .or_insert_with(|| vec![0; per]);
+            t[(g % per as u64) as usize] = sector;
+            pos = pos.saturating_add((12 + size).div_ceil(SECTOR) * SECTOR);
+        }
+        let mut gd = vec![0u32; num_gts];
+        for &i in index.keys() {
+            if let Some(e) = gd.get_mut(i) {
+                *e = 1; // a table exists (held in `index`)
+            }
+        }
+        Ok(SparseExtent {
+            gts: crate::format::TableCache::new(num_gts, per),
+            src,
+            raw_header: header,
+            header,
+            gd,
+            grain_bytes,
+            len,
+            index: Some(index.into_iter().map(|(k, v)| (k, v.into())).collect()),
+        })
+    }
+
+    /// Whether the grain directory was built by reading the records (a stream without
+    /// one).
+    pub fn is_indexed(&self) -> bool {
+        self.index.is_some()
     }
 
     /// The effective header (the footer's for GD_AT_END streams).
@@ -142,6 +236,9 @@ impl SparseExtent {
     /// Grain table `i` (loaded once, then shared).
     pub fn gt(&self, i: usize) -> Result<std::sync::Arc<[u32]>> {
         let n = self.header.num_gtes_per_gt as usize;
+        if let Some(ix) = &self.index {
+            return Ok(ix.get(&i).cloned().unwrap_or_else(|| vec![0u32; n].into()));
+        }
         crate::format::cached_table(&self.gts, i, &self.src, self.gd[i], n)
     }
 
