@@ -507,6 +507,10 @@ pub(super) struct ServeArgs {
     /// Most clients served at once.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub(super) max_connections: usize,
+    /// Drop a client that has not finished its handshake, or not taken a reply, in
+    /// this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(super) client_timeout: u64,
     /// Make the export writable: writes go into NEW.vmdk, a hosted sparse child of DISK
     /// made at start (in DISK's folder) and left as a valid delta (commit it or remove
     /// it); the files below are never written.

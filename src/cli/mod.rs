@@ -950,6 +950,7 @@ fn run_serve(args: ServeArgs, ui: Ui) -> Result<ExitCode> {
         bind,
         name,
         max_connections,
+        client_timeout,
         overlay,
         read,
     } = args;
@@ -1014,6 +1015,7 @@ fn run_serve(args: ServeArgs, ui: Ui) -> Result<ExitCode> {
     let mut opts = vmdkit::serve::ServeOptions::default();
     opts.name = name;
     opts.max_connections = max_connections;
+    opts.client_timeout = std::time::Duration::from_secs(client_timeout);
     vmdkit::serve::serve(export, &listener, &opts, &|e| {
         note!("vmdkit: serve: a connection ended: {e}")
     })?;

@@ -16,8 +16,8 @@
 //! A client is untrusted input. Option data is capped at 64 KiB (more closes the
 //! connection: it cannot be skipped without reading it), a read at 32 MiB and past the
 //! end of the disk is `EINVAL`, a write's payload is read and dropped in 1 MiB pieces
-//! (more than 32 MiB closes the connection), a handshake that has not finished in 30
-//! seconds and a reply nobody reads for 60 seconds close the connection. Replies are
+//! (more than 32 MiB closes the connection), a handshake that has not finished and a
+//! reply nobody reads within the client timeout (60 seconds) close the connection. Replies are
 //! sent in pieces of at most 1 MiB, so a connection holds one such buffer whatever it
 //! asks, and connections are capped ([`ServeOptions::max_connections`], refused past
 //! it): memory stays bounded in total. A bad connection is closed; the others go on.
@@ -55,6 +55,9 @@ pub struct ServeOptions {
     pub name: String,
     /// Connections served at once; more are closed on arrival.
     pub max_connections: usize,
+    /// A client that has not finished its handshake, or not taken a reply, in this time
+    /// is dropped.
+    pub client_timeout: Duration,
 }
 
 impl Default for ServeOptions {
@@ -62,6 +65,7 @@ impl Default for ServeOptions {
         ServeOptions {
             name: String::new(),
             max_connections: 64,
+            client_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -189,7 +193,7 @@ pub fn serve(
             }
             let (export, live) = (export.clone(), live.clone());
             s.spawn(move || {
-                let r = Session::new(conn, &export, &opts.name).run();
+                let r = Session::new(conn, &export, &opts.name).run(opts.client_timeout);
                 live.fetch_sub(1, Ordering::SeqCst);
                 if let Err(e) = r {
                     on_error(e);
@@ -227,11 +231,11 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn run(mut self) -> Outcome {
-        self.conn
-            .timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(60)));
+    fn run(mut self, timeout: Duration) -> Outcome {
+        self.conn.timeouts(Some(timeout), Some(timeout));
         if self.handshake()? {
-            self.conn.timeouts(None, Some(Duration::from_secs(60)));
+            // An idle client (a mounted file system) may wait for long between requests.
+            self.conn.timeouts(None, Some(timeout));
             self.transmission()?;
         }
         Ok(())

@@ -628,3 +628,62 @@ fn a_stream_without_a_grain_directory_is_indexed() {
         assert_same(&std::fs::read(&out).unwrap(), &want, "served");
     }
 }
+
+/// A client that asks for 32 MiB and never reads the reply (or stops in the middle of
+/// its handshake) holds a connection only until the client timeout: with one connection
+/// allowed, the next client is served once it has passed.
+#[test]
+fn a_client_that_stops_reading_is_dropped() {
+    need_qemu!();
+    if !have_nbd_tools() {
+        return;
+    }
+    let t = tmp();
+    let d = t.path();
+    qemu_create(d, "monolithicSparse", "big.vmdk", "64M");
+    qemu_io(d, "big.vmdk", &["write -P 0x61 0 40M"]);
+    let s = Server::start(
+        d,
+        "big.vmdk",
+        &["--max-connections", "1", "--client-timeout", "3"],
+    );
+    let mut c = UnixStream::connect(&s.socket).unwrap();
+    hello(&mut c);
+    option(&mut c, 1, b"");
+    let mut e = [0u8; 10];
+    c.read_exact(&mut e).unwrap();
+    request(&mut c, 0, 1, 0, 32 << 20);
+    // It never reads: the server's reply stalls on a full socket. Meanwhile it holds the
+    // only connection (another client is turned away), until the timeout passes.
+    let started = std::time::Instant::now();
+    let out = d.join("after.raw");
+    let turned_away = Command::new("nbdcopy")
+        .args(["--connections=1", &s.uri, out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        !turned_away.status.success(),
+        "the stalled client holds the slot"
+    );
+    loop {
+        let o = Command::new("nbdcopy")
+            .args(["--connections=1", &s.uri, out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            started.elapsed().as_secs() < 20,
+            "the stalled client still holds the only connection: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_same(
+        &std::fs::read(&out).unwrap(),
+        &qemu_raw(d, "big.vmdk"),
+        "served after the stall",
+    );
+    drop(c);
+}
