@@ -60,6 +60,33 @@ impl WritableDisk {
         })
     }
 
+    /// The top layer's writer (see [`parts`](Self::parts)).
+    pub fn writer_mut(&mut self) -> &mut LayerWriter {
+        match self.writer.get_mut() {
+            Ok(w) => w,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The top layer's writer and a reader of what lies under it, for the commands that
+    /// drive the writer themselves (apply's copy-on-write writes and journal, commit's
+    /// journal): their writes go through this model's one writer.
+    pub fn parts(
+        &mut self,
+    ) -> (
+        &mut LayerWriter,
+        impl Fn(&mut [u8], u64) -> Result<()> + Sync + '_,
+    ) {
+        let chain = &self.chain;
+        let writer = match self.writer.get_mut() {
+            Ok(w) => w,
+            Err(p) => p.into_inner(),
+        };
+        (writer, move |buf: &mut [u8], off: u64| {
+            chain.read_below(1, buf, off)
+        })
+    }
+
     /// Refuse, before anything is written, a range past the capacity or over an
     /// extent that cannot be written.
     pub fn check_writable(&self, off: u64, len: u64) -> Result<()> {

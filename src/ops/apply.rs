@@ -621,24 +621,30 @@ fn write_grains(
     plan: Option<&[u64]>,
     report: &mut ApplyReport,
 ) -> Result<()> {
-    let mut writer = LayerWriter::open_with(chain.top(), job.opts.allow_device_write)?;
-    if let Some(plan) = plan {
-        writer.shadow(false, Some(plan))?;
-    }
-    {
-        let chain_ref: &Chain = chain;
-        let below = |buf: &mut [u8], off: u64| chain_ref.read_below(1, buf, off);
-        let w = std::cell::RefCell::new(&mut writer);
-        read_grains(
-            job,
-            report,
-            &mut |off, b| w.borrow_mut().write_at(b, off, &below),
-            &mut |off, len| w.borrow_mut().write_zeroes(off, len, &below),
-        )?;
-    }
-    let moves = writer.take_moves();
-    let journal = writer.take_journal()?;
-    drop(writer);
+    // The read-write disk model over the target; apply drives its writer (copy-on-write
+    // into scratch space, the journal) itself.
+    let mut rw = crate::rw::WritableDisk::open_with(
+        &chain.top().path,
+        &OpenOptions::for_recovery(),
+        job.opts.allow_device_write,
+    )?;
+    let (moves, journal) = {
+        let (writer, below) = rw.parts();
+        if let Some(plan) = plan {
+            writer.shadow(false, Some(plan))?;
+        }
+        {
+            let w = std::cell::RefCell::new(&mut *writer);
+            read_grains(
+                job,
+                report,
+                &mut |off, b| w.borrow_mut().write_at(b, off, &below),
+                &mut |off, len| w.borrow_mut().write_zeroes(off, len, &below),
+            )?;
+        }
+        (writer.take_moves(), writer.take_journal()?)
+    };
+    drop(rw);
     write_journal(&journal_path(sp), &st.token, &journal)?;
     let st = State {
         phase: Phase::Tables,

@@ -483,16 +483,25 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
         return Ok(report);
     }
 
-    let mut writer = LayerWriter::open_with(&chain.layers[target], opts.allow_device_write)?;
+    // The read-write disk model over the parent; commit drives its writer (the journal)
+    // itself.
+    let open_target = |chain: &Chain| {
+        crate::rw::WritableDisk::open_with(
+            &chain.layers[target].path,
+            &OpenOptions::for_recovery(),
+            opts.allow_device_write,
+        )
+    };
+    let mut rw = open_target(&chain)?;
     for r in &runs {
-        writer.check_writable(r.start, r.len)?;
+        rw.check_writable(r.start, r.len)?;
     }
     report.resumed = state.is_some();
     let st = match state {
         Some(st) => {
             // Phase `tables`: the journal finishes it.
             if st.phase == Phase::Tables {
-                drop(writer);
+                drop(rw);
                 let journal =
                     recovery::admitted_journal(&sp, &st.token, &chain.layers[target], "commit")?;
                 apply_journal(&journal)?;
@@ -502,7 +511,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
             let lengths: Vec<(PathBuf, u64)> =
                 st.extents.iter().map(|f| (f.path.clone(), f.len)).collect();
             cut_back_files(&lengths)?;
-            writer = LayerWriter::open_with(&chain.layers[target], opts.allow_device_write)?;
+            rw = open_target(&chain)?;
             st
         }
         None => {
@@ -517,7 +526,8 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
                     .iter()
                     .map(|p| FileRecord::of(p))
                     .collect::<Result<Vec<_>>>()?,
-                extents: writer
+                extents: rw
+                    .writer_mut()
                     .extent_files()
                     .iter()
                     .map(|(p, _)| FileRecord::of(p))
@@ -533,12 +543,12 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
         }
     };
     progress.set_total(report.data_bytes + report.zero_bytes);
-    copy_into(&chain, target, &mut writer, units, opts, progress)?;
+    copy_into(&chain, target, rw.writer_mut(), units, opts, progress)?;
     // Data is durable; record the table writes, then move to phase `tables`, then apply
     // them. A crash before the phase change redoes the copy (after cutting the appended
     // grains off); after it, the journal is replayed.
-    let journal = writer.take_journal()?;
-    drop(writer);
+    let journal = rw.writer_mut().take_journal()?;
+    drop(rw);
     write_journal(&journal_path(&sp), &st.token, &journal)?;
     let st = State {
         phase: Phase::Tables,
