@@ -73,6 +73,9 @@ pub struct OpenOptions {
     /// of refusing it; the chain's warnings then say so and what finishes it. For
     /// commands that only read; a command that writes must refuse such a disk.
     pub read_pending: bool,
+    /// Told `(bytes read, file length)` while a stream written without a grain directory
+    /// is indexed (its records read once at open).
+    pub index_progress: Option<fn(u64, u64)>,
 }
 
 impl Default for OpenOptions {
@@ -83,6 +86,7 @@ impl Default for OpenOptions {
             allow_outside_paths: crate::guard::outside_paths_allowed(),
             ignore_pending: false,
             read_pending: false,
+            index_progress: None,
         }
     }
 }
@@ -130,7 +134,7 @@ impl Layer {
         let mut magic = [0u8; 4];
         let n = src.read_at_zero_fill(&mut magic, 0)?;
         if n == 4 && u32::from_le_bytes(magic) == SPARSE_MAGIC || &magic == b"vmdk" {
-            return Self::open_sparse_file(path, src);
+            return Self::open_sparse_file(path, src, opts);
         }
         if &magic == b"COWD" {
             return Self::open_cowd_file(path, src);
@@ -323,7 +327,7 @@ impl Layer {
         })
     }
 
-    fn open_sparse_file(path: &Path, src: Source) -> Result<Layer> {
+    fn open_sparse_file(path: &Path, src: Source, opts: &OpenOptions) -> Result<Layer> {
         let h = sparse::read_header(&src)?;
         let mut notes = Vec::new();
         let mut desc = None;
@@ -415,7 +419,7 @@ impl Layer {
             .map(|e| (*e).clone())
             .unwrap_or(self_line);
         d.set_extents(vec![line.clone()]);
-        let ext = SparseExtent::open(src)?;
+        let ext = SparseExtent::open_with_progress(src, opts.index_progress)?;
         if ext.is_indexed() {
             notes.push(
                 "the stream was written without a grain directory: its grain records were read once and indexed".into(),
@@ -500,7 +504,7 @@ impl Layer {
                 let ext = match line.kind {
                     ExtentType::Sparse => {
                         let src = open_extent(&p, opts, &what, name, &dir, path)?;
-                        let s = SparseExtent::open(src)?;
+                        let s = SparseExtent::open_with_progress(src, opts.index_progress)?;
                         if s.len() != declared {
                             notes.push(format!(
                                 "{what}: descriptor says {} sectors, `{}` header says {}; using the header",

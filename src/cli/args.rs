@@ -74,6 +74,7 @@ impl ReadArgs {
             // Commands that only read take a half-applied disk as the point it reads as
             // (and say so); every command that writes refuses it.
             read_pending: true,
+            index_progress: Some(super::index_progress),
             ..Default::default()
         };
         if self.raw()? {

@@ -273,6 +273,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Progress of indexing a stream written without a grain directory (its records are
+/// read once when it is opened): a bar on a terminal, nothing otherwise.
+fn index_progress(done: u64, total: u64) {
+    use std::io::IsTerminal;
+    static BAR: std::sync::OnceLock<Option<indicatif::ProgressBar>> = std::sync::OnceLock::new();
+    let bar = BAR.get_or_init(|| {
+        std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(total);
+            b.set_message("indexing the stream (it has no grain directory)");
+            b
+        })
+    });
+    if let Some(b) = bar {
+        b.set_position(done);
+        if done >= total {
+            b.finish_and_clear();
+        }
+    }
+}
+
 /// Standard input as a reader another thread may own (the pipe is read on a thread of
 /// its own while this one writes), buffered in 1 MiB reads.
 fn stdin_reader() -> Result<std::io::BufReader<std::fs::File>> {

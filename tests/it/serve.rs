@@ -619,6 +619,25 @@ fn a_stream_without_a_grain_directory_is_indexed() {
     assert!(info.contains("without a grain directory"), "{info}");
     vmdkit_ok(d, &["export", "nogd.vmdk", "re.vmdk", "-d", "sparse", "-q"]);
     assert_same(&qemu_raw(d, "re.vmdk"), &want, "exported");
+    // The index is built with progress: the last call reports the whole file.
+    static SEEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    fn seen(done: u64, total: u64) {
+        assert!(done <= total);
+        SEEN.store(done, std::sync::atomic::Ordering::SeqCst);
+    }
+    let c = vmdkit::Chain::open(
+        &d.join("nogd.vmdk"),
+        &vmdkit::OpenOptions {
+            index_progress: Some(seen),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    drop(c);
+    assert_eq!(
+        SEEN.load(std::sync::atomic::Ordering::SeqCst),
+        nogd.len() as u64
+    );
     let err = vmdkit_err(d, &["cat", "lost.vmdk", "-o", "x.raw"]);
     assert!(err.contains("footer"), "{err}");
     if have_nbd_tools() {

@@ -37,6 +37,12 @@ impl SparseExtent {
     /// Open a sparse extent from a source, checking every structure that addressing
     /// depends on.
     pub fn open(src: Source) -> Result<SparseExtent> {
+        Self::open_with_progress(src, None)
+    }
+
+    /// Like [`open`](Self::open); `progress` is told `(bytes read, file length)` while a
+    /// stream written without a grain directory is indexed.
+    pub fn open_with_progress(src: Source, progress: Option<fn(u64, u64)>) -> Result<SparseExtent> {
         let raw_header = read_header(&src)?;
         let path = src.path().to_path_buf();
         let mut header = raw_header;
@@ -47,7 +53,7 @@ impl SparseExtent {
             header = read_footer(&src, &raw_header)?;
         }
         if header.gd_offset == 0 && header.compressed() && header.markers() {
-            return Self::indexed(src, header);
+            return Self::indexed(src, header, progress);
         }
         let len = header.capacity_sectors * SECTOR;
         // Grains start at or after overHead: a file that ends before it was cut short.
@@ -123,7 +129,11 @@ impl SparseExtent {
     /// A streamOptimized file written without a grain directory (its header's and
     /// footer's gdOffset 0) and complete (its end-of-stream marker is there): its records
     /// are read once, in order, and indexed. One that stops before the marker is refused.
-    fn indexed(src: Source, header: SparseHeader) -> Result<SparseExtent> {
+    fn indexed(
+        src: Source,
+        header: SparseHeader,
+        progress: Option<fn(u64, u64)>,
+    ) -> Result<SparseExtent> {
         let path = src.path().to_path_buf();
         if !(header.compressed() && header.markers()) {
             return Err(Error::corrupt(&path, 56, "no grain directory"));
@@ -137,7 +147,14 @@ impl SparseExtent {
         let mut pos = header.over_head.saturating_mul(SECTOR).max(SECTOR);
         let mut last: Option<u64> = None;
         let mut head = [0u8; 16];
+        let mut told = 0u64;
         loop {
+            if let Some(p) = progress {
+                if pos >= told + (64 << 20) {
+                    told = pos;
+                    p(pos, src.len());
+                }
+            }
             if pos + 16 > src.len() {
                 return Err(Error::corrupt(
                     &path,
@@ -179,6 +196,9 @@ impl SparseExtent {
                 .or_insert_with(|| vec![0; per]);
             t[(g % per as u64) as usize] = sector;
             pos = pos.saturating_add((12 + size).div_ceil(SECTOR) * SECTOR);
+        }
+        if let Some(p) = progress {
+            p(src.len(), src.len());
         }
         let mut gd = vec![0u32; num_gts];
         for &i in index.keys() {
