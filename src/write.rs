@@ -359,8 +359,11 @@ impl SparseExtentWriter {
         self.set_gte(g, s)
     }
 
+    /// Make grain `g` a zeroed grain when the format has them and the grain stores
+    /// nothing yet; a grain that stores data is overwritten with zeros instead (turning
+    /// its entry to 1 would leave its space referenced by nothing: a leak).
     fn zero_grain(&mut self, g: u64) -> Result<bool> {
-        if self.h.zero_grain() {
+        if self.h.zero_grain() && self.tables.get(&self.file, g)? < 2 {
             self.set_gte(g, 1)?;
             return Ok(true);
         }

@@ -357,7 +357,19 @@ pub fn new_overlay(disk: &Path, new: &Path) -> Result<()> {
         .file()
         .try_clone()
         .map_err(|e| Error::io("open", f.tmp_path(), 0, e))?;
-    crate::format::sparse::SparseWriter::new(file, cap, Some(&text), f.tmp_path()).finish()?;
+    let (file, _, _) =
+        crate::format::sparse::SparseWriter::new(file, cap, Some(&text), f.tmp_path()).finish()?;
+    // Zeroed-grain entries (version 2, flag bit 2, as qemu's `zeroed_grain=on` writes
+    // them): a client's WRITE_ZEROES over whole grains costs a table entry, not a grain.
+    let mut h = [0u8; 12];
+    file.read_exact_at(&mut h, 0)
+        .map_err(|e| Error::io("read", f.tmp_path(), 0, e))?;
+    h[4..8].copy_from_slice(&2u32.to_le_bytes());
+    let flags = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"))
+        | crate::format::sparse::FLAG_ZERO_GRAIN;
+    h[8..12].copy_from_slice(&flags.to_le_bytes());
+    file.write_all_at(&h, 0)
+        .map_err(|e| Error::io("write", f.tmp_path(), 0, e))?;
     f.commit(false)
 }
 

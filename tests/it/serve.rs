@@ -401,6 +401,8 @@ fn serve_overlay_takes_writes_into_a_new_delta() {
         "write -P 0x77 3M 64k",
         "write -P 0x78 1000k 100k", // partial grains over the parent's data at 1M
         "write -z 40M 32k",
+        "write -z 1M 128k", // whole grains, one this session already wrote: no leak
+        "write -z 48M 128k", // whole grains nothing stores: zeroed-grain entries
         "write -P 0x79 63M 1M",
     ];
     let mut s = Server::start(d, "c.vmdk", &["--overlay", "ov.vmdk"]);
@@ -442,6 +444,22 @@ fn serve_overlay_takes_writes_into_a_new_delta() {
     );
     assert_eq!(s.stop(), Some(143));
     assert!(qemu_img(d, &["compare", "ov.vmdk", "want.raw"]).contains("identical"));
+    // The zeros over whole grains are zeroed-grain entries, not stored grains.
+    let m = vmdkit_ok(d, &["map", "ov.vmdk", "--json"]);
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&m.stdout).unwrap();
+    let at_48m = map
+        .iter()
+        .find(|e| e["start"].as_u64() == Some(48 << 20))
+        .expect("a run at 48 MiB");
+    assert_eq!(
+        (
+            at_48m["zero"].clone(),
+            at_48m["data"].clone(),
+            at_48m["depth"].clone()
+        ),
+        (true.into(), false.into(), 0.into()),
+        "{at_48m}"
+    );
     qemu_img(d, &["check", "ov.vmdk"]);
     vmdkit_ok(d, &["check", "ov.vmdk"]);
     for (f, h) in &below {
