@@ -185,15 +185,7 @@ pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
     let dir = dir_of(disk);
     let parent_name = file_name(disk);
     crate::format::descriptor::check_file_name(&parent_name)?;
-    let ddb: Vec<(String, String)> = top
-        .descriptor
-        .ddb_entries()
-        .into_iter()
-        .filter(|(k, _)| {
-            let k = k.to_ascii_lowercase();
-            !k.contains("thinprovisioned") && !k.contains("longcontentid") && !k.contains("parent")
-        })
-        .collect();
+    let ddb = child_ddb(top);
     let parent_cid = top.cid().unwrap_or(0xffff_fffe);
     match style {
         RedoStyle::Redo => {
@@ -281,15 +273,7 @@ pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
                     (cid, parent_cid, &parent_name),
                     &ddb,
                 );
-                let text = d.to_text().into_bytes();
-                let f = AtomicFile::create(&desc, false)?;
-                let file = f
-                    .file()
-                    .try_clone()
-                    .map_err(|e| Error::io("open", f.tmp_path(), 0, e))?;
-                crate::format::sparse::SparseWriter::new(file, cap, Some(&text), f.tmp_path())
-                    .finish()?;
-                f.commit(false)?;
+                write_hosted_child(&desc, &d, cap, false)?;
             }
             Ok(desc)
         }
@@ -331,8 +315,22 @@ pub fn new_overlay(disk: &Path, new: &Path) -> Result<()> {
     crate::format::descriptor::check_file_name(&parent_name)?;
     crate::format::descriptor::check_file_name(&file_name(new))?;
     let cap = chain.capacity();
-    let ddb: Vec<(String, String)> = top
-        .descriptor
+    let ddb = child_ddb(top);
+    let d = child_descriptor(
+        CreateType::MonolithicSparse,
+        ExtentType::Sparse,
+        file_name(new),
+        cap,
+        (random_cid(), top.cid().unwrap_or(0xffff_fffe), &parent_name),
+        &ddb,
+    );
+    write_hosted_child(new, &d, cap, true)
+}
+
+/// The disk database a new child takes from its parent: all but what belongs to the
+/// parent alone (its thin flag, its long content ID, its parent links, vmdkit's marks).
+fn child_ddb(top: &crate::layer::Layer) -> Vec<(String, String)> {
+    top.descriptor
         .ddb_entries()
         .into_iter()
         .filter(|(k, _)| {
@@ -342,34 +340,32 @@ pub fn new_overlay(disk: &Path, new: &Path) -> Result<()> {
                 && !k.contains("parent")
                 && !k.contains("vmdkit")
         })
-        .collect();
-    let d = child_descriptor(
-        CreateType::MonolithicSparse,
-        ExtentType::Sparse,
-        file_name(new),
-        cap,
-        (random_cid(), top.cid().unwrap_or(0xffff_fffe), &parent_name),
-        &ddb,
-    );
+        .collect()
+}
+
+/// Write the empty monolithicSparse child `path` with descriptor `d` (atomically).
+/// `zeroed_grains`: with zeroed-grain entries (version 2, flag bit 2, as qemu's
+/// `zeroed_grain=on` writes them), so zeros over whole grains cost a table entry.
+fn write_hosted_child(path: &Path, d: &Descriptor, cap: u64, zeroed_grains: bool) -> Result<()> {
     let text = d.to_text().into_bytes();
-    let f = AtomicFile::create(new, false)?;
+    let f = AtomicFile::create(path, false)?;
     let file = f
         .file()
         .try_clone()
         .map_err(|e| Error::io("open", f.tmp_path(), 0, e))?;
     let (file, _, _) =
         crate::format::sparse::SparseWriter::new(file, cap, Some(&text), f.tmp_path()).finish()?;
-    // Zeroed-grain entries (version 2, flag bit 2, as qemu's `zeroed_grain=on` writes
-    // them): a client's WRITE_ZEROES over whole grains costs a table entry, not a grain.
-    let mut h = [0u8; 12];
-    file.read_exact_at(&mut h, 0)
-        .map_err(|e| Error::io("read", f.tmp_path(), 0, e))?;
-    h[4..8].copy_from_slice(&2u32.to_le_bytes());
-    let flags = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"))
-        | crate::format::sparse::FLAG_ZERO_GRAIN;
-    h[8..12].copy_from_slice(&flags.to_le_bytes());
-    file.write_all_at(&h, 0)
-        .map_err(|e| Error::io("write", f.tmp_path(), 0, e))?;
+    if zeroed_grains {
+        let mut h = [0u8; 12];
+        file.read_exact_at(&mut h, 0)
+            .map_err(|e| Error::io("read", f.tmp_path(), 0, e))?;
+        h[4..8].copy_from_slice(&2u32.to_le_bytes());
+        let flags = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"))
+            | crate::format::sparse::FLAG_ZERO_GRAIN;
+        h[8..12].copy_from_slice(&flags.to_le_bytes());
+        file.write_all_at(&h, 0)
+            .map_err(|e| Error::io("write", f.tmp_path(), 0, e))?;
+    }
     f.commit(false)
 }
 

@@ -327,17 +327,10 @@ impl<'a> Session<'a> {
                     self.reply(option, rep::ACK, b"")?;
                 }
                 opt::INFO | opt::GO => {
-                    let q = match proto::parse_info_request(&data) {
-                        Ok(q) => q,
-                        Err(e) => {
-                            self.reply(option, rep::ERR_INVALID, e.as_bytes())?;
-                            continue;
-                        }
-                    };
-                    if !self.known(&q.name) {
-                        self.reply(option, rep::ERR_UNKNOWN, b"no such export")?;
+                    let parsed = proto::parse_info_request(&data);
+                    let Some(q) = self.for_export(option, parsed, |q| &q.name)? else {
                         continue;
-                    }
+                    };
                     let mut b = info::EXPORT.to_be_bytes().to_vec();
                     b.extend_from_slice(&self.disk.capacity().to_be_bytes());
                     b.extend_from_slice(&self.flags().to_be_bytes());
@@ -372,17 +365,10 @@ impl<'a> Session<'a> {
                         self.reply(option, rep::ERR_INVALID, b"structured replies first")?;
                         continue;
                     }
-                    let q = match proto::parse_meta_request(&data) {
-                        Ok(q) => q,
-                        Err(e) => {
-                            self.reply(option, rep::ERR_INVALID, e.as_bytes())?;
-                            continue;
-                        }
-                    };
-                    if !self.known(&q.name) {
-                        self.reply(option, rep::ERR_UNKNOWN, b"no such export")?;
+                    let parsed = proto::parse_meta_request(&data);
+                    let Some(q) = self.for_export(option, parsed, |q| &q.name)? else {
                         continue;
-                    }
+                    };
                     let listing = option == opt::LIST_META_CONTEXT;
                     let base = q
                         .queries
@@ -401,6 +387,25 @@ impl<'a> Session<'a> {
                 }
                 _ => self.reply(option, rep::ERR_UNSUP, b"")?,
             }
+        }
+    }
+
+    /// Option data parsed and naming this export; otherwise the error reply is sent
+    /// (`ERR_INVALID`, `ERR_UNKNOWN`) and `None` returned: the handshake goes on.
+    fn for_export<T>(
+        &mut self,
+        option: u32,
+        parsed: std::result::Result<T, String>,
+        name: impl Fn(&T) -> &str,
+    ) -> std::result::Result<Option<T>, String> {
+        match parsed {
+            Err(e) => self
+                .reply(option, rep::ERR_INVALID, e.as_bytes())
+                .map(|()| None),
+            Ok(q) if !self.known(name(&q)) => self
+                .reply(option, rep::ERR_UNKNOWN, b"no such export")
+                .map(|()| None),
+            Ok(q) => Ok(Some(q)),
         }
     }
 
