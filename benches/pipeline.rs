@@ -11,7 +11,7 @@ fn zero_detect(c: &mut Criterion) {
     let mut g = c.benchmark_group("zero_detect");
     g.throughput(Throughput::Bytes(buf.len() as u64));
     g.bench_function("1MiB_zeros", |b| {
-        b.iter(|| vmdkit::copy::is_zero(std::hint::black_box(&buf)))
+        b.iter(|| vmdkit::fuzzing::bench::is_zero(std::hint::black_box(&buf)))
     });
     g.finish();
 }
@@ -39,7 +39,7 @@ fn compress(c: &mut Criterion) {
         let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(level));
         e.write_all(&grain).unwrap();
         let zlib_len = e.finish().unwrap().len();
-        let rec_len = vmdkit::format::stream::grain_record(0, &grain, level)
+        let rec_len = vmdkit::fuzzing::bench::grain_record(0, &grain, level)
             .unwrap()
             .len();
         eprintln!(
@@ -56,7 +56,7 @@ fn compress(c: &mut Criterion) {
         g.bench_with_input(
             BenchmarkId::new("libdeflate_record", level),
             &level,
-            |b, &level| b.iter(|| vmdkit::format::stream::grain_record(0, &grain, level).unwrap()),
+            |b, &level| b.iter(|| vmdkit::fuzzing::bench::grain_record(0, &grain, level).unwrap()),
         );
     }
     g.finish();
@@ -115,10 +115,11 @@ fn pipeline(c: &mut Criterion) {
                 let id = BenchmarkId::new(format!("{format:?}"), threads);
                 g.bench_with_input(id, &threads, |b, &threads| {
                     b.iter(|| {
-                        let opts = ExportOptions {
-                            format,
-                            threads,
-                            ..Default::default()
+                        let opts = {
+                            let mut o = ExportOptions::default();
+                            o.format = format;
+                            o.threads = threads;
+                            o
                         };
                         export(
                             &chain,
@@ -127,7 +128,7 @@ fn pipeline(c: &mut Criterion) {
                                 name: "x.vmdk".into(),
                             },
                             &opts,
-                            &vmdkit::ops::NoProgress,
+                            &vmdkit::NoProgress,
                         )
                         .unwrap()
                     })

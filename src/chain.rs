@@ -21,9 +21,9 @@ pub const MAX_CHAIN_DEPTH: usize = 255;
 #[derive(Debug)]
 pub struct Chain {
     /// Layers, top first.
-    pub layers: Vec<Layer>,
+    pub(crate) layers: Vec<Layer>,
     /// Warnings raised while opening (CID mismatches accepted with `ignore_cid`...).
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 fn file_id(path: &Path) -> Result<(u64, u64)> {
@@ -32,6 +32,26 @@ fn file_id(path: &Path) -> Result<(u64, u64)> {
 }
 
 impl Chain {
+    /// A disk of one layer with no parent (a layer from
+    /// [`Layer::from_source`](crate::Layer::from_source)).
+    pub fn from_layer(layer: Layer) -> Chain {
+        Chain {
+            layers: vec![layer],
+            warnings: Vec::new(),
+        }
+    }
+
+    /// The layers, top first (the file named) down to the base.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// What a person should know about how the chain was opened (a content ID
+    /// mismatch read through as asked, a size disagreement, a pending operation).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
     /// Open `path` and every parent below it.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Chain> {
         let mut layers: Vec<Layer> = Vec::new();
@@ -159,7 +179,7 @@ impl Chain {
                 );
                 if opts.ignore_cid {
                     warnings.push(format!(
-                        "`{}`: {msg} (reading anyway: --ignore-cid)",
+                        "`{}`: {msg} (read anyway, as asked)",
                         child.path.display()
                     ));
                 } else if crate::recovery::commit_explains(&child.path, parent, want)
@@ -178,10 +198,11 @@ impl Chain {
                 {
                     return Err(Error::chain(&child.path, note));
                 } else {
-                    return Err(Error::chain(
-                        &child.path,
-                        format!("{msg} (use --ignore-cid to read anyway)"),
-                    ));
+                    return Err(Error::Chain {
+                        path: child.path.clone(),
+                        what: msg,
+                        unless: Some(crate::error::Override::IgnoreCid),
+                    });
                 }
             }
             if child.capacity != parent.capacity {
@@ -212,7 +233,7 @@ impl Chain {
         let block = meta.file_type().is_block_device();
         if !block && !meta.is_file() {
             return Err(Error::InvalidInput(format!(
-                "`{}` is neither a regular file nor a block device; read it from stdin: `vmdkit import --from raw --size SIZE - out.vmdk < {}`",
+                "`{}` is neither a regular file nor a block device; a raw stream is imported from standard input, with its size given (`< {}`)",
                 path.display(),
                 path.display()
             )));

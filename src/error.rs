@@ -26,10 +26,33 @@ pub enum ErrorKind {
     Unsupported,
     /// The caller asked for something impossible (bad argument, out of range).
     InvalidInput,
-    /// An output already exists and `--force` was not given.
+    /// An output already exists (and the caller did not ask to overwrite it).
     AlreadyExists,
     /// Another process holds a lock on a file this command needs.
     Busy,
+    /// The command refused to go ahead to keep data safe (a read-only target, a file
+    /// others depend on, a device, an increment that does not fit); nothing was changed.
+    /// [`Error::overridable_by`] says whether an option lets it go ahead.
+    Refused,
+}
+
+/// An option that lets a refused command go ahead: the caller decides how to spell it
+/// (the `vmdkit` binary names its flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Override {
+    /// The command's `force` option: overwrite, or go ahead although others depend on
+    /// the file or its identity cannot be checked.
+    Force,
+    /// Write into a block device (`allow_device_write`).
+    AllowDeviceWrite,
+    /// Read through a parent whose content ID does not match
+    /// ([`OpenOptions::ignore_cid`](crate::OpenOptions::ignore_cid)).
+    IgnoreCid,
+    /// Add a second delta to a disk that has one (`branch`).
+    Branch,
+    /// Accept a capacity larger than any VMware product makes (`large`).
+    Large,
 }
 
 /// The library's error type.
@@ -76,6 +99,8 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong.
         what: String,
+        /// The option that reads through anyway, if one does (a content ID mismatch).
+        unless: Option<Override>,
     },
     /// Valid but unsupported.
     #[error("`{}`: unsupported: {what}", .path.display())]
@@ -89,11 +114,31 @@ pub enum Error {
     #[error("{0}")]
     InvalidInput(String),
     /// The output exists already.
-    #[error("`{}` already exists (use --force to overwrite)", .0.display())]
+    #[error("`{}` already exists", .0.display())]
     AlreadyExists(PathBuf),
-    /// Another process holds a lock on a file (see [`crate::guard`]).
+    /// Refused to keep data safe; nothing was changed.
+    #[error("{}", refused_text(.path.as_deref(), .what))]
+    Refused {
+        /// The file concerned, when there is one.
+        path: Option<PathBuf>,
+        /// What was refused and why.
+        what: String,
+        /// The option that lets the command go ahead anyway, if one does.
+        unless: Option<Override>,
+    },
+    /// Another process holds a lock on a file (see `crate::guard`).
     #[error("`{}` is in use by another process (locked); try again when it has finished", .0.display())]
     Busy(PathBuf),
+}
+
+/// A refusal's message, naming its file first unless the text names it already.
+fn refused_text(path: Option<&Path>, what: &str) -> String {
+    match path {
+        Some(p) if !what.contains(&format!("`{}`", p.display())) => {
+            format!("`{}`: {what}", p.display())
+        }
+        _ => what.to_string(),
+    }
 }
 
 impl Error {
@@ -108,6 +153,17 @@ impl Error {
             Error::InvalidInput(_) => ErrorKind::InvalidInput,
             Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Error::Busy(_) => ErrorKind::Busy,
+            Error::Refused { .. } => ErrorKind::Refused,
+        }
+    }
+
+    /// The option that would let the refused command go ahead, if one would.
+    pub fn overridable_by(&self) -> Option<Override> {
+        match self {
+            Error::AlreadyExists(_) => Some(Override::Force),
+            Error::Refused { unless, .. } => *unless,
+            Error::Chain { unless, .. } => *unless,
+            _ => None,
         }
     }
 
@@ -120,6 +176,7 @@ impl Error {
             | Error::Chain { path, .. }
             | Error::Unsupported { path, .. } => Some(path),
             Error::AlreadyExists(p) | Error::Busy(p) => Some(p),
+            Error::Refused { path, .. } => path.as_deref(),
             Error::InvalidInput(_) => None,
         }
     }
@@ -169,6 +226,16 @@ impl Error {
         Error::Chain {
             path: path.to_path_buf(),
             what: what.into(),
+            unless: None,
+        }
+    }
+
+    /// A refusal about `path` that `unless` overrides.
+    pub(crate) fn refused(path: &Path, what: impl Into<String>, unless: Option<Override>) -> Self {
+        Error::Refused {
+            path: Some(path.to_path_buf()),
+            what: what.into(),
+            unless,
         }
     }
 

@@ -459,3 +459,9 @@ mod tests {
         assert_eq!(zeroed, vec![(4, 2), (600, 1), (1023, 1)]);
     }
 }
+
+/// Inner pieces the benchmarks (`benches/pipeline.rs`) time on their own.
+pub mod bench {
+    pub use crate::copy::is_zero;
+    pub use crate::format::stream::grain_record;
+}

@@ -32,7 +32,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::{Error, Result};
-pub use crate::resolve::folder_of;
 
 /// A file's identity: device and inode (after following links).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,11 +60,15 @@ pub fn refuse_source_as_target(target: &Path, sources: &[PathBuf]) -> Result<()>
     };
     for s in sources {
         if FileId::of(s) == Some(t) {
-            return Err(Error::InvalidInput(format!(
-                "`{}` is `{}`, a file of the source disk: refusing to write over its own input (even with --force)",
-                target.display(),
-                s.display()
-            )));
+            return Err(Error::refused(
+                target,
+                format!(
+                    "`{}` is `{}`, a file of the source disk: refusing to write over its own input (even when forced)",
+                    target.display(),
+                    s.display()
+                ),
+                None,
+            ));
         }
     }
     Ok(())
@@ -86,8 +89,15 @@ pub struct LockSet {
     held: HashMap<FileId, (File, LockKind, PathBuf)>,
 }
 
-/// Test hook: a command that changes a disk sleeps this many milliseconds once it holds
-/// all its locks, before it changes anything (race tests).
+/// Test hook (feature `test-hooks` only): a command that changes a disk sleeps
+/// `VMDKIT_TEST_HOLD_LOCK_MS` milliseconds once it holds all its locks, before it changes
+/// anything (race tests).
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn test_hold_hook() {}
+
+/// See the other `test_hold_hook`.
+#[cfg(feature = "test-hooks")]
 pub fn test_hold_hook() {
     if let Some(ms) = std::env::var("VMDKIT_TEST_HOLD_LOCK_MS")
         .ok()
@@ -172,20 +182,6 @@ impl LockSet {
         }
         Ok(())
     }
-}
-
-static OUTSIDE_PATHS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// The process-wide default of [`crate::layer::OpenOptions::allow_outside_paths`] (what
-/// `OpenOptions::default()` gives, so that the opens inside commit, write and extend
-/// follow it too). The binary sets it from `--allow-outside-paths`.
-pub fn allow_outside_paths(allow: bool) {
-    OUTSIDE_PATHS.store(allow, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// See [`allow_outside_paths`].
-pub fn outside_paths_allowed() -> bool {
-    OUTSIDE_PATHS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 static TEMPS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());

@@ -1,5 +1,5 @@
-//! Positional read sources: a file read with `pread`, a read-only memory map, or an
-//! in-memory buffer (tests, fuzzing).
+//! Positional read sources: a file read with `pread`, a read-only memory map, an
+//! in-memory buffer (tests, fuzzing), or anything a program plugs in through [`ReadAt`].
 //!
 //! Every read is positional (`&self`, no cursor) so rayon workers can share one source.
 //!
@@ -28,10 +28,53 @@ pub enum SourceMode {
     Pread,
 }
 
+/// Anything that reads bytes at an offset: the source of a disk that is not a local
+/// file (an HTTP range reader, an object store, a block device API, a buffer).
+///
+/// Reads are positional and may come from many threads at once. Implementations fill
+/// `buf` from `offset` as far as they can and return how many bytes they read; fewer than
+/// asked only at the end. [`Layer::from_source`](crate::Layer::from_source) opens a disk
+/// from one.
+///
+/// ```
+/// use vmdkit::ReadAt;
+///
+/// /// A disk image held in memory.
+/// struct Bytes(Vec<u8>);
+///
+/// impl ReadAt for Bytes {
+///     fn len(&self) -> u64 {
+///         self.0.len() as u64
+///     }
+///     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+///         let from = (offset as usize).min(self.0.len());
+///         let n = buf.len().min(self.0.len() - from);
+///         buf[..n].copy_from_slice(&self.0[from..from + n]);
+///         Ok(n)
+///     }
+/// }
+/// # let b = Bytes(vec![1, 2, 3]);
+/// # let mut x = [0u8; 4];
+/// # assert_eq!(b.read_at(&mut x, 1).unwrap(), 2);
+/// ```
+pub trait ReadAt: Send + Sync {
+    /// The number of bytes there are.
+    fn len(&self) -> u64;
+
+    /// Whether there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Read into `buf` from `offset`; returns the bytes read (fewer only at the end).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize>;
+}
+
 enum Backing {
     File(File),
     Mmap(memmap2::Mmap, File),
     Mem(Arc<[u8]>),
+    Custom(Arc<dyn ReadAt>),
 }
 
 /// A read-only byte source with a known length.
@@ -99,6 +142,16 @@ impl Source {
         }
     }
 
+    /// A source that reads through `reader`; `name` names it in errors.
+    pub fn from_reader(reader: Arc<dyn ReadAt>, name: &Path) -> Source {
+        Source {
+            len: reader.len(),
+            backing: Backing::Custom(reader),
+            path: name.to_path_buf(),
+            patches: Vec::new(),
+        }
+    }
+
     /// This source with `patches` (byte offset, bytes) laid over what it reads, later
     /// patches over earlier ones: the file as it will be once those writes are made,
     /// without making them. Bytes past the source's length are left out.
@@ -140,7 +193,7 @@ impl Source {
     pub fn file(&self) -> Option<&File> {
         match &self.backing {
             Backing::File(f) | Backing::Mmap(_, f) => Some(f),
-            Backing::Mem(_) => None,
+            Backing::Mem(_) | Backing::Custom(_) => None,
         }
     }
 
@@ -179,6 +232,22 @@ impl Source {
                 let o = offset as usize;
                 head.copy_from_slice(&m[o..o + avail]);
             }
+            Backing::Custom(r) => {
+                let mut done = 0;
+                while done < head.len() {
+                    match r.read_at(&mut head[done..], offset + done as u64) {
+                        Ok(0) => {
+                            head[done..].fill(0);
+                            return Ok(done);
+                        }
+                        Ok(n) => done += n.min(head.len() - done),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            return Err(Error::io("read", &self.path, offset + done as u64, e))
+                        }
+                    }
+                }
+            }
             Backing::File(f) => {
                 let mut done = 0;
                 while done < head.len() {
@@ -201,28 +270,6 @@ impl Source {
             self.overlay(head, offset);
         }
         Ok(avail)
-    }
-
-    /// Borrow bytes directly when the source is memory-backed (and no patch lies over
-    /// them).
-    pub fn slice(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        let end = offset.checked_add(len as u64)?;
-        if end > self.len {
-            return None;
-        }
-        if self
-            .patches
-            .iter()
-            .any(|(at, b)| *at < end && at.saturating_add(b.len() as u64) > offset)
-        {
-            return None;
-        }
-        let (o, e) = (offset as usize, end as usize);
-        match &self.backing {
-            Backing::Mem(m) => Some(&m[o..e]),
-            Backing::Mmap(m, _) => Some(&m[o..e]),
-            Backing::File(_) => None,
-        }
     }
 
     /// Find the next data region at or after `offset` (SEEK_DATA/SEEK_HOLE). Returns

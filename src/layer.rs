@@ -18,44 +18,46 @@ use crate::format::descriptor::{
 use crate::format::sesparse::SeSparseExtent;
 use crate::format::sparse::{self, SparseExtent, SECTOR, SPARSE_MAGIC};
 use crate::format::{Extent, FlatExtent};
-use crate::io::{Source, SourceMode};
+use crate::io::{ReadAt, Source, SourceMode};
+use std::sync::Arc;
 
 /// An extent of a layer with its place in the virtual disk.
 #[derive(Debug)]
-pub struct ExtentSlot {
+pub(crate) struct ExtentSlot {
     /// First virtual byte.
-    pub start: u64,
+    pub(crate) start: u64,
     /// The descriptor line it came from.
-    pub line: ExtentLine,
+    pub(crate) line: ExtentLine,
     /// The file opened for it (None for ZERO).
-    pub path: Option<PathBuf>,
+    pub(crate) path: Option<PathBuf>,
     /// The reader.
-    pub extent: Extent,
+    pub(crate) extent: Extent,
 }
 
-/// One opened layer.
+/// One opened layer of a chain: a base disk or a delta, with its descriptor and extents.
 #[derive(Debug)]
 pub struct Layer {
     /// The file the user (or the parent hint) named.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Its descriptor (embedded or separate; synthesized for a bare sparse extent).
-    pub descriptor: Descriptor,
+    pub(crate) descriptor: Descriptor,
     /// Whether the descriptor is embedded in a sparse extent.
-    pub embedded: bool,
+    pub(crate) embedded: bool,
     /// The createType (canonical).
-    pub create_type: CreateType,
+    pub(crate) create_type: CreateType,
     /// Extents in order.
-    pub extents: Vec<ExtentSlot>,
+    pub(crate) extents: Vec<ExtentSlot>,
     /// Capacity in bytes.
-    pub capacity: u64,
+    pub(crate) capacity: u64,
     /// Things a user should know (path fallbacks, size disagreements...).
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
     /// A bare COWD file (ESX 2 REDO log): linked to its parent by name, without CIDs.
-    pub bare_cowd: bool,
+    pub(crate) bare_cowd: bool,
 }
 
 /// Options for opening disks.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// Read through a parent whose CID does not match the child's parentCID.
     pub ignore_cid: bool,
@@ -66,7 +68,7 @@ pub struct OpenOptions {
     /// named by device and RDM createTypes may lie outside.
     pub allow_outside_paths: bool,
     /// Open a chain although a layer carries a pending mark of an interrupted vmdkit
-    /// operation (the commands that finish or report it; see [`crate::recovery`]).
+    /// operation (the commands that finish or report it; see `crate::recovery`).
     pub ignore_pending: bool,
     /// Read a disk an interrupted `vmdkit apply` left marked, as it reads before or after
     /// that apply (hosted sparse targets, whose tables switch through a journal), instead
@@ -83,7 +85,7 @@ impl Default for OpenOptions {
         OpenOptions {
             ignore_cid: false,
             mode: SourceMode::Pread,
-            allow_outside_paths: crate::guard::outside_paths_allowed(),
+            allow_outside_paths: false,
             ignore_pending: false,
             read_pending: false,
             index_progress: None,
@@ -95,9 +97,10 @@ impl OpenOptions {
     /// What the commands that finish or judge an interrupted operation open a disk with:
     /// CIDs not enforced (a commit in progress changes them) and pending marks not
     /// refused (they are the reason to open it).
-    pub fn for_recovery() -> OpenOptions {
+    pub fn for_recovery(allow_outside_paths: bool) -> OpenOptions {
         OpenOptions {
             ignore_cid: true,
+            allow_outside_paths,
             ignore_pending: true,
             ..Default::default()
         }
@@ -126,6 +129,35 @@ impl Layer {
             slot.extent = Extent::Sparse(Box::new(SparseExtent::open(src)?));
         }
         Ok(())
+    }
+
+    /// Open a one-file disk (monolithicSparse or streamOptimized, a stream backup among
+    /// them) from anything that reads at an offset: `name` names it in errors and
+    /// reports. A delta is refused (its parent is found by file name; open it from
+    /// files with [`Chain::open`](crate::Chain::open)); [`Chain::from_layer`](crate::Chain::from_layer)
+    /// makes the layer a readable disk.
+    pub fn from_source(name: &str, reader: Arc<dyn ReadAt>, opts: &OpenOptions) -> Result<Layer> {
+        let path = Path::new(name);
+        let src = Source::from_reader(reader, path);
+        let mut magic = [0u8; 4];
+        let n = src.read_at_zero_fill(&mut magic, 0)?;
+        if n < 4 || u32::from_le_bytes(magic) != SPARSE_MAGIC {
+            return Err(Error::unsupported(
+                path,
+                "only a hosted sparse or streamOptimized disk (one file, `KDMV` magic) opens from a reader",
+            ));
+        }
+        let mut layer = Self::open_sparse_file(path, src, opts)?;
+        if let Some(p) = layer.parent_hint() {
+            return Err(Error::unsupported(
+                path,
+                format!("a delta (of `{p}`) opens from its files, where its parent is found"),
+            ));
+        }
+        for slot in &mut layer.extents {
+            slot.path = None;
+        }
+        Ok(layer)
     }
 
     /// Open one layer (no parent) from `path`.
@@ -621,6 +653,27 @@ impl Layer {
                 .descriptor
                 .parent_cid()
                 .is_some_and(|c| c != crate::format::descriptor::NO_PARENT_CID)
+    }
+
+    /// The file this layer was opened from (its descriptor, or its one sparse file).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Its createType as VMware spells it (`monolithicSparse`, `vmfsSparse`,
+    /// `streamOptimized`...).
+    pub fn disk_type(&self) -> &'static str {
+        self.create_type.as_str()
+    }
+
+    /// Its capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// What a person should know about it (a path fallback, a size disagreement...).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// The parent hint, if the layer names a parent.

@@ -195,17 +195,6 @@ pub fn replace_atomically(
     f.commit(true)
 }
 
-/// Write a small file (a manifest) whole: under a temporary name, synced, renamed into
-/// place; an existing `target` only with `force`.
-pub fn write_file_atomically(target: &Path, bytes: &[u8], force: bool) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let f = AtomicFile::create(target, force)?;
-    f.file()
-        .write_all_at(bytes, 0)
-        .map_err(|e| write_error(f.tmp_path(), 0, e))?;
-    f.commit(force)
-}
-
 /// Starts the kernel's writeback of a file written front to back, every 32 MiB
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: it does not wait), so the disk writes while
 /// the CPU compresses and the final fsync finds little left to do. Measured on the 1 GiB

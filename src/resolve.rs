@@ -238,11 +238,6 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
-/// Deltas in `disk`'s folder that name `disk` as their parent.
-pub fn children_of(disk: &Path) -> Vec<PathBuf> {
-    dependents_of(disk).0
-}
-
 /// Deltas in `disk`'s folder that name `disk` as their parent, and the files that may be
 /// deltas but could not be read (each with the reason): what depends on them is unknown.
 /// Only files named like disks (`*.vmdk`, `*.REDO`) can be unknown.
@@ -294,21 +289,23 @@ pub fn refuse_dependents(disk: &Path, force: bool, doing: &str) -> Result<()> {
     }
     let (children, unknown) = dependents_of(disk);
     if let Some(c) = children.first() {
-        return Err(Error::chain(
+        return Err(Error::refused(
             c,
             format!(
-                "this delta has `{}` as its parent; {doing} would break it (pass --force to go ahead anyway)",
+                "this delta has `{}` as its parent; {doing} would break it",
                 disk.display()
             ),
+            Some(crate::error::Override::Force),
         ));
     }
     if let Some((p, why)) = unknown.first() {
-        return Err(Error::chain(
+        return Err(Error::refused(
             p,
             format!(
-                "{why}; it may be a delta of `{}`, which {doing} would break. Refusing while that is unknown (fix or move the file, or pass --force)",
+                "{why}; it may be a delta of `{}`, which {doing} would break. Refusing while that is unknown (fix or move the file)",
                 disk.display()
             ),
+            Some(crate::error::Override::Force),
         ));
     }
     Ok(())

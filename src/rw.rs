@@ -35,8 +35,8 @@ impl std::fmt::Debug for WritableDisk {
 impl WritableDisk {
     /// Open the chain whose top is `top` for writing into that top layer (the caller
     /// holds its locks).
-    pub fn open(top: &Path) -> Result<WritableDisk> {
-        let d = Self::open_with(top, &OpenOptions::default(), false)?;
+    pub fn open(top: &Path, opts: &OpenOptions) -> Result<WritableDisk> {
+        let d = Self::open_with(top, opts, false)?;
         d.writer()?.check_writable(0, d.capacity())?;
         Ok(d)
     }

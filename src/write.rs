@@ -23,8 +23,15 @@ use crate::layer::Layer;
 /// Reads the content below the layer being written (for copy-on-write fills).
 pub type ReadBelow<'a> = &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync);
 
-/// Test hook: abort the process after this many data/metadata writes (crash tests);
+/// Test hook (feature `test-hooks` only): `VMDKIT_TEST_ABORT_AFTER_WRITES` aborts the
+/// process after that many data/metadata writes (crash tests);
 /// `VMDKIT_TEST_WRITE_DELAY_MS` slows every write (signal tests).
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub(crate) fn fault_point() {}
+
+/// See the other `fault_point`.
+#[cfg(feature = "test-hooks")]
 pub(crate) fn fault_point() {
     use std::sync::atomic::{AtomicI64, Ordering};
     static LEFT: AtomicI64 = AtomicI64::new(i64::MIN);
@@ -501,21 +508,17 @@ pub struct LayerWriter {
 
 impl LayerWriter {
     /// Open `layer`'s files for writing. The layer must have been opened with positional
-    /// reads (never write a mapped file).
-    pub fn open(layer: &Layer) -> Result<LayerWriter> {
-        Self::open_with(layer, false)
-    }
-
-    /// Like [`open`](Self::open); `allow_device` permits writing into fullDevice,
+    /// reads (never write a mapped file). `allow_device` permits writing into fullDevice,
     /// partitionedDevice and vmfsRaw disks (their extents are host devices).
     pub fn open_with(layer: &Layer, allow_device: bool) -> Result<LayerWriter> {
         if layer.create_type.is_device() && !allow_device {
-            return Err(Error::unsupported(
+            return Err(Error::refused(
                 &layer.path,
                 format!(
-                    "writing into a {} disk (it names host devices directly) without --allow-device-write; or add a REDO log with `redo add` and write there",
+                    "refusing to write into a {} disk (it names host devices directly); a REDO log added on top takes writes instead",
                     layer.create_type.as_str()
                 ),
+                Some(crate::error::Override::AllowDeviceWrite),
             ));
         }
         let mut extents = Vec::new();
@@ -524,13 +527,16 @@ impl LayerWriter {
             if let Some(p) = &slot.path {
                 let block = std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device());
                 if block && !allow_device {
-                    return Err(Error::unsupported(
+                    return Err(Error::refused(
                         &layer.path,
                         format!(
-                            "extent `{}` is the block device `{}`; writing into a device needs --allow-device-write",
+                            "extent `{}` is the block device `{}`; refusing to write into a device",
                             slot.line.file.as_deref().unwrap_or(""),
-                            std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()).display()
+                            std::fs::canonicalize(p)
+                                .unwrap_or_else(|_| p.clone())
+                                .display()
                         ),
+                        Some(crate::error::Override::AllowDeviceWrite),
                     ));
                 }
             }

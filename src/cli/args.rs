@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use vmdkit::io::SourceMode;
+use vmdkit::SourceMode;
 use vmdkit::{Chain, OpenOptions};
 
 use super::adapter_arg;
@@ -37,6 +37,19 @@ pub(super) struct Cli {
     pub(super) cmd: Cmd,
 }
 
+/// `--allow-outside-paths`, given once for the whole command line (the vmkfstools front
+/// end passes it on to the commands it runs).
+static OUTSIDE_PATHS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(super) fn set_outside_paths(allow: bool) {
+    OUTSIDE_PATHS.store(allow, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether `--allow-outside-paths` was given.
+pub(super) fn outside_paths() -> bool {
+    OUTSIDE_PATHS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 #[derive(clap::Args, Clone)]
 pub(super) struct ReadArgs {
     /// Read through a parent whose CID does not match the child's parentCID (warns).
@@ -63,26 +76,31 @@ impl ReadArgs {
         }
     }
 
-    pub(super) fn open(&self, path: &Path) -> Result<Chain> {
-        let opts = OpenOptions {
-            ignore_cid: self.ignore_cid,
-            mode: if self.mmap {
-                SourceMode::Mmap
-            } else {
-                SourceMode::Pread
-            },
-            // Commands that only read take a half-applied disk as the point it reads as
-            // (and say so); every command that writes refuses it.
-            read_pending: true,
-            index_progress: Some(super::index_progress),
-            ..Default::default()
+    /// How the command opens its disk.
+    pub(super) fn options(&self) -> OpenOptions {
+        let mut o = OpenOptions::default();
+        o.ignore_cid = self.ignore_cid;
+        o.mode = if self.mmap {
+            SourceMode::Mmap
+        } else {
+            SourceMode::Pread
         };
+        o.allow_outside_paths = outside_paths();
+        o.index_progress = Some(super::index_progress);
+        o
+    }
+
+    pub(super) fn open(&self, path: &Path) -> Result<Chain> {
+        let mut opts = self.options();
+        // Commands that only read take a half-applied disk as the point it reads as
+        // (and say so); every command that writes refuses it.
+        opts.read_pending = true;
         if self.raw()? {
             return Ok(Chain::open_raw(path, &opts)?);
         }
         // Library errors name the file (and offset) already.
         let chain = Chain::open(path, &opts)?;
-        for w in &chain.warnings {
+        for w in chain.warnings() {
             note!("vmdkit: warning: {w}");
         }
         Ok(chain)
@@ -664,14 +682,14 @@ pub(super) const DISK_TYPES: &[&str] = &[
 
 /// A size as `--size` takes it: checked here, so a bad one is a usage error (64).
 pub(super) fn size_arg(s: &str) -> std::result::Result<String, String> {
-    vmdkit::units::parse_size(s)
+    vmdkit::parse_size(s)
         .map(|_| s.to_string())
         .map_err(|e| e.to_string())
 }
 
 /// A new size as `extend --size` takes it (`60G` or `+10G`).
 pub(super) fn new_size_arg(s: &str) -> std::result::Result<String, String> {
-    vmdkit::units::parse_new_size(s)
+    vmdkit::parse_new_size(s)
         .map(|_| s.to_string())
         .map_err(|e| e.to_string())
 }

@@ -10,8 +10,9 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
 
-use vmdkit::copy::PipelineOptions;
-use vmdkit::ops::{self, Progress};
+use vmdkit::ops;
+use vmdkit::PipelineOptions;
+use vmdkit::Progress;
 use vmdkit::VirtualDisk;
 
 /// A line on stderr that never panics: with stderr on a full disk or a closed pipe the
@@ -146,7 +147,7 @@ impl Progress for Bar {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    vmdkit::guard::allow_outside_paths(cli.allow_outside_paths);
+    args::set_outside_paths(cli.allow_outside_paths);
     let ui = Ui {
         json: cli.json,
         quiet: cli.quiet,
@@ -175,6 +176,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let mut opts = AddOptions::default();
             opts.style = style;
             opts.branch = branch;
+            opts.allow_outside_paths = args::outside_paths();
             let new = add_opts(&disk, &opts)?;
             if ui.json {
                 ui.result(&serde_json::json!({"file": new, "parent": disk}), false)?;
@@ -253,7 +255,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     std::fs::create_dir_all(&dir)
                         .with_context(|| format!("creating `{}`", dir.display()))?;
                     for (name, text) in &pages {
-                        vmdkit::output::write_file_atomically(&dir.join(name), text, true)?;
+                        write_file_durably(&dir.join(name), text)?;
                     }
                     ui.say(format_args!(
                         "wrote {} manual pages into `{}` ({})",
@@ -312,31 +314,24 @@ fn run_info(args: InfoArgs, ui: Ui) -> Result<ExitCode> {
     // A broken chain (a missing parent, say) still shows the layer named, with the
     // reason as a warning, and exits 1, as qemu-img info shows what it can.
     // An increment is described on its own: it needs no parent to say what it is.
-    let increment = vmdkit::Layer::open(
-        &disk,
-        &vmdkit::OpenOptions {
-            ignore_cid: true,
-            ..Default::default()
-        },
-    )
+    let increment = vmdkit::Layer::open(&disk, &{
+        let mut o = vmdkit::OpenOptions::default();
+        o.ignore_cid = true;
+        o
+    })
     .ok()
     .filter(|l| l.is_increment());
     let (chain, code) = match increment {
-        Some(l) => (
-            vmdkit::Chain {
-                layers: vec![l],
-                warnings: vec![],
-            },
-            ExitCode::SUCCESS,
-        ),
+        Some(l) => (vmdkit::Chain::from_layer(l), ExitCode::SUCCESS),
         None => match read.open(&disk) {
             Ok(c) => (c, ExitCode::SUCCESS),
             Err(e) => match e.downcast_ref::<vmdkit::Error>() {
                 Some(err) if err.kind() == vmdkit::ErrorKind::Chain => {
                     let why = format!("{err}");
-                    let opts = vmdkit::OpenOptions {
-                        ignore_cid: true,
-                        ..Default::default()
+                    let opts = {
+                        let mut o = vmdkit::OpenOptions::default();
+                        o.ignore_cid = true;
+                        o
                     };
                     match vmdkit::Chain::top_only(&disk, &opts, why.clone()) {
                         Ok(c) => {
@@ -386,9 +381,10 @@ fn run_cat(args: CatArgs, ui: Ui) -> Result<ExitCode> {
         read,
     } = args;
     let chain = read.open(&disk)?;
-    let popts = PipelineOptions {
-        threads,
-        ..Default::default()
+    let popts = {
+        let mut o = PipelineOptions::default();
+        o.threads = threads;
+        o
     };
     let bar = Bar::for_disk("cat", &chain, ui);
     let to_stdout = match output {
@@ -433,9 +429,14 @@ fn into_folder(dst: &Path, name: Option<&std::ffi::OsStr>) -> Result<PathBuf> {
         }
         std::fs::create_dir(dst)
             .with_context(|| format!("creating the folder `{}`", dst.display()))?;
-        let _ = vmdkit::output::sync_folder(&vmdkit::resolve::folder_of(
-            &dst.components().collect::<PathBuf>(),
-        ));
+        let parent = dst.components().collect::<PathBuf>();
+        if let Some(p) = parent.parent() {
+            let _ = sync_folder(if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            });
+        }
     }
     if dst.as_os_str() != "-" && dst.is_dir() {
         let name = name.ok_or_else(|| {
@@ -481,7 +482,7 @@ fn export_to(
     chain: &vmdkit::Chain,
     src: &Path,
     dst: &Path,
-    kind: vmdkit::copy::target::DiskType,
+    kind: vmdkit::DiskType,
     opts: vmdkit::ops::export::ExportOptions,
     force: bool,
     ui: Ui,
@@ -490,11 +491,12 @@ fn export_to(
     use vmdkit::ops::export::{export, Dest};
     let to_stdout = dst.as_os_str() == "-";
     let (format, prealloc) = kind.format();
-    let opts = vmdkit::ops::export::ExportOptions {
-        format,
-        prealloc,
-        checksum: ui.json,
-        ..opts
+    let opts = {
+        let mut o = opts;
+        o.format = format;
+        o.prealloc = prealloc;
+        o.checksum = ui.json;
+        o
     };
     let bar = if opts.delta {
         Bar::open_ended(label, ui)
@@ -544,8 +546,8 @@ fn run_export(args: ExportArgs, ui: Ui) -> Result<ExitCode> {
         force,
         read,
     } = args;
-    use vmdkit::copy::target::DiskType;
     use vmdkit::ops::export::ExportOptions;
+    use vmdkit::DiskType;
     let to_stdout = dst.as_os_str() == "-";
     let kind = match kind {
         Some(k) => DiskType::parse_or_explain(&k)?,
@@ -554,14 +556,15 @@ fn run_export(args: ExportArgs, ui: Ui) -> Result<ExitCode> {
     };
     let level = level_of(level, kind == DiskType::StreamOptimized)?;
     let chain = read.open(&src)?;
-    let opts = ExportOptions {
-        threads,
-        level,
-        manifest,
-        force,
-        delta,
-        parent_hint,
-        ..Default::default()
+    let opts = {
+        let mut o = ExportOptions::default();
+        o.threads = threads;
+        o.level = level;
+        o.manifest = manifest;
+        o.force = force;
+        o.delta = delta;
+        o.parent_hint = parent_hint;
+        o
     };
     let label = if delta { "increment" } else { "export" };
     let report = match export_to(&chain, &src, &dst, kind, opts, force, ui, label) {
@@ -609,12 +612,15 @@ fn run_write(args: WriteArgs, ui: Ui) -> Result<ExitCode> {
         read,
     } = args;
     use vmdkit::ops::redo::{write_opts, WriteData, WriteOptions};
-    use vmdkit::units::parse_size;
+    use vmdkit::parse_size;
     let offset = parse_size(&offset)?;
-    let wopts = WriteOptions {
-        ignore_cid: read.ignore_cid,
-        allow_device_write,
-        force,
+    let wopts = {
+        let mut o = WriteOptions::default();
+        o.allow_outside_paths = args::outside_paths();
+        o.ignore_cid = read.ignore_cid;
+        o.allow_device_write = allow_device_write;
+        o.force = force;
+        o
     };
     let n = match (zero, input) {
         (Some(len), None) => {
@@ -662,12 +668,15 @@ fn run_commit(args: CommitArgs, ui: Ui) -> Result<ExitCode> {
     );
     let r = commit(
         &disk,
-        &CommitOptions {
-            all,
-            dry_run,
-            force,
-            threads,
-            allow_device_write,
+        &{
+            let mut o = CommitOptions::default();
+            o.allow_outside_paths = args::outside_paths();
+            o.all = all;
+            o.dry_run = dry_run;
+            o.force = force;
+            o.threads = threads;
+            o.allow_device_write = allow_device_write;
+            o
         },
         &bar,
     )?;
@@ -691,10 +700,13 @@ fn run_apply(args: ApplyArgs, ui: Ui) -> Result<ExitCode> {
         allow_device_write,
     } = args;
     use vmdkit::ops::apply::{apply, ApplyOptions};
-    let opts = ApplyOptions {
-        force,
-        raw,
-        allow_device_write,
+    let opts = {
+        let mut o = ApplyOptions::default();
+        o.allow_outside_paths = args::outside_paths();
+        o.force = force;
+        o.raw = raw;
+        o.allow_device_write = allow_device_write;
+        o
     };
     let bar = Bar::open_ended("apply", ui);
     let r = if src.as_os_str() == "-" {
@@ -726,9 +738,9 @@ fn run_measure(args: MeasureArgs, ui: Ui) -> Result<ExitCode> {
         threads,
         read,
     } = args;
-    use vmdkit::copy::target::DiskType;
     use vmdkit::ops::export::ExportFormat;
     use vmdkit::ops::measure::{measure, MeasureOptions};
+    use vmdkit::DiskType;
     let kind = match kind {
         Some(k) => DiskType::parse_or_explain(&k)?,
         None => DiskType::StreamOptimized,
@@ -750,14 +762,16 @@ fn run_measure(args: MeasureArgs, ui: Ui) -> Result<ExitCode> {
     let bar = Bar::for_disk("measure", &chain, ui);
     let m = measure(
         &chain,
-        &MeasureOptions {
-            format,
-            delta,
-            level,
-            exact,
-            name,
-            threads,
-            thick: prealloc != vmdkit::copy::target::Prealloc::Thin,
+        &{
+            let mut o = MeasureOptions::default();
+            o.format = format;
+            o.delta = delta;
+            o.level = level;
+            o.exact = exact;
+            o.name = name;
+            o.threads = threads;
+            o.thick = prealloc != vmdkit::ops::export::Prealloc::Thin;
+            o
         },
         &bar,
     )
@@ -786,8 +800,8 @@ fn run_import(args: ImportArgs, ui: Ui) -> Result<ExitCode> {
         large,
         read,
     } = args;
-    use vmdkit::copy::target::DiskType;
     use vmdkit::ops::import::{import_disk, import_stream, ImportOptions};
+    use vmdkit::DiskType;
     let to_stdout = dst.as_os_str() == "-";
     let kind = match kind {
         Some(k) => DiskType::parse_or_explain(&k)?,
@@ -797,7 +811,7 @@ fn run_import(args: ImportArgs, ui: Ui) -> Result<ExitCode> {
     let from_stdin = src.as_os_str() == "-";
     let raw = read.raw()?;
     let raw_size = match (&size, raw, from_stdin) {
-        (Some(s), true, true) => Some(vmdkit::units::parse_size(s)?),
+        (Some(s), true, true) => Some(vmdkit::parse_size(s)?),
         (None, true, true) => anyhow::bail!(
             "raw input on stdin needs --size (a pipe cannot tell how large the disk is)"
         ),
@@ -813,19 +827,22 @@ fn run_import(args: ImportArgs, ui: Ui) -> Result<ExitCode> {
             anyhow::bail!("--adapter with `-` as the destination: export to a file instead");
         }
         let chain = read.open(&src)?;
-        let opts = vmdkit::ops::export::ExportOptions {
-            threads,
-            force,
-            ..Default::default()
+        let opts = {
+            let mut o = vmdkit::ops::export::ExportOptions::default();
+            o.threads = threads;
+            o.force = force;
+            o
         };
         export_to(&chain, &src, &dst, kind, opts, force, ui, "import")?
     } else {
-        let opts = ImportOptions {
-            kind,
-            adapter,
-            force,
-            threads,
-            large,
+        let opts = {
+            let mut o = ImportOptions::default();
+            o.kind = kind;
+            o.adapter = adapter;
+            o.force = force;
+            o.threads = threads;
+            o.large = large;
+            o
         };
         if from_stdin {
             let dst = into_folder(&dst, None)?;
@@ -868,23 +885,25 @@ fn run_create(args: CreateArgs, ui: Ui) -> Result<ExitCode> {
         force,
         large,
     } = args;
-    use vmdkit::copy::target::DiskType;
     use vmdkit::ops::import::{create, ImportOptions};
+    use vmdkit::DiskType;
     let kind_name = kind.clone();
     let kind = DiskType::parse_or_explain(&kind)?;
-    let size = vmdkit::units::parse_size(&size)?;
+    let size = vmdkit::parse_size(&size)?;
     let adapter_given = adapter.is_some();
     let r = create(
         &disk,
         size,
-        &ImportOptions {
-            kind,
-            adapter,
-            force,
-            threads: 0,
-            large,
+        &{
+            let mut o = ImportOptions::default();
+            o.kind = kind;
+            o.adapter = adapter;
+            o.force = force;
+            o.threads = 0;
+            o.large = large;
+            o
         },
-        &vmdkit::ops::NoProgress,
+        &vmdkit::NoProgress,
     )?;
     ui.say(format_args!(
         "created `{}`: {} {} disk ({}){}",
@@ -916,12 +935,16 @@ fn run_extend(args: ExtendArgs, ui: Ui) -> Result<ExitCode> {
         force,
         large,
     } = args;
-    use vmdkit::ops::extend::{extend, NewSize};
-    let size = match vmdkit::units::parse_new_size(&size)? {
+    use vmdkit::ops::extend::{extend, ExtendOptions, NewSize};
+    let size = match vmdkit::parse_new_size(&size)? {
         (n, true) => NewSize::By(n),
         (n, false) => NewSize::To(n),
     };
-    let (old, new) = extend(&disk, size, force, large)?;
+    let mut opts = ExtendOptions::default();
+    opts.force = force;
+    opts.large = large;
+    opts.allow_outside_paths = args::outside_paths();
+    let (old, new) = extend(&disk, size, &opts)?;
     ui.say(format_args!(
         "extended `{}` from {} to {}",
         disk.display(),
@@ -974,49 +997,23 @@ fn run_serve(args: ServeArgs, ui: Ui) -> Result<ExitCode> {
         overlay,
         read,
     } = args;
-    let chain = read.open(&disk)?;
-    // Share locks on every served file for as long as the server runs: a commit, write
-    // or repair of them is refused meanwhile (the overlay: an exclusive one).
-    let mut locks = vmdkit::guard::LockSet::new();
-    locks.shared_all(&chain.source_files())?;
     let export = match &overlay {
-        None => vmdkit::serve::Export::ReadOnly(std::sync::Arc::new(chain)),
-        Some(new) => {
-            drop(chain);
-            vmdkit::ops::redo::new_overlay(&disk, new)?;
-            let w = std::sync::Arc::new(vmdkit::rw::WritableDisk::open(new)?);
-            w.chain().lock(&mut locks, 0)?;
-            let flush = w.clone();
-            vmdkit::guard::set_shutdown_hook(Some(Box::new(move || {
-                if let Err(e) = flush.flush() {
-                    note!("vmdkit: serve: the overlay's last writes could not be flushed: {e}");
-                }
-            })));
-            vmdkit::serve::Export::Overlay(w)
-        }
+        None => vmdkit::serve::Export::read_only(read.open(&disk)?)?,
+        Some(new) => vmdkit::serve::Export::with_overlay(&disk, new, &read.options())?,
     };
     let listener = match (socket, port) {
         (Some(p), _) => vmdkit::serve::Listener::unix(&p)?,
         (None, Some(n)) => vmdkit::serve::Listener::tcp(&format!("{bind}:{n}"))?,
         (None, None) => anyhow::bail!("give --socket PATH or --port N"),
     };
-    if let vmdkit::serve::Listener::Unix(_, p) = &listener {
-        // Removed when a signal stops the server.
-        vmdkit::guard::register_temporary(p);
-    }
     let uri = listener.uri(&name);
-    let cap = match &export {
-        vmdkit::serve::Export::ReadOnly(d) => d.capacity(),
-        vmdkit::serve::Export::Overlay(w) => w.capacity(),
-    };
-    vmdkit::guard::set_interrupt_note(Some(match &overlay {
-        None => format!("stopped serving `{}`; nothing was written", disk.display()),
-        Some(o) => format!(
-            "stopped serving `{}`; its writes are in the delta `{}` (commit it, or remove it), the disk below is as it was",
-            o.display(),
-            o.display()
-        ),
-    }));
+    let cap = export.capacity();
+    if overlay.is_none() {
+        vmdkit::cleanup::set_interrupt_note(format!(
+            "stopped serving `{}`; nothing was written",
+            disk.display()
+        ));
+    }
     ui.say(format_args!(
         "serving `{}` ({cap} bytes, {}) at {uri}",
         disk.display(),
@@ -1057,7 +1054,7 @@ fn run_ls(args: LsArgs, ui: Ui) -> Result<ExitCode> {
         let mut out = stdout.lock();
         vmdkit::ops::ls::write_text(&mut out, &entries, human_readable, mappings)?;
     }
-    for (t, alive) in vmdkit::guard::temporaries(&dir) {
+    for (t, alive) in vmdkit::cleanup::temporaries(&dir) {
         note!(
             "vmdkit: temporary `{}`: {}",
             t.display(),
@@ -1078,10 +1075,13 @@ fn run_check(args: CheckArgs, ui: Ui) -> Result<ExitCode> {
         discard_unreferenced,
         force,
     } = args;
-    let copts = vmdkit::ops::check::CheckOptions {
-        repair,
-        discard_unreferenced,
-        force,
+    let copts = {
+        let mut o = vmdkit::ops::check::CheckOptions::default();
+        o.allow_outside_paths = args::outside_paths();
+        o.repair = repair;
+        o.discard_unreferenced = discard_unreferenced;
+        o.force = force;
+        o
     };
     let r = match vmdkit::ops::check::check_with(&disk, &copts) {
         Ok(r) => r,
@@ -1116,18 +1116,17 @@ fn run_verify(args: VerifyArgs, ui: Ui) -> Result<ExitCode> {
     let v = if disk.as_os_str() == "-" {
         let raw_size = read.raw()?.then_some(m.capacity);
         let mut input = stdin_reader()?;
-        let mut pipe = vmdkit::copy::feed::PipeInput::open(&mut input, raw_size)?;
         let bar = Bar::open_ended("verify", ui);
-        let cap = pipe.capacity;
-        let v = vmdkit::ops::manifest::verify_feed(&mut pipe, cap, &m, threads, &bar)?;
+        let v = vmdkit::ops::manifest::verify_reader(&mut input, raw_size, &m, threads, &bar)?;
         bar.finish();
         v
     } else {
         let chain = read.open(&disk)?;
         let bar = Bar::for_disk("verify", &chain, ui);
-        let popts = PipelineOptions {
-            threads,
-            ..Default::default()
+        let popts = {
+            let mut o = PipelineOptions::default();
+            o.threads = threads;
+            o
         };
         let v = vmdkit::ops::manifest::verify(&chain, &m, popts, &bar)?;
         bar.finish();
@@ -1141,7 +1140,7 @@ fn run_verify(args: VerifyArgs, ui: Ui) -> Result<ExitCode> {
             "differing": v
                 .differing
                 .iter()
-                .map(|r| vmdkit::units::ByteRange::from_ends(r.start, r.end))
+                .map(|r| vmdkit::ByteRange::from_ends(r.start, r.end))
                 .collect::<Vec<_>>(),
             "capacity_mismatch": v.capacity_mismatch,
         }))?;
@@ -1194,9 +1193,32 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 pub(super) fn adapter_arg(s: &str) -> std::result::Result<String, String> {
-    vmdkit::format::geometry::parse_adapter(s)
+    vmdkit::ops::geometry::parse_adapter(s)
         .map(str::to_string)
         .map_err(|e| e.to_string())
+}
+
+/// Write `bytes` to `target` through a temporary name in its folder, synced, renamed into
+/// place, the folder synced.
+fn write_file_durably(target: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("writing into `{}`", dir.display()))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(target)
+        .with_context(|| format!("writing `{}`", target.display()))?;
+    sync_folder(dir)
+}
+
+/// Make a folder's entries durable (after a rename or a new entry).
+fn sync_folder(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing the folder `{}`", dir.display()))
 }
 
 /// On SIGINT, SIGTERM or SIGHUP: remove the temporaries of unfinished outputs, then exit
@@ -1209,14 +1231,14 @@ fn remove_temporaries_on_signals() {
     };
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
-            vmdkit::guard::run_shutdown_hook();
-            let removed = vmdkit::guard::remove_registered_temporaries();
+            let done = vmdkit::cleanup::interrupted();
             // One line saying what was left as it was.
-            match vmdkit::guard::interrupt_note() {
+            match done.note {
                 Some(note) => note!("vmdkit: interrupted: {note}"),
-                None if removed > 0 => note!(
-                    "vmdkit: interrupted: the unfinished output was removed ({removed} temporary file{}); the inputs are as they were",
-                    if removed == 1 { "" } else { "s" }
+                None if done.removed > 0 => note!(
+                    "vmdkit: interrupted: the unfinished output was removed ({} temporary file{}); the inputs are as they were",
+                    done.removed,
+                    if done.removed == 1 { "" } else { "s" }
                 ),
                 None => note!("vmdkit: interrupted"),
             }
@@ -1369,10 +1391,7 @@ fn finish(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
         Err(e) => {
-            note!(
-                "vmdkit: error: {}",
-                with_stdin_hint(&for_people(&format!("{e:#}")))
-            );
+            note!("vmdkit: error: {}", with_stdin_hint(&describe(&e)));
             ExitCode::FAILURE
         }
     }
@@ -1412,7 +1431,7 @@ fn with_stdin_hint(msg: &str) -> String {
 
 /// An error under `--json`: one object on stderr, `{"error": {"kind", "message",
 /// "file", "offset"}}` (kind: io, corrupt, descriptor, chain, unsupported, invalid_input,
-/// already_exists, busy, or usage for what the command line itself refuses).
+/// already_exists, busy, refused, or usage for what the command line itself refuses).
 fn error_json(e: &anyhow::Error) -> String {
     let lib = e.chain().find_map(|c| c.downcast_ref::<vmdkit::Error>());
     let kind = lib.map_or("usage".to_string(), |l| {
@@ -1428,11 +1447,36 @@ fn error_json(e: &anyhow::Error) -> String {
     });
     let v = serde_json::json!({"error": {
         "kind": kind,
-        "message": for_people(&format!("{e:#}")),
+        "message": describe(e),
         "file": lib.and_then(|l| l.file()).map(|p| p.display().to_string()),
         "offset": lib.and_then(|l| l.offset()),
     }});
     v.to_string()
+}
+
+/// An error as the command line says it: the library's message as a person reads it
+/// ([`for_people`]), and the flag that would let the command go ahead, when one would.
+fn describe(e: &anyhow::Error) -> String {
+    let msg = for_people(&format!("{e:#}"));
+    let hint = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<vmdkit::Error>())
+        .and_then(|l| Some((l, l.overridable_by()?)))
+        .map(|(l, o)| match o {
+            vmdkit::Override::Force if l.kind() == vmdkit::ErrorKind::AlreadyExists => {
+                "use --force to overwrite"
+            }
+            vmdkit::Override::Force => "pass --force to go ahead anyway",
+            vmdkit::Override::AllowDeviceWrite => "pass --allow-device-write to write into devices",
+            vmdkit::Override::IgnoreCid => "use --ignore-cid to read anyway",
+            vmdkit::Override::Branch => "pass --branch to branch on purpose",
+            vmdkit::Override::Large => "pass --large if the disk really is that large",
+            _ => "",
+        });
+    match hint {
+        Some(h) if !h.is_empty() => format!("{msg} ({h})"),
+        _ => msg,
+    }
 }
 
 /// An error message as a person reads it: no `at offset 0x0` where no offset matters, no
@@ -1499,7 +1543,7 @@ pub fn main() -> ExitCode {
                 }
                 Some("--json") => ui.json = true,
                 Some("-q" | "--quiet") => ui.quiet = true,
-                Some("--allow-outside-paths") => vmdkit::guard::allow_outside_paths(true),
+                Some("--allow-outside-paths") => args::set_outside_paths(true),
                 _ => break,
             }
         }
@@ -1514,7 +1558,7 @@ pub fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
             Err(e) => {
-                note!("vmkfstools: error: {}", for_people(&format!("{e:#}")));
+                note!("vmkfstools: error: {}", describe(&e));
                 ExitCode::FAILURE
             }
         };
@@ -1570,7 +1614,7 @@ fn run_args(args: &[String], ui: Ui) -> Result<ExitCode> {
     if ui.json {
         argv.push("--json".into());
     }
-    if vmdkit::guard::outside_paths_allowed() {
+    if args::outside_paths() {
         argv.push("--allow-outside-paths".into());
     }
     argv.extend(args.iter().cloned());

@@ -110,7 +110,7 @@ impl<'a> PipeInput<'a> {
         if let Some(size) = raw_size {
             if size == 0 || size % SECTOR != 0 {
                 return Err(Error::InvalidInput(format!(
-                    "--size {size} is not a positive multiple of 512 bytes"
+                    "a raw size of {size} bytes is not a positive multiple of 512"
                 )));
             }
             return Ok(PipeInput {
@@ -206,7 +206,7 @@ fn read_raw(r: &mut dyn Read, cap: u64, emit: stream_in::Emit<'_>) -> Result<()>
             return Err(Error::corrupt(
                 name,
                 pos,
-                format!("raw input ended after {pos} bytes; --size says {cap}"),
+                format!("raw input ended after {pos} bytes of the {cap} it was to hold"),
             ));
         }
         if !is_zero(&buf[..n]) {
@@ -217,7 +217,7 @@ fn read_raw(r: &mut dyn Read, cap: u64, emit: stream_in::Emit<'_>) -> Result<()>
     let mut one = [0u8; 1];
     if c.fill(&mut one)? {
         return Err(Error::InvalidInput(format!(
-            "raw input continues past --size {cap}: give the whole size"
+            "raw input continues past the {cap} bytes it was to hold: give the whole size"
         )));
     }
     Ok(())

@@ -51,6 +51,7 @@ impl Progress for NoProgress {
 
 /// Pipeline settings.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct PipelineOptions {
     /// Worker threads (0 = all cores).
     pub threads: usize,

@@ -30,6 +30,7 @@ pub enum Prealloc {
 
 /// What a copy wrote.
 #[derive(Debug, Clone, Default, serde::Serialize)]
+#[non_exhaustive]
 pub struct CopyReport {
     /// Files written (empty for a writer).
     pub files: Vec<PathBuf>,

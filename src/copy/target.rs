@@ -157,6 +157,7 @@ impl DiskType {
 
 /// Options of an export.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ExportOptions {
     /// Output format.
     pub format: ExportFormat,
@@ -172,7 +173,7 @@ pub struct ExportOptions {
     pub unit: u64,
     /// Allocation of flat outputs written to files.
     pub prealloc: Prealloc,
-    /// An increment: the source is a [`crate::chain::DeltaView`] (only the top layer's grains are read)
+    /// An increment: the source is a `crate::chain::DeltaView` (only the top layer's grains are read)
     /// and its zero grains become zeroed entries; streamOptimized only.
     pub delta: bool,
     /// The increment's `parentFileNameHint` (default: the parent layer's file name).
@@ -445,7 +446,7 @@ fn check_options(opts: &ExportOptions, cap: u64) -> Result<()> {
     }
     if opts.delta && (opts.format != ExportFormat::StreamOptimized || opts.unit != GRAIN) {
         return Err(Error::InvalidInput(
-            "an increment (--delta) is written as a streamOptimized file (--format stream)".into(),
+            "an increment is written as a streamOptimized file".into(),
         ));
     }
     Ok(())

@@ -276,17 +276,9 @@ impl CowdExtent {
     pub fn len(&self) -> u64 {
         self.len
     }
-    /// Whether the extent is empty (never).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
     /// Grain size in bytes.
     pub fn grain_bytes(&self) -> u64 {
         self.grain_bytes
-    }
-    /// The grain directory.
-    pub fn gd(&self) -> &[u32] {
-        &self.gd
     }
 
     /// Grain table `i`.

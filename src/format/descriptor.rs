@@ -127,8 +127,10 @@ impl fmt::Display for CreateType {
     }
 }
 
-/// Access mode of an extent.
+/// Access mode of an extent, named after the descriptor's keywords (`RW`, `RDONLY`,
+/// `NOACCESS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)]
 pub enum Access {
     /// Read-write.
     Rw,

@@ -29,12 +29,15 @@ pub const MAX_CAPACITY: u64 = 62 << 40;
 /// the number in the message.
 pub fn check_capacity(capacity: u64, large: bool, what: &Path) -> Result<()> {
     if capacity > MAX_CAPACITY && !large {
-        return Err(crate::error::Error::InvalidInput(format!(
-            "`{}`: a capacity of {capacity} bytes ({}) is more than any VMware product makes (62 TiB); \
-             nothing was written (pass --large if the disk really is that large)",
-            what.display(),
-            crate::ops::human(capacity)
-        )));
+        return Err(crate::error::Error::refused(
+            what,
+            format!(
+                "`{}`: a capacity of {capacity} bytes ({}) is more than any VMware product makes (62 TiB); nothing was written",
+                what.display(),
+                crate::units::human(capacity)
+            ),
+            Some(crate::error::Override::Large),
+        ));
     }
     Ok(())
 }
@@ -273,11 +276,6 @@ impl Extent {
         }
     }
 
-    /// Whether the extent covers no bytes.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Grain size in bytes (512 where there are no grains).
     pub fn grain_bytes(&self) -> u64 {
         match self {
@@ -285,17 +283,6 @@ impl Extent {
             Extent::Cowd(c) => c.grain_bytes(),
             Extent::SeSparse(_) => 4096,
             _ => 512,
-        }
-    }
-
-    /// The backing source, if any.
-    pub fn source(&self) -> Option<&Source> {
-        match self {
-            Extent::Flat(f) => Some(&f.src),
-            Extent::Sparse(s) => Some(s.source()),
-            Extent::Cowd(c) => Some(c.source()),
-            Extent::SeSparse(s) => Some(s.source()),
-            Extent::Zero { .. } => None,
         }
     }
 

@@ -121,8 +121,9 @@ impl SeSparseHeader {
         }
     }
 
+    #[cfg(test)]
     /// Encode to 512 bytes.
-    pub fn to_bytes(&self) -> [u8; 512] {
+    pub fn to_bytes(self) -> [u8; 512] {
         let mut b = [0u8; 512];
         let fields = [
             self.magic,
@@ -334,17 +335,9 @@ impl SeSparseExtent {
     pub fn len(&self) -> u64 {
         self.len
     }
-    /// Whether empty (never).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
     /// The source.
     pub fn source(&self) -> &Source {
         &self.src
-    }
-    /// The header fields.
-    pub fn header(&self) -> &SeSparseHeader {
-        &self.header
     }
 
     fn gt(&self, i: usize) -> Result<std::sync::Arc<[u64]>> {

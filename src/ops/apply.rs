@@ -20,7 +20,7 @@
 //!
 //! # Why an interrupted apply is finished by a rerun (VMDK targets)
 //! It is commit's order ([`crate::ops::commit`]), with the state treated as untrusted
-//! input ([`crate::recovery`]): a state file `<target>.vmdkit-apply` records a random
+//! input (`crate::recovery`): a state file `<target>.vmdkit-apply` records a random
 //! token, the increment (its parentCID and CID), the target's extent files (canonical
 //! paths, identity, lengths) (phase `copy`); then the target's descriptor gets the
 //! pending mark with that token, so every command that writes refuses the disk until the
@@ -28,7 +28,7 @@
 //!
 //! # Why the target reads as before or after at every power cut (hosted sparse)
 //! In phase `copy` no byte the target's tables reference is written
-//! ([`LayerWriter::shadow`]). The pass that validates the increment also plans the writes
+//! (`LayerWriter::shadow`). The pass that validates the increment also plans the writes
 //! with a dry writer: where each extent's new grains (and new tables) will end. New
 //! grains are appended below that end; a grain the target already has is written whole
 //! (its old bytes under the new) into scratch space from that end on, and its entry is
@@ -42,7 +42,7 @@
 //! 3. the state moves to `compact`, the journal is removed;
 //! 4. each moved grain is copied back to its old place (which no table references now),
 //!    synced, the entries pointed back, synced, and each extent cut at its planned end
-//!    (which drops the scratch space) ([`LayerWriter::compact`]);
+//!    (which drops the scratch space) (`LayerWriter::compact`);
 //! 5. the increment's CID and the mark's removal, in one descriptor write; the state is
 //!    removed.
 //!
@@ -55,7 +55,7 @@
 //! during them leaves, for the rerun, the same work to do: phase `tables` replays the
 //! journal, phase `compact` the copies (an extent already cut had its copies and entries
 //! made durable before the cut: only its entries are set again). The moves come from the
-//! state, so a rerun checks them against the disk first ([`LayerWriter::check_moves`]).
+//! state, so a rerun checks them against the disk first (`LayerWriter::check_moves`).
 //! A rerun in phase `copy` removes a journal left there first (readers would lay it over
 //! what is cut), then cuts the extents back and writes again: the same bytes land in the
 //! same places. The file ends byte for byte as an in-place apply leaves it; the price is
@@ -97,6 +97,7 @@ use crate::write::{apply_journal, cut_back_files, write_journal, LayerWriter, Mo
 
 /// Options of an apply.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct ApplyOptions {
     /// Skip the parentCID check (needed for raw targets, which have no CID), and apply
     /// although other deltas name the target as their parent.
@@ -105,10 +106,14 @@ pub struct ApplyOptions {
     pub raw: bool,
     /// Allow writing into block devices and device-backed disks.
     pub allow_device_write: bool,
+    /// Follow extent names that lead out of the target's folder
+    /// ([`OpenOptions::allow_outside_paths`](crate::OpenOptions::allow_outside_paths)).
+    pub allow_outside_paths: bool,
 }
 
 /// What an apply did.
 #[derive(Debug, Clone, Default, Serialize)]
+#[non_exhaustive]
 pub struct ApplyReport {
     /// The disk written.
     #[serde(rename = "file")]
@@ -158,7 +163,7 @@ fn read_increment(c: &mut Counted<'_>, name: &Path) -> Result<Increment> {
     let header = stream_in::parse_first(&first, name)?;
     if !header.compressed() || !header.markers() {
         return Err(Error::InvalidInput(format!(
-            "`{}` is not an increment: increments are streamOptimized files written by `export --delta`",
+            "`{}` is not an increment: increments are streamOptimized files written by an incremental export",
             name.display()
         )));
     }
@@ -229,11 +234,13 @@ struct State {
     ends: Vec<u64>,
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 /// Parse an apply state file's bytes (the fuzz target's body).
 pub(crate) fn parse_state(path: &Path, b: &[u8]) -> Result<()> {
     recovery::decode::<State>(path, b).map(|_| ())
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 /// Read an increment from bytes as `apply` validates it before the first write: header,
 /// descriptor and links, then every grain and zeroed range (the fuzz target's body;
 /// `budget` caps the bytes it lets through).
@@ -370,7 +377,7 @@ fn apply_file_handle(
 /// each extent's new grains will end ([`LayerWriter::shadow`]).
 fn validate(job: Job<'_>, target: Option<&crate::layer::Layer>) -> Result<Option<Vec<u64>>> {
     let quiet = Job {
-        progress: &crate::ops::NoProgress,
+        progress: &crate::copy::NoProgress,
         ..job
     };
     let mut scratch = ApplyReport::default();
@@ -494,7 +501,7 @@ fn apply_vmdk(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
     } = job;
     let mut locks = LockSet::new();
     locks.lock(target, LockKind::Exclusive)?;
-    let mut chain = Chain::open(target, &OpenOptions::for_recovery())?;
+    let mut chain = Chain::open(target, &OpenOptions::for_recovery(opts.allow_outside_paths))?;
     chain.lock(&mut locks, 0)?;
     crate::guard::test_hold_hook();
     let sp = state_path(&chain.top().path);
@@ -625,7 +632,7 @@ fn write_grains(
     // into scratch space, the journal) itself.
     let mut rw = crate::rw::WritableDisk::open_with(
         &chain.top().path,
-        &OpenOptions::for_recovery(),
+        &OpenOptions::for_recovery(job.opts.allow_outside_paths),
         job.opts.allow_device_write,
     )?;
     let (moves, journal) = {
@@ -823,28 +830,33 @@ fn check_links(
 ) -> Result<()> {
     let have = top.cid().filter(|_| !top.bare_cowd);
     if have == Some(inc.cid) {
-        return Err(Error::InvalidInput(format!(
-            "`{}` already has the content ID {} of the increment `{}`: it was applied already; nothing was written",
-            top.path.display(),
-            cid_text(inc.cid),
-            name.display()
-        )));
-    }
-    if have != Some(inc.parent_cid) && !opts.force {
-        return Err(Error::chain(
+        return Err(Error::refused(
             &top.path,
             format!(
+                "`{}` already has the content ID {} of the increment `{}`: it was applied already; nothing was written",
+                top.path.display(),
+                cid_text(inc.cid),
+                name.display()
+            ),
+            None,
+        ));
+    }
+    if have != Some(inc.parent_cid) && !opts.force {
+        return Err(Error::Chain {
+            path: top.path.clone(),
+            what: format!(
                 "its content ID is {} but the increment `{}` applies to content ID {}: apply increments in order, each onto the restore of the backup before it; nothing was written{}",
                 have.map_or("(none)".into(), cid_text),
                 name.display(),
                 cid_text(inc.parent_cid),
                 if have.is_none() {
-                    " (a disk without a CID needs --force, once you are sure it holds the increment's parent)"
+                    " (a disk without a CID can be forced, once you are sure it holds the increment's parent)"
                 } else {
                     ""
                 }
             ),
-        ));
+            unless: have.is_none().then_some(crate::error::Override::Force),
+        });
     }
     crate::resolve::refuse_dependents(&top.path, opts.force, "applying an increment")
 }
@@ -857,17 +869,25 @@ fn apply_raw(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
     let meta = std::fs::metadata(target).map_err(|e| Error::io("stat", target, 0, e))?;
     let block = meta.file_type().is_block_device();
     if block && !opts.allow_device_write {
-        return Err(Error::InvalidInput(format!(
-            "`{}` is a block device: writing into it needs --allow-device-write",
-            target.display()
-        )));
+        return Err(Error::refused(
+            target,
+            format!(
+                "`{}` is a block device: refusing to write into it",
+                target.display()
+            ),
+            Some(crate::error::Override::AllowDeviceWrite),
+        ));
     }
     if !opts.force {
-        return Err(Error::InvalidInput(format!(
-            "a raw target has no content ID to check the increment against (it applies to content ID {}): pass --force once you are sure `{}` holds that content; nothing was written",
-            cid_text(inc.parent_cid),
-            target.display()
-        )));
+        return Err(Error::refused(
+            target,
+            format!(
+                "a raw target has no content ID to check the increment against (it applies to content ID {}): force it once you are sure `{}` holds that content; nothing was written",
+                cid_text(inc.parent_cid),
+                target.display()
+            ),
+            Some(crate::error::Override::Force),
+        ));
     }
     let mut locks = LockSet::new();
     locks.lock(target, LockKind::Exclusive)?;
@@ -898,7 +918,7 @@ fn apply_raw(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
         )?;
     }
     crate::guard::set_interrupt_note(Some(format!(
-        "the apply into `{}` is incomplete: run the same apply again (with --force) to finish it",
+        "the apply into `{}` is incomplete: run the same apply again to finish it",
         target.display()
     )));
     let written = read_grains(
@@ -920,7 +940,7 @@ fn apply_raw(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
         Error::chain(
             target,
             format!(
-                "the apply is incomplete ({e}); run the same apply again (with --force) to finish it: its writes are idempotent"
+                "the apply is incomplete ({e}); run the same apply again to finish it: its writes are idempotent"
             ),
         )
     })

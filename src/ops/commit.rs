@@ -6,13 +6,13 @@
 //! # Why the order is safe
 //! 0. The delta is locked (exclusive `flock`) before anything is read; then every merged
 //!    layer, the target and the children to re-point exclusively, the layers below shared
-//!    (see [`crate::guard`]). Deltas that name a changed file as parent, or files that may
+//!    (see `crate::guard`). Deltas that name a changed file as parent, or files that may
 //!    be such deltas but cannot be read, refuse the commit (unless `--force`).
 //! 1. A state file `<top>.vmdkit-commit` records a random token, the parent (canonical
 //!    path), its CID before and after, the delta's files and the parent's extent files
 //!    with their identity and lengths, and the children to re-point (phase `copy`). Then
 //!    the parent's descriptor gets the pending mark with the same token (see
-//!    [`crate::recovery`]: the state is untrusted input; the mark binds it to this disk).
+//!    `crate::recovery`: the state is untrusted input; the mark binds it to this disk).
 //! 2. Every range allocated in the delta(s) is written into the parent: into grains the
 //!    parent already has, in place (the child above still shadows them, so the chain
 //!    reads the same); new grains are appended. No table or directory of the parent is
@@ -59,12 +59,12 @@ use crate::guard::{LockKind, LockSet};
 use crate::layer::{Layer, OpenOptions};
 use crate::ops::Progress;
 use crate::recovery::{self, journal_path, FileRecord, Resolved};
-pub use crate::resolve::children_of;
 use crate::resolve::same_file;
 use crate::write::{apply_journal, cut_back_files, write_journal, LayerWriter};
 
 /// Options of a commit.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct CommitOptions {
     /// Merge every delta into the base.
     pub all: bool,
@@ -78,10 +78,14 @@ pub struct CommitOptions {
     /// Allow committing into a device-backed parent (fullDevice, partitionedDevice,
     /// vmfsRaw).
     pub allow_device_write: bool,
+    /// Follow extent and parent names that lead out of the disk's folder
+    /// ([`OpenOptions::allow_outside_paths`](crate::OpenOptions::allow_outside_paths)).
+    pub allow_outside_paths: bool,
 }
 
 /// What a commit did (or would do).
 #[derive(Debug, Clone, Default, Serialize)]
+#[non_exhaustive]
 pub struct CommitReport {
     /// The parent written into (`file` in JSON, as every command names the disk it
     /// changed).
@@ -175,6 +179,7 @@ struct State {
     children: Vec<FileRecord>,
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 /// Parse a commit state file's bytes (the fuzz target's body).
 pub(crate) fn parse_state(path: &Path, b: &[u8]) -> Result<()> {
     recovery::decode::<State>(path, b).map(|_| ())
@@ -248,9 +253,9 @@ fn remaining_delta_files(top: &Path) -> Result<Vec<PathBuf>> {
 /// is removed, prove that the parent alone holds the delta's content (every range the
 /// merged layers hold reads the same through the chain and from the parent down). A
 /// state that cannot show this (planted, or for another parent) is refused, not acted on.
-fn prove_merged(top: &Path, sp: &Path, st: &State) -> Result<()> {
+fn prove_merged(top: &Path, sp: &Path, st: &State, outside: bool) -> Result<()> {
     use crate::disk::VirtualDisk;
-    let chain = Chain::open(top, &OpenOptions::for_recovery())?;
+    let chain = Chain::open(top, &OpenOptions::for_recovery(outside))?;
     let target = chain
         .layers
         .iter()
@@ -429,14 +434,14 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
                     .collect();
                 locks.exclusive_all(&existing)?;
                 if top.exists() {
-                    prove_merged(top, &sp, st)?;
+                    prove_merged(top, &sp, st, opts.allow_outside_paths)?;
                 }
                 finish_removal(top, &sp, st)?;
             }
             return Ok(report);
         }
     }
-    let mut chain = Chain::open(top, &OpenOptions::for_recovery())?;
+    let mut chain = Chain::open(top, &OpenOptions::for_recovery(opts.allow_outside_paths))?;
     let n = chain.layers.len();
     if n < 2 {
         return Err(Error::InvalidInput(format!(
@@ -488,7 +493,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
     let open_target = |chain: &Chain| {
         crate::rw::WritableDisk::open_with(
             &chain.layers[target].path,
-            &OpenOptions::for_recovery(),
+            &OpenOptions::for_recovery(opts.allow_outside_paths),
             opts.allow_device_write,
         )
     };
@@ -701,24 +706,26 @@ fn check_dependents(chain: &Chain, target: usize, force: bool) -> Result<Vec<Pat
             if i == 0 {
                 repoint.push(c);
             } else if !force {
-                return Err(Error::chain(
+                return Err(Error::refused(
                     &c,
                     format!(
-                        "this delta also has `{}` as its parent; committing would corrupt it (use --force to commit anyway)",
+                        "this delta also has `{}` as its parent; committing would corrupt it",
                         l.path.display()
                     ),
+                    Some(crate::error::Override::Force),
                 ));
             }
         }
         if let Some((p, why)) = unknown.into_iter().find(|(p, _)| !is_member(p)) {
             if !force {
-                return Err(Error::chain(
+                return Err(Error::refused(
                     &p,
                     format!(
                         "{why}; it may be a delta of `{}`, which this commit changes. Refusing while that is unknown \
-                         (fix or move the file, or pass --force)",
+                         (fix or move the file)",
                         l.path.display()
                     ),
+                    Some(crate::error::Override::Force),
                 ));
             }
         }
@@ -728,10 +735,8 @@ fn check_dependents(chain: &Chain, target: usize, force: bool) -> Result<Vec<Pat
     for c in &repoint {
         let child = Layer::open(
             c,
-            &OpenOptions {
-                ignore_cid: true,
-                ..Default::default()
-            },
+            // Children are re-pointed only in the parent's own folder.
+            &OpenOptions::for_recovery(false),
         )?;
         if child.bare_cowd {
             return Err(Error::chain(
@@ -783,7 +788,7 @@ fn repoint(sp: &Path, st: &State, c: &FileRecord, tl: &Layer) -> Result<()> {
     let to_top = named
         .as_deref()
         .is_some_and(|p| std::fs::canonicalize(p).is_ok_and(|p| p == st.top));
-    let mut child = Layer::open(&c.path, &OpenOptions::for_recovery())?;
+    let mut child = Layer::open(&c.path, &OpenOptions::for_recovery(false))?;
     let to_target = named.as_deref().is_some_and(|p| same_file(p, &tl.path));
     if to_target && child.parent_cid() == Some(st.target_new_cid) {
         return Ok(());

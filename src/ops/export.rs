@@ -1,5 +1,5 @@
 //! `export`: a disk or a whole chain (flattened) to compact files or a pipe, in any
-//! format vmdkit writes ([`crate::copy::target`]), on the copy engine; or, with
+//! format vmdkit writes (`crate::copy::target`), on the copy engine; or, with
 //! `--delta`, an increment: the grains the top layer holds, to apply on a restored parent.
 
 use crate::chain::{Chain, DeltaView};
@@ -8,13 +8,11 @@ use crate::disk::VirtualDisk;
 use crate::error::Result;
 
 pub use crate::copy::sink::Prealloc;
-pub use crate::copy::target::{
-    export_fed, output_descriptor, Dest, ExportFormat, ExportOptions, ExportReport, Feed,
-    OutputMeta, GRAIN, SPLIT_SECTORS,
-};
+pub(crate) use crate::copy::target::{export_fed, OutputMeta, GRAIN};
+pub use crate::copy::target::{Dest, ExportFormat, ExportOptions, ExportReport};
 
 /// Export `chain` to `dest`; with `opts.delta`, only what its top layer holds (an
-/// increment: [`DeltaView`], [`OutputMeta::for_delta`]).
+/// increment: `DeltaView`, `OutputMeta::for_delta`).
 pub fn export(
     chain: &Chain,
     dest: Dest,

@@ -166,10 +166,27 @@ pub enum NewSize {
     By(u64),
 }
 
+/// How to extend.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct ExtendOptions {
+    /// Extend although deltas sit on the disk (they keep their old size), and write into
+    /// host files marked read-only.
+    pub force: bool,
+    /// Permit a new capacity over 62 TiB.
+    pub large: bool,
+    /// Follow extent names that lead out of the disk's folder
+    /// ([`OpenOptions::allow_outside_paths`]).
+    pub allow_outside_paths: bool,
+}
+
 /// Grow `disk` to `size`; returns the capacity before and after.
-/// `large` permits a new capacity over 62 TiB ([`crate::format::MAX_CAPACITY`]); `force`
-/// extends although deltas sit on the disk and writes into host files marked read-only.
-pub fn extend(disk: &Path, size: NewSize, force: bool, large: bool) -> Result<(u64, u64)> {
+pub fn extend(disk: &Path, size: NewSize, opts: &ExtendOptions) -> Result<(u64, u64)> {
+    let ExtendOptions {
+        force,
+        large,
+        allow_outside_paths,
+    } = *opts;
     let mut locks = crate::guard::LockSet::new();
     locks.lock(disk, crate::guard::LockKind::Exclusive)?;
     let mut chain = Chain::open(
@@ -177,6 +194,7 @@ pub fn extend(disk: &Path, size: NewSize, force: bool, large: bool) -> Result<(u
         &OpenOptions {
             ignore_cid: true,
             mode: SourceMode::Pread,
+            allow_outside_paths,
             ..Default::default()
         },
     )?;

@@ -1,5 +1,5 @@
 //! `geometry`: a disk's cylinders/heads/sectors (vmkfstools -g), from its descriptor or
-//! computed as VMware would (formats.md §9, [`crate::format::geometry`]).
+//! computed as VMware would (formats.md §9, `crate::format::geometry`).
 
 pub use crate::format::geometry::{compute, parse_adapter, Chs, ADAPTERS};
 

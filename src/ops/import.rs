@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::chain::Chain;
 use crate::copy::feed::PipeInput;
-pub use crate::copy::target::DiskType;
+use crate::copy::target::DiskType;
 use crate::copy::target::{
     export_fed, Dest, ExportOptions, ExportReport, Feed, OutputMeta, Provisioning,
 };
@@ -20,6 +20,7 @@ use crate::ops::Progress;
 
 /// Import options.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ImportOptions {
     /// Target type.
     pub kind: DiskType,
@@ -29,8 +30,21 @@ pub struct ImportOptions {
     pub force: bool,
     /// Worker threads.
     pub threads: usize,
-    /// Permit capacities over 62 TiB ([`crate::format::MAX_CAPACITY`]).
+    /// Permit capacities over 62 TiB.
     pub large: bool,
+}
+
+impl Default for ImportOptions {
+    /// A twoGbMaxExtentSparse disk (VMware Workstation's default), the source's adapter.
+    fn default() -> Self {
+        ImportOptions {
+            kind: DiskType::TwoGbMaxExtentSparse,
+            adapter: None,
+            force: false,
+            threads: 0,
+            large: false,
+        }
+    }
 }
 
 fn meta_for(
@@ -171,7 +185,7 @@ fn kept_cid(d: &crate::format::descriptor::Descriptor) -> u32 {
 fn refuse_increment(d: &crate::format::descriptor::Descriptor, name: &Path) -> Result<()> {
     match d.parent_cid() {
         Some(c) if c != crate::format::descriptor::NO_PARENT_CID => Err(Error::InvalidInput(format!(
-            "`{}` is an increment (`export --delta`, parentCID {c:08x}): restore the full backup with `import`, then add this with `vmdkit apply DISK -`",
+            "`{}` is an increment (parentCID {c:08x}): restore the full backup, then apply this increment to the restored disk",
             name.display()
         ))),
         _ => Ok(()),
@@ -317,5 +331,3 @@ fn raw_in_place(
     f.sync_all().map_err(|e| Error::io("flush", dst, 0, e))?;
     Ok(report)
 }
-
-pub use crate::units::parse_size;

@@ -15,6 +15,7 @@ pub use crate::format::geometry::Chs as Geometry;
 
 /// One extent, as `info` reports it.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct ExtentInfo {
     /// File (None for ZERO extents).
     pub file: Option<String>,
@@ -39,6 +40,7 @@ pub struct ExtentInfo {
 
 /// One layer of the chain.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct LayerInfo {
     /// File named (descriptor or sparse file).
     pub file: String,
@@ -58,6 +60,7 @@ pub struct LayerInfo {
 
 /// Everything `info` prints. Keys are stable (see README "info --json").
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct DiskInfo {
     /// The file named.
     pub file: String,
@@ -93,6 +96,7 @@ pub struct DiskInfo {
 
 /// What an increment applies to (see [`crate::Layer::is_increment`]).
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct IncrementInfo {
     /// The content ID a disk must have for `apply` to take it (its parentCID).
     pub applies_to_cid: String,
@@ -117,7 +121,7 @@ fn layer_info(l: &Layer) -> LayerInfo {
 }
 
 /// Geometry from a layer's DDB, if complete.
-pub fn geometry_of(l: &Layer) -> Option<Geometry> {
+pub(crate) fn geometry_of(l: &Layer) -> Option<Geometry> {
     crate::format::geometry::from_descriptor(&l.descriptor)
 }
 
@@ -310,7 +314,7 @@ pub fn write_info_text(out: &mut dyn Write, i: &DiskInfo) -> std::io::Result<()>
     Ok(())
 }
 
-pub use crate::ops::human;
+use crate::units::human;
 
 /// One record as `qemu-img map --output=json` prints it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -335,7 +339,7 @@ pub struct MapRecord {
 }
 
 /// Turn runs into qemu-style records, merged as qemu merges them.
-pub fn map_records(runs: &[Run]) -> Vec<MapRecord> {
+pub(crate) fn map_records(runs: &[Run]) -> Vec<MapRecord> {
     let mut out: Vec<MapRecord> = Vec::new();
     for r in runs {
         let (present, zero, data, compressed, offset) = match r.alloc {
@@ -404,7 +408,7 @@ pub fn write_map_json(out: &mut dyn Write, disk: &dyn VirtualDisk) -> Result<()>
 }
 
 /// All records of a disk (merged).
-pub fn collect_records(disk: &dyn VirtualDisk) -> Result<Vec<MapRecord>> {
+pub(crate) fn collect_records(disk: &dyn VirtualDisk) -> Result<Vec<MapRecord>> {
     const SLICE: u64 = 1 << 36; // 64 GiB of address space per map() call
     let mut runs = Vec::new();
     let cap = disk.capacity();

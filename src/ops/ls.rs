@@ -21,6 +21,7 @@ pub struct ExtentFile {
 
 /// One disk or delta in a listing.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct Entry {
     /// The file named (descriptor or sparse/COWD file).
     pub file: String,
@@ -189,7 +190,7 @@ pub fn write_text(
     ) -> std::io::Result<()> {
         let size = |n: u64| {
             if h {
-                crate::ops::human(n)
+                crate::units::human(n)
             } else {
                 n.to_string()
             }

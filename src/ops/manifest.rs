@@ -1,15 +1,17 @@
 //! `verify`: re-read a disk and compare every 1 MiB block with a manifest written by
-//! `export --manifest` ([`crate::format::manifest`]), naming every range that differs.
+//! `export --manifest` (`crate::format::manifest`), naming every range that differs.
 
 use crate::copy::{self as pipeline, PipelineOptions};
 use crate::disk::VirtualDisk;
 use crate::error::Result;
 use crate::ops::Progress;
 
-pub use crate::format::manifest::{Manifest, ManifestBuilder, BLOCK};
+pub use crate::format::manifest::Manifest;
+use crate::format::manifest::{ManifestBuilder, BLOCK};
 
 /// Result of [`verify`].
 #[derive(Debug, Clone, Default, serde::Serialize)]
+#[non_exhaustive]
 pub struct Verification {
     /// Byte ranges whose blocks differ (adjacent blocks merged).
     pub differing: Vec<std::ops::Range<u64>>,
@@ -38,8 +40,8 @@ impl Verification {
             writeln!(
                 out,
                 "differs: {} - {} (bytes {:#x}-{:#x}, {blocks})",
-                crate::ops::human(r.start),
-                crate::ops::human(r.end),
+                crate::units::human(r.start),
+                crate::units::human(r.end),
                 r.start,
                 r.end - 1,
             )?;
@@ -62,9 +64,22 @@ pub fn verify(
     compare(disk.capacity(), &b.finish(), m)
 }
 
-/// Read a disk arriving on a pipe (`feed`, of `capacity` bytes: a stream on stdin, say,
-/// checked on its way from tape without restoring it) and compare it with `m`.
-pub fn verify_feed(
+/// Read a disk arriving on a pipe (a stream or sparse file, a tar of one, or with
+/// `raw_size` that many raw bytes: a backup on its way from tape, checked without
+/// restoring it) and compare it with `m`.
+pub fn verify_reader(
+    input: &mut (dyn std::io::Read + Send),
+    raw_size: Option<u64>,
+    m: &Manifest,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<Verification> {
+    let mut pipe = crate::copy::feed::PipeInput::open(input, raw_size)?;
+    let cap = pipe.capacity;
+    verify_feed(&mut pipe, cap, m, threads, progress)
+}
+
+fn verify_feed(
     feed: &mut dyn pipeline::Feed,
     capacity: u64,
     m: &Manifest,

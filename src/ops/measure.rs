@@ -1,6 +1,6 @@
 //! `measure`: what an export would write, without writing it.
 //!
-//! The plan is export's own ([`plan_output`]: the same files, descriptor and layout), and
+//! The plan is export's own (`plan_output`: the same files, descriptor and layout), and
 //! the content is read on the engine the way export reads it, to find the grains that
 //! hold data (all-zero grains are never written). So for sparse, split, flat and raw
 //! outputs the sizes are exact: `required` is the bytes of the files export then writes
@@ -31,6 +31,7 @@ use crate::ops::Progress;
 
 /// Options of a measurement.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct MeasureOptions {
     /// The output format measured.
     pub format: ExportFormat,
@@ -48,8 +49,24 @@ pub struct MeasureOptions {
     pub thick: bool,
 }
 
+impl Default for MeasureOptions {
+    /// A stream at level 6, estimated from a sample, all cores.
+    fn default() -> Self {
+        MeasureOptions {
+            format: ExportFormat::StreamOptimized,
+            delta: false,
+            level: 6,
+            exact: false,
+            name: "disk.vmdk".into(),
+            threads: 0,
+            thick: false,
+        }
+    }
+}
+
 /// What an export would write.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct Measurement {
     /// The format measured (createType, or `raw`).
     pub format: String,
@@ -84,7 +101,7 @@ pub struct Measurement {
 impl Measurement {
     /// Text for people.
     pub fn write_text(&self, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-        let h = crate::ops::human;
+        let h = crate::units::human;
         writeln!(out, "format: {}", self.format)?;
         writeln!(
             out,
@@ -129,7 +146,7 @@ impl Measurement {
         }
         writeln!(
             out,
-            "files: {} (for an output named `{}`; --name measures another)",
+            "files: {} (for an output named `{}`)",
             self.files.join(" "),
             self.name
         )
@@ -175,7 +192,7 @@ pub fn measure(
     let format = opts.format;
     if opts.delta && format != ExportFormat::StreamOptimized {
         return Err(Error::InvalidInput(
-            "an increment (--delta) is written as a streamOptimized file (--format stream)".into(),
+            "an increment is written as a streamOptimized file".into(),
         ));
     }
     if opts.level > 9 {

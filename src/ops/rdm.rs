@@ -14,6 +14,7 @@ use crate::output::{check_target, AtomicFile};
 
 /// What `rdm query` reports.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct RdmInfo {
     /// The descriptor.
     #[serde(rename = "file")]

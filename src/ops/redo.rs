@@ -70,6 +70,9 @@ pub struct AddOptions {
     /// Add a delta although the disk already has one (a second branch: writing either
     /// then diverges from the other).
     pub branch: bool,
+    /// Follow extent and parent names that lead out of the disk's folder
+    /// ([`OpenOptions::allow_outside_paths`]).
+    pub allow_outside_paths: bool,
 }
 
 impl AddOptions {
@@ -77,7 +80,7 @@ impl AddOptions {
     pub fn style(style: RedoStyle) -> AddOptions {
         AddOptions {
             style: Some(style),
-            branch: false,
+            ..Default::default()
         }
     }
 }
@@ -146,6 +149,7 @@ pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
         &OpenOptions {
             ignore_cid: false,
             mode: SourceMode::Pread,
+            allow_outside_paths: opts.allow_outside_paths,
             ..Default::default()
         },
     )?;
@@ -156,22 +160,24 @@ pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
         let (children, unknown) = crate::resolve::dependents_of(disk);
         let redo = PathBuf::from(format!("{}.REDO", disk.display()));
         if let Some(c) = children.first().or(redo.exists().then_some(&redo)) {
-            return Err(Error::chain(
+            return Err(Error::refused(
                 disk,
                 format!(
-                    "it already has the delta `{}`: a second one would start a branch. Add to the top of the chain (`vmdkit redo add {}`), or pass --branch to branch on purpose",
+                    "it already has the delta `{}`: a second one would start a branch; add to the top of the chain (to `{}`) instead",
                     c.display(),
                     c.display()
                 ),
+                Some(crate::error::Override::Branch),
             ));
         }
         if let Some((p, why)) = unknown.first() {
-            return Err(Error::chain(
+            return Err(Error::refused(
                 p,
                 format!(
-                    "{why}; it may be a delta of `{}`. Refusing to add another while that is unknown (fix or move it, or pass --branch)",
+                    "{why}; it may be a delta of `{}`. Refusing to add another while that is unknown (fix or move it)",
                     disk.display()
                 ),
+                Some(crate::error::Override::Branch),
             ));
         }
     }
@@ -240,7 +246,7 @@ pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
             let cid = random_cid();
             if style == RedoStyle::VmfsSparse {
                 let sectors = u32::try_from(cap / SECTOR)
-                    .map_err(|_| Error::unsupported(disk, "a vmfsSparse delta holds at most 2^32-1 sectors (2 TiB); use --style hosted"))?;
+                    .map_err(|_| Error::unsupported(disk, "a vmfsSparse delta holds at most 2^32-1 sectors (2 TiB); a hosted delta has no such limit"))?;
                 check_target(&delta, reuse_delta)?;
                 let h = CowdHeader::new_child(sectors, 1, "");
                 let fd = AtomicFile::create(&delta, reuse_delta)?;
@@ -408,6 +414,7 @@ pub fn write(disk: &Path, offset: u64, data: WriteData<'_>, ignore_cid: bool) ->
 
 /// Options of [`write_opts`].
 #[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct WriteOptions {
     /// Read through a parent whose CID does not match.
     pub ignore_cid: bool,
@@ -415,6 +422,9 @@ pub struct WriteOptions {
     pub allow_device_write: bool,
     /// Write although other deltas name this disk as their parent (it breaks them).
     pub force: bool,
+    /// Follow extent and parent names that lead out of the disk's folder
+    /// ([`OpenOptions::allow_outside_paths`]).
+    pub allow_outside_paths: bool,
 }
 
 /// Input held until it has been validated: in memory when small, else in an unnamed
@@ -471,6 +481,7 @@ pub fn write_opts(
         disk,
         &OpenOptions {
             ignore_cid: opts.ignore_cid,
+            allow_outside_paths: opts.allow_outside_paths,
             ..Default::default()
         },
         opts.allow_device_write,

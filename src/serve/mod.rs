@@ -1,5 +1,5 @@
 //! `serve`: any disk, chain or backup vmdkit reads, served read-only over NBD (fixed
-//! newstyle handshake; the wire format is in [`proto`]).
+//! newstyle handshake; the wire format is in `proto`).
 //!
 //! # What a client gets
 //! `INFO`, `GO`, `EXPORT_NAME`, `LIST`, `ABORT`, structured replies, and the
@@ -24,7 +24,7 @@
 //! Nothing is ever written to the served files, which stay share-locked while the server
 //! runs, so a commit, write or repair of them is refused meanwhile.
 
-pub mod proto;
+pub(crate) mod proto;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -34,8 +34,10 @@ use std::time::Duration;
 
 use byteorder::{BigEndian as BE, ByteOrder};
 
+use crate::chain::Chain;
 use crate::disk::{Alloc, VirtualDisk};
 use crate::error::{Error, Result};
+use crate::layer::OpenOptions;
 use proto::{chunk, errno, info, opt, rep, tflag, Command, Request};
 
 /// Most bytes one read may ask for.
@@ -70,27 +72,84 @@ impl Default for ServeOptions {
     }
 }
 
-/// What is served.
+/// What is served: a disk read-only, or a chain whose top, a new overlay, takes the
+/// writes. The files it reads stay share-locked (the overlay exclusively) while it lives,
+/// so a commit, write or repair of them is refused meanwhile.
 #[derive(Clone)]
-pub enum Export {
-    /// A disk, read-only: writes answer `EPERM`.
+pub struct Export {
+    disk: Served,
+    _locks: Arc<crate::guard::LockSet>,
+}
+
+#[derive(Clone)]
+enum Served {
     ReadOnly(Arc<dyn VirtualDisk>),
-    /// A chain whose top (an overlay) takes the writes; the layers below are only read.
     Overlay(Arc<crate::rw::WritableDisk>),
 }
 
 impl Export {
+    /// Serve `chain` read-only: writes answer `EPERM`.
+    pub fn read_only(chain: Chain) -> Result<Export> {
+        let mut locks = crate::guard::LockSet::new();
+        locks.shared_all(&chain.source_files())?;
+        Ok(Export {
+            disk: Served::ReadOnly(Arc::new(chain)),
+            _locks: Arc::new(locks),
+        })
+    }
+
+    /// Serve `disk` (opened with `opts`) with a new delta `overlay` on top, made now in
+    /// the disk's folder (an existing file is refused), taking every write; the layers
+    /// below are only read. The overlay is flushed when a client disconnects and when the
+    /// process is interrupted ([`crate::cleanup::interrupted`]), and is left as a valid
+    /// delta of `disk`.
+    pub fn with_overlay(disk: &Path, overlay: &Path, opts: &OpenOptions) -> Result<Export> {
+        let mut locks = crate::guard::LockSet::new();
+        let chain = Chain::open(disk, opts)?;
+        locks.shared_all(&chain.source_files())?;
+        drop(chain);
+        crate::ops::redo::new_overlay(disk, overlay)?;
+        let w = Arc::new(crate::rw::WritableDisk::open(overlay, opts)?);
+        w.chain().lock(&mut locks, 0)?;
+        let flush = w.clone();
+        let name = overlay.display().to_string();
+        crate::guard::set_shutdown_hook(Some(Box::new(move || {
+            if let Err(e) = flush.flush() {
+                crate::guard::set_interrupt_note(Some(format!(
+                    "the overlay's last writes could not be flushed: {e}"
+                )));
+            }
+        })));
+        crate::guard::set_interrupt_note(Some(format!(
+            "stopped serving `{name}`; its writes are in the delta `{name}` (commit it, or remove it), the disk below is as it was"
+        )));
+        Ok(Export {
+            disk: Served::Overlay(w),
+            _locks: Arc::new(locks),
+        })
+    }
+
+    /// The served disk's capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.disk().capacity()
+    }
+
+    /// Whether clients may write (an overlay takes the writes).
+    pub fn is_writable(&self) -> bool {
+        self.writable().is_some()
+    }
+
     fn disk(&self) -> &dyn VirtualDisk {
-        match self {
-            Export::ReadOnly(d) => &**d,
-            Export::Overlay(w) => &**w,
+        match &self.disk {
+            Served::ReadOnly(d) => &**d,
+            Served::Overlay(w) => &**w,
         }
     }
 
     fn writable(&self) -> Option<&crate::rw::WritableDisk> {
-        match self {
-            Export::ReadOnly(_) => None,
-            Export::Overlay(w) => Some(w),
+        match &self.disk {
+            Served::ReadOnly(_) => None,
+            Served::Overlay(w) => Some(w),
         }
     }
 }
@@ -112,6 +171,8 @@ impl Listener {
         }
         let l = std::os::unix::net::UnixListener::bind(path)
             .map_err(|e| Error::io("listen on", path, 0, e))?;
+        // Removed when the process is interrupted (`cleanup::interrupted`).
+        crate::guard::register_temporary(path);
         Ok(Listener::Unix(l, path.to_path_buf()))
     }
 
@@ -718,6 +779,7 @@ fn reads_zero(a: &Alloc) -> bool {
     matches!(a, Alloc::Unallocated | Alloc::Zero | Alloc::Hole { .. })
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 /// The request parsers on arbitrary bytes (the fuzz target's body).
 pub(crate) fn parse_any(data: &[u8]) {
     if let Ok(h) =

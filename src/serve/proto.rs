@@ -150,8 +150,6 @@ pub mod errno {
     pub const EINVAL: u32 = 22;
     /// Request too large.
     pub const EOVERFLOW: u32 = 75;
-    /// Not supported.
-    pub const ENOTSUP: u32 = 95;
 }
 
 /// Structured reply chunk types.

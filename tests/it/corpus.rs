@@ -128,16 +128,17 @@ pub fn stage(corpus: &Path, entry: &str, dir: &Path) -> PathBuf {
 
 /// sha256 of the whole logical content of `p`.
 pub fn digest_of(p: &Path) -> String {
-    content_digest(p, vmdkit::io::SourceMode::Mmap)
+    content_digest(p, vmdkit::SourceMode::Mmap)
 }
 
 /// sha256 of the whole logical content, read through the library in 4 MiB pieces.
-fn content_digest(p: &Path, mode: vmdkit::io::SourceMode) -> String {
+fn content_digest(p: &Path, mode: vmdkit::SourceMode) -> String {
     use sha2::{Digest, Sha256};
     use vmdkit::VirtualDisk;
-    let opts = vmdkit::OpenOptions {
-        mode,
-        ..Default::default()
+    let opts = {
+        let mut o = vmdkit::OpenOptions::default();
+        o.mode = mode;
+        o
     };
     let chain = vmdkit::Chain::open(p, &opts).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     let mut h = Sha256::new();
@@ -168,9 +169,9 @@ fn corpus_files_read_to_their_published_digests() {
                     let t = tmp();
                     let p = stage(c, entry, t.path());
                     let mode = if i % 4 < 2 {
-                        vmdkit::io::SourceMode::Mmap
+                        vmdkit::SourceMode::Mmap
                     } else {
-                        vmdkit::io::SourceMode::Pread
+                        vmdkit::SourceMode::Pread
                     };
                     assert_eq!(&content_digest(&p, mode), digest, "{entry}");
                     // Small ones also through the CLI, to stdout and to a file.

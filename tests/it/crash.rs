@@ -561,13 +561,11 @@ fn vmdkit_read(disk: &Path) -> Result<Vec<u8>, String> {
     }
     // As `vmdkit cat` reads it: a disk an interrupted apply left reads as one point when
     // it can (said in a warning), else it is refused as pending.
-    let c = vmdkit::Chain::open(
-        disk,
-        &vmdkit::OpenOptions {
-            read_pending: true,
-            ..Default::default()
-        },
-    )
+    let c = vmdkit::Chain::open(disk, &{
+        let mut o = vmdkit::OpenOptions::default();
+        o.read_pending = true;
+        o
+    })
     .map_err(|e| e.to_string())?;
     let mut b = vec![0u8; c.capacity() as usize];
     c.read_at(&mut b, 0).map_err(|e| e.to_string())?;
@@ -639,7 +637,7 @@ fn finish_checks(dir: &Path, disk: &str, files: &[(String, u64)]) -> Result<(), 
     }
     // A temporary a power cut left is removed by the next vmdkit that writes into the
     // folder (the rerun, unless it had nothing left to write).
-    vmdkit::guard::sweep_stale_temporaries(dir);
+    vmdkit::cleanup::sweep(dir);
     let now = files_and_sizes(dir);
     if now != files {
         return Err(format!(

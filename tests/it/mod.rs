@@ -8,6 +8,7 @@ mod corpus;
 mod corrupt;
 mod crash;
 mod deltas_handmade;
+mod examples;
 mod export;
 mod hostile;
 mod import;

@@ -77,7 +77,7 @@ proptest! {
                 }
                 Op::Commit => {
                     if tops.len() > 1 {
-                        commit(&top, &CommitOptions::default(), &vmdkit::ops::NoProgress).unwrap();
+                        commit(&top, &CommitOptions::default(), &vmdkit::NoProgress).unwrap();
                         tops.pop();
                     }
                 }
@@ -88,7 +88,11 @@ proptest! {
         // Finally everything commits into the base.
         let top = tops.last().unwrap().clone();
         if tops.len() > 1 {
-            commit(&top, &CommitOptions { all: true, ..Default::default() }, &vmdkit::ops::NoProgress).unwrap();
+            commit(&top, &{
+                let mut o = CommitOptions::default();
+                o.all = true;
+                o
+            }, &vmdkit::NoProgress).unwrap();
         }
         prop_assert!(std::fs::read(d.join("base-flat.vmdk")).unwrap() == model);
     }

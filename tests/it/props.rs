@@ -58,11 +58,12 @@ fn flat_disk(dir: &std::path::Path, data: &[u8]) -> vmdkit::Chain {
 
 fn run(chain: &vmdkit::Chain, format: ExportFormat, threads: usize, unit: u64) -> Vec<u8> {
     let w = Shared::default();
-    let opts = ExportOptions {
-        format,
-        threads,
-        unit,
-        ..Default::default()
+    let opts = {
+        let mut o = ExportOptions::default();
+        o.format = format;
+        o.threads = threads;
+        o.unit = unit;
+        o
     };
     export(
         chain,
@@ -71,7 +72,7 @@ fn run(chain: &vmdkit::Chain, format: ExportFormat, threads: usize, unit: u64) -
             name: "d.vmdk".into(),
         },
         &opts,
-        &vmdkit::ops::NoProgress,
+        &vmdkit::NoProgress,
     )
     .unwrap();
     let v = w.0.lock().unwrap().clone();

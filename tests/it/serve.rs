@@ -643,13 +643,11 @@ fn a_stream_without_a_grain_directory_is_indexed() {
         assert!(done <= total);
         SEEN.store(done, std::sync::atomic::Ordering::SeqCst);
     }
-    let c = vmdkit::Chain::open(
-        &d.join("nogd.vmdk"),
-        &vmdkit::OpenOptions {
-            index_progress: Some(seen),
-            ..Default::default()
-        },
-    )
+    let c = vmdkit::Chain::open(&d.join("nogd.vmdk"), &{
+        let mut o = vmdkit::OpenOptions::default();
+        o.index_progress = Some(seen);
+        o
+    })
     .unwrap();
     drop(c);
     assert_eq!(

@@ -128,7 +128,7 @@ impl SparseHeader {
     }
 
     /// Encode to 512 bytes.
-    pub fn to_bytes(&self) -> [u8; 512] {
+    pub fn to_bytes(self) -> [u8; 512] {
         let mut b = [0u8; 512];
         LE::write_u32(&mut b[0..4], SPARSE_MAGIC);
         LE::write_u32(&mut b[4..8], self.version);

@@ -141,6 +141,7 @@ impl SparseLayout {
         Ok(())
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     /// The bytes of sectors `[0, overHead)` (small layouts and tests; writers use
     /// [`for_each_metadata_write`](Self::for_each_metadata_write)).
     pub fn metadata(&self, entries: &GrainEntries, descriptor: Option<&[u8]>) -> Vec<u8> {
@@ -178,13 +179,6 @@ impl GrainEntries {
             .entry(g / per)
             .or_insert_with(|| vec![0; per as usize].into_boxed_slice());
         t[(g % per) as usize] = v;
-    }
-
-    /// Grain `g`'s entry (0 when unset).
-    pub fn get(&self, g: u64) -> u32 {
-        self.tables
-            .get(&(g / self.per))
-            .map_or(0, |t| t[(g % self.per) as usize])
     }
 
     /// Tables holding entries, by index.

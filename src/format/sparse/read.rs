@@ -240,10 +240,6 @@ impl SparseExtent {
     pub fn len(&self) -> u64 {
         self.len
     }
-    /// Whether the extent is empty (never: capacity 0 is refused).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
     /// Grain size in bytes.
     pub fn grain_bytes(&self) -> u64 {
         self.grain_bytes
@@ -260,18 +256,6 @@ impl SparseExtent {
             return Ok(ix.get(&i).cloned().unwrap_or_else(|| vec![0u32; n].into()));
         }
         crate::format::cached_table(&self.gts, i, &self.src, self.gd[i], n)
-    }
-
-    /// The grain-table entry of grain `g`, with the file offset of that entry.
-    pub fn gte(&self, g: u64) -> Result<(u32, u64)> {
-        let per = u64::from(self.header.num_gtes_per_gt);
-        let gdi = (g / per) as usize;
-        let gti = (g % per) as usize;
-        if self.gd[gdi] == 0 {
-            return Ok((0, 0));
-        }
-        let t = self.gt(gdi)?;
-        Ok((t[gti], u64::from(self.gd[gdi]) * SECTOR + 4 * gti as u64))
     }
 
     /// Allocation runs for the extent-relative byte range `rel`, appended to `out` with

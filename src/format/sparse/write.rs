@@ -3,17 +3,8 @@
 //! each grain table written as soon as the grains it covers are all in (so memory is one
 //! table span, not the disk), the header, descriptor and directories last.
 //!
-//! ```no_run
-//! # fn main() -> vmdkit::Result<()> {
-//! use vmdkit::format::sparse::SparseWriter;
-//! let f = std::fs::File::create("disk.vmdk").unwrap();
-//! let descriptor = b"# Disk DescriptorFile\n...";  // see format::descriptor
-//! let mut w = SparseWriter::new(f, 64 << 20, Some(descriptor), "disk.vmdk".as_ref());
-//! w.write_grains(0, &vec![1u8; 65536])?;        // grain 0
-//! w.write_grains(100, &vec![2u8; 2 * 65536])?;  // grains 100 and 101
-//! let (_file, bytes, grains) = w.finish()?;
-//! # Ok(()) }
-//! ```
+//! Its use is shown by the tests at the end of this file (`write_grains` in ascending
+//! order, then `finish`).
 //!
 //! It knows nothing of chains or the copy engine; the engine's sparse sink feeds it.
 
@@ -87,11 +78,6 @@ impl SparseWriter {
     /// Bytes of the file up to the end of the last grain stored.
     pub fn file_bytes(&self) -> u64 {
         self.layout.file_bytes(self.stored)
-    }
-
-    /// Grains stored so far.
-    pub fn grains(&self) -> u64 {
-        self.stored
     }
 
     /// Write the tables that cover only grains below `grain` (they are complete).

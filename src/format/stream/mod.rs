@@ -6,5 +6,4 @@ pub mod pipe;
 pub mod read;
 pub mod write;
 
-pub use read::inflate_grain;
-pub use write::{grain_record, looks_incompressible, StreamWriter};
+pub use write::{grain_record, StreamWriter};

@@ -93,15 +93,6 @@ impl<'a> Counted<'a> {
     }
 }
 
-/// What a stream told about itself.
-#[derive(Debug, Clone)]
-pub struct StreamInfo {
-    /// Capacity in bytes.
-    pub capacity: u64,
-    /// Its descriptor, if it carried one.
-    pub descriptor: Option<Descriptor>,
-}
-
 /// Read the descriptor area of a sparse stream (after the header sector).
 fn read_embedded(r: &mut Counted<'_>, h: &SparseHeader) -> Result<Option<Descriptor>> {
     if h.descriptor_offset == 0 || h.descriptor_size == 0 {
@@ -681,7 +672,7 @@ pub fn read_sparse(
 }
 
 /// Read export's tar stream: the descriptor member first, then each extent.
-pub fn read_tar(input: &mut dyn Read, name: &Path, emit: Emit<'_>) -> Result<StreamInfo> {
+pub fn read_tar(input: &mut dyn Read, name: &Path, emit: Emit<'_>) -> Result<()> {
     let mut ar = tar::Archive::new(input);
     let mut entries = ar
         .entries()
@@ -809,10 +800,7 @@ pub fn read_tar(input: &mut dyn Read, name: &Path, emit: Emit<'_>) -> Result<Str
         }
         c.drain();
     }
-    Ok(StreamInfo {
-        capacity: cap,
-        descriptor: Some(d),
-    })
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,17 +4,8 @@
 //! LBA order, grain records, each table's GT marker and table after its grains; then the
 //! GD marker and directory, the footer marker and footer, and the end-of-stream marker.
 //!
-//! ```no_run
-//! # fn main() -> vmdkit::Result<()> {
-//! use vmdkit::format::stream::StreamWriter;
-//! let out = std::fs::File::create("disk.vmdk").unwrap();
-//! let descriptor = b"# Disk DescriptorFile\n..."; // see format::descriptor
-//! let mut w = StreamWriter::new(out, 64 << 20, descriptor, "disk.vmdk".as_ref())?;
-//! w.write_grain(0, &vec![1u8; 65536], 6)?;      // grain 0 (bytes 0..64 KiB)
-//! w.write_grain(100, &vec![2u8; 65536], 6)?;    // grains in ascending order
-//! let (_file, bytes, grains) = w.finish()?;
-//! # Ok(()) }
-//! ```
+//! Its use is shown by the tests at the end of this file (`write_grain` in ascending
+//! order, then `finish`).
 //!
 //! The writer knows nothing of chains or the copy engine: it takes grains (or records
 //! already compressed with [`grain_record`], which is how the parallel engine uses it).
@@ -151,6 +142,7 @@ pub struct StreamWriter<W: Write> {
 }
 
 impl<W: Write> StreamWriter<W> {
+    #[cfg(test)]
     /// Start a stream of `capacity` bytes (a multiple of 512) with `descriptor` embedded;
     /// `name` names the output in errors.
     pub fn new(w: W, capacity: u64, descriptor: &[u8], name: &Path) -> Result<StreamWriter<W>> {
@@ -212,16 +204,6 @@ impl<W: Write> StreamWriter<W> {
             self.put(z)?;
         }
         Ok(())
-    }
-
-    /// Bytes written so far.
-    pub fn position(&self) -> u64 {
-        self.pos
-    }
-
-    /// The header of this stream (the footer repeats it with the directory's place).
-    pub fn header(&self) -> &SparseHeader {
-        &self.header
     }
 
     fn end_table(&mut self) -> Result<()> {
@@ -292,6 +274,7 @@ impl<W: Write> StreamWriter<W> {
         self.zeroed
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     /// Compress `data` (one grain, or the shorter last one) at zlib `level` and append it
     /// as grain `grain`.
     pub fn write_grain(&mut self, grain: u64, data: &[u8], level: u32) -> Result<()> {

@@ -50,26 +50,35 @@ pub fn check_with(disk: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     if opts.repair {
         // A disk in the middle of an interrupted commit or apply holds data its tables do
         // not reference yet: "repairing" it would take what the rerun needs.
-        if let Ok(c) = crate::chain::Chain::open(disk, &OpenOptions::for_recovery()) {
+        if let Ok(c) =
+            crate::chain::Chain::open(disk, &OpenOptions::for_recovery(opts.allow_outside_paths))
+        {
             if let Some(m) = c.layers.iter().find_map(crate::recovery::pending_message) {
-                return Err(crate::error::Error::InvalidInput(format!(
-                    "{m}; refusing to repair it before that (nothing was changed)"
-                )));
+                return Err(crate::error::Error::refused(
+                    disk,
+                    format!("{m}; refusing to repair it before that (nothing was changed)"),
+                    None,
+                ));
             }
         }
     }
     if opts.repair && !opts.force {
         // Files the host marks read-only are refused before any repair writes (as
         // commit refuses them), root or not.
-        let files = crate::chain::Chain::open(disk, &OpenOptions::for_recovery())
-            .map(|c| c.layers.iter().flat_map(|l| l.files()).collect::<Vec<_>>())
-            .unwrap_or_else(|_| vec![disk.to_path_buf()]);
+        let files =
+            crate::chain::Chain::open(disk, &OpenOptions::for_recovery(opts.allow_outside_paths))
+                .map(|c| c.layers.iter().flat_map(|l| l.files()).collect::<Vec<_>>())
+                .unwrap_or_else(|_| vec![disk.to_path_buf()]);
         for f in files {
             if std::fs::metadata(&f).is_ok_and(|m| m.is_file() && m.permissions().readonly()) {
-                return Err(crate::error::Error::InvalidInput(format!(
-                    "`{}` is read-only: refusing to repair it; nothing was changed (make it writable, or pass --force)",
-                    f.display()
-                )));
+                return Err(crate::error::Error::refused(
+                    &f,
+                    format!(
+                        "`{}` is read-only: refusing to repair it; nothing was changed (make it writable)",
+                        f.display()
+                    ),
+                    Some(crate::error::Override::Force),
+                ));
             }
         }
     }
@@ -157,7 +166,7 @@ impl Walk<'_> {
         }
         if &head == b"KDMV" || &head == b"vmdk" {
             check_sparse_file(path, self.opts, &mut self.r)?;
-            let links = match Layer::open(path, &open_options()) {
+            let links = match Layer::open(path, &open_options(self.opts)) {
                 Ok(l) => Links {
                     cid: l.cid(),
                     parent_cid: l.descriptor.parent_cid(),
@@ -200,7 +209,7 @@ impl Walk<'_> {
             }
         }
         if desc_dirty {
-            let mut l = Layer::open(path, &open_options())
+            let mut l = Layer::open(path, &open_options(self.opts))
                 .map_err(|e| Error::InvalidInput(format!("reopening after repair: {e}")))?;
             l.descriptor = d.clone();
             crate::write::write_descriptor(&l)?;
@@ -239,7 +248,7 @@ impl Walk<'_> {
         };
         let what = format!("extent {}", k + 1);
         let ct = ct.unwrap_or(CreateType::Custom);
-        if let Err(e) = confine(&p, &dir, ct, &OpenOptions::default(), &what, path) {
+        if let Err(e) = confine(&p, &dir, ct, &open_options(self.opts), &what, path) {
             self.r.incomplete = Some(e.to_string());
             return Ok(None);
         }
@@ -299,7 +308,7 @@ impl Walk<'_> {
                     &p,
                     &dir,
                     CreateType::Custom,
-                    &OpenOptions::default(),
+                    &open_options(self.opts),
                     "parent",
                     path,
                 )
@@ -324,7 +333,7 @@ impl Walk<'_> {
         if self.r.incomplete.is_some() {
             return;
         }
-        match crate::chain::Chain::open(disk, &open_options()) {
+        match crate::chain::Chain::open(disk, &open_options(self.opts)) {
             Ok(chain) => {
                 for l in &chain.layers {
                     if let Some(msg) = crate::chain::missing_parent_hint(l) {
@@ -430,9 +439,10 @@ fn looks_like_descriptor(text: &[u8]) -> bool {
         })
 }
 
-fn open_options() -> OpenOptions {
+fn open_options(opts: &CheckOptions) -> OpenOptions {
     OpenOptions {
         ignore_cid: true,
+        allow_outside_paths: opts.allow_outside_paths,
         ..Default::default()
     }
 }

@@ -42,6 +42,7 @@ pub enum Severity {
 
 /// One finding.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct Finding {
     /// The file.
     pub file: PathBuf,
@@ -57,6 +58,7 @@ pub struct Finding {
 
 /// Result of a check.
 #[derive(Debug, Clone, Default, Serialize)]
+#[non_exhaustive]
 pub struct CheckReport {
     /// Every finding.
     pub findings: Vec<Finding>,
@@ -74,6 +76,7 @@ pub struct CheckReport {
 
 /// What `check` may change.
 #[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct CheckOptions {
     /// Mend what has one right answer.
     pub repair: bool,
@@ -81,6 +84,9 @@ pub struct CheckOptions {
     pub discard_unreferenced: bool,
     /// With `repair`: write into files the host marks read-only (refused otherwise).
     pub force: bool,
+    /// Follow extent and parent names that lead out of the disk's folder
+    /// ([`OpenOptions::allow_outside_paths`](crate::OpenOptions::allow_outside_paths)).
+    pub allow_outside_paths: bool,
 }
 
 impl CheckReport {
@@ -165,7 +171,7 @@ impl CheckReport {
             if *n > SHOWN {
                 writeln!(
                     out,
-                    "... and {} more {} findings in `{}` (--json lists all)",
+                    "... and {} more {} findings in `{}` (the JSON report lists all)",
                     n - SHOWN,
                     match sev {
                         Severity::Corruption => "error",
@@ -182,7 +188,7 @@ impl CheckReport {
             writeln!(
                 out,
                 "Lost guest data: {total} bytes ({}) in {} range{}; repair cannot bring them back:",
-                crate::ops::human(total),
+                crate::units::human(total),
                 lost.len(),
                 if lost.len() == 1 { "" } else { "s" }
             )?;
@@ -190,10 +196,10 @@ impl CheckReport {
                 writeln!(
                     out,
                     "  {} - {} (bytes {a:#x}-{:#x}, {})",
-                    crate::ops::human(*a),
-                    crate::ops::human(*b),
+                    crate::units::human(*a),
+                    crate::units::human(*b),
                     b - 1,
-                    crate::ops::human(b - a)
+                    crate::units::human(b - a)
                 )?;
             }
             if lost.len() > SHOWN {
@@ -218,7 +224,7 @@ impl CheckReport {
             ),
             3 => writeln!(
                 out,
-                "{} bytes of leaked space were found; this is harmless (--repair reclaims it).",
+                "{} bytes of leaked space were found; this is harmless (a repair reclaims it).",
                 self.leaked_bytes
             ),
             _ => Ok(()),
