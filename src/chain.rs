@@ -95,7 +95,7 @@ impl Chain {
                 )?;
             let parent = match layer.parent_hint() {
                 Some(hint) => {
-                    let dir = crate::resolve::folder_of(&layer.path);
+                    let dir = crate::io::folder_of(&layer.path);
                     let mut notes = Vec::new();
                     let abs = Path::new(hint);
                     let p = if opts.allow_outside_paths && abs.is_absolute() && abs.exists() {
@@ -107,7 +107,7 @@ impl Chain {
                         &p,
                         &dir,
                         crate::format::descriptor::CreateType::Custom,
-                        opts,
+                        opts.allow_outside_paths,
                         "parent",
                         &layer.path,
                     )?;

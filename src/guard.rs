@@ -89,24 +89,6 @@ pub struct LockSet {
     held: HashMap<FileId, (File, LockKind, PathBuf)>,
 }
 
-/// Test hook (feature `test-hooks` only): a command that changes a disk sleeps
-/// `VMDKIT_TEST_HOLD_LOCK_MS` milliseconds once it holds all its locks, before it changes
-/// anything (race tests).
-#[cfg(not(feature = "test-hooks"))]
-#[inline(always)]
-pub fn test_hold_hook() {}
-
-/// See the other `test_hold_hook`.
-#[cfg(feature = "test-hooks")]
-pub fn test_hold_hook() {
-    if let Some(ms) = std::env::var("VMDKIT_TEST_HOLD_LOCK_MS")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-    }
-}
-
 impl LockSet {
     /// No locks yet.
     pub fn new() -> LockSet {
@@ -320,7 +302,7 @@ pub fn sweep_stale_temporaries(dir: &Path) {
         }
     }
     if removed {
-        let _ = crate::output::sync_folder(dir);
+        let _ = crate::io::sync_folder(dir);
     }
 }
 

@@ -339,3 +339,68 @@ pub fn device_size(file: &File) -> std::io::Result<u64> {
     f.seek(std::io::SeekFrom::Start(0))?;
     Ok(end)
 }
+
+// ---------------------------------------------------------------------------------------
+// File-system primitives every layer above uses (paths, writes, folders).
+
+/// The folder a path lives in (`.` for a bare name).
+pub fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// `name` in the folder `dir`, without the `./` that joining onto the current folder
+/// (what [`folder_of`] gives for a bare name) would add: paths shown to people and
+/// written in reports read as they were typed.
+pub fn join_in(dir: &Path, name: impl AsRef<Path>) -> PathBuf {
+    if dir == Path::new(".") && name.as_ref().is_relative() {
+        name.as_ref().to_path_buf()
+    } else {
+        dir.join(name)
+    }
+}
+
+/// The last component of a path, as text (empty when there is none).
+pub fn file_name_of(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Whether two paths are the same file (device and inode, through links).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// Map a write error: disk full gets a clear message.
+pub fn write_error(path: &Path, offset: u64, e: std::io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        return Error::io("write (the disk is full)", path, offset, e);
+    }
+    Error::io("write", path, offset, e)
+}
+
+/// `n` zero bytes as slices of a static buffer (for writers that count what they write).
+pub fn zero_chunks(mut n: u64) -> impl Iterator<Item = &'static [u8]> {
+    static Z: [u8; 65536] = [0; 65536];
+    std::iter::from_fn(move || {
+        (n > 0).then(|| {
+            let k = n.min(Z.len() as u64) as usize;
+            n -= k as u64;
+            &Z[..k]
+        })
+    })
+}
+
+/// Make the names in `dir` durable (after a rename, a create or an unlink in it).
+pub fn sync_folder(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io("flush the folder", dir, 0, e))
+}

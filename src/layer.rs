@@ -7,7 +7,8 @@ use std::fs;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use crate::resolve::{confine, folder_of, rdm_owner, resolve_name};
+use crate::io::folder_of;
+use crate::resolve::{confine, rdm_owner, resolve_name};
 
 use crate::disk::{push_run, Alloc, Run};
 use crate::error::{Error, Result};
@@ -119,7 +120,7 @@ impl Layer {
             let canon = crate::recovery::canonical(p)?;
             let patches: Vec<(u64, Vec<u8>)> = records
                 .iter()
-                .filter(|r| !r.bytes.is_empty() && crate::resolve::same_file(&r.file, &canon))
+                .filter(|r| !r.bytes.is_empty() && crate::io::same_file(&r.file, &canon))
                 .map(|r| (r.offset, r.bytes.clone()))
                 .collect();
             if patches.is_empty() {
@@ -532,7 +533,7 @@ impl Layer {
                     path,
                     &mut notes,
                 )?;
-                confine(&p, &dir, ct, opts, &what, path)?;
+                confine(&p, &dir, ct, opts.allow_outside_paths, &what, path)?;
                 let ext = match line.kind {
                     ExtentType::Sparse => {
                         let src = open_extent(&p, opts, &what, name, &dir, path)?;

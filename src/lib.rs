@@ -44,6 +44,7 @@
 mod chain;
 pub mod cleanup;
 mod copy;
+mod dependents;
 mod disk;
 mod error;
 mod format;
@@ -51,6 +52,7 @@ mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 mod guard;
+mod hooks;
 mod io;
 mod layer;
 pub mod ops;

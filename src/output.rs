@@ -12,6 +12,7 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::io::{sync_folder, write_error};
 
 /// A file being written under a temporary name.
 #[derive(Debug)]
@@ -55,7 +56,7 @@ impl AtomicFile {
     }
 
     fn start(target: &Path, replaced: Option<crate::guard::LockSet>) -> Result<AtomicFile> {
-        let dir = crate::resolve::folder_of(target);
+        let dir = crate::io::folder_of(target);
         let name = target.file_name().ok_or_else(|| {
             Error::InvalidInput(format!("`{}` is not a file name", target.display()))
         })?;
@@ -124,13 +125,13 @@ impl AtomicFile {
             .map_err(|e| Error::io("flush", &self.tmp, 0, e))?;
         // Re-check: the target may have appeared while we wrote.
         check_target(&self.target, force)?;
-        crate::write::fault_point();
+        crate::hooks::fault_point();
         std::fs::rename(&self.tmp, &self.target)
             .map_err(|e| Error::io("rename into place", &self.target, 0, e))?;
         crate::guard::unregister_temporary(&self.tmp);
         self.done = true;
         drop(f);
-        sync_folder(&crate::resolve::folder_of(&self.target))
+        sync_folder(&crate::io::folder_of(&self.target))
     }
 }
 
@@ -153,26 +154,19 @@ fn same_inode(file: &File, path: &Path) -> bool {
     }
 }
 
-/// Make the names in `dir` durable (after a rename, a create or an unlink in it).
-pub fn sync_folder(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("flush the folder", dir, 0, e))
-}
-
 /// Remove files in order (a missing one is fine), each removal made durable (an fsync of
 /// its folder) before the next: a file system may persist removals out of order, and
 /// the order is what recovery relies on (a journal never outlives its state file; a
 /// descriptor never outlives its extents' removal unless they were removed first).
 pub fn remove_durably(files: &[PathBuf]) -> Result<()> {
     for f in files {
-        crate::write::fault_point();
+        crate::hooks::fault_point();
         match std::fs::remove_file(f) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io("remove", f, 0, e)),
         }
-        sync_folder(&crate::resolve::folder_of(f))?;
+        sync_folder(&crate::io::folder_of(f))?;
     }
     Ok(())
 }
@@ -237,26 +231,6 @@ impl WriteBehind {
     }
 }
 
-/// Map a write error: disk full gets a clear message.
-pub fn write_error(path: &Path, offset: u64, e: std::io::Error) -> Error {
-    if e.raw_os_error() == Some(libc::ENOSPC) {
-        return Error::io("write (the disk is full)", path, offset, e);
-    }
-    Error::io("write", path, offset, e)
-}
-
-/// `n` zero bytes as slices of a static buffer (for writers that count what they write).
-pub fn zero_chunks(mut n: u64) -> impl Iterator<Item = &'static [u8]> {
-    static Z: [u8; 65536] = [0; 65536];
-    std::iter::from_fn(move || {
-        (n > 0).then(|| {
-            let k = n.min(Z.len() as u64) as usize;
-            n -= k as u64;
-            &Z[..k]
-        })
-    })
-}
-
 /// Zero a range of a device or stand-in file cheaply: BLKZEROOUT on block devices, a
 /// punched hole on files, written zeros where neither works.
 pub fn zero_range(f: &std::fs::File, path: &Path, block: bool, off: u64, len: u64) -> Result<()> {
@@ -292,7 +266,7 @@ pub fn zero_range(f: &std::fs::File, path: &Path, block: bool, off: u64, len: u6
     while done < len {
         let n = (len - done).min(z.len() as u64) as usize;
         std::os::unix::fs::FileExt::write_all_at(f, &z[..n], off + done)
-            .map_err(|e| crate::output::write_error(path, off + done, e))?;
+            .map_err(|e| crate::io::write_error(path, off + done, e))?;
         done += n as u64;
     }
     Ok(())

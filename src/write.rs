@@ -18,47 +18,11 @@ use crate::format::cowd::{self, CowdHeader, COWD_GTES};
 use crate::format::sparse::{SparseHeader, SECTOR};
 use crate::format::tables::{GrainTables, MetaWrite};
 use crate::format::Extent;
+use crate::hooks::fault_point;
 use crate::layer::Layer;
 
 /// Reads the content below the layer being written (for copy-on-write fills).
 pub type ReadBelow<'a> = &'a (dyn Fn(&mut [u8], u64) -> Result<()> + Sync);
-
-/// Test hook (feature `test-hooks` only): `VMDKIT_TEST_ABORT_AFTER_WRITES` aborts the
-/// process after that many data/metadata writes (crash tests);
-/// `VMDKIT_TEST_WRITE_DELAY_MS` slows every write (signal tests).
-#[cfg(not(feature = "test-hooks"))]
-#[inline(always)]
-pub(crate) fn fault_point() {}
-
-/// See the other `fault_point`.
-#[cfg(feature = "test-hooks")]
-pub(crate) fn fault_point() {
-    use std::sync::atomic::{AtomicI64, Ordering};
-    static LEFT: AtomicI64 = AtomicI64::new(i64::MIN);
-    static DELAY: AtomicI64 = AtomicI64::new(-1);
-    let mut left = LEFT.load(Ordering::Relaxed);
-    if left == i64::MIN {
-        left = std::env::var("VMDKIT_TEST_ABORT_AFTER_WRITES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(-1);
-        LEFT.store(left, Ordering::Relaxed);
-        DELAY.store(
-            std::env::var("VMDKIT_TEST_WRITE_DELAY_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
-            Ordering::Relaxed,
-        );
-    }
-    let delay = DELAY.load(Ordering::Relaxed);
-    if delay > 0 {
-        std::thread::sleep(std::time::Duration::from_millis(delay as u64));
-    }
-    if left >= 0 && LEFT.fetch_sub(1, Ordering::Relaxed) == 0 {
-        std::process::abort();
-    }
-}
 
 fn open_rw(path: &Path) -> Result<File> {
     OpenOptions::new()
@@ -80,7 +44,7 @@ fn open_rw(path: &Path) -> Result<File> {
 fn pwrite(f: &File, path: &Path, buf: &[u8], off: u64) -> Result<()> {
     fault_point();
     f.write_all_at(buf, off)
-        .map_err(|e| crate::output::write_error(path, off, e))
+        .map_err(|e| crate::io::write_error(path, off, e))
 }
 
 fn sync(f: &File, path: &Path) -> Result<()> {
@@ -199,7 +163,7 @@ fn copy_within(f: &File, path: &Path, from: u64, to: u64, len: u64) -> Result<()
         let k = (len - done).min(buf.len() as u64) as usize;
         read_zero_fill(f, path, &mut buf[..k], from + done)?;
         f.write_all_at(&buf[..k], to + done)
-            .map_err(|e| crate::output::write_error(path, to + done, e))?;
+            .map_err(|e| crate::io::write_error(path, to + done, e))?;
         done += k as u64;
     }
     Ok(())

@@ -12,7 +12,8 @@ use crate::format::sparse::{
     embedded_sectors, sector_entry, GrainEntries, SparseLayout, SparseWriter, SECTOR,
 };
 use crate::format::stream::StreamWriter;
-use crate::output::{write_error, AtomicFile};
+use crate::io::write_error;
+use crate::output::AtomicFile;
 
 use super::{OutputFile, Piece, Unit, GRAIN};
 
@@ -71,7 +72,7 @@ impl CountingWriter {
         Ok(())
     }
     fn zeros(&mut self, n: u64) -> Result<()> {
-        for z in crate::output::zero_chunks(n) {
+        for z in crate::io::zero_chunks(n) {
             self.write(z)?;
         }
         Ok(())
@@ -212,7 +213,7 @@ impl SparseFileSink {
     fn open_next(&mut self) -> Result<()> {
         let i = self.next;
         let p = &self.pieces[i];
-        let f = AtomicFile::create(&crate::resolve::join_in(&self.dir, &p.name), self.force)?;
+        let f = AtomicFile::create(&crate::io::join_in(&self.dir, &p.name), self.force)?;
         let file = f
             .file()
             .try_clone()
@@ -316,7 +317,7 @@ impl FlatFileSink {
     fn file(&mut self, i: usize) -> Result<&AtomicFile> {
         if self.files[i].is_none() {
             let f = AtomicFile::create(
-                &crate::resolve::join_in(&self.dir, &self.pieces[i].name),
+                &crate::io::join_in(&self.dir, &self.pieces[i].name),
                 self.force,
             )?;
             if self.prealloc != Prealloc::Thin {
@@ -755,7 +756,7 @@ pub fn to_files(
 ) -> Result<Box<dyn Sink>> {
     Ok(match kind {
         FileKind::Stream { descriptor, delta } => {
-            let f = AtomicFile::create(&crate::resolve::join_in(&dir, &files[0].name), force)?;
+            let f = AtomicFile::create(&crate::io::join_in(&dir, &files[0].name), force)?;
             let w = f
                 .file()
                 .try_clone()

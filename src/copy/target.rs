@@ -571,7 +571,7 @@ pub fn export_fed(
     };
     let mut sink = match dest {
         Dest::Path(path) => {
-            let dir = crate::resolve::folder_of(&path);
+            let dir = crate::io::folder_of(&path);
             // Refuse before doing any work.
             {
                 use std::os::unix::ffi::OsStrExt;
@@ -667,7 +667,7 @@ pub fn export_fed(
         use std::os::unix::fs::FileExt;
         f.file()
             .write_all_at(bytes, 0)
-            .map_err(|e| crate::output::write_error(f.tmp_path(), 0, e))?;
+            .map_err(|e| crate::io::write_error(f.tmp_path(), 0, e))?;
     }
     let mut report = sink.finish()?;
     report.crc32 = crc.map(|(t, _)| t);

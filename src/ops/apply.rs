@@ -292,7 +292,7 @@ pub fn apply(
     let dir = if opts.raw && is_block_device(target) {
         std::env::temp_dir()
     } else {
-        crate::resolve::folder_of(target)
+        crate::io::folder_of(target)
     };
     let mut spool =
         tempfile::tempfile_in(&dir).map_err(|e| Error::io("create a temporary in", &dir, 0, e))?;
@@ -503,7 +503,7 @@ fn apply_vmdk(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
     locks.lock(target, LockKind::Exclusive)?;
     let mut chain = Chain::open(target, &OpenOptions::for_recovery(opts.allow_outside_paths))?;
     chain.lock(&mut locks, 0)?;
-    crate::guard::test_hold_hook();
+    crate::hooks::test_hold_hook();
     let sp = state_path(&chain.top().path);
     let mut state: Option<State> = recovery::read(&sp)?;
     if let Some(st) = &state {
@@ -756,7 +756,7 @@ fn resume_check(sp: &Path, st: &State, chain: &Chain, inc: &Increment) -> Result
     let top = chain.top();
     let allowed = Resolved::of_layers([top])?;
     let t = allowed.admit(sp, &st.target)?;
-    if !crate::resolve::same_file(&t, &top.path) {
+    if !crate::io::same_file(&t, &top.path) {
         return Err(Error::chain(
             sp,
             "this apply state was written for another disk; it is not acted on",
@@ -858,7 +858,7 @@ fn check_links(
             unless: have.is_none().then_some(crate::error::Override::Force),
         });
     }
-    crate::resolve::refuse_dependents(&top.path, opts.force, "applying an increment")
+    crate::dependents::refuse_dependents(&top.path, opts.force, "applying an increment")
 }
 
 fn apply_raw(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
@@ -926,7 +926,7 @@ fn apply_raw(job: Job<'_>, report: &mut ApplyReport) -> Result<()> {
         report,
         &mut |off, b| {
             f.write_all_at(b, off)
-                .map_err(|e| crate::output::write_error(target, off, e))
+                .map_err(|e| crate::io::write_error(target, off, e))
         },
         &mut |off, len| crate::output::zero_range(&f, target, block, off, len),
     )

@@ -88,7 +88,7 @@ pub fn cat_to_file(
             prealloc: Prealloc::Thin,
         },
         disk.capacity(),
-        crate::resolve::folder_of(target),
+        crate::io::folder_of(target),
         vec![file],
         None,
         force,

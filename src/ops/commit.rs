@@ -56,10 +56,10 @@ use crate::error::{Error, Result};
 use crate::format::descriptor::{random_cid, CreateType};
 use crate::format::Extent;
 use crate::guard::{LockKind, LockSet};
+use crate::io::same_file;
 use crate::layer::{Layer, OpenOptions};
 use crate::ops::Progress;
 use crate::recovery::{self, journal_path, FileRecord, Resolved};
-use crate::resolve::same_file;
 use crate::write::{apply_journal, cut_back_files, write_journal, LayerWriter};
 
 /// Options of a commit.
@@ -238,7 +238,7 @@ fn remaining_delta_files(top: &Path) -> Result<Vec<PathBuf>> {
     let Ok(d) = crate::format::descriptor::Descriptor::parse(&b, top) else {
         return Ok(files);
     };
-    let dir = crate::resolve::folder_of(top);
+    let dir = crate::io::folder_of(top);
     for e in d.extents() {
         let Some(name) = &e.file else { continue };
         let p = crate::resolve::resolve_name(&dir, name, false, "extent", top, &mut vec![])?;
@@ -300,9 +300,9 @@ fn prove_merged(top: &Path, sp: &Path, st: &State, outside: bool) -> Result<()> 
 /// it, so the delta is no longer a disk anyone opens, while a rerun can still resolve
 /// its extents (and the layers below it, with `--all`) from it.
 fn removing_path(top: &Path) -> PathBuf {
-    crate::resolve::join_in(
-        &crate::resolve::folder_of(top),
-        format!(".{}.vmdkit-removing", crate::resolve::file_name_of(top)),
+    crate::io::join_in(
+        &crate::io::folder_of(top),
+        format!(".{}.vmdkit-removing", crate::io::file_name_of(top)),
     )
 }
 
@@ -315,12 +315,12 @@ fn parent_of(file: &Path, original: &Path) -> Option<PathBuf> {
         .is_ok()
         && &magic == b"COWD";
     if cowd {
-        let name = crate::resolve::file_name_of(original);
+        let name = crate::io::file_name_of(original);
         return name
             .strip_suffix(".REDO")
-            .map(|p| crate::resolve::join_in(&crate::resolve::folder_of(original), p));
+            .map(|p| crate::io::join_in(&crate::io::folder_of(original), p));
     }
-    crate::resolve::names_parent(file)
+    crate::dependents::names_parent(file)
 }
 
 /// The merged deltas that can still be resolved, walking from the delta's descriptor
@@ -373,9 +373,9 @@ fn finish_removal(top: &Path, sp: &Path, st: &State) -> Result<()> {
                 ),
             ));
         }
-        crate::write::fault_point();
+        crate::hooks::fault_point();
         std::fs::rename(top, &hidden).map_err(|e| Error::io("move aside", top, 0, e))?;
-        crate::output::sync_folder(&crate::resolve::folder_of(top))?;
+        crate::io::sync_folder(&crate::io::folder_of(top))?;
     }
     let layers = remaining_layers(top, &st.target)?;
     for m in &st.delta {
@@ -453,7 +453,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
     // Lock before deciding anything: the merged deltas and the target exclusively, the
     // layers below shared.
     chain.lock(&mut locks, target)?;
-    crate::guard::test_hold_hook();
+    crate::hooks::test_hold_hook();
     if let Some(st) = &state {
         if !resume_check(&sp, st, &chain, target)? {
             // Void: nothing of the interrupted run reached the parent. Start afresh.
@@ -701,7 +701,7 @@ fn check_dependents(chain: &Chain, target: usize, force: bool) -> Result<Vec<Pat
     let is_member = |p: &Path| chain.layers.iter().any(|l| same_file(&l.path, p));
     let mut repoint = Vec::new();
     for (i, l) in chain.layers[..=target].iter().enumerate() {
-        let (children, unknown) = crate::resolve::dependents_of(&l.path);
+        let (children, unknown) = crate::dependents::dependents_of(&l.path);
         for c in children.into_iter().filter(|p| !is_member(p)) {
             if i == 0 {
                 repoint.push(c);
@@ -775,7 +775,7 @@ fn check_dependents(chain: &Chain, target: usize, force: bool) -> Result<Vec<Pat
 }
 
 fn same_folder(a: &Path, b: &Path) -> bool {
-    let canon = |p: &Path| std::fs::canonicalize(crate::resolve::folder_of(p)).ok();
+    let canon = |p: &Path| std::fs::canonicalize(crate::io::folder_of(p)).ok();
     canon(a).is_some() && canon(a) == canon(b)
 }
 
@@ -784,7 +784,7 @@ fn same_folder(a: &Path, b: &Path) -> bool {
 /// the target with its new CID is left alone. A recorded child that names neither is
 /// refused.
 fn repoint(sp: &Path, st: &State, c: &FileRecord, tl: &Layer) -> Result<()> {
-    let named = crate::resolve::names_parent(&c.path);
+    let named = crate::dependents::names_parent(&c.path);
     let to_top = named
         .as_deref()
         .is_some_and(|p| std::fs::canonicalize(p).is_ok_and(|p| p == st.top));
@@ -802,7 +802,7 @@ fn repoint(sp: &Path, st: &State, c: &FileRecord, tl: &Layer) -> Result<()> {
             ),
         ));
     }
-    let name = crate::resolve::file_name_of(&tl.path);
+    let name = crate::io::file_name_of(&tl.path);
     child.descriptor.set("parentFileNameHint", &name, true);
     child
         .descriptor

@@ -70,7 +70,7 @@ fn export_delta(
             use std::os::unix::fs::FileExt;
             f.file()
                 .write_all_at(&b.finish(), 0)
-                .map_err(|e| crate::output::write_error(f.tmp_path(), 0, e))?;
+                .map_err(|e| crate::io::write_error(f.tmp_path(), 0, e))?;
             f.commit(opts.force)?;
         }
     }

@@ -232,7 +232,7 @@ pub fn extend(disk: &Path, size: NewSize, opts: &ExtendOptions) -> Result<(u64, 
         )));
     }
     crate::format::check_capacity(new_size, large, disk)?;
-    crate::resolve::refuse_dependents(disk, force, "extending it")?;
+    crate::dependents::refuse_dependents(disk, force, "extending it")?;
     if layer.create_type.is_device()
         || layer.extents.iter().any(|e| {
             use std::os::unix::fs::FileTypeExt;
@@ -326,7 +326,7 @@ pub fn extend(disk: &Path, size: NewSize, opts: &ExtendOptions) -> Result<(u64, 
         } else {
             (format!("{stem}-f{n:03}.vmdk"), ExtentType::Flat, Some(0))
         };
-        let p = crate::resolve::join_in(&dir, &name);
+        let p = crate::io::join_in(&dir, &name);
         if kind == ExtentType::Sparse {
             new_sparse_extent(&p, sectors)?;
         } else {

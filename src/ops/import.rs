@@ -287,7 +287,7 @@ fn raw_in_place(
         match buf {
             Some(b) if !is_zero(&b) => {
                 f.write_all_at(&b, u.start)
-                    .map_err(|e| crate::output::write_error(dst, u.start, e))?;
+                    .map_err(|e| crate::io::write_error(dst, u.start, e))?;
                 report.bytes_out += b.len() as u64;
             }
             _ => crate::output::zero_range(&f, dst, block && !eager, u.start, u.len)?,

@@ -57,7 +57,7 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io("list", dir, 0, e))?
         .flatten()
-        .map(|e| crate::resolve::join_in(dir, e.file_name()))
+        .map(|e| crate::io::join_in(dir, e.file_name()))
         .filter(|p| candidate(p))
         .collect();
     files.sort();
@@ -79,7 +79,7 @@ pub fn list(dir: &Path) -> Result<Vec<Entry>> {
                     .then(|| l.parent_hint().unwrap_or("").to_string());
                 let parent = l.parent_hint().filter(|_| !l.is_increment()).map(|h| {
                     crate::resolve::resolve_name(dir, h, false, "parent", f, &mut Vec::new())
-                        .unwrap_or_else(|_| crate::resolve::join_in(dir, h))
+                        .unwrap_or_else(|_| crate::io::join_in(dir, h))
                 });
                 let device = matches!(
                     l.create_type,

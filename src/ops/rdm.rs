@@ -87,7 +87,7 @@ pub fn create(disk: &Path, device: &Path, physical: bool, adapter: &str) -> Resu
         let to = if to.is_absolute() {
             to
         } else {
-            crate::resolve::join_in(&crate::resolve::folder_of(&map_path), to)
+            crate::io::join_in(&crate::io::folder_of(&map_path), to)
         };
         std::fs::canonicalize(to).is_ok_and(|to| to == device)
     });
@@ -117,7 +117,7 @@ pub fn create(disk: &Path, device: &Path, physical: bool, adapter: &str) -> Resu
             .map_err(|e| Error::io("create the mapping link", &map_path, 0, e))?;
     }
     // The link is durable before the descriptor that names it can be.
-    crate::output::sync_folder(&crate::resolve::folder_of(&map_path))?;
+    crate::io::sync_folder(&crate::io::folder_of(&map_path))?;
     let f = match AtomicFile::create(disk, false) {
         Ok(f) => f,
         Err(e) => {

@@ -38,7 +38,7 @@ impl RedoStyle {
     }
 }
 
-use crate::resolve::file_name_of as file_name;
+use crate::io::file_name_of as file_name;
 
 /// The folder of `p` as a prefix to join names to (empty for a bare file name, so
 /// printed paths stay as the user wrote them).
@@ -157,7 +157,7 @@ pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
     let top = chain.top();
     let style = opts.style.unwrap_or_else(|| own_style(top));
     if !opts.branch {
-        let (children, unknown) = crate::resolve::dependents_of(disk);
+        let (children, unknown) = crate::dependents::dependents_of(disk);
         let redo = PathBuf::from(format!("{}.REDO", disk.display()));
         if let Some(c) = children.first().or(redo.exists().then_some(&redo)) {
             return Err(Error::refused(
@@ -225,11 +225,11 @@ pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
         RedoStyle::VmfsSparse | RedoStyle::Hosted => {
             let stem = base_stem(&parent_name);
             // Temporaries a crash left do not hold a number (a live writer's do).
-            crate::guard::sweep_stale_temporaries(&crate::resolve::folder_of(disk));
+            crate::guard::sweep_stale_temporaries(&crate::io::folder_of(disk));
             let mut n = next_number(&dir, &stem, &parent_name);
             let (desc, delta, reuse_delta) = loop {
-                let d = crate::resolve::join_in(&dir, format!("{stem}-{n:06}.vmdk"));
-                let x = crate::resolve::join_in(&dir, format!("{stem}-{n:06}-delta.vmdk"));
+                let d = crate::io::join_in(&dir, format!("{stem}-{n:06}.vmdk"));
+                let x = crate::io::join_in(&dir, format!("{stem}-{n:06}-delta.vmdk"));
                 if !d.exists() && !x.exists() {
                     break (d, x, false);
                 }
@@ -306,8 +306,8 @@ fn empty_cowd(x: &Path) -> bool {
 /// folder (its parent is named by file name, as VMware names them): the overlay `serve
 /// --overlay` writes into. An existing `new` is refused; `disk` is only read.
 pub fn new_overlay(disk: &Path, new: &Path) -> Result<()> {
-    if crate::resolve::folder_of(disk).canonicalize().ok()
-        != crate::resolve::folder_of(new).canonicalize().ok()
+    if crate::io::folder_of(disk).canonicalize().ok()
+        != crate::io::folder_of(new).canonicalize().ok()
     {
         return Err(Error::InvalidInput(format!(
             "the overlay `{}` must be in the folder of `{}` (a delta names its parent by file name)",
@@ -513,7 +513,7 @@ pub fn write_opts(
         )));
     }
     rw.check_writable(offset, len)?;
-    crate::resolve::refuse_dependents(
+    crate::dependents::refuse_dependents(
         disk,
         opts.force,
         "writing into it (write into the top of the chain instead)",

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use super::{sector_entry, GrainEntries, SparseLayout, SECTOR};
 use crate::error::{Error, Result};
-use crate::output::write_error;
+use crate::io::write_error;
 
 /// Grain size of the sparse files vmdkit writes (128 sectors).
 const GRAIN_BYTES: u64 = 65536;

@@ -194,13 +194,13 @@ impl<W: Write> StreamWriter<W> {
     fn put(&mut self, b: &[u8]) -> Result<()> {
         self.w
             .write_all(b)
-            .map_err(|e| crate::output::write_error(&self.name, self.pos, e))?;
+            .map_err(|e| crate::io::write_error(&self.name, self.pos, e))?;
         self.pos += b.len() as u64;
         Ok(())
     }
 
     fn zeros(&mut self, n: u64) -> Result<()> {
-        for z in crate::output::zero_chunks(n) {
+        for z in crate::io::zero_chunks(n) {
             self.put(z)?;
         }
         Ok(())
@@ -299,7 +299,7 @@ impl<W: Write> StreamWriter<W> {
         self.put(&[0u8; 512])?; // end-of-stream marker
         self.w
             .flush()
-            .map_err(|e| crate::output::write_error(&self.name, self.pos, e))?;
+            .map_err(|e| crate::io::write_error(&self.name, self.pos, e))?;
         Ok((self.w, self.pos, self.grains))
     }
 }

@@ -14,9 +14,10 @@ use crate::error::{Error, Result};
 use crate::format::descriptor::{CreateType, Descriptor, ExtentLine, ExtentType, NO_PARENT_CID};
 use crate::format::sparse::{self, SECTOR};
 use crate::guard::{FileId, LockKind, LockSet};
+use crate::io::folder_of;
 use crate::io::{Source, SourceMode};
 use crate::layer::{Layer, OpenOptions};
-use crate::resolve::{confine, folder_of, resolve_name};
+use crate::resolve::{confine, resolve_name};
 
 /// Check `disk` and every parent below it.
 pub fn check(disk: &Path, repair: bool) -> Result<CheckReport> {
@@ -157,7 +158,7 @@ impl Walk<'_> {
         let _ = f.read_exact_at(&mut head, 0);
         if &head == b"COWD" {
             check_cowd(path, self.opts.repair, &mut self.r)?;
-            let name = crate::resolve::file_name_of(path);
+            let name = crate::io::file_name_of(path);
             let links = Links {
                 parent_hint: name.strip_suffix(".REDO").map(str::to_string),
                 ..Default::default()
@@ -248,7 +249,7 @@ impl Walk<'_> {
         };
         let what = format!("extent {}", k + 1);
         let ct = ct.unwrap_or(CreateType::Custom);
-        if let Err(e) = confine(&p, &dir, ct, &open_options(self.opts), &what, path) {
+        if let Err(e) = confine(&p, &dir, ct, self.opts.allow_outside_paths, &what, path) {
             self.r.incomplete = Some(e.to_string());
             return Ok(None);
         }
@@ -308,7 +309,7 @@ impl Walk<'_> {
                     &p,
                     &dir,
                     CreateType::Custom,
-                    &open_options(self.opts),
+                    self.opts.allow_outside_paths,
                     "parent",
                     path,
                 )

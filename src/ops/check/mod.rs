@@ -271,5 +271,5 @@ pub(super) fn wr32(f: &File, path: &Path, at: u64, v: &[u32]) -> Result<()> {
     let mut b = vec![0u8; v.len() * 4];
     LE::write_u32_into(v, &mut b);
     f.write_all_at(&b, at)
-        .map_err(|e| crate::output::write_error(path, at, e))
+        .map_err(|e| crate::io::write_error(path, at, e))
 }

@@ -751,7 +751,7 @@ impl<'a> SparseCheck<'a> {
                 .map_err(|e| Error::io("flush", path, 0, e))?;
             self.f
                 .write_all_at(&[0], 72)
-                .map_err(|e| crate::output::write_error(path, 72, e))?;
+                .map_err(|e| crate::io::write_error(path, 72, e))?;
             r.findings[idx].repaired = true;
         }
         Ok(())
