@@ -1,5 +1,5 @@
 //! The one copy engine: plan from `map()` (metadata only, [`plan`]), produce in parallel
-//! on rayon (read, zero-detect, compress, checksum: [`Producer`]), one [`sink::Sink`]
+//! on rayon (read, zero-detect, compress, checksum: [`Producer`]), one [`Sink`]
 //! consuming the results in address order. export, import (from disks and from pipes),
 //! cat, verify and commit all run on it.
 //!
@@ -17,19 +17,15 @@ use rayon::prelude::*;
 
 pub mod feed;
 pub mod plan;
-pub mod sink;
 pub mod target;
 
-pub use plan::{manifest_of, scan, OutputFile, Planner, Unit, UnitSource, DEFAULT_UNIT};
-pub use sink::{CopyReport, Sink};
+pub use crate::format::output::{CopyReport, OutputFile, Piece, Sink, Unit, GRAIN};
+pub use plan::{manifest_of, scan, Planner, UnitSource, DEFAULT_UNIT};
 
 use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
 use crate::format::sparse::SECTOR;
 use crate::format::stream::grain_record;
-
-/// Grain size of every sparse output (VMware's only accepted value for streams).
-pub const GRAIN: u64 = 65536;
 
 /// Progress reporting hook (the CLI draws a bar; the library only counts). The engine
 /// counts the bytes it reads (units the map says hold data); ranges known to be zeros
@@ -194,23 +190,6 @@ pub fn is_zero(buf: &[u8]) -> bool {
         }
     }
     chunks.remainder().iter().all(|&b| b == 0)
-}
-
-/// What the parallel stage hands the sink for one unit.
-pub enum Piece {
-    /// All zeros: nothing to write.
-    Hole,
-    /// Bytes with something in them.
-    Data {
-        /// The unit's bytes.
-        buf: Vec<u8>,
-        /// One flag per 64 KiB grain of the unit.
-        nonzero: Vec<bool>,
-        /// Stream records of the nonzero grains, in order.
-        records: Vec<Vec<u8>>,
-        /// CRC-32 of the unit, when asked for.
-        crc: Option<crc32fast::Hasher>,
-    },
 }
 
 /// The parallel stage of a copy: reads a unit, finds its zero grains, compresses and
@@ -523,18 +502,18 @@ pub(crate) mod tests {
         }
         let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let raw_sink = || {
-            let kind = sink::SeqKind::Files {
-                files: vec![OutputFile {
-                    start: 0,
-                    len: d.capacity(),
-                    name: "raw".into(),
-                }],
+            let raw = crate::format::output::ExportFormat::Raw.spec();
+            raw.pipe_sink(crate::format::output::PipeOutput {
+                w: Box::new(Shared(out.clone())),
+                capacity: d.capacity(),
+                name: "raw".into(),
+                files: raw.files(d.capacity(), "raw"),
+                descriptor: None,
+                delta: false,
+                mtime: 0,
                 nonzero_grains: None,
-                sparse_extents: false,
-                embedded: None,
-                tar: None,
-            };
-            sink::to_writer(Box::new(Shared(out.clone())), kind, d.capacity()).unwrap()
+            })
+            .unwrap()
         };
         let producer = Producer {
             disk: &d,

@@ -4,19 +4,7 @@
 use crate::disk::VirtualDisk;
 use crate::error::Result;
 
-use super::{Piece, PipelineOptions, Producer, Progress, GRAIN};
-
-/// One piece of work: `len` bytes at `start`. `read` is false for ranges the map says
-/// read as zeros (no I/O needed).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unit {
-    /// First byte.
-    pub start: u64,
-    /// Length.
-    pub len: u64,
-    /// Whether the range must be read (false: known zeros).
-    pub read: bool,
-}
+use super::{Piece, PipelineOptions, Producer, Progress, Unit, GRAIN};
 
 /// Default unit size: 1 MiB (16 grains of 64 KiB).
 pub const DEFAULT_UNIT: u64 = 1 << 20;
@@ -143,17 +131,6 @@ impl UnitSource for std::vec::IntoIter<Unit> {
     fn next_unit(&mut self) -> Result<Option<Unit>> {
         Ok(self.next())
     }
-}
-
-/// One output file: a byte range of the disk and the file's name.
-#[derive(Debug, Clone)]
-pub struct OutputFile {
-    /// First byte of the disk it holds.
-    pub start: u64,
-    /// Bytes of the disk it holds.
-    pub len: u64,
-    /// File name (no folder).
-    pub name: String,
 }
 
 /// The zero-scan pass: which 64 KiB grains hold non-zero data.

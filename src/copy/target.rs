@@ -20,140 +20,20 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use crate::chain::Chain;
-pub use crate::copy::sink::Prealloc;
-use crate::copy::sink::{self, FileKind, SeqKind};
 use crate::copy::Progress;
 use crate::copy::{self as pipeline, OutputFile, Piece, PipelineOptions, Producer};
 pub use crate::copy::{CopyReport as ExportReport, Feed};
 use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
-use crate::format::descriptor::{Access, CreateType, Descriptor, ExtentLine, ExtentType};
+use crate::format::descriptor::{CreateType, Descriptor, ExtentLine};
 use crate::format::manifest::ManifestBuilder;
+pub use crate::format::output::{DiskType, ExportFormat, Prealloc};
+use crate::format::output::{FileOutput, PipeOutput};
 use crate::format::sparse::SECTOR;
 use crate::output::check_target;
 
 pub use super::GRAIN;
 pub use crate::format::sparse::SPLIT_SECTORS;
-
-/// Output formats of `export`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExportFormat {
-    /// Compressed stream (`stream`).
-    StreamOptimized,
-    /// One hosted sparse file (`sparse`).
-    MonolithicSparse,
-    /// Descriptor + 2 GB sparse extents (`split`).
-    TwoGbMaxExtentSparse,
-    /// Descriptor + one flat file (`flat`).
-    MonolithicFlat,
-    /// Descriptor + 2 GB flat extents.
-    TwoGbMaxExtentFlat,
-    /// ESX descriptor + `-flat.vmdk` (thin: holes).
-    Vmfs,
-    /// Plain raw content.
-    Raw,
-}
-
-impl ExportFormat {
-    /// Parse a format name: any [`DiskType`] name (thin and thick `vmfs` are one format;
-    /// the allocation is [`DiskType::format`]'s second half).
-    pub fn parse(s: &str) -> Option<ExportFormat> {
-        DiskType::parse(s).map(|t| t.format().0)
-    }
-
-    /// The createType written (None for raw).
-    pub fn create_type(self) -> Option<CreateType> {
-        Some(match self {
-            ExportFormat::StreamOptimized => CreateType::StreamOptimized,
-            ExportFormat::MonolithicSparse => CreateType::MonolithicSparse,
-            ExportFormat::TwoGbMaxExtentSparse => CreateType::TwoGbMaxExtentSparse,
-            ExportFormat::MonolithicFlat => CreateType::MonolithicFlat,
-            ExportFormat::TwoGbMaxExtentFlat => CreateType::TwoGbMaxExtentFlat,
-            ExportFormat::Vmfs => CreateType::Vmfs,
-            ExportFormat::Raw => return None,
-        })
-    }
-
-    /// Whether the output is made of hosted sparse extents.
-    pub fn is_sparse(self) -> bool {
-        matches!(
-            self,
-            ExportFormat::MonolithicSparse | ExportFormat::TwoGbMaxExtentSparse
-        )
-    }
-}
-
-/// The one vocabulary of disk types every command that writes a disk takes (`export`,
-/// `import`, `create`; vmkfstools `-d`): createType names, vmkfstools names and short
-/// aliases, case-insensitive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskType {
-    /// `vmfs` descriptor + `-flat.vmdk` with holes (vmkfstools `thin`).
-    Thin,
-    /// `vmfs` flat file fully allocated, zeros not written (`zeroedthick`).
-    ZeroedThick,
-    /// `vmfs` flat file with every byte written (`eagerzeroedthick`).
-    EagerZeroedThick,
-    /// One hosted sparse file (`monolithicSparse`, `sparse`).
-    MonolithicSparse,
-    /// Descriptor + 2 GB sparse extents (`twoGbMaxExtentSparse`, `2gbsparse`, `split`).
-    TwoGbMaxExtentSparse,
-    /// Descriptor + one flat file (`monolithicFlat`, `flat`).
-    MonolithicFlat,
-    /// Descriptor + 2 GB flat extents (`twoGbMaxExtentFlat`, `2gbflat`, `splitflat`).
-    TwoGbMaxExtentFlat,
-    /// Plain file or block device (`raw`).
-    Raw,
-    /// streamOptimized (`stream`).
-    StreamOptimized,
-}
-
-impl DiskType {
-    /// Every name [`parse`](Self::parse) takes, for messages and help.
-    pub const NAMES: &'static str = "thin (vmfs), zeroedthick (thick), eagerzeroedthick, monolithicSparse (sparse), twoGbMaxExtentSparse (2gbsparse, split), monolithicFlat (flat), twoGbMaxExtentFlat (2gbflat), streamOptimized (stream), raw";
-
-    /// Parse a type name.
-    pub fn parse(s: &str) -> Option<DiskType> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "thin" | "vmfs" | "vmfsthin" => DiskType::Thin,
-            "zeroedthick" | "thick" | "preallocated" => DiskType::ZeroedThick,
-            "eagerzeroedthick" => DiskType::EagerZeroedThick,
-            "monolithicsparse" | "sparse" => DiskType::MonolithicSparse,
-            "twogbmaxextentsparse" | "2gbmaxextentsparse" | "2gbsparse" | "split" => {
-                DiskType::TwoGbMaxExtentSparse
-            }
-            "monolithicflat" | "flat" => DiskType::MonolithicFlat,
-            "twogbmaxextentflat" | "2gbmaxextentflat" | "2gbflat" | "splitflat" => {
-                DiskType::TwoGbMaxExtentFlat
-            }
-            "raw" => DiskType::Raw,
-            "streamoptimized" | "stream" => DiskType::StreamOptimized,
-            _ => return None,
-        })
-    }
-
-    /// Parse, or explain which names exist.
-    pub fn parse_or_explain(s: &str) -> Result<DiskType> {
-        Self::parse(s).ok_or_else(|| {
-            Error::InvalidInput(format!("unknown disk type `{s}` (one of: {})", Self::NAMES))
-        })
-    }
-
-    /// The output format written and how its flat files are allocated.
-    pub fn format(self) -> (ExportFormat, Prealloc) {
-        match self {
-            DiskType::Thin => (ExportFormat::Vmfs, Prealloc::Thin),
-            DiskType::ZeroedThick => (ExportFormat::Vmfs, Prealloc::Allocate),
-            DiskType::EagerZeroedThick => (ExportFormat::Vmfs, Prealloc::WriteZeros),
-            DiskType::MonolithicSparse => (ExportFormat::MonolithicSparse, Prealloc::Thin),
-            DiskType::TwoGbMaxExtentSparse => (ExportFormat::TwoGbMaxExtentSparse, Prealloc::Thin),
-            DiskType::MonolithicFlat => (ExportFormat::MonolithicFlat, Prealloc::Thin),
-            DiskType::TwoGbMaxExtentFlat => (ExportFormat::TwoGbMaxExtentFlat, Prealloc::Thin),
-            DiskType::Raw => (ExportFormat::Raw, Prealloc::Thin),
-            DiskType::StreamOptimized => (ExportFormat::StreamOptimized, Prealloc::Thin),
-        }
-    }
-}
 
 /// Options of an export.
 #[derive(Debug, Clone)]
@@ -212,45 +92,6 @@ pub enum Dest {
         /// File name used inside the output.
         name: String,
     },
-}
-
-// ---------------------------------------------------------------------------------------
-// Naming and descriptors
-
-fn stem_of(name: &str) -> String {
-    let n = name.strip_suffix(".vmdk").unwrap_or(name);
-    n.to_string()
-}
-
-fn plan_extents(format: ExportFormat, capacity: u64, name: &str) -> Vec<OutputFile> {
-    let stem = stem_of(name);
-    let split = |suffix: char| {
-        let size = SPLIT_SECTORS * SECTOR;
-        let n = capacity.div_ceil(size).max(1);
-        (0..n)
-            .map(|i| OutputFile {
-                start: i * size,
-                len: (capacity - i * size).min(size),
-                name: format!("{stem}-{suffix}{:03}.vmdk", i + 1),
-            })
-            .collect()
-    };
-    match format {
-        ExportFormat::TwoGbMaxExtentSparse => split('s'),
-        ExportFormat::TwoGbMaxExtentFlat => split('f'),
-        ExportFormat::MonolithicFlat | ExportFormat::Vmfs => vec![OutputFile {
-            start: 0,
-            len: capacity,
-            name: format!("{stem}-flat.vmdk"),
-        }],
-        ExportFormat::StreamOptimized | ExportFormat::MonolithicSparse | ExportFormat::Raw => {
-            vec![OutputFile {
-                start: 0,
-                len: capacity,
-                name: name.to_string(),
-            }]
-        }
-    }
 }
 
 /// What an output's descriptor is made from: DDB keys and a CID.
@@ -404,28 +245,6 @@ pub fn output_descriptor(
     Descriptor::new(ct, cid, parent, extents, &ddb)
 }
 
-fn extent_lines(format: ExportFormat, pieces: &[OutputFile]) -> Vec<ExtentLine> {
-    pieces
-        .iter()
-        .map(|p| ExtentLine {
-            access: Access::Rw,
-            sectors: p.len / SECTOR,
-            kind: match format {
-                ExportFormat::Vmfs => ExtentType::Vmfs,
-                ExportFormat::MonolithicFlat | ExportFormat::TwoGbMaxExtentFlat => ExtentType::Flat,
-                _ => ExtentType::Sparse,
-            },
-            file: Some(p.name.clone()),
-            offset: matches!(
-                format,
-                ExportFormat::MonolithicFlat | ExportFormat::TwoGbMaxExtentFlat
-            )
-            .then_some(0),
-            extra: vec![],
-        })
-        .collect()
-}
-
 /// Refuse options that make no sense before anything is opened for writing.
 fn check_options(opts: &ExportOptions, cap: u64) -> Result<()> {
     if opts.level > 9 {
@@ -465,43 +284,18 @@ pub struct OutputPlan {
 
 /// Plan an output of `format` named `name` for a disk of `cap` bytes.
 pub fn plan_output(format: ExportFormat, meta: &OutputMeta, cap: u64, name: &str) -> OutputPlan {
-    let pieces = plan_extents(format, cap, name);
-    let descriptor = describe(format, meta, cap, name, &pieces);
+    let spec = format.spec();
+    let pieces = spec.files(cap, name);
+    let descriptor = spec.create_type().map(|ct| {
+        output_descriptor(meta, cap, ct, spec.extent_lines(cap, name, &pieces))
+            .to_text()
+            .into_bytes()
+    });
     OutputPlan {
         pieces,
         descriptor,
-        separate_descriptor: matches!(
-            format,
-            ExportFormat::TwoGbMaxExtentSparse
-                | ExportFormat::MonolithicFlat
-                | ExportFormat::TwoGbMaxExtentFlat
-                | ExportFormat::Vmfs
-        ),
+        separate_descriptor: spec.separate_descriptor(),
     }
-}
-
-/// The descriptor text of an output named `name` (None for raw).
-fn describe(
-    format: ExportFormat,
-    meta: &OutputMeta,
-    cap: u64,
-    name: &str,
-    pieces: &[OutputFile],
-) -> Option<Vec<u8>> {
-    let ct = format.create_type()?;
-    let lines = match format {
-        ExportFormat::StreamOptimized | ExportFormat::MonolithicSparse => vec![ExtentLine::rw(
-            ExtentType::Sparse,
-            cap / SECTOR,
-            name.to_string(),
-        )],
-        _ => extent_lines(format, pieces),
-    };
-    Some(
-        output_descriptor(meta, cap, ct, lines)
-            .to_text()
-            .into_bytes(),
-    )
 }
 
 /// Export any disk with descriptor metadata `meta` (`mtime` dates tar members); when
@@ -551,13 +345,10 @@ pub fn export_fed(
         descriptor,
         separate_descriptor,
     } = plan_output(format, meta, cap, &name);
-    let embedded = match format {
-        ExportFormat::MonolithicSparse => descriptor.clone(),
-        _ => None,
-    };
+    let spec = format.spec();
     let producer = Producer {
         disk: chain,
-        compress: (format == ExportFormat::StreamOptimized).then_some(opts.level),
+        compress: spec.compresses().then_some(opts.level),
         crc: manifest.is_some(),
     };
 
@@ -588,25 +379,17 @@ pub fn export_fed(
                 crate::guard::refuse_source_as_target(&dir.join(&p.name), &sources)?;
                 check_target(&dir.join(&p.name), opts.force)?;
             }
-            let descriptor_file = separate_descriptor.then(|| {
-                (
-                    path.clone(),
-                    descriptor.clone().expect("descriptor formats"),
-                )
-            });
-            let kind = match format {
-                ExportFormat::StreamOptimized => FileKind::Stream {
-                    descriptor: descriptor.clone().expect("stream descriptor"),
-                    delta: opts.delta,
-                },
-                f if f.is_sparse() => FileKind::Sparse {
-                    embedded: embedded.clone(),
-                },
-                _ => FileKind::Flat {
-                    prealloc: opts.prealloc,
-                },
-            };
-            sink::to_files(kind, cap, dir, pieces, descriptor_file, opts.force)?
+            debug_assert_eq!(separate_descriptor, spec.separate_descriptor());
+            spec.file_sink(FileOutput {
+                capacity: cap,
+                dir,
+                files: pieces,
+                descriptor,
+                descriptor_path: path,
+                force: opts.force,
+                prealloc: opts.prealloc,
+                delta: opts.delta,
+            })?
         }
         Dest::Writer { .. } if feed.is_some() => {
             return Err(Error::InvalidInput(
@@ -614,34 +397,23 @@ pub fn export_fed(
             ));
         }
         Dest::Writer { w, name: _ } => {
-            let kind = match format {
-                ExportFormat::StreamOptimized => SeqKind::Stream {
-                    descriptor: descriptor.clone().expect("stream descriptor"),
-                    delta: opts.delta,
-                },
-                // Sparse extents are laid out from a zero-scan pass; flat files in a tar
-                // use it too, to become GNU sparse members (a thin disk stays small on
-                // tape).
-                _ => SeqKind::Files {
-                    nonzero_grains: if format != ExportFormat::Raw {
-                        Some(pipeline::scan(chain, popts, &crate::copy::NoProgress)?)
-                    } else {
-                        None
-                    },
-                    sparse_extents: format.is_sparse(),
-                    files: pieces,
-                    embedded: embedded.clone(),
-                    tar: (!matches!(format, ExportFormat::Raw | ExportFormat::MonolithicSparse))
-                        .then(|| {
-                            (
-                                name.clone(),
-                                descriptor.clone().expect("tar formats have a descriptor"),
-                                mtime,
-                            )
-                        }),
-                },
+            let mut out = PipeOutput {
+                w,
+                capacity: cap,
+                name: name.clone(),
+                files: pieces,
+                descriptor,
+                delta: opts.delta,
+                mtime,
+                nonzero_grains: None,
             };
-            sink::to_writer(w, kind, cap)?
+            // A layout that depends on which grains hold data (sparse extents; flat files
+            // in a tar, which become GNU sparse members so a thin disk stays small on
+            // tape) is planned by a zero-scan pass first.
+            if spec.needs_scan(&out) {
+                out.nonzero_grains = Some(pipeline::scan(chain, popts, &crate::copy::NoProgress)?);
+            }
+            spec.pipe_sink(out)?
         }
     };
     match feed {

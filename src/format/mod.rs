@@ -11,6 +11,7 @@ pub mod descriptor;
 pub mod detect;
 pub mod geometry;
 pub mod manifest;
+pub mod output;
 pub mod sesparse;
 pub mod sparse;
 pub mod stream;

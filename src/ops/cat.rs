@@ -5,10 +5,10 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::copy::sink::{self, FileKind, Prealloc, SeqKind};
-use crate::copy::{self as pipeline, OutputFile, PipelineOptions, Producer};
+use crate::copy::{self as pipeline, PipelineOptions, Producer};
 use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
+use crate::format::output::{ExportFormat, FileOutput, PipeOutput, Prealloc};
 use crate::ops::Progress;
 use crate::output::check_target;
 
@@ -44,18 +44,18 @@ pub fn cat_to_writer(
 ) -> Result<()> {
     let mut locks = crate::guard::LockSet::new();
     locks.shared_all(&disk.source_files())?;
-    let kind = SeqKind::Files {
-        files: vec![OutputFile {
-            start: 0,
-            len: disk.capacity(),
-            name: "<stdout>".into(),
-        }],
+    let cap = disk.capacity();
+    let raw = ExportFormat::Raw.spec();
+    let sink = raw.pipe_sink(PipeOutput {
+        w: out,
+        capacity: cap,
+        name: "<stdout>".into(),
+        files: raw.files(cap, "<stdout>"),
+        descriptor: None,
+        delta: false,
+        mtime: 0,
         nonzero_grains: None,
-        sparse_extents: false,
-        embedded: None,
-        tar: None,
-    };
-    let sink = sink::to_writer(out, kind, disk.capacity())?;
+    })?;
     copy(disk, sink, opts, progress)
 }
 
@@ -78,20 +78,17 @@ pub fn cat_to_file(
         .ok_or_else(|| Error::InvalidInput(format!("`{}` is not a file name", target.display())))?
         .to_string_lossy()
         .into_owned();
-    let file = OutputFile {
-        start: 0,
-        len: disk.capacity(),
-        name,
-    };
-    let sink = sink::to_files(
-        FileKind::Flat {
-            prealloc: Prealloc::Thin,
-        },
-        disk.capacity(),
-        crate::io::folder_of(target),
-        vec![file],
-        None,
+    let cap = disk.capacity();
+    let raw = ExportFormat::Raw.spec();
+    let sink = raw.file_sink(FileOutput {
+        capacity: cap,
+        dir: crate::io::folder_of(target),
+        files: raw.files(cap, &name),
+        descriptor: None,
+        descriptor_path: target.to_path_buf(),
         force,
-    )?;
+        prealloc: Prealloc::Thin,
+        delta: false,
+    })?;
     copy(disk, sink, opts, progress)
 }

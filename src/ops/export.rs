@@ -7,7 +7,7 @@ use crate::copy::{PipelineOptions, Progress};
 use crate::disk::VirtualDisk;
 use crate::error::Result;
 
-pub use crate::copy::sink::Prealloc;
+pub use crate::copy::target::Prealloc;
 pub(crate) use crate::copy::target::{export_fed, OutputMeta, GRAIN};
 pub use crate::copy::target::{Dest, ExportFormat, ExportOptions, ExportReport};
 

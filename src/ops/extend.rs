@@ -289,7 +289,7 @@ pub fn extend(disk: &Path, size: NewSize, opts: &ExtendOptions) -> Result<(u64, 
                     .map_err(io_err("open for writing", p, 0))?;
                 let end = fl.offset + target * SECTOR;
                 if thick {
-                    crate::copy::sink::allocate(&f, p, end)?;
+                    crate::format::output::allocate(&f, p, end)?;
                 }
                 if f.metadata().map_err(io_err("stat", p, 0))?.len() < end {
                     f.set_len(end).map_err(io_err("extend", p, end))?;

@@ -25,7 +25,8 @@ use crate::copy::target::{plan_output, ExportFormat, OutputMeta};
 use crate::copy::{self as pipeline, is_zero, PipelineOptions, Planner, GRAIN};
 use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
-use crate::format::sparse::{embedded_sectors, SparseLayout, SECTOR};
+use crate::format::output::{Compressed, Counted};
+use crate::format::sparse::SECTOR;
 use crate::format::stream::grain_record;
 use crate::ops::Progress;
 
@@ -151,13 +152,6 @@ impl Measurement {
             self.name
         )
     }
-}
-
-/// The biggest record a grain can make: its zlib bound with the 12-byte record header,
-/// padded to a sector.
-fn record_bound() -> u64 {
-    let mut c = libdeflater::Compressor::new(libdeflater::CompressionLvl::default());
-    (12 + c.zlib_compress_bound(GRAIN as usize) as u64).div_ceil(SECTOR) * SECTOR
 }
 
 /// Whether grain `g` is in the sample whose compression is measured (one in 8, spread
@@ -290,94 +284,39 @@ pub fn measure(
         },
     )?;
     let data_grains: u64 = counts.per_piece.iter().sum();
-    let descriptor_len = plan.descriptor.as_ref().map_or(0, |d| d.len() as u64);
-    let separate = if plan.separate_descriptor {
-        descriptor_len
-    } else {
-        0
-    };
+    let sizes = format.spec().measure(&Counted {
+        capacity: cap,
+        files: &plan.pieces,
+        descriptor: plan.descriptor.as_deref(),
+        data_grains: &counts.per_piece,
+        data_bytes: counts.data_bytes,
+        tables: counts.tables.len() as u64,
+        delta: opts.delta,
+        thick: opts.thick,
+        compressed: Compressed {
+            exact: exact.then_some(counts.compressed_all),
+            sample: (counts.sample_grains, counts.sample_bytes),
+            early: (counts.early_grains, counts.early_bytes),
+        },
+    });
     let mut m = Measurement {
         format: format
             .create_type()
             .map_or("raw".to_string(), |c| c.as_str().to_string()),
         capacity: cap,
-        required: 0,
-        file_size: 0,
-        exact: true,
-        allocated: 0,
-        fully_allocated: None,
+        required: sizes.required,
+        file_size: sizes.file_size,
+        exact: sizes.estimate.is_none(),
+        allocated: sizes.allocated,
+        fully_allocated: sizes.fully_allocated,
         name: opts.name.clone(),
-        estimate: None,
+        estimate: sizes.estimate,
         data_grains,
         zeroed_grains: counts.zeroed,
         files: plan.pieces.iter().map(|p| p.name.clone()).collect(),
     };
     if plan.separate_descriptor {
         m.files.insert(0, opts.name.clone());
-    }
-    match format {
-        ExportFormat::StreamOptimized => {
-            let desc = plan.descriptor.as_ref().expect("stream descriptor");
-            let layout = SparseLayout::new(cap / SECTOR, 0);
-            let desc_sectors = (desc.len() as u64).div_ceil(SECTOR);
-            let head = (1 + desc_sectors).div_ceil(128) * 128 * SECTOR;
-            let gd = (layout.num_gts * 4).div_ceil(SECTOR) * SECTOR;
-            let tail = SECTOR + gd + 3 * SECTOR;
-            let table = SECTOR + 2048;
-            let meta_bytes = head + counts.tables.len() as u64 * table + tail;
-            let bound = record_bound();
-            m.required = meta_bytes + data_grains * bound;
-            m.fully_allocated = (!opts.delta)
-                .then(|| head + layout.num_gts * table + tail + layout.num_grains * bound);
-            if exact {
-                m.required = meta_bytes + counts.compressed_all;
-                m.allocated = m.required;
-            } else {
-                m.exact = false;
-                // The spread sample; the early grains join it only when it is thin.
-                let (n, b) = if counts.sample_grains >= 64 {
-                    (counts.sample_grains, counts.sample_bytes)
-                } else {
-                    (
-                        counts.sample_grains + counts.early_grains,
-                        counts.sample_bytes + counts.early_bytes,
-                    )
-                };
-                let e = if n > 0 {
-                    meta_bytes + (data_grains as f64 * b as f64 / n as f64).ceil() as u64
-                } else {
-                    meta_bytes + data_grains * bound
-                };
-                m.estimate = Some(e);
-                m.allocated = e;
-            }
-            m.file_size = m.required;
-        }
-        f if f.is_sparse() => {
-            let embedded = if f == ExportFormat::MonolithicSparse {
-                embedded_sectors(plan.descriptor.as_ref().expect("descriptor"))
-            } else {
-                0
-            };
-            let mut full = 0;
-            for (p, n) in plan.pieces.iter().zip(&counts.per_piece) {
-                let layout = SparseLayout::new(p.len / SECTOR, embedded);
-                m.required += layout.file_bytes(*n);
-                full += layout.file_bytes(layout.num_grains);
-            }
-            m.required += separate;
-            m.fully_allocated = Some(full + separate);
-            m.allocated = m.required;
-            m.file_size = m.required;
-        }
-        _ => {
-            // Flat and raw: the files' apparent size is the disk's; a thin one takes
-            // only its data on a file system, a thick one all of it.
-            m.file_size = cap + separate;
-            m.fully_allocated = Some(m.file_size);
-            m.allocated = counts.data_bytes + separate;
-            m.required = if opts.thick { m.file_size } else { m.allocated };
-        }
     }
     Ok(m)
 }
