@@ -245,33 +245,62 @@ impl Producer<'_> {
     }
 }
 
-/// Copy `disk` through `producer` into `sink`, in order; `observe` sees every unit and
-/// its piece first (manifests).
+/// Where a copy's content comes from.
+pub enum Content<'a> {
+    /// Read from a disk, at the units its map plans (metadata first: what reads as zero
+    /// is never read).
+    Disk(&'a dyn VirtualDisk),
+    /// Pushed by a sequential source (a pipe: [`Feed`]); what it skips reads as zero.
+    Feed(&'a mut dyn Feed),
+}
+
+/// The one copy driver: `content` through `producer` (in parallel: reads or inflation,
+/// zero detection, compression, checksums) into `sink`, in address order; `observe` sees
+/// every unit and its piece first (manifests). The sink sees the whole capacity of
+/// `producer.disk`, holes included.
 pub fn drive(
-    disk: &dyn VirtualDisk,
+    content: Content<'_>,
     popts: PipelineOptions,
     producer: &Producer<'_>,
     sink: &mut dyn Sink,
     observe: &mut (dyn FnMut(&Unit, &Piece) + Send),
     progress: &dyn Progress,
 ) -> Result<()> {
-    let mut planner = Planner::new(disk, popts.unit);
-    run(
-        &mut planner,
-        popts,
-        |u| producer.produce(u),
-        |u, p| {
-            observe(&u, &p);
-            sink.put(&u, &p)?;
-            if u.read {
-                progress.inc(u.len);
-            }
-            if let Piece::Data { buf, .. } = p {
-                buffers::give(buf);
+    let mut deliver = |u: Unit, p: Piece| -> Result<()> {
+        observe(&u, &p);
+        sink.put(&u, &p)?;
+        if u.read {
+            progress.inc(u.len);
+        }
+        if let Piece::Data { buf, .. } = p {
+            buffers::give(buf);
+        }
+        Ok(())
+    };
+    match content {
+        Content::Disk(disk) => {
+            let mut planner = Planner::new(disk, popts.unit);
+            run(&mut planner, popts, |u| producer.produce(u), deliver)
+        }
+        Content::Feed(feed) => {
+            let pool = pool(popts.threads)?;
+            let window = pool.current_num_threads() * window_per_thread(popts.unit);
+            let mut next = 0u64;
+            let cap = producer.disk.capacity();
+            feed_batches(feed, &pool, window, &mut |mut batch| {
+                put_batch(&pool, &mut batch, &mut next, producer, &mut deliver)
+            })?;
+            if next < cap {
+                let gap = Unit {
+                    start: next,
+                    len: cap - next,
+                    read: false,
+                };
+                deliver(gap, Piece::Hole)?;
             }
             Ok(())
-        },
-    )
+        }
+    }
 }
 
 /// Content pushed from a sequential source (import from a pipe) instead of read from a
@@ -330,38 +359,6 @@ pub fn feed_batches(
     })
 }
 
-/// Like [`drive`], for content pushed by a [`Feed`] (a pipe): gaps are holes. Pushed
-/// units are batched by window and their pieces made in parallel (zero detection,
-/// stream compression, checksums), then handed to the sink in order.
-pub fn drive_feed(
-    feed: &mut dyn Feed,
-    popts: PipelineOptions,
-    producer: &Producer<'_>,
-    sink: &mut dyn Sink,
-    observe: &mut (dyn FnMut(&Unit, &Piece) + Send),
-    progress: &dyn Progress,
-) -> Result<()> {
-    let pool = pool(popts.threads)?;
-    let window = pool.current_num_threads() * window_per_thread(popts.unit);
-    let mut next = 0u64;
-    let cap = producer.disk.capacity();
-    feed_batches(feed, &pool, window, &mut |mut batch| {
-        put_batch(
-            &pool, &mut batch, &mut next, producer, sink, observe, progress,
-        )
-    })?;
-    if next < cap {
-        let gap = Unit {
-            start: next,
-            len: cap - next,
-            read: false,
-        };
-        observe(&gap, &Piece::Hole);
-        sink.put(&gap, &Piece::Hole)?;
-    }
-    Ok(())
-}
-
 /// Make the pieces of a batch of pushed units in parallel, then put them (and the holes
 /// between them) into the sink in order.
 fn put_batch(
@@ -369,9 +366,7 @@ fn put_batch(
     batch: &mut Vec<(Unit, Vec<u8>)>,
     next: &mut u64,
     producer: &Producer<'_>,
-    sink: &mut dyn Sink,
-    observe: &mut (dyn FnMut(&Unit, &Piece) + Send),
-    progress: &dyn Progress,
+    deliver: &mut dyn FnMut(Unit, Piece) -> Result<()>,
 ) -> Result<()> {
     let made: Vec<(Unit, Result<Piece>)> = pool.install(|| {
         batch
@@ -387,13 +382,10 @@ fn put_batch(
                 len: u.start - *next,
                 read: false,
             };
-            observe(&gap, &Piece::Hole);
-            sink.put(&gap, &Piece::Hole)?;
+            deliver(gap, Piece::Hole)?;
         }
-        observe(&u, &p);
-        sink.put(&u, &p)?;
-        progress.inc(u.len);
         *next = u.start + u.len;
+        deliver(u, p)?;
     }
     Ok(())
 }
@@ -528,7 +520,7 @@ pub(crate) mod tests {
                 ..Default::default()
             };
             drive(
-                &d,
+                Content::Disk(&d),
                 popts,
                 &producer,
                 s.as_mut(),

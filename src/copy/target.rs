@@ -416,19 +416,18 @@ pub fn export_fed(
             spec.pipe_sink(out)?
         }
     };
-    match feed {
-        Some(f) => {
-            pipeline::drive_feed(f, popts, &producer, sink.as_mut(), &mut observe, progress)?
-        }
-        None => pipeline::drive(
-            chain,
-            popts,
-            &producer,
-            sink.as_mut(),
-            &mut observe,
-            progress,
-        )?,
-    }
+    let content = match feed {
+        Some(f) => pipeline::Content::Feed(f),
+        None => pipeline::Content::Disk(chain),
+    };
+    pipeline::drive(
+        content,
+        popts,
+        &producer,
+        sink.as_mut(),
+        &mut observe,
+        progress,
+    )?;
     // The manifest's bytes are written (and can fail for space) before the outputs take
     // their names; its own rename follows theirs.
     let crc = manifest.map(|m| {

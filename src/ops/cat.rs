@@ -24,7 +24,7 @@ fn copy(
         crc: false,
     };
     pipeline::drive(
-        disk,
+        pipeline::Content::Disk(disk),
         opts,
         &producer,
         sink.as_mut(),

@@ -11,7 +11,7 @@ use crate::copy::target::DiskType;
 use crate::copy::target::{
     export_fed, Dest, ExportOptions, ExportReport, Feed, OutputMeta, Provisioning,
 };
-use crate::copy::{self as pipeline, is_zero, PipelineOptions, Planner, Unit};
+use crate::copy::{self as pipeline, Piece, PipelineOptions, Producer, Sink, Unit};
 use crate::disk::{VirtualDisk, ZeroDisk};
 use crate::error::{Error, Result};
 use crate::format::descriptor::random_cid;
@@ -275,59 +275,71 @@ fn raw_in_place(
         )));
     }
     let eager = opts.kind == DiskType::EagerZeroedThick;
-    let mut next = 0u64;
-    let mut report = ExportReport {
-        files: vec![dst.to_path_buf()],
+    let mut sink = InPlace {
+        f,
+        dst,
+        // Zero ranges of a block device are zeroed cheaply (BLKZEROOUT) unless every
+        // byte is to be written (eagerzeroedthick).
+        cheap_zeros: block && !eager,
+        report: ExportReport {
+            files: vec![dst.to_path_buf()],
+            ..Default::default()
+        },
+    };
+    let producer = Producer {
+        disk,
+        compress: None,
+        crc: false,
+    };
+    let popts = PipelineOptions {
+        threads: opts.threads,
         ..Default::default()
     };
-    let mut put = |u: Unit, buf: Option<Vec<u8>>| -> Result<()> {
-        if u.start > next {
-            crate::output::zero_range(&f, dst, block && !eager, next, u.start - next)?;
-        }
-        match buf {
-            Some(b) if !is_zero(&b) => {
-                f.write_all_at(&b, u.start)
-                    .map_err(|e| crate::io::write_error(dst, u.start, e))?;
-                report.bytes_out += b.len() as u64;
-            }
-            _ => crate::output::zero_range(&f, dst, block && !eager, u.start, u.len)?,
-        }
-        next = u.start + u.len;
-        if u.read {
-            progress.inc(u.len);
-        }
-        Ok(())
+    let content = match feed {
+        Some(feed) => pipeline::Content::Feed(feed),
+        None => pipeline::Content::Disk(disk),
     };
-    match feed {
-        Some(feed) => {
-            let pool = pipeline::pool(opts.threads)?;
-            pipeline::feed_batches(feed, &pool, pool.current_num_threads() * 4, &mut |batch| {
-                batch.into_iter().try_for_each(|(u, b)| put(u, Some(b)))
-            })?
-        }
-        None => {
-            let mut planner = Planner::new(disk, pipeline::DEFAULT_UNIT);
-            pipeline::run(
-                &mut planner,
-                PipelineOptions {
-                    threads: opts.threads,
-                    ..Default::default()
-                },
-                |u| {
-                    if !u.read {
-                        return Ok(None);
-                    }
-                    let mut b = vec![0u8; u.len as usize];
-                    disk.read_at(&mut b, u.start)?;
-                    Ok(Some(b))
-                },
-                &mut put,
-            )?;
+    pipeline::drive(
+        content,
+        popts,
+        &producer,
+        &mut sink,
+        &mut |_, _| {},
+        progress,
+    )?;
+    sink.finish()
+}
+
+/// The engine's sink for an in-place restore: data written where it lies, every other
+/// range zeroed (a device keeps no old data), synced at the end.
+struct InPlace<'a> {
+    f: std::fs::File,
+    dst: &'a Path,
+    cheap_zeros: bool,
+    report: ExportReport,
+}
+
+impl Sink for InPlace<'_> {
+    fn put(&mut self, u: &Unit, p: &Piece) -> Result<()> {
+        match p {
+            Piece::Data { buf, nonzero, .. } => {
+                self.f
+                    .write_all_at(buf, u.start)
+                    .map_err(|e| crate::io::write_error(self.dst, u.start, e))?;
+                self.report.bytes_out += buf.len() as u64;
+                self.report.grains += nonzero.iter().filter(|&&n| n).count() as u64;
+                Ok(())
+            }
+            Piece::Hole => {
+                crate::output::zero_range(&self.f, self.dst, self.cheap_zeros, u.start, u.len)
+            }
         }
     }
-    if next < cap {
-        crate::output::zero_range(&f, dst, block && !eager, next, cap - next)?;
+
+    fn finish(&mut self) -> Result<ExportReport> {
+        self.f
+            .sync_all()
+            .map_err(|e| Error::io("flush", self.dst, 0, e))?;
+        Ok(std::mem::take(&mut self.report))
     }
-    f.sync_all().map_err(|e| Error::io("flush", dst, 0, e))?;
-    Ok(report)
 }
