@@ -93,51 +93,7 @@ impl Chain {
                         None => e,
                     },
                 )?;
-            let parent = match layer.parent_hint() {
-                Some(hint) => {
-                    let dir = crate::io::folder_of(&layer.path);
-                    let mut notes = Vec::new();
-                    let abs = Path::new(hint);
-                    let p = if opts.allow_outside_paths && abs.is_absolute() && abs.exists() {
-                        abs.to_path_buf()
-                    } else {
-                        resolve_name(&dir, hint, false, "parent", &layer.path, &mut notes)?
-                    };
-                    crate::resolve::confine(
-                        &p,
-                        &dir,
-                        crate::format::descriptor::CreateType::Custom,
-                        opts.allow_outside_paths,
-                        "parent",
-                        &layer.path,
-                    )?;
-                    if !p.exists() {
-                        if let Some(note) = crate::recovery::commit_pending_note(&layer.path)
-                            .or_else(|| crate::recovery::commit_pending_note(path))
-                        {
-                            return Err(Error::chain(&layer.path, note));
-                        }
-                        return Err(Error::chain(
-                            &layer.path,
-                            format!(
-                                "parent `{hint}` not found (looked for `{}` in `{}`)",
-                                p.file_name()
-                                    .map(|n| n.to_string_lossy())
-                                    .unwrap_or_default(),
-                                dir.display()
-                            ),
-                        ));
-                    }
-                    warnings.extend(notes);
-                    Some(p)
-                }
-                None => {
-                    if let Some(msg) = missing_parent_hint(&layer) {
-                        warnings.push(msg);
-                    }
-                    None
-                }
-            };
+            let parent = parent_of(&layer, path, opts, &mut warnings)?;
             layers.push(layer);
             let Some(p) = parent else { break };
             next = p;
@@ -164,57 +120,7 @@ impl Chain {
                 }
             }
         }
-        // CID checks, child against parent.
-        for w in layers.windows(2) {
-            let (child, parent) = (&w[0], &w[1]);
-            let want = child.descriptor.parent_cid();
-            let have = parent.cid();
-            // ESX 2 REDO logs carry no CIDs: they are linked by name only.
-            if want != have && !child.bare_cowd {
-                let msg = format!(
-                    "parentCID {} does not match the CID {} of parent `{}`: the parent changed after this child was made",
-                    fmt_cid(want),
-                    fmt_cid(have),
-                    parent.path.display()
-                );
-                if opts.ignore_cid {
-                    warnings.push(format!(
-                        "`{}`: {msg} (read anyway, as asked)",
-                        child.path.display()
-                    ));
-                } else if crate::recovery::commit_explains(&child.path, parent, want)
-                    || crate::recovery::commit_explains(path, parent, want)
-                {
-                    // An interrupted commit merged this delta into its parent and gave
-                    // the parent its new CID: the delta still shadows only what the
-                    // parent now holds too, so reading through it reads the same.
-                    warnings.push(format!(
-                        "`{}`: merged into `{}` by an interrupted `vmdkit commit` that has not removed it yet; run the same commit again to finish",
-                        child.path.display(),
-                        parent.path.display()
-                    ));
-                } else if let Some(note) = crate::recovery::commit_pending_note(&child.path)
-                    .or_else(|| crate::recovery::commit_pending_note(path))
-                {
-                    return Err(Error::chain(&child.path, note));
-                } else {
-                    return Err(Error::Chain {
-                        path: child.path.clone(),
-                        what: msg,
-                        unless: Some(crate::error::Override::IgnoreCid),
-                    });
-                }
-            }
-            if child.capacity != parent.capacity {
-                warnings.push(format!(
-                    "`{}` is {} bytes but its parent `{}` is {} bytes",
-                    child.path.display(),
-                    child.capacity,
-                    parent.path.display(),
-                    parent.capacity
-                ));
-            }
-        }
+        check_links(&layers, path, opts, &mut warnings)?;
         warnings.extend(pending_notes);
         Ok(Chain { layers, warnings })
     }
@@ -431,6 +337,124 @@ impl Chain {
         }
         Ok(())
     }
+}
+
+/// The parent `layer` names, resolved in its folder (or outside it, as asked), which
+/// must exist; None for a base. `top` is the disk opened (for an interrupted commit's
+/// note).
+fn parent_of(
+    layer: &Layer,
+    top: &Path,
+    opts: &OpenOptions,
+    warnings: &mut Vec<String>,
+) -> Result<Option<PathBuf>> {
+    let path = top;
+    match layer.parent_hint() {
+        Some(hint) => {
+            let dir = crate::io::folder_of(&layer.path);
+            let mut notes = Vec::new();
+            let abs = Path::new(hint);
+            let p = if opts.allow_outside_paths && abs.is_absolute() && abs.exists() {
+                abs.to_path_buf()
+            } else {
+                resolve_name(&dir, hint, false, "parent", &layer.path, &mut notes)?
+            };
+            crate::resolve::confine(
+                &p,
+                &dir,
+                crate::format::descriptor::CreateType::Custom,
+                opts.allow_outside_paths,
+                "parent",
+                &layer.path,
+            )?;
+            if !p.exists() {
+                if let Some(note) = crate::recovery::commit_pending_note(&layer.path)
+                    .or_else(|| crate::recovery::commit_pending_note(path))
+                {
+                    return Err(Error::chain(&layer.path, note));
+                }
+                return Err(Error::chain(
+                    &layer.path,
+                    format!(
+                        "parent `{hint}` not found (looked for `{}` in `{}`)",
+                        p.file_name()
+                            .map(|n| n.to_string_lossy())
+                            .unwrap_or_default(),
+                        dir.display()
+                    ),
+                ));
+            }
+            warnings.extend(notes);
+            Ok(Some(p))
+        }
+        None => {
+            if let Some(msg) = missing_parent_hint(layer) {
+                warnings.push(msg);
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Content IDs (child against parent) and sizes along the chain: a mismatch is refused
+/// unless asked to read anyway, or an interrupted commit explains it.
+fn check_links(
+    layers: &[Layer],
+    path: &Path,
+    opts: &OpenOptions,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    for w in layers.windows(2) {
+        let (child, parent) = (&w[0], &w[1]);
+        let want = child.descriptor.parent_cid();
+        let have = parent.cid();
+        // ESX 2 REDO logs carry no CIDs: they are linked by name only.
+        if want != have && !child.bare_cowd {
+            let msg = format!(
+                "parentCID {} does not match the CID {} of parent `{}`: the parent changed after this child was made",
+                fmt_cid(want),
+                fmt_cid(have),
+                parent.path.display()
+            );
+            if opts.ignore_cid {
+                warnings.push(format!(
+                    "`{}`: {msg} (read anyway, as asked)",
+                    child.path.display()
+                ));
+            } else if crate::recovery::commit_explains(&child.path, parent, want)
+                || crate::recovery::commit_explains(path, parent, want)
+            {
+                // An interrupted commit merged this delta into its parent and gave
+                // the parent its new CID: the delta still shadows only what the
+                // parent now holds too, so reading through it reads the same.
+                warnings.push(format!(
+                    "`{}`: merged into `{}` by an interrupted `vmdkit commit` that has not removed it yet; run the same commit again to finish",
+                    child.path.display(),
+                    parent.path.display()
+                ));
+            } else if let Some(note) = crate::recovery::commit_pending_note(&child.path)
+                .or_else(|| crate::recovery::commit_pending_note(path))
+            {
+                return Err(Error::chain(&child.path, note));
+            } else {
+                return Err(Error::Chain {
+                    path: child.path.clone(),
+                    what: msg,
+                    unless: Some(crate::error::Override::IgnoreCid),
+                });
+            }
+        }
+        if child.capacity != parent.capacity {
+            warnings.push(format!(
+                "`{}` is {} bytes but its parent `{}` is {} bytes",
+                child.path.display(),
+                child.capacity,
+                parent.path.display(),
+                parent.capacity
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A layer that names a parent CID but no parent file: read as a base, though its

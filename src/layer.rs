@@ -553,41 +553,7 @@ impl Layer {
                     | ExtentType::VmfsRaw
                     | ExtentType::VmfsRdm => {
                         let src = open_extent(&p, opts, &what, name, &dir, path)?;
-                        let offset =
-                            line.offset
-                                .unwrap_or(0)
-                                .checked_mul(SECTOR)
-                                .ok_or_else(|| Error::Descriptor {
-                                    path: path.to_path_buf(),
-                                    line: 0,
-                                    what: format!("{what}: offset overflows"),
-                                })?;
-                        let Some(end) = offset.checked_add(declared) else {
-                            return Err(Error::Descriptor {
-                                path: path.to_path_buf(),
-                                line: 0,
-                                what: format!(
-                                    "{what}: offset {} sectors plus size {} sectors overflows",
-                                    line.offset.unwrap_or(0),
-                                    line.sectors
-                                ),
-                            });
-                        };
-                        match Some(end) {
-                            Some(end) if end <= src.len() => {}
-                            _ => notes.push(format!(
-                                "{what}: `{}` is {} bytes, shorter than the extent ({} bytes from offset {}); the rest reads as zeros",
-                                p.display(),
-                                src.len(),
-                                declared,
-                                offset
-                            )),
-                        }
-                        Extent::Flat(FlatExtent {
-                            src,
-                            offset,
-                            len: declared,
-                        })
+                        flat_extent(src, &line, declared, &what, &p, path, &mut notes)?
                     }
                     ExtentType::VmfsSparse => {
                         let src = open_extent(&p, opts, &what, name, &dir, path)?;
@@ -803,4 +769,51 @@ pub(crate) fn push_unallocated(out: &mut Vec<Run>, start: u64, len: u64, depth: 
             depth,
         },
     );
+}
+
+/// A flat extent (flat, vmfs, raw device) of `declared` bytes at the line's offset in
+/// `src`; a file shorter than that reads as zeros past its end (a note says so).
+fn flat_extent(
+    src: Source,
+    line: &ExtentLine,
+    declared: u64,
+    what: &str,
+    p: &Path,
+    path: &Path,
+    notes: &mut Vec<String>,
+) -> Result<Extent> {
+    let offset = line
+        .offset
+        .unwrap_or(0)
+        .checked_mul(SECTOR)
+        .ok_or_else(|| Error::Descriptor {
+            path: path.to_path_buf(),
+            line: 0,
+            what: format!("{what}: offset overflows"),
+        })?;
+    let Some(end) = offset.checked_add(declared) else {
+        return Err(Error::Descriptor {
+            path: path.to_path_buf(),
+            line: 0,
+            what: format!(
+                "{what}: offset {} sectors plus size {} sectors overflows",
+                line.offset.unwrap_or(0),
+                line.sectors
+            ),
+        });
+    };
+    if end > src.len() {
+        notes.push(format!(
+            "{what}: `{}` is {} bytes, shorter than the extent ({} bytes from offset {}); the rest reads as zeros",
+            p.display(),
+            src.len(),
+            declared,
+            offset
+        ));
+    }
+    Ok(Extent::Flat(FlatExtent {
+        src,
+        offset,
+        len: declared,
+    }))
 }

@@ -93,6 +93,30 @@ pub(super) fn run(args: &[String], ui: Ui) -> Result<ExitCode> {
 
 /// The vmdkit command line for vmkfstools `args` (empty: print the table).
 pub(super) fn translate(args: &[String]) -> Result<Vec<String>> {
+    match parse(args)? {
+        Some(p) => to_vmdkit(p),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// A vmkfstools command line, read.
+struct Parsed {
+    /// The operation (its flag) and its value.
+    op: Option<(&'static str, String)>,
+    /// `-d`.
+    kind: Option<String>,
+    /// `-a`.
+    adapter: Option<String>,
+    /// `-h`.
+    human: bool,
+    /// `-M`.
+    mappings: bool,
+    /// The other arguments (disks, folders).
+    rest: Vec<String>,
+}
+
+/// Read vmkfstools' flags; None for `--help`.
+fn parse(args: &[String]) -> Result<Option<Parsed>> {
     let mut op: Option<(&'static str, String)> = None;
     let mut kind: Option<String> = None;
     let mut adapter: Option<String> = None;
@@ -116,7 +140,7 @@ pub(super) fn translate(args: &[String]) -> Result<Vec<String>> {
     while i < args.len() {
         let a = args[i].as_str();
         match a {
-            "--help" | "-H" => return Ok(Vec::new()),
+            "--help" | "-H" => return Ok(None),
             "-c" | "--createvirtualdisk" => {
                 let v = value(&mut i, a)?;
                 set(&mut op, "-c", v)?;
@@ -181,6 +205,26 @@ pub(super) fn translate(args: &[String]) -> Result<Vec<String>> {
         }
         i += 1;
     }
+    Ok(Some(Parsed {
+        op,
+        kind,
+        adapter,
+        human,
+        mappings,
+        rest,
+    }))
+}
+
+/// The vmdkit command line that does what a vmkfstools one asks.
+fn to_vmdkit(p: Parsed) -> Result<Vec<String>> {
+    let Parsed {
+        op,
+        kind,
+        adapter,
+        human,
+        mappings,
+        rest,
+    } = p;
     let Some((o, v)) = op else {
         if mappings {
             bail!(

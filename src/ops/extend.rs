@@ -16,6 +16,7 @@ use crate::format::sparse::SPLIT_SECTORS;
 use crate::format::sparse::{SparseHeader, SparseLayout, SECTOR};
 use crate::format::Extent;
 use crate::io::SourceMode;
+use crate::layer::Layer;
 use crate::layer::OpenOptions;
 use crate::output::AtomicFile;
 use crate::write::write_descriptor;
@@ -182,11 +183,6 @@ pub struct ExtendOptions {
 
 /// Grow `disk` to `size`; returns the capacity before and after.
 pub fn extend(disk: &Path, size: NewSize, opts: &ExtendOptions) -> Result<(u64, u64)> {
-    let ExtendOptions {
-        force,
-        large,
-        allow_outside_paths,
-    } = *opts;
     let mut locks = crate::guard::LockSet::new();
     locks.lock(disk, crate::guard::LockKind::Exclusive)?;
     let mut chain = Chain::open(
@@ -194,7 +190,7 @@ pub fn extend(disk: &Path, size: NewSize, opts: &ExtendOptions) -> Result<(u64, 
         &OpenOptions {
             ignore_cid: true,
             mode: SourceMode::Pread,
-            allow_outside_paths,
+            allow_outside_paths: opts.allow_outside_paths,
             ..Default::default()
         },
     )?;
@@ -206,6 +202,47 @@ pub fn extend(disk: &Path, size: NewSize, opts: &ExtendOptions) -> Result<(u64, 
     }
     locks.exclusive_all(&chain.layers[0].files())?;
     let layer = &mut chain.layers[0];
+    let old = layer.capacity;
+    let new_size = validate(layer, disk, size, opts)?;
+    let new_sectors = new_size / SECTOR;
+    let mut lines: Vec<ExtentLine> = layer
+        .extents
+        .iter()
+        .map(|e| {
+            let mut l = e.line.clone();
+            l.sectors = e.extent.len() / SECTOR;
+            l
+        })
+        .collect();
+    let mut remaining = new_sectors - old / SECTOR;
+    remaining -= grow_last_extent(layer, disk, remaining, &mut lines)?;
+    add_split_extents(layer, disk, remaining, &mut lines)?;
+    // Descriptor last: extent sizes and geometry for the adapter.
+    if layer.embedded {
+        // The embedded line names the file itself; only its size changes.
+        let mut l = lines[0].clone();
+        l.sectors = new_sectors;
+        layer.descriptor.set_extents(vec![l]);
+    } else {
+        layer.descriptor.set_extents(lines);
+    }
+    let adapter = layer
+        .descriptor
+        .ddb("adapterType")
+        .unwrap_or("lsilogic")
+        .to_string();
+    let g = crate::format::geometry::compute(new_sectors, &adapter);
+    let d = &mut layer.descriptor;
+    d.set_ddb("geometry.cylinders", &g.cylinders.to_string());
+    d.set_ddb("geometry.heads", &g.heads.to_string());
+    d.set_ddb("geometry.sectors", &g.sectors.to_string());
+    write_descriptor(layer)?;
+    Ok((old, new_size))
+}
+
+/// The new capacity, once everything that refuses the extend has been checked (nothing
+/// is written before).
+fn validate(layer: &Layer, disk: &Path, size: NewSize, opts: &ExtendOptions) -> Result<u64> {
     let old = layer.capacity;
     let new_size = match size {
         NewSize::To(n) => n,
@@ -231,8 +268,8 @@ pub fn extend(disk: &Path, size: NewSize, opts: &ExtendOptions) -> Result<(u64, 
             disk.display()
         )));
     }
-    crate::format::check_capacity(new_size, large, disk)?;
-    crate::dependents::refuse_dependents(disk, force, "extending it")?;
+    crate::format::check_capacity(new_size, opts.large, disk)?;
+    crate::dependents::refuse_dependents(disk, opts.force, "extending it")?;
     if layer.create_type.is_device()
         || layer.extents.iter().any(|e| {
             use std::os::unix::fs::FileTypeExt;
@@ -247,74 +284,81 @@ pub fn extend(disk: &Path, size: NewSize, opts: &ExtendOptions) -> Result<(u64, 
             "extending a disk whose extents are host devices (its size is the device's); nothing was changed",
         ));
     }
-    crate::recovery::refuse_read_only_files(layer, force)?;
-    let new_sectors = new_size / SECTOR;
-    let ct = layer.create_type;
-    let dir = disk
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map_or(std::path::PathBuf::from("."), Path::to_path_buf);
-    let thick = ct == CreateType::Vmfs && layer.descriptor.ddb("thinProvisioned") != Some("1");
-    let mut lines: Vec<ExtentLine> = layer
-        .extents
-        .iter()
-        .map(|e| {
-            let mut l = e.line.clone();
-            l.sectors = e.extent.len() / SECTOR;
-            l
-        })
-        .collect();
-    let last = layer.extents.last().expect("a layer has extents");
-    let split = matches!(
+    crate::recovery::refuse_read_only_files(layer, opts.force)?;
+    Ok(new_size)
+}
+
+fn is_split(ct: CreateType) -> bool {
+    matches!(
         ct,
         CreateType::TwoGbMaxExtentSparse | CreateType::TwoGbMaxExtentFlat
-    );
-    let mut remaining = new_sectors - old / SECTOR;
-    // Grow the last extent (up to the split size for split disks).
+    )
+}
+
+/// Grow the last extent by up to `remaining` sectors (up to the split size for split
+/// disks); returns the sectors it grew by.
+fn grow_last_extent(
+    layer: &Layer,
+    disk: &Path,
+    remaining: u64,
+    lines: &mut [ExtentLine],
+) -> Result<u64> {
+    let ct = layer.create_type;
+    let thick = ct == CreateType::Vmfs && layer.descriptor.ddb("thinProvisioned") != Some("1");
+    let last = layer.extents.last().expect("a layer has extents");
     let last_sectors = last.extent.len() / SECTOR;
-    let room = if split {
+    let room = if is_split(ct) {
         SPLIT_SECTORS.saturating_sub(last_sectors)
     } else {
         remaining
     };
     let grow = room.min(remaining);
-    if grow > 0 {
-        let target = last_sectors + grow;
-        match (&last.extent, &last.path) {
-            (Extent::Sparse(s), Some(p)) => grow_sparse(p, s.raw_header(), target)?,
-            (Extent::Flat(fl), Some(p)) => {
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(p)
-                    .map_err(io_err("open for writing", p, 0))?;
-                let end = fl.offset + target * SECTOR;
-                if thick {
-                    crate::format::output::allocate(&f, p, end)?;
-                }
-                if f.metadata().map_err(io_err("stat", p, 0))?.len() < end {
-                    f.set_len(end).map_err(io_err("extend", p, end))?;
-                }
-                f.sync_all().map_err(io_err("flush", p, 0))?;
-            }
-            _ => {
-                return Err(Error::unsupported(
-                    disk,
-                    format!("extending a {} disk", ct.as_str()),
-                ))
-            }
-        }
-        lines.last_mut().expect("one").sectors = target;
-        remaining -= grow;
+    if grow == 0 {
+        return Ok(0);
     }
-    // New extents for split disks.
-    let stem = disk
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let target = last_sectors + grow;
+    match (&last.extent, &last.path) {
+        (Extent::Sparse(s), Some(p)) => grow_sparse(p, s.raw_header(), target)?,
+        (Extent::Flat(fl), Some(p)) => {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .map_err(io_err("open for writing", p, 0))?;
+            let end = fl.offset + target * SECTOR;
+            if thick {
+                crate::format::output::allocate(&f, p, end)?;
+            }
+            if f.metadata().map_err(io_err("stat", p, 0))?.len() < end {
+                f.set_len(end).map_err(io_err("extend", p, end))?;
+            }
+            f.sync_all().map_err(io_err("flush", p, 0))?;
+        }
+        _ => {
+            return Err(Error::unsupported(
+                disk,
+                format!("extending a {} disk", ct.as_str()),
+            ))
+        }
+    }
+    lines.last_mut().expect("one").sectors = target;
+    Ok(grow)
+}
+
+/// Add the extents of a split disk that hold the `remaining` sectors (their lines pushed
+/// onto `lines`); any other disk type with sectors left is refused.
+fn add_split_extents(
+    layer: &Layer,
+    disk: &Path,
+    mut remaining: u64,
+    lines: &mut Vec<ExtentLine>,
+) -> Result<()> {
+    let ct = layer.create_type;
+    let dir = crate::io::folder_of(disk);
+    let stem = crate::io::file_name_of(disk);
     let stem = stem.strip_suffix(".vmdk").unwrap_or(&stem).to_string();
     let mut n = lines.len() + 1;
     while remaining > 0 {
-        if !split {
+        if !is_split(ct) {
             return Err(Error::unsupported(
                 disk,
                 "cannot add extents to this disk type",
@@ -347,30 +391,5 @@ pub fn extend(disk: &Path, size: NewSize, opts: &ExtendOptions) -> Result<(u64, 
         remaining -= sectors;
         n += 1;
     }
-    // Descriptor last: extent sizes and geometry for the adapter.
-    if layer.embedded {
-        // The embedded line names the file itself; only its size changes.
-        let mut l = lines[0].clone();
-        l.sectors = new_sectors;
-        layer.descriptor.set_extents(vec![l]);
-    } else {
-        layer.descriptor.set_extents(lines);
-    }
-    let adapter = layer
-        .descriptor
-        .ddb("adapterType")
-        .unwrap_or("lsilogic")
-        .to_string();
-    let g = crate::format::geometry::compute(new_sectors, &adapter);
-    layer
-        .descriptor
-        .set_ddb("geometry.cylinders", &g.cylinders.to_string());
-    layer
-        .descriptor
-        .set_ddb("geometry.heads", &g.heads.to_string());
-    layer
-        .descriptor
-        .set_ddb("geometry.sectors", &g.sectors.to_string());
-    write_descriptor(layer)?;
-    Ok((old, new_size))
+    Ok(())
 }

@@ -178,7 +178,6 @@ pub fn read_stream_on(
     r.skip_to(h.over_head.saturating_mul(SECTOR).max(SECTOR))?;
     let grain = (h.grain_size * SECTOR) as usize;
     let cap = h.capacity_sectors * SECTOR;
-    let max_cmp = 2 * grain as u64 + 4096;
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut last: Option<u64> = None;
     let mut inflater = Inflater {
@@ -261,28 +260,7 @@ pub fn read_stream_on(
             }
             continue;
         }
-        if size > max_cmp {
-            return Err(Error::corrupt(
-                r.name,
-                at + 8,
-                format!("compressed grain size {size} is outside 1..={max_cmp}"),
-            ));
-        }
-        let lba = val;
-        if lba % h.grain_size != 0 || lba.saturating_mul(SECTOR) >= cap {
-            return Err(Error::corrupt(
-                r.name,
-                at,
-                format!("grain record LBA {lba} is not a grain start inside the disk"),
-            ));
-        }
-        if last.is_some_and(|l| lba <= l) {
-            return Err(Error::unsupported(
-                r.name,
-                format!("grain records out of order at LBA {lba}; pass the file instead"),
-            ));
-        }
-        last = Some(lba);
+        let (lba, rec) = next_record(r, h, &sector, at, &mut last)?;
         if want_zeroed {
             if zeroed_runs.iter().any(|&(lo, hi)| lo <= lba && lba < hi) {
                 return Err(Error::corrupt(
@@ -293,15 +271,6 @@ pub fn read_stream_on(
             }
             stored_lbas.push(lba);
         }
-        let total = (12 + size).div_ceil(SECTOR) * SECTOR;
-        let mut rec = vec![0u8; total as usize];
-        rec[..512].copy_from_slice(&sector);
-        if total > 512 {
-            r.exact(&mut rec[512..])?;
-        }
-        // The record's first 12 bytes (LBA, size) stay: `flush` skips them (moving the
-        // grain down would copy it once more).
-        rec.truncate(12 + size as usize);
         batch.push((lba, rec));
         if batch.len() >= 64 {
             inflater.push(std::mem::take(&mut batch), emit)?;
@@ -327,6 +296,52 @@ pub fn read_stream_on(
         ));
     }
     Ok(desc)
+}
+
+/// The grain record whose first sector `sector` was read at `at` (its LBA checked: a
+/// grain start inside the disk, after the `last` one), read whole, its 12-byte head kept
+/// (`Inflater` skips it rather than copy the grain down).
+fn next_record(
+    r: &mut Counted<'_>,
+    h: &SparseHeader,
+    sector: &[u8; 512],
+    at: u64,
+    last: &mut Option<u64>,
+) -> Result<(u64, Vec<u8>)> {
+    let grain = h.grain_size * SECTOR;
+    let cap = h.capacity_sectors * SECTOR;
+    let max_cmp = 2 * grain + 4096;
+    let lba = LE::read_u64(&sector[0..8]);
+    let size = u64::from(LE::read_u32(&sector[8..12]));
+    if size > max_cmp {
+        return Err(Error::corrupt(
+            r.name,
+            at + 8,
+            format!("compressed grain size {size} is outside 1..={max_cmp}"),
+        ));
+    }
+    if lba % h.grain_size != 0 || lba.saturating_mul(SECTOR) >= cap {
+        return Err(Error::corrupt(
+            r.name,
+            at,
+            format!("grain record LBA {lba} is not a grain start inside the disk"),
+        ));
+    }
+    if last.is_some_and(|l| lba <= l) {
+        return Err(Error::unsupported(
+            r.name,
+            format!("grain records out of order at LBA {lba}; pass the file instead"),
+        ));
+    }
+    *last = Some(lba);
+    let total = (12 + size).div_ceil(SECTOR) * SECTOR;
+    let mut rec = vec![0u8; total as usize];
+    rec[..512].copy_from_slice(sector);
+    if total > 512 {
+        r.exact(&mut rec[512..])?;
+    }
+    rec.truncate(12 + size as usize);
+    Ok((lba, rec))
 }
 
 /// A batch of grain records (LBA, record with its 12-byte head), the buffer it inflates
