@@ -16,15 +16,21 @@ fn readme() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap()
 }
 
-/// README's fenced blocks (their bodies), in order.
+/// README's fenced blocks of commands (their bodies), in order: blocks fenced as `text`
+/// (the code map) or `rust` (the library) are not commands.
 fn blocks(text: &str) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur: Option<String> = None;
+    let mut skip = false;
     for line in text.lines() {
-        if line.starts_with("```") {
+        if let Some(info) = line.strip_prefix("```") {
             match cur.take() {
-                Some(b) => out.push(b),
-                None => cur = Some(String::new()),
+                Some(b) if !skip => out.push(b),
+                Some(_) => {}
+                None => {
+                    skip = matches!(info.trim(), "text" | "rust");
+                    cur = Some(String::new());
+                }
             }
         } else if let Some(b) = cur.as_mut() {
             b.push_str(line);
