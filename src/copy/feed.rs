@@ -124,15 +124,10 @@ impl<'a> PipeInput<'a> {
         let mut first = [0u8; 512];
         let mut c = Counted::new(input, name);
         c.exact(&mut first)?;
-        if &first[257..262] == b"ustar" {
+        let member = tar::Header::from_byte_slice(&first);
+        if member.as_ustar().is_some() || member.as_gnu().is_some() {
             // Tar: the descriptor is the first member; read it for capacity and DDB.
-            let size = u64::from_str_radix(
-                std::str::from_utf8(&first[124..135])
-                    .unwrap_or("0")
-                    .trim_matches(|c: char| c == '\0' || c == ' '),
-                8,
-            )
-            .unwrap_or(0);
+            let size = member.entry_size().unwrap_or(u64::MAX);
             if size > crate::format::descriptor::MAX_DESCRIPTOR_BYTES as u64 {
                 return Err(Error::corrupt(
                     name,
