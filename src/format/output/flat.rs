@@ -10,8 +10,9 @@ use std::path::PathBuf;
 use super::seq::{SeqFile, SeqSink};
 use super::tar::sparse_member_runs;
 use super::{
-    commit_all, descriptor_file, split_files, CopyReport, Counted, CountingWriter, FileOutput,
-    OutputFile, OutputFormat, Piece, PipeOutput, Prealloc, Sink, Sizes, Unit, WrittenFile, GRAIN,
+    commit_all, data_runs, descriptor_file, split_files, CopyReport, Counted, CountingWriter,
+    FileOutput, OutputFile, OutputFormat, Piece, PipeOutput, Prealloc, Sink, Sizes, Unit,
+    WrittenFile, GRAIN,
 };
 use crate::error::Result;
 use crate::format::descriptor::{Access, CreateType, ExtentLine, ExtentType};
@@ -233,20 +234,11 @@ impl Sink for FlatFileSink {
         let Piece::Data { buf, nonzero, .. } = p else {
             return Ok(());
         };
-        let mut g = 0;
-        while g < nonzero.len() {
-            if !nonzero[g] {
-                g += 1;
-                continue;
-            }
-            let s = g;
-            while g < nonzero.len() && nonzero[g] {
-                g += 1;
-            }
-            let from = s * GRAIN as usize;
-            let to = (g * GRAIN as usize).min(buf.len());
+        for run in data_runs(nonzero) {
+            let from = run.start * GRAIN as usize;
+            let to = (run.end * GRAIN as usize).min(buf.len());
             self.write_virtual(&buf[from..to], u.start + from as u64)?;
-            self.report.grains += (g - s) as u64;
+            self.report.grains += run.len() as u64;
         }
         Ok(())
     }

@@ -484,3 +484,19 @@ pub(crate) fn split_files(cap: u64, name: &str, suffix: char) -> Vec<OutputFile>
         })
         .collect()
 }
+
+/// The runs of grains holding data in a unit (`nonzero`: one flag per grain), as grain
+/// index ranges: what a sink writes with one call each.
+pub(crate) fn data_runs(nonzero: &[bool]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut g = 0;
+    std::iter::from_fn(move || {
+        while g < nonzero.len() && !nonzero[g] {
+            g += 1;
+        }
+        let start = g;
+        while g < nonzero.len() && nonzero[g] {
+            g += 1;
+        }
+        (start < g).then_some(start..g)
+    })
+}

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use super::seq::{SeqFile, SeqSink};
 use super::{
-    commit_all, descriptor_file, split_files, CopyReport, Counted, CountingWriter, FileOutput,
-    OutputFile, OutputFormat, Piece, PipeOutput, Sink, Sizes, Unit, WrittenFile, GRAIN,
+    commit_all, data_runs, descriptor_file, split_files, CopyReport, Counted, CountingWriter,
+    FileOutput, OutputFile, OutputFormat, Piece, PipeOutput, Sink, Sizes, Unit, WrittenFile, GRAIN,
 };
 use crate::error::{Error, Result};
 use crate::format::descriptor::{CreateType, ExtentLine, ExtentType};
@@ -207,21 +207,12 @@ impl Sink for SparseFileSink {
         };
         let (i, _, w) = self.cur.as_mut().expect("an extent covers every unit");
         let base = self.pieces[*i].start;
-        let mut g = 0;
-        while g < nonzero.len() {
-            if !nonzero[g] {
-                g += 1;
-                continue;
-            }
-            let run_start = g;
-            while g < nonzero.len() && nonzero[g] {
-                g += 1;
-            }
-            let first = (u.start - base) / GRAIN + run_start as u64;
-            let from = run_start * GRAIN as usize;
-            let to = (g * GRAIN as usize).min(buf.len());
+        for run in data_runs(nonzero) {
+            let first = (u.start - base) / GRAIN + run.start as u64;
+            let from = run.start * GRAIN as usize;
+            let to = (run.end * GRAIN as usize).min(buf.len());
             w.write_grains(first, &buf[from..to])?;
-            self.report.grains += (g - run_start) as u64;
+            self.report.grains += run.len() as u64;
         }
         if let Some(wb) = &mut self.behind {
             wb.advance(w.file_bytes());
