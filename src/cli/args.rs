@@ -356,6 +356,9 @@ pub(super) struct ApplyArgs {
     /// Allow writing into block devices and device-backed disks.
     #[arg(long)]
     pub(super) allow_device_write: bool,
+    /// Worker threads inflating the increment (default: all cores).
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub(super) threads: usize,
 }
 
 /// Arguments of `measure`.

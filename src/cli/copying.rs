@@ -253,10 +253,12 @@ pub(super) fn run_apply(args: ApplyArgs, ui: Ui) -> Result<ExitCode> {
         raw,
         force,
         allow_device_write,
+        threads,
     } = args;
     use vmdkit::ops::apply::{apply, ApplyOptions};
     let opts = {
         let mut o = ApplyOptions::default();
+        o.threads = threads;
         o.allow_outside_paths = args::outside_paths();
         o.force = force;
         o.raw = raw;

@@ -19,6 +19,9 @@ pub struct Planner<'a> {
     unit: u64,
     pos: u64,
     cap: u64,
+    /// Plan only what the layers above this depth decide, exactly (see
+    /// [`Planner::decided_above`]).
+    above: Option<u32>,
     queue: std::collections::VecDeque<Unit>,
 }
 
@@ -30,7 +33,25 @@ impl<'a> Planner<'a> {
             unit: unit.max(512),
             pos: 0,
             cap: disk.capacity(),
+            above: None,
             queue: Default::default(),
+        }
+    }
+
+    /// A planner over what the layers above `depth` of a chain decide in its first `cap`
+    /// bytes (a commit into the layer at `depth`): exactly their runs, cut at `unit`
+    /// boundaries, stored ones to read and zeroed ones to write as zeros; what those
+    /// layers leave to the layers below gets no unit at all.
+    pub fn decided_above(
+        disk: &'a dyn VirtualDisk,
+        depth: u32,
+        cap: u64,
+        unit: u64,
+    ) -> Planner<'a> {
+        Planner {
+            cap: cap.min(disk.capacity()),
+            above: Some(depth),
+            ..Planner::new(disk, unit)
         }
     }
 
@@ -39,6 +60,23 @@ impl<'a> Planner<'a> {
         let end = (start + PLAN_SLICE).min(self.cap);
         self.pos = end;
         let runs = self.disk.map(start..end)?;
+        if let Some(depth) = self.above {
+            let u = self.unit;
+            for r in runs.iter().filter(|r| r.depth < depth) {
+                let read = !r.alloc.reads_as_zero();
+                let mut p = r.start;
+                while p < r.end() {
+                    let e = ((p / u + 1) * u).min(r.end());
+                    self.queue.push_back(Unit {
+                        start: p,
+                        len: e - p,
+                        read,
+                    });
+                    p = e;
+                }
+            }
+            return Ok(());
+        }
         // For each unit-aligned block: does any run in it need reading?
         let mut need: Vec<(u64, u64)> = Vec::new(); // merged data ranges
         for r in &runs {
@@ -95,9 +133,10 @@ impl<'a> Planner<'a> {
             }
             self.fill()?;
         }
-        // Merge adjacent hole units across slices.
+        // Merge adjacent hole units across slices (a plan of what some layers decide
+        // keeps its units a unit long: each is a write).
         let mut u = self.queue.pop_front().expect("not empty");
-        if !u.read {
+        if !u.read && self.above.is_none() {
             loop {
                 if self.queue.is_empty() && self.pos < self.cap {
                     self.fill()?;

@@ -112,6 +112,8 @@ pub struct ApplyOptions {
     /// Follow extent names that lead out of the target's folder
     /// ([`OpenOptions::allow_outside_paths`](crate::OpenOptions::allow_outside_paths)).
     pub allow_outside_paths: bool,
+    /// Worker threads inflating the increment's grains (0 = all cores).
+    pub threads: usize,
 }
 
 /// What an apply did.
@@ -472,7 +474,11 @@ fn read_grains(
     let mut first = [0u8; 512];
     c.exact(&mut first)?;
     let (mut data_bytes, mut zero_bytes) = (0u64, 0u64);
-    stream_in::read_stream_zeroed(
+    // The grains inflate on the engine's pool (`threads`) while this thread reads on and
+    // writes in order.
+    let pool = crate::copy::pool(job.opts.threads)?;
+    stream_in::read_stream_on(
+        Some(&pool),
         &mut c,
         &inc.header,
         0,

@@ -53,7 +53,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::chain::Chain;
-use crate::copy::{self as pipeline, PipelineOptions, Unit};
+use crate::copy::{self as pipeline, PipelineOptions, Planner};
 use crate::disk::VirtualDisk;
 use crate::error::{Error, Result};
 use crate::format::descriptor::{random_cid, CreateType};
@@ -298,7 +298,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
         None => check_dependents(&chain, target, opts.force)?,
     };
     locks.exclusive_all(&children)?;
-    let (units, runs, mut report) = plan(&chain, target)?;
+    let (runs, mut report) = plan(&chain, target)?;
     let remove = files_to_remove(&chain, target);
     report.removed = remove.clone();
     report.repointed = children.clone();
@@ -368,7 +368,7 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
         }
     };
     progress.set_total(report.data_bytes + report.zero_bytes);
-    copy_into(&chain, target, rw.writer_mut(), units, opts, progress)?;
+    copy_into(&chain, target, rw.writer_mut(), opts, progress)?;
     // Data is durable; record the table writes, then move to phase `tables`, then apply
     // them. A crash before the phase change redoes the copy (after cutting the appended
     // grains off); after it, the journal is replayed.
@@ -630,39 +630,28 @@ fn repoint(sp: &Path, st: &State, c: &FileRecord, tl: &Layer) -> Result<()> {
     crate::write::write_descriptor(&child)
 }
 
-/// Plan: every range decided above the target, as engine units; the runs; the report.
-fn plan(chain: &Chain, target: usize) -> Result<(Vec<Unit>, Vec<crate::disk::Run>, CommitReport)> {
+/// What the layers above the target decide (the runs the copy pass's planner,
+/// [`Planner::decided_above`], will cut into units), and the report's counts of them.
+fn plan(chain: &Chain, target: usize) -> Result<(Vec<crate::disk::Run>, CommitReport)> {
     let cap = chain.capacity().min(chain.layers[target].capacity);
     let runs: Vec<_> = chain
         .map(0..cap)?
         .into_iter()
         .filter(|r| (r.depth as usize) < target)
         .collect();
-    let mut units = Vec::new();
     let mut report = CommitReport {
         target: chain.layers[target].path.clone(),
         ..Default::default()
     };
     for r in &runs {
         report.runs += 1;
-        let read = !r.alloc.reads_as_zero();
-        if read {
-            report.data_bytes += r.len;
-        } else {
+        if r.alloc.reads_as_zero() {
             report.zero_bytes += r.len;
-        }
-        let mut p = r.start;
-        while p < r.end() {
-            let len = (r.end() - p).min(pipeline::DEFAULT_UNIT - p % pipeline::DEFAULT_UNIT);
-            units.push(Unit {
-                start: p,
-                len,
-                read,
-            });
-            p += len;
+        } else {
+            report.data_bytes += r.len;
         }
     }
-    Ok((units, runs, report))
+    Ok((runs, report))
 }
 
 /// The merged deltas' files, each descriptor before its extents: a half-removed delta is
@@ -687,7 +676,6 @@ fn copy_into(
     chain: &Chain,
     target: usize,
     writer: &mut LayerWriter,
-    units: Vec<Unit>,
     opts: &CommitOptions,
     progress: &dyn Progress,
 ) -> Result<()> {
@@ -697,9 +685,10 @@ fn copy_into(
         threads: opts.threads,
         ..Default::default()
     };
-    let mut it = units.into_iter();
+    let cap = chain.capacity().min(chain.layers[target].capacity);
+    let mut planner = Planner::decided_above(chain, target as u32, cap, pipeline::DEFAULT_UNIT);
     pipeline::run(
-        &mut it,
+        &mut planner,
         popts,
         |u| {
             if !u.read {
