@@ -21,7 +21,7 @@ pub(super) fn run_info(args: InfoArgs, ui: Ui) -> Result<ExitCode> {
             Ok(c) => (c, ExitCode::SUCCESS),
             Err(e) => match e.downcast_ref::<vmdkit::Error>() {
                 Some(err) if err.kind() == vmdkit::ErrorKind::Chain => {
-                    let why = format!("{err}");
+                    let why = describe(&e);
                     let opts = {
                         let mut o = vmdkit::OpenOptions::default();
                         o.ignore_cid = true;

@@ -141,6 +141,24 @@ pub(super) fn describe(e: &anyhow::Error) -> String {
             vmdkit::Override::Large => "pass --large if the disk really is that large",
             _ => "",
         });
+    // The library says what to do in words; the command line names its own flags.
+    let msg = msg
+        .replace(
+            "import that as a raw disk image",
+            "import that as a raw disk image (`vmdkit import --from raw disk.img out.vmdk`)",
+        )
+        .replace(
+            "import those as a raw disk image of that size from standard input (`head -c SIZE FILE`)",
+            "import those as a raw disk image of that size from standard input (`head -c SIZE FILE | vmdkit import --from raw --size SIZE - out.vmdk`)",
+        )
+        .replace(
+            "import it as a raw disk image",
+            "import it as a raw disk image (`vmdkit import --from raw FILE out.vmdk`)",
+        )
+        .replace(
+            "import it as one",
+            "import it as one (`vmdkit import --from raw FILE out.vmdk`)",
+        );
     match hint {
         Some(h) if !h.is_empty() => format!("{msg} ({h})"),
         _ => msg,

@@ -8,22 +8,22 @@ pub fn foreign_format(head: &[u8], tail: &[u8]) -> Option<(&'static str, &'stati
     Some(if at(0, b"QFI\xfb") {
         (
             "a qcow2 image",
-            "convert it first: `qemu-img convert -O raw IMG disk.img`, then `vmdkit import --from raw disk.img out.vmdk`",
+            "convert it first: `qemu-img convert -O raw IMG disk.img`, then import that as a raw disk image",
         )
     } else if at(0, b"vhdxfile") {
         (
             "a VHDX image",
-            "convert it first: `qemu-img convert -f vhdx -O raw IMG disk.img`, then `vmdkit import --from raw`",
+            "convert it first: `qemu-img convert -f vhdx -O raw IMG disk.img`, then import that as a raw disk image",
         )
     } else if at(0, b"conectix") {
         (
             "a dynamic VHD image",
-            "convert it first: `qemu-img convert -f vpc -O raw IMG disk.img`, then `vmdkit import --from raw`",
+            "convert it first: `qemu-img convert -f vpc -O raw IMG disk.img`, then import that as a raw disk image",
         )
     } else if head.get(0x40..0x44) == Some(&0xbeda_107f_u32.to_le_bytes()[..]) {
         (
             "a VirtualBox VDI image",
-            "convert it first: `qemu-img convert -f vdi -O raw IMG disk.img` (or `VBoxManage clonemedium --format RAW`), then `vmdkit import --from raw`",
+            "convert it first: `qemu-img convert -f vdi -O raw IMG disk.img`, then import that as a raw disk image",
         )
     } else if at(0, &[0x1f, 0x8b]) {
         (
@@ -53,12 +53,12 @@ pub fn foreign_format(head: &[u8], tail: &[u8]) -> Option<(&'static str, &'stati
     } else if tail.len() >= 8 && &tail[..8] == b"conectix" {
         (
             "a fixed VHD image (raw data and a 512-byte footer)",
-            "import the data: `vmdkit import --from raw --size SIZE` with SIZE = the file's size minus 512, reading it from stdin (`head -c SIZE FILE | ...`)",
+            "its data is all but the last 512 bytes: import those as a raw disk image of that size from standard input (`head -c SIZE FILE`)",
         )
     } else if head.len() >= 512 && head[510] == 0x55 && head[511] == 0xaa {
         (
             "a raw disk image (it starts with a partition table)",
-            "import it with `vmdkit import --from raw FILE out.vmdk`",
+            "import it as a raw disk image",
         )
     } else {
         return None;
@@ -66,11 +66,11 @@ pub fn foreign_format(head: &[u8], tail: &[u8]) -> Option<(&'static str, &'stati
 }
 
 /// The error text for a file that is not a VMDK: what it looks like and what to do, or a
-/// hint that raw images need `--from raw`.
+/// hint that a raw image is imported as one.
 pub fn not_a_vmdk_hint(head: &[u8], tail: &[u8]) -> String {
     match foreign_format(head, tail) {
         Some((what, hint)) => format!("this is {what}: {hint}"),
-        None => "if it is a raw disk image, import it with `vmdkit import --from raw`".into(),
+        None => "if it is a raw disk image, import it as one".into(),
     }
 }
 

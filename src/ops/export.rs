@@ -13,6 +13,29 @@ pub use crate::copy::target::{Dest, ExportFormat, ExportOptions, ExportReport};
 
 /// Export `chain` to `dest`; with `opts.delta`, only what its top layer holds (an
 /// increment: `DeltaView`, `OutputMeta::for_delta`).
+///
+/// ```
+/// use vmdkit::ops::export::{export, Dest, ExportFormat, ExportOptions};
+/// use vmdkit::{Chain, NoProgress, OpenOptions, VirtualDisk};
+///
+/// # fn main() -> vmdkit::Result<()> {
+/// # let top = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/demo-000001.vmdk");
+/// let chain = Chain::open(top.as_ref(), &OpenOptions::default())?;
+/// let dir = tempfile::tempdir().unwrap();
+/// let mut opts = ExportOptions::default();
+/// opts.format = ExportFormat::StreamOptimized;
+/// let report = export(&chain, Dest::Path(dir.path().join("backup.vmdk")), &opts, &NoProgress)?;
+/// assert_eq!(report.files, [dir.path().join("backup.vmdk")]);
+///
+/// // The backup reads as the chain did.
+/// let backup = Chain::open(&dir.path().join("backup.vmdk"), &OpenOptions::default())?;
+/// let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+/// chain.read_at(&mut a, 0)?;
+/// backup.read_at(&mut b, 0)?;
+/// assert_eq!(a, b);
+/// # Ok(())
+/// # }
+/// ```
 pub fn export(
     chain: &Chain,
     dest: Dest,

@@ -12,6 +12,7 @@ mod examples;
 mod export;
 mod hostile;
 mod import;
+mod library;
 mod model;
 mod mutate;
 mod outputs;

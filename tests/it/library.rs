@@ -1,0 +1,102 @@
+//! The library as other programs use it (issue 21): errors carry what lets a refused
+//! command go ahead instead of naming the command line's flags; the binary names them.
+
+use std::path::Path;
+
+use vmdkit::ops::export::{export, Dest, ExportFormat, ExportOptions};
+use vmdkit::{Chain, ErrorKind, NoProgress, OpenOptions, Override};
+
+use super::util::*;
+
+/// A child whose parentCID does not match its parent (flat files: no oracle needed).
+fn mismatched(d: &Path) {
+    std::fs::write(d.join("f.raw"), vec![7u8; 4096]).unwrap();
+    std::fs::write(d.join("g.raw"), vec![9u8; 4096]).unwrap();
+    std::fs::write(
+        d.join("base.vmdk"),
+        "version=1\nCID=aaaaaaaa\nparentCID=ffffffff\ncreateType=\"vmfs\"\nRW 8 VMFS \"f.raw\"\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("top.vmdk"), "version=1\nCID=bbbbbbbb\nparentCID=cccccccc\ncreateType=\"monolithicFlat\"\nparentFileNameHint=\"base.vmdk\"\nRW 8 FLAT \"g.raw\" 0\n").unwrap();
+}
+
+#[test]
+fn refusals_say_which_option_overrides_them_and_name_no_flag() {
+    let t = tmp();
+    let d = t.path();
+    mismatched(d);
+    // A content ID mismatch: a chain error the `ignore_cid` option reads through.
+    let e = Chain::open(&d.join("top.vmdk"), &OpenOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Chain);
+    assert_eq!(e.overridable_by(), Some(Override::IgnoreCid));
+    assert!(!e.to_string().contains("--"), "{e}");
+    let mut o = OpenOptions::default();
+    o.ignore_cid = true;
+    let chain = Chain::open(&d.join("top.vmdk"), &o).unwrap();
+    assert_eq!(chain.warnings().len(), 1, "{:?}", chain.warnings());
+
+    // An output that exists: `force` overwrites it.
+    std::fs::write(d.join("out.vmdk"), b"keep").unwrap();
+    let mut opts = ExportOptions::default();
+    opts.format = ExportFormat::StreamOptimized;
+    let e = export(&chain, Dest::Path(d.join("out.vmdk")), &opts, &NoProgress).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+    assert_eq!(e.overridable_by(), Some(Override::Force));
+    assert_eq!(e.file(), Some(d.join("out.vmdk").as_path()));
+    assert!(!e.to_string().contains("--"), "{e}");
+    assert_eq!(std::fs::read(d.join("out.vmdk")).unwrap(), b"keep");
+
+    // The binary says the same with its own flags.
+    let err = vmdkit_err(d, &["info", "top.vmdk"]);
+    assert!(err.contains("use --ignore-cid to read anyway"), "{err}");
+    let err = vmdkit_err(d, &["export", "top.vmdk", "out.vmdk", "--ignore-cid"]);
+    assert!(err.contains("use --force to overwrite"), "{err}");
+}
+
+/// No message of the library names a command-line flag: string literals outside
+/// `src/cli` (and outside tests and comments) hold no `--flag`.
+#[test]
+fn library_messages_name_no_command_line_flag() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut found = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if p.file_name().is_some_and(|n| n != "cli") {
+                    stack.push(p);
+                }
+                continue;
+            }
+            if p.extension().is_none_or(|x| x != "rs")
+                || p.ends_with("main.rs")
+                || p.ends_with("tests.rs")
+            {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap();
+            // Unit tests sit at the end of a file.
+            let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+            for (n, line) in code.lines().enumerate() {
+                let l = line.trim_start();
+                if l.starts_with("//") {
+                    continue;
+                }
+                // Inside a string literal: an odd number of quotes before the flag.
+                for (i, _) in l.match_indices("--") {
+                    let after = l[i + 2..].chars().next();
+                    let quoted = l[..i].matches('"').count() % 2 == 1;
+                    if quoted && after.is_some_and(|c| c.is_ascii_lowercase()) {
+                        found.push(format!("{}:{}: {}", p.display(), n + 1, l));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "flags in library messages:\n{}",
+        found.join("\n")
+    );
+}
