@@ -57,7 +57,7 @@ pub(super) struct ReadArgs {
     pub(super) ignore_cid: bool,
     /// The source's format: `vmdk` (default: any VMDK and its chain) or `raw` (a raw
     /// disk image file or block device).
-    #[arg(long, value_name = "FORMAT", default_value = "vmdk", value_parser = Offer(&["vmdk", "raw"]))]
+    #[arg(long, value_name = "FORMAT", default_value = "vmdk", value_parser = Offer(|| vec!["vmdk", "raw"]))]
     pub(super) from: String,
     /// Memory-map source files instead of positional reads (resident memory then grows
     /// with what is read).
@@ -253,7 +253,7 @@ pub(super) struct ExportArgs {
         short = 'd',
         visible_alias = "format",
         visible_short_alias = 'f',
-        value_parser = Offer(DISK_TYPES),
+        value_parser = Offer(disk_types),
         hide_possible_values = true
     )]
     pub(super) kind: Option<String>,
@@ -372,7 +372,7 @@ pub(super) struct MeasureArgs {
     /// The disk (the top of a chain).
     pub(super) disk: PathBuf,
     /// Disk type, as export takes it (default: stream).
-    #[arg(long = "type", short = 'd', visible_alias = "format", value_parser = Offer(DISK_TYPES), hide_possible_values = true)]
+    #[arg(long = "type", short = 'd', visible_alias = "format", value_parser = Offer(disk_types), hide_possible_values = true)]
     pub(super) kind: Option<String>,
     /// Measure the increment of the top layer (`export --delta`).
     #[arg(long)]
@@ -415,7 +415,7 @@ pub(super) struct ImportArgs {
     /// twoGbMaxExtentSparse (split, 2gbsparse), monolithicFlat (flat), twoGbMaxExtentFlat
     /// (2gbflat), streamOptimized (stream), raw. (No `-f`: in qemu-img that names the
     /// input's format, which is `--from` here.)
-    #[arg(long = "type", short = 'd', visible_alias = "format", value_parser = Offer(DISK_TYPES), hide_possible_values = true)]
+    #[arg(long = "type", short = 'd', visible_alias = "format", value_parser = Offer(disk_types), hide_possible_values = true)]
     pub(super) kind: Option<String>,
     /// With --from raw and a pipe: the disk's size (a pipe cannot tell it).
     #[arg(long, short = 's', value_parser = size_arg)]
@@ -451,7 +451,7 @@ pub(super) struct CreateArgs {
     #[arg(long, short = 's', value_parser = size_arg)]
     pub(super) size: String,
     /// Disk type, as import takes it (default zeroedthick, as vmkfstools).
-    #[arg(long = "type", short = 'd', default_value = "zeroedthick", value_parser = Offer(DISK_TYPES), hide_possible_values = true)]
+    #[arg(long = "type", short = 'd', default_value = "zeroedthick", value_parser = Offer(disk_types), hide_possible_values = true)]
     pub(super) kind: String,
     /// Adapter type: ide, buslogic, lsilogic (default), legacyESX, pvscsi.
     #[arg(long, short = 'a', value_parser = adapter_arg)]
@@ -632,7 +632,7 @@ pub(super) enum RedoCmd {
         /// redo (ESX 2 `DISK.REDO`), vmfsSparse (`name-000001.vmdk` + `-delta`), hosted.
         /// Default: the chain's own style (REDO on REDO, vmfsSparse on vmfsSparse, hosted
         /// on hosted disks, an ESX 2 REDO log on an ESX base).
-        #[arg(long, value_parser = Offer(&["redo", "vmfsSparse", "hosted"]))]
+        #[arg(long, value_parser = Offer(|| vec!["redo", "vmfsSparse", "hosted"]))]
         style: Option<String>,
         /// Add a delta although DISK already has one (start a second branch).
         #[arg(long)]
@@ -643,7 +643,7 @@ pub(super) enum RedoCmd {
 /// A value parser that takes any text (the command explains what it does not know, with
 /// the list) and offers `names` to shell completion and `--help`.
 #[derive(Clone)]
-pub(super) struct Offer(pub(super) &'static [&'static str]);
+pub(super) struct Offer(pub(super) fn() -> Vec<&'static str>);
 
 impl clap::builder::TypedValueParser for Offer {
     type Value = String;
@@ -661,27 +661,17 @@ impl clap::builder::TypedValueParser for Offer {
         &self,
     ) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
         Some(Box::new(
-            self.0.iter().map(|n| clap::builder::PossibleValue::new(*n)),
+            (self.0)()
+                .into_iter()
+                .map(clap::builder::PossibleValue::new),
         ))
     }
 }
 
-/// Disk types offered to completion (every alias is accepted).
-pub(super) const DISK_TYPES: &[&str] = &[
-    "thin",
-    "zeroedthick",
-    "eagerzeroedthick",
-    "monolithicSparse",
-    "twoGbMaxExtentSparse",
-    "monolithicFlat",
-    "twoGbMaxExtentFlat",
-    "streamOptimized",
-    "raw",
-    "sparse",
-    "split",
-    "flat",
-    "stream",
-];
+/// Disk types offered to completion: every name the library takes.
+pub(super) fn disk_types() -> Vec<&'static str> {
+    vmdkit::DiskType::names().collect()
+}
 
 /// A size as `--size` takes it: checked here, so a bad one is a usage error (64).
 pub(super) fn size_arg(s: &str) -> std::result::Result<String, String> {

@@ -10,9 +10,9 @@
 //! thread.
 //!
 //! Adding a format (say qcow2): a file here with a unit struct implementing
-//! [`OutputFormat`], a variant of [`ExportFormat`] and its line in `spec`, and the names
-//! it is chosen by in [`DiskType`]. Nothing in the engine, `export`, `import` or
-//! `measure` changes.
+//! [`OutputFormat`]; a variant of [`ExportFormat`] and its line in `spec`; a variant of
+//! [`DiskType`] and its line (names, format, allocation) in `DISK_TYPES`. Nothing in the
+//! engine, `export`, `import`, `measure` or the command line changes.
 
 mod flat;
 pub(crate) use flat::allocate;
@@ -185,28 +185,88 @@ pub enum DiskType {
     StreamOptimized,
 }
 
+/// The disk types: each with the names it is chosen by (the first is how it is shown;
+/// matched without regard to case), the format written and how flat files are
+/// allocated. A new output format adds its line here and in [`ExportFormat::spec`].
+const DISK_TYPES: &[(DiskType, &[&str], ExportFormat, Prealloc)] = &[
+    (
+        DiskType::Thin,
+        &["thin", "vmfs", "vmfsthin"],
+        ExportFormat::Vmfs,
+        Prealloc::Thin,
+    ),
+    (
+        DiskType::ZeroedThick,
+        &["zeroedthick", "thick", "preallocated"],
+        ExportFormat::Vmfs,
+        Prealloc::Allocate,
+    ),
+    (
+        DiskType::EagerZeroedThick,
+        &["eagerzeroedthick"],
+        ExportFormat::Vmfs,
+        Prealloc::WriteZeros,
+    ),
+    (
+        DiskType::MonolithicSparse,
+        &["monolithicSparse", "sparse"],
+        ExportFormat::MonolithicSparse,
+        Prealloc::Thin,
+    ),
+    (
+        DiskType::TwoGbMaxExtentSparse,
+        &[
+            "twoGbMaxExtentSparse",
+            "2gbmaxextentsparse",
+            "2gbsparse",
+            "split",
+        ],
+        ExportFormat::TwoGbMaxExtentSparse,
+        Prealloc::Thin,
+    ),
+    (
+        DiskType::MonolithicFlat,
+        &["monolithicFlat", "flat"],
+        ExportFormat::MonolithicFlat,
+        Prealloc::Thin,
+    ),
+    (
+        DiskType::TwoGbMaxExtentFlat,
+        &[
+            "twoGbMaxExtentFlat",
+            "2gbmaxextentflat",
+            "2gbflat",
+            "splitflat",
+        ],
+        ExportFormat::TwoGbMaxExtentFlat,
+        Prealloc::Thin,
+    ),
+    (
+        DiskType::StreamOptimized,
+        &["streamOptimized", "stream"],
+        ExportFormat::StreamOptimized,
+        Prealloc::Thin,
+    ),
+    (DiskType::Raw, &["raw"], ExportFormat::Raw, Prealloc::Thin),
+];
+
 impl DiskType {
     /// Every name [`parse`](Self::parse) takes, for messages and help.
     pub const NAMES: &'static str = "thin (vmfs), zeroedthick (thick), eagerzeroedthick, monolithicSparse (sparse), twoGbMaxExtentSparse (2gbsparse, split), monolithicFlat (flat), twoGbMaxExtentFlat (2gbflat), streamOptimized (stream), raw";
 
     /// Parse a type name.
     pub fn parse(s: &str) -> Option<DiskType> {
-        Some(match s.to_ascii_lowercase().as_str() {
-            "thin" | "vmfs" | "vmfsthin" => DiskType::Thin,
-            "zeroedthick" | "thick" | "preallocated" => DiskType::ZeroedThick,
-            "eagerzeroedthick" => DiskType::EagerZeroedThick,
-            "monolithicsparse" | "sparse" => DiskType::MonolithicSparse,
-            "twogbmaxextentsparse" | "2gbmaxextentsparse" | "2gbsparse" | "split" => {
-                DiskType::TwoGbMaxExtentSparse
-            }
-            "monolithicflat" | "flat" => DiskType::MonolithicFlat,
-            "twogbmaxextentflat" | "2gbmaxextentflat" | "2gbflat" | "splitflat" => {
-                DiskType::TwoGbMaxExtentFlat
-            }
-            "raw" => DiskType::Raw,
-            "streamoptimized" | "stream" => DiskType::StreamOptimized,
-            _ => return None,
-        })
+        DISK_TYPES
+            .iter()
+            .find(|(_, names, ..)| names.iter().any(|n| n.eq_ignore_ascii_case(s)))
+            .map(|(t, ..)| *t)
+    }
+
+    /// Every name [`parse`](Self::parse) takes, each type's own name first.
+    pub fn names() -> impl Iterator<Item = &'static str> {
+        DISK_TYPES
+            .iter()
+            .flat_map(|(_, names, ..)| names.iter().copied())
     }
 
     /// Parse, or explain which names exist.
@@ -218,17 +278,11 @@ impl DiskType {
 
     /// The output format written and how its flat files are allocated.
     pub fn format(self) -> (ExportFormat, Prealloc) {
-        match self {
-            DiskType::Thin => (ExportFormat::Vmfs, Prealloc::Thin),
-            DiskType::ZeroedThick => (ExportFormat::Vmfs, Prealloc::Allocate),
-            DiskType::EagerZeroedThick => (ExportFormat::Vmfs, Prealloc::WriteZeros),
-            DiskType::MonolithicSparse => (ExportFormat::MonolithicSparse, Prealloc::Thin),
-            DiskType::TwoGbMaxExtentSparse => (ExportFormat::TwoGbMaxExtentSparse, Prealloc::Thin),
-            DiskType::MonolithicFlat => (ExportFormat::MonolithicFlat, Prealloc::Thin),
-            DiskType::TwoGbMaxExtentFlat => (ExportFormat::TwoGbMaxExtentFlat, Prealloc::Thin),
-            DiskType::Raw => (ExportFormat::Raw, Prealloc::Thin),
-            DiskType::StreamOptimized => (ExportFormat::StreamOptimized, Prealloc::Thin),
-        }
+        let (_, _, f, p) = DISK_TYPES
+            .iter()
+            .find(|(t, ..)| *t == self)
+            .expect("every disk type is in the table");
+        (*f, *p)
     }
 }
 
@@ -499,4 +553,29 @@ pub(crate) fn data_runs(nonzero: &[bool]) -> impl Iterator<Item = std::ops::Rang
         }
         (start < g).then_some(start..g)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every disk type has its line, and the names listed for people are the names
+    /// parsed.
+    #[test]
+    fn the_disk_type_table_is_whole_and_named_as_help_says() {
+        for (t, names, ..) in DISK_TYPES {
+            for n in *names {
+                assert_eq!(DiskType::parse(n), Some(*t), "{n}");
+                assert_eq!(DiskType::parse(&n.to_uppercase()), Some(*t), "{n}");
+            }
+            let _ = t.format();
+        }
+        for shown in DiskType::NAMES
+            .split([',', '(', ')', ' '])
+            .filter(|w| !w.is_empty())
+        {
+            assert!(DiskType::parse(shown).is_some(), "{shown}");
+        }
+        assert_eq!(DiskType::parse("qcow2"), None);
+    }
 }
