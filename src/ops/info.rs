@@ -10,8 +10,7 @@ use crate::error::Result;
 use crate::format::Extent;
 use crate::layer::Layer;
 
-/// Geometry from the disk database.
-pub use crate::format::geometry::Chs as Geometry;
+use crate::format::geometry::Chs;
 
 /// One extent, as `info` reports it.
 #[derive(Debug, Clone, Serialize)]
@@ -77,7 +76,7 @@ pub struct DiskInfo {
     /// `ddb.adapterType`.
     pub adapter_type: Option<String>,
     /// `ddb.geometry.*`.
-    pub geometry: Option<Geometry>,
+    pub geometry: Option<Chs>,
     /// CID in hex.
     pub cid: Option<String>,
     /// parentCID in hex (None for a base).
@@ -121,7 +120,7 @@ fn layer_info(l: &Layer) -> LayerInfo {
 }
 
 /// Geometry from a layer's DDB, if complete.
-pub(crate) fn geometry_of(l: &Layer) -> Option<Geometry> {
+pub(crate) fn geometry_of(l: &Layer) -> Option<Chs> {
     crate::format::geometry::from_descriptor(&l.descriptor)
 }
 

@@ -305,7 +305,7 @@ fn empty_cowd(x: &Path) -> bool {
 /// Make `new`, an empty hosted sparse child of the chain whose top is `disk`, in the same
 /// folder (its parent is named by file name, as VMware names them): the overlay `serve
 /// --overlay` writes into. An existing `new` is refused; `disk` is only read.
-pub fn new_overlay(disk: &Path, new: &Path) -> Result<()> {
+pub(crate) fn new_overlay(disk: &Path, new: &Path) -> Result<()> {
     if crate::io::folder_of(disk).canonicalize().ok()
         != crate::io::folder_of(new).canonicalize().ok()
     {
