@@ -35,9 +35,10 @@
 //! [`ErrorKind`] to act on; where an option would let the command go ahead, the error
 //! says which ([`Error::overridable_by`]).
 //!
-//! Inside, layers point down only: the formats (reader and writer side by side), then
-//! opening disks and chains, then the copy engine (plan, parallel produce, ordered sink),
-//! then the commands.
+//! Inside, layers point down only: file-system infrastructure (sources, locks,
+//! temporaries), the formats (reader and writer side by side, every output format one
+//! file), opening disks and chains, the copy engine (plan, parallel produce, ordered
+//! sink), the commands.
 
 #![deny(missing_docs)]
 
