@@ -100,3 +100,100 @@ fn library_messages_name_no_command_line_flag() {
         found.join("\n")
     );
 }
+
+/// Every `.rs` file under `src/`, with its text.
+fn sources() -> Vec<(std::path::PathBuf, String)> {
+    let mut out = Vec::new();
+    let mut stack = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&p).unwrap();
+                out.push((p, text));
+            }
+        }
+    }
+    out
+}
+
+/// The tree keeps the shape issue 21 gave it: dependencies point down (the formats and
+/// the file-system infrastructure use nothing that opens disks, copies or runs commands),
+/// no file over ~900 lines, no function over ~150 lines of code.
+#[test]
+fn the_tree_keeps_its_shape() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    const ABOVE: [&str; 11] = [
+        "crate::layer",
+        "crate::chain",
+        "crate::resolve",
+        "crate::dependents",
+        "crate::copy",
+        "crate::ops",
+        "crate::rw",
+        "crate::write",
+        "crate::serve",
+        "crate::recovery",
+        "crate::cleanup",
+    ];
+    let mut wrong = Vec::new();
+    for (p, text) in sources() {
+        let rel = p.strip_prefix(&src).unwrap().to_string_lossy().into_owned();
+        let bottom = rel.starts_with("format/")
+            || [
+                "io.rs",
+                "guard.rs",
+                "output.rs",
+                "hooks.rs",
+                "units.rs",
+                "error.rs",
+                "disk.rs",
+            ]
+            .contains(&rel.as_str());
+        let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
+        if bottom && !rel.ends_with("tests.rs") {
+            for (n, line) in code.lines().enumerate() {
+                let l = line.trim_start();
+                if !l.starts_with("//") && ABOVE.iter().any(|m| l.contains(m)) {
+                    wrong.push(format!("{rel}:{}: reaches up: {l}", n + 1));
+                }
+            }
+        }
+        let lines = text.lines().count();
+        if lines > 950 {
+            wrong.push(format!("{rel}: {lines} lines"));
+        }
+        // Functions: from `fn` to the closing brace at the same indent, code lines only.
+        let all: Vec<&str> = text.lines().collect();
+        for (i, line) in all.iter().enumerate() {
+            let t = line.trim_start();
+            let indent = line.len() - t.len();
+            let is_fn = ["fn ", "pub fn ", "pub(crate) fn ", "pub(super) fn "]
+                .iter()
+                .any(|k| t.starts_with(k));
+            if !is_fn || t.ends_with(';') {
+                continue;
+            }
+            let close = " ".repeat(indent) + "}";
+            let Some(end) = all[i + 1..]
+                .iter()
+                .position(|l| l.starts_with(&close) && l.trim() == "}")
+            else {
+                continue;
+            };
+            let code_lines = all[i..=i + 1 + end]
+                .iter()
+                .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with("//"))
+                .count();
+            if code_lines > 160 {
+                wrong.push(format!(
+                    "{rel}:{}: a function of {code_lines} lines: {t}",
+                    i + 1
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
