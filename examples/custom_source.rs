@@ -1,10 +1,12 @@
 //! Read a disk that is not a local file: any `ReadAt` (here a stand-in for an object
-//! store or an HTTP server answering range requests) opens as a disk. The example reads a
-//! stream backup's content through it and prints its CRC-32 and how many ranges it asked
-//! for.
+//! store or an HTTP server answering range requests) opens as a layer, and layers opened
+//! so join into a chain (their content IDs checked). The example reads a stream backup,
+//! or a delta and its parent, through it and prints the content's CRC-32 and how many
+//! ranges it asked for.
 //!
 //! ```text
 //! cargo run --example custom_source -- backup.vmdk
+//! cargo run --example custom_source -- disk-000001.vmdk disk.vmdk
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,21 +36,36 @@ impl ReadAt for RangeObject {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let Some(file) = std::env::args().nth(1) else {
+    let files: Vec<String> = std::env::args().skip(1).collect();
+    if files.is_empty() {
         return Err(
-            "usage: custom_source BACKUP.vmdk (monolithicSparse or streamOptimized)".into(),
+            "usage: custom_source TOP.vmdk [PARENT.vmdk ...] (hosted sparse or stream files)"
+                .into(),
         );
+    }
+    let opts = OpenOptions::default();
+    let mut objects = Vec::new();
+    let mut layers = Vec::new();
+    for file in &files {
+        let object = Arc::new(RangeObject {
+            bytes: std::fs::read(file)?,
+            requests: AtomicU64::new(0),
+        });
+        layers.push(Layer::from_source(
+            &format!("s3://bucket/{file}"),
+            object.clone(),
+            &opts,
+        )?);
+        objects.push(object);
+    }
+    let disk = if layers.len() == 1 {
+        Chain::from_layer(layers.remove(0))
+    } else {
+        Chain::from_layers(layers, &opts)?
     };
-    let object = Arc::new(RangeObject {
-        bytes: std::fs::read(&file)?,
-        requests: AtomicU64::new(0),
-    });
-    let layer = Layer::from_source(
-        "s3://bucket/backup.vmdk",
-        object.clone(),
-        &OpenOptions::default(),
-    )?;
-    let disk = Chain::from_layer(layer);
+    for w in disk.warnings() {
+        eprintln!("warning: {w}");
+    }
     let mut crc = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0;
@@ -59,9 +76,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         pos += n as u64;
     }
     println!("{:08x} {}", crc.finalize(), disk.capacity());
+    let requests: u64 = objects
+        .iter()
+        .map(|o| o.requests.load(Ordering::Relaxed))
+        .sum();
     eprintln!(
-        "{} range requests for {} bytes of disk",
-        object.requests.load(Ordering::Relaxed),
+        "{requests} range requests for {} bytes of disk",
         disk.capacity()
     );
     Ok(())

@@ -32,13 +32,89 @@ fn file_id(path: &Path) -> Result<(u64, u64)> {
 }
 
 impl Chain {
-    /// A disk of one layer with no parent (a layer from
-    /// [`Layer::from_source`](crate::Layer::from_source)).
+    /// A disk of one layer read alone (a layer from
+    /// [`Layer::from_source`](crate::Layer::from_source)). A delta read alone reads its
+    /// parent's ranges as zeros: its warnings say so; join it to its parent with
+    /// [`from_layers`](Self::from_layers).
     pub fn from_layer(layer: Layer) -> Chain {
+        let warnings = match layer.parent_hint() {
+            Some(p) if !layer.is_increment() => vec![format!(
+                "`{}` is a delta of `{p}` read alone: what it leaves to its parent reads as zeros",
+                layer.path.display()
+            )],
+            _ => Vec::new(),
+        };
         Chain {
             layers: vec![layer],
-            warnings: Vec::new(),
+            warnings,
         }
+    }
+
+    /// A chain of layers opened by the caller (from
+    /// [`Layer::from_source`](crate::Layer::from_source), say), top first: each layer but
+    /// the last must name a parent and the next layer must be it (its content ID the
+    /// one the child records, unless `opts.ignore_cid`), and the last must name none.
+    pub fn from_layers(layers: Vec<Layer>, opts: &OpenOptions) -> Result<Chain> {
+        let Some(base) = layers.last() else {
+            return Err(Error::InvalidInput(
+                "a chain needs at least one layer".into(),
+            ));
+        };
+        if let Some(p) = base.parent_hint() {
+            return Err(Error::chain(
+                &base.path,
+                format!("its parent `{p}` is not among the layers given"),
+            ));
+        }
+        if layers.len() > MAX_CHAIN_DEPTH {
+            return Err(Error::chain(
+                &layers[0].path,
+                format!("chain deeper than {MAX_CHAIN_DEPTH} layers"),
+            ));
+        }
+        let mut warnings = Vec::new();
+        for w in layers.windows(2) {
+            let (child, parent) = (&w[0], &w[1]);
+            if child.parent_hint().is_none() {
+                return Err(Error::chain(
+                    &child.path,
+                    format!(
+                        "it names no parent, but `{}` is given below it",
+                        parent.path.display()
+                    ),
+                ));
+            }
+            let (want, have) = (child.descriptor.parent_cid(), parent.cid());
+            if want != have {
+                let msg = format!(
+                    "parentCID {} does not match the CID {} of parent `{}`",
+                    fmt_cid(want),
+                    fmt_cid(have),
+                    parent.path.display()
+                );
+                if !opts.ignore_cid {
+                    return Err(Error::Chain {
+                        path: child.path.clone(),
+                        what: msg,
+                        unless: Some(crate::error::Override::IgnoreCid),
+                    });
+                }
+                warnings.push(format!(
+                    "`{}`: {msg} (read anyway, as asked)",
+                    child.path.display()
+                ));
+            }
+            if child.capacity != parent.capacity {
+                warnings.push(format!(
+                    "`{}` is {} bytes but its parent `{}` is {} bytes",
+                    child.path.display(),
+                    child.capacity,
+                    parent.path.display(),
+                    parent.capacity
+                ));
+            }
+        }
+        Ok(Chain { layers, warnings })
     }
 
     /// The layers, top first (the file named) down to the base.

@@ -132,11 +132,11 @@ impl Layer {
         Ok(())
     }
 
-    /// Open a one-file disk (monolithicSparse or streamOptimized, a stream backup among
-    /// them) from anything that reads at an offset: `name` names it in errors and
-    /// reports. A delta is refused (its parent is found by file name; open it from
-    /// files with [`Chain::open`](crate::Chain::open)); [`Chain::from_layer`](crate::Chain::from_layer)
-    /// makes the layer a readable disk.
+    /// Open a one-file layer (monolithicSparse, streamOptimized (a stream backup), or a
+    /// hosted sparse delta) from anything that reads at an offset: `name` names it in
+    /// errors and reports. [`Chain::from_layers`](crate::Chain::from_layers) joins a delta
+    /// opened this way to its parent (the content IDs checked), and
+    /// [`Chain::from_layer`](crate::Chain::from_layer) makes a base a readable disk.
     pub fn from_source(name: &str, reader: Arc<dyn ReadAt>, opts: &OpenOptions) -> Result<Layer> {
         let path = Path::new(name);
         let src = Source::from_reader(reader, path);
@@ -149,12 +149,6 @@ impl Layer {
             ));
         }
         let mut layer = Self::open_sparse_file(path, src, opts)?;
-        if let Some(p) = layer.parent_hint() {
-            return Err(Error::unsupported(
-                path,
-                format!("a delta (of `{p}`) opens from its files, where its parent is found"),
-            ));
-        }
         for slot in &mut layer.extents {
             slot.path = None;
         }

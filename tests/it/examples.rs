@@ -12,6 +12,14 @@ fn example(name: &str) -> PathBuf {
     let profile = exe.parent().and_then(Path::parent).unwrap();
     let p = profile.join("examples").join(name);
     assert!(p.exists(), "{} not built", p.display());
+    // `cargo test --test all` alone does not rebuild the examples: refuse a stale one.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.rs"));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap();
+    assert!(
+        modified(&p) >= modified(&src),
+        "{} is older than its source: run `cargo test` (it builds the examples)",
+        p.display()
+    );
     p
 }
 
@@ -137,12 +145,30 @@ fn custom_source_reads_a_backup_through_a_reader() {
     let out = String::from_utf8(run_example(d.path(), "custom_source", &["s.vmdk"])).unwrap();
     let want = format!("{:08x} {}", crc32fast::hash(&raw), raw.len());
     assert_eq!(out.trim(), want);
-    // A delta opens from files only (its parent is found by name): refused, said.
+    // A delta and its parent, each read through a reader, joined by content ID.
+    let chain_raw = qemu_raw(d.path(), "demo-000001.vmdk");
+    let out = String::from_utf8(run_example(
+        d.path(),
+        "custom_source",
+        &["demo-000001.vmdk", "demo.vmdk"],
+    ))
+    .unwrap();
+    let want = format!("{:08x} {}", crc32fast::hash(&chain_raw), chain_raw.len());
+    assert_eq!(out.trim(), want);
+    // The delta over a disk that is not its parent: refused, naming the content IDs.
+    let o = Command::new(example("custom_source"))
+        .args(["demo-000001.vmdk", "s.vmdk"])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("parentCID"), "{err}");
+    // The delta alone reads, and says what it leaves out.
     let o = Command::new(example("custom_source"))
         .arg("demo-000001.vmdk")
         .current_dir(d.path())
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("delta"), "{err}");
+    assert!(o.status.success() && err.contains("read alone"), "{err}");
 }
