@@ -26,7 +26,12 @@ if [ ! -f text-flat.vmdk ]; then
   printf '# Disk DescriptorFile\nversion=1\nCID=2b3c4d5e\nparentCID=ffffffff\ncreateType="vmfs"\n\n# Extent description\nRW %d VMFS "text-flat.vmdk"\n\n# The Disk Data Base\n#DDB\n\nddb.adapterType = "lsilogic"\n' \
     $(( SIZE * 2048 )) > text.vmdk
 fi
-cat src-flat.vmdk sparse-src.vmdk text-flat.vmdk > /dev/null   # warm the page cache for both tools
+if [ ! -f other-flat.vmdk ]; then
+  python3 "$OLDPWD/benches/mkdisk.py" other-flat.vmdk "$SIZE" 3 other
+  printf '# Disk DescriptorFile\nversion=1\nCID=3c4d5e6f\nparentCID=ffffffff\ncreateType="vmfs"\n\n# Extent description\nRW %d VMFS "other-flat.vmdk"\n\n# The Disk Data Base\n#DDB\n\nddb.adapterType = "lsilogic"\n' \
+    $(( SIZE * 2048 )) > other.vmdk
+fi
+cat src-flat.vmdk sparse-src.vmdk text-flat.vmdk other-flat.vmdk > /dev/null   # warm the page cache for both tools
 
 now() { date +%s.%N; }
 # time_cmd OUTFILES... -- CMD...: remove outputs, run, sync, print seconds
@@ -71,6 +76,9 @@ row() { # name peer vmdkit-outs peer-outs vmdkit-cmd peer-cmd
 row "export streamOptimized (level 6)" qemu-img "v.vmdk" "q.vmdk" \
   "$V export src.vmdk v.vmdk --format stream -q" \
   "qemu-img convert -O vmdk -o subformat=streamOptimized src.vmdk q.vmdk"
+row "export stream, mix with other text" qemu-img "v.vmdk" "q.vmdk" \
+  "$V export other.vmdk v.vmdk --format stream -q" \
+  "qemu-img convert -O vmdk -o subformat=streamOptimized other.vmdk q.vmdk"
 row "export stream, text-heavy disk" qemu-img "v.vmdk" "q.vmdk" \
   "$V export text.vmdk v.vmdk --format stream -q" \
   "qemu-img convert -O vmdk -o subformat=streamOptimized text.vmdk q.vmdk"
@@ -163,7 +171,7 @@ fi
 # count and disk: how well the pipeline keeps the cores compressing on this machine.
 echo
 printf '%-34s %8s %8s %8s %10s\n' "stream export: cores busy" threads wall_s cpu_s cores
-for disk in src text; do
+for disk in src other text; do
   for t in 1 2; do
     ws=(); cs=()
     for _ in $(seq "$RUNS"); do

@@ -3,7 +3,9 @@
 about 40% incompressible data, 20% compressible text, 15% written zeros, 25% holes.
 With MIX=text, a text-heavy disk instead (a file server of logs and source): 10%
 incompressible, 60% text (JSON records and source lines, another kind than the mixed
-disk's log words), 10% written zeros, 20% holes.
+disk's log words), 10% written zeros, 20% holes. With MIX=other, the mixed disk's
+proportions with the text-heavy disk's kind of text (the shape of issue 23's held-out
+disk: 40% random, 20% text of another kind, 15% written zeros, 25% holes).
 Usage: mkdisk.py PATH SIZE_MIB [SEED] [MIX]"""
 import json, os, random, sys
 
@@ -19,7 +21,7 @@ while len(text) < (8 << 20):
     line = " ".join(rng.choice(words) for _ in range(rng.randint(5, 14)))
     line = line.replace("%d", str(rng.randint(0, 1 << 20)))
     text += line.encode() + b"\n"
-if mix == "text":
+if mix in ("text", "other"):
     text = bytearray()
     names = ["id", "user", "path", "size", "mtime", "owner", "tags", "status", "checksum"]
     code = ["fn main() {", "    let x = vec![0u8; 4096];", "    for i in 0..n {", "        total += i * 3;",
