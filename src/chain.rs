@@ -308,7 +308,7 @@ impl Chain {
 
     /// Lock every file of the chain: layers `0..=through` exclusively (they are about to
     /// be written), the ones below shared (they are read).
-    pub fn lock(&self, locks: &mut crate::guard::LockSet, through: usize) -> Result<()> {
+    pub(crate) fn lock(&self, locks: &mut crate::guard::LockSet, through: usize) -> Result<()> {
         use crate::guard::LockKind;
         for (i, l) in self.layers.iter().enumerate() {
             let kind = if i <= through {
@@ -370,7 +370,7 @@ impl Chain {
     }
 
     /// Read the content the layers from `depth` down present (zeros past the last).
-    pub fn read_below(&self, depth: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(crate) fn read_below(&self, depth: usize, buf: &mut [u8], offset: u64) -> Result<()> {
         if depth >= self.layers.len() {
             buf.fill(0);
             return Ok(());
@@ -379,7 +379,7 @@ impl Chain {
     }
 
     /// Allocation runs as seen from layer `depth` down.
-    pub fn map_below(&self, depth: usize, range: Range<u64>) -> Result<Vec<Run>> {
+    pub(crate) fn map_below(&self, depth: usize, range: Range<u64>) -> Result<Vec<Run>> {
         let mut out = Vec::new();
         if depth < self.layers.len() && range.start < range.end {
             self.map_from(depth, range, &mut out)?;

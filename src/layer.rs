@@ -98,7 +98,7 @@ impl OpenOptions {
     /// What the commands that finish or judge an interrupted operation open a disk with:
     /// CIDs not enforced (a commit in progress changes them) and pending marks not
     /// refused (they are the reason to open it).
-    pub fn for_recovery(allow_outside_paths: bool) -> OpenOptions {
+    pub(crate) fn for_recovery(allow_outside_paths: bool) -> OpenOptions {
         OpenOptions {
             ignore_cid: true,
             allow_outside_paths,
@@ -471,7 +471,7 @@ impl Layer {
     }
 
     /// Build a layer from a parsed text descriptor at `path`.
-    pub fn from_descriptor(
+    pub(crate) fn from_descriptor(
         path: &Path,
         d: Descriptor,
         embedded: bool,
@@ -685,7 +685,7 @@ impl Layer {
     }
 
     /// Like [`map`](Self::map), appending to `out`.
-    pub fn map_into(&self, range: Range<u64>, out: &mut Vec<Run>) -> Result<()> {
+    pub(crate) fn map_into(&self, range: Range<u64>, out: &mut Vec<Run>) -> Result<()> {
         let end = range.end.min(self.capacity);
         if range.start >= end {
             return Ok(());
@@ -706,7 +706,7 @@ impl Layer {
     }
 
     /// Read the bytes of one run of this layer into `buf` (`buf.len() == run.len`).
-    pub fn read_run(&self, run: &Run, buf: &mut [u8]) -> Result<()> {
+    pub(crate) fn read_run(&self, run: &Run, buf: &mut [u8]) -> Result<()> {
         match run.alloc {
             Alloc::Data { extent, offset } => self.extents[extent].extent.read_data(buf, offset),
             Alloc::Compressed { extent, offset } => {

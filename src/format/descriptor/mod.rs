@@ -50,7 +50,8 @@ pub enum CreateType {
 }
 
 impl CreateType {
-    /// All types, for listing.
+    /// All types (the tests go through them).
+    #[cfg(test)]
     pub const ALL: [CreateType; 14] = [
         CreateType::MonolithicSparse,
         CreateType::TwoGbMaxExtentSparse,
@@ -618,12 +619,6 @@ impl Descriptor {
                 quoted,
             },
         );
-    }
-
-    /// Remove a header key.
-    pub fn remove(&mut self, key: &str) {
-        self.lines
-            .retain(|l| !matches!(l, Line::Header { key: k, .. } if k.eq_ignore_ascii_case(key)));
     }
 
     /// Remove a `ddb.*` key (prefix optional).
