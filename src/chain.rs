@@ -84,14 +84,7 @@ impl Chain {
                     ),
                 ));
             }
-            let (want, have) = (child.descriptor.parent_cid(), parent.cid());
-            if want != have {
-                let msg = format!(
-                    "parentCID {} does not match the CID {} of parent `{}`",
-                    fmt_cid(want),
-                    fmt_cid(have),
-                    parent.path.display()
-                );
+            if let Some(msg) = cid_mismatch(child, parent) {
                 if !opts.ignore_cid {
                     return Err(Error::Chain {
                         path: child.path.clone(),
@@ -104,15 +97,7 @@ impl Chain {
                     child.path.display()
                 ));
             }
-            if child.capacity != parent.capacity {
-                warnings.push(format!(
-                    "`{}` is {} bytes but its parent `{}` is {} bytes",
-                    child.path.display(),
-                    child.capacity,
-                    parent.path.display(),
-                    parent.capacity
-                ));
-            }
+            warnings.extend(size_mismatch(child, parent));
         }
         Ok(Chain { layers, warnings })
     }
@@ -472,6 +457,33 @@ fn parent_of(
     }
 }
 
+/// The child's parentCID against its parent's CID, when they differ (ESX 2 REDO logs
+/// carry no CIDs: they are linked by name only).
+fn cid_mismatch(child: &Layer, parent: &Layer) -> Option<String> {
+    let (want, have) = (child.descriptor.parent_cid(), parent.cid());
+    (want != have && !child.bare_cowd).then(|| {
+        format!(
+            "parentCID {} does not match the CID {} of parent `{}`",
+            fmt_cid(want),
+            fmt_cid(have),
+            parent.path.display()
+        )
+    })
+}
+
+/// A child whose size is not its parent's (a warning: the chain still reads).
+fn size_mismatch(child: &Layer, parent: &Layer) -> Option<String> {
+    (child.capacity != parent.capacity).then(|| {
+        format!(
+            "`{}` is {} bytes but its parent `{}` is {} bytes",
+            child.path.display(),
+            child.capacity,
+            parent.path.display(),
+            parent.capacity
+        )
+    })
+}
+
 /// Content IDs (child against parent) and sizes along the chain: a mismatch is refused
 /// unless asked to read anyway, or an interrupted commit explains it.
 fn check_links(
@@ -483,15 +495,8 @@ fn check_links(
     for w in layers.windows(2) {
         let (child, parent) = (&w[0], &w[1]);
         let want = child.descriptor.parent_cid();
-        let have = parent.cid();
-        // ESX 2 REDO logs carry no CIDs: they are linked by name only.
-        if want != have && !child.bare_cowd {
-            let msg = format!(
-                "parentCID {} does not match the CID {} of parent `{}`: the parent changed after this child was made",
-                fmt_cid(want),
-                fmt_cid(have),
-                parent.path.display()
-            );
+        if let Some(msg) = cid_mismatch(child, parent) {
+            let msg = format!("{msg}: the parent changed after this child was made");
             if opts.ignore_cid {
                 warnings.push(format!(
                     "`{}`: {msg} (read anyway, as asked)",
@@ -520,15 +525,7 @@ fn check_links(
                 });
             }
         }
-        if child.capacity != parent.capacity {
-            warnings.push(format!(
-                "`{}` is {} bytes but its parent `{}` is {} bytes",
-                child.path.display(),
-                child.capacity,
-                parent.path.display(),
-                parent.capacity
-            ));
-        }
+        warnings.extend(size_mismatch(child, parent));
     }
     Ok(())
 }

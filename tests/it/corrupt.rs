@@ -205,15 +205,7 @@ fn parent_loops_through_two_files_name_both() {
 fn cid_mismatch_is_refused_unless_ignored() {
     let t = tmp();
     let d = t.path();
-    std::fs::write(d.join("f.raw"), vec![7u8; 4096]).unwrap();
-    std::fs::write(d.join("g.raw"), vec![9u8; 4096]).unwrap();
-    std::fs::write(
-        d.join("base.vmdk"),
-        "version=1\nCID=aaaaaaaa\nparentCID=ffffffff\ncreateType=\"vmfs\"\nRW 8 VMFS \"f.raw\"\n",
-    )
-    .unwrap();
-    // A flat "child" is not something VMware makes, but it exercises the link check.
-    std::fs::write(d.join("top.vmdk"), "version=1\nCID=bbbbbbbb\nparentCID=cccccccc\ncreateType=\"monolithicFlat\"\nparentFileNameHint=\"base.vmdk\"\nRW 8 FLAT \"g.raw\" 0\n").unwrap();
+    cid_mismatched_pair(d);
     let err = vmdkit_err(d, &["info", "top.vmdk"]);
     assert!(
         err.contains("parentCID cccccccc does not match the CID aaaaaaaa of parent"),

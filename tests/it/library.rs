@@ -8,23 +8,11 @@ use vmdkit::{Chain, ErrorKind, NoProgress, OpenOptions, Override};
 
 use super::util::*;
 
-/// A child whose parentCID does not match its parent (flat files: no oracle needed).
-fn mismatched(d: &Path) {
-    std::fs::write(d.join("f.raw"), vec![7u8; 4096]).unwrap();
-    std::fs::write(d.join("g.raw"), vec![9u8; 4096]).unwrap();
-    std::fs::write(
-        d.join("base.vmdk"),
-        "version=1\nCID=aaaaaaaa\nparentCID=ffffffff\ncreateType=\"vmfs\"\nRW 8 VMFS \"f.raw\"\n",
-    )
-    .unwrap();
-    std::fs::write(d.join("top.vmdk"), "version=1\nCID=bbbbbbbb\nparentCID=cccccccc\ncreateType=\"monolithicFlat\"\nparentFileNameHint=\"base.vmdk\"\nRW 8 FLAT \"g.raw\" 0\n").unwrap();
-}
-
 #[test]
 fn refusals_say_which_option_overrides_them_and_name_no_flag() {
     let t = tmp();
     let d = t.path();
-    mismatched(d);
+    cid_mismatched_pair(d);
     // A content ID mismatch: a chain error the `ignore_cid` option reads through.
     let e = Chain::open(&d.join("top.vmdk"), &OpenOptions::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Chain);

@@ -301,3 +301,17 @@ pub fn qemu_child(dir: &Path, parent: &str, child: &str, zeroed_grain: bool) {
     args.extend(["-b", parent, "-F", "vmdk", child]);
     qemu_img(dir, &args);
 }
+
+/// `top.vmdk` over `base.vmdk` with a parentCID that does not match the base's CID
+/// (flat files: a flat "child" is not something VMware makes, but it exercises the link
+/// check without an oracle).
+pub fn cid_mismatched_pair(d: &Path) {
+    std::fs::write(d.join("f.raw"), vec![7u8; 4096]).unwrap();
+    std::fs::write(d.join("g.raw"), vec![9u8; 4096]).unwrap();
+    std::fs::write(
+        d.join("base.vmdk"),
+        "version=1\nCID=aaaaaaaa\nparentCID=ffffffff\ncreateType=\"vmfs\"\nRW 8 VMFS \"f.raw\"\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("top.vmdk"), "version=1\nCID=bbbbbbbb\nparentCID=cccccccc\ncreateType=\"monolithicFlat\"\nparentFileNameHint=\"base.vmdk\"\nRW 8 FLAT \"g.raw\" 0\n").unwrap();
+}
