@@ -34,6 +34,9 @@ pub enum ErrorKind {
     /// others depend on, a device, an increment that does not fit); nothing was changed.
     /// [`Error::overridable_by`] says whether an option lets it go ahead.
     Refused,
+    /// The disk is not the kind the command works on (a commit of a disk without a
+    /// parent, an apply of a full backup, an RDM query of a plain disk...).
+    NotApplicable,
 }
 
 /// An option that lets a refused command go ahead: the caller decides how to spell it
@@ -53,6 +56,9 @@ pub enum Override {
     Branch,
     /// Accept a capacity larger than any VMware product makes (`large`).
     Large,
+    /// Follow names that lead out of the disk's folder
+    /// ([`OpenOptions::allow_outside_paths`](crate::OpenOptions::allow_outside_paths)).
+    AllowOutsidePaths,
 }
 
 /// The library's error type.
@@ -116,6 +122,14 @@ pub enum Error {
     /// The output exists already.
     #[error("`{}` already exists", .0.display())]
     AlreadyExists(PathBuf),
+    /// The disk is not the kind the command works on; nothing was changed.
+    #[error("`{}` {what}", .path.display())]
+    NotApplicable {
+        /// The file concerned.
+        path: PathBuf,
+        /// What it is and what the command needs, as a predicate ("is a delta; ...").
+        what: String,
+    },
     /// Refused to keep data safe; nothing was changed.
     #[error("{}", refused_text(.path.as_deref(), .what))]
     Refused {
@@ -154,6 +168,7 @@ impl Error {
             Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Error::Busy(_) => ErrorKind::Busy,
             Error::Refused { .. } => ErrorKind::Refused,
+            Error::NotApplicable { .. } => ErrorKind::NotApplicable,
         }
     }
 
@@ -174,7 +189,8 @@ impl Error {
             | Error::Corrupt { path, .. }
             | Error::Descriptor { path, .. }
             | Error::Chain { path, .. }
-            | Error::Unsupported { path, .. } => Some(path),
+            | Error::Unsupported { path, .. }
+            | Error::NotApplicable { path, .. } => Some(path),
             Error::AlreadyExists(p) | Error::Busy(p) => Some(p),
             Error::Refused { path, .. } => path.as_deref(),
             Error::InvalidInput(_) => None,
@@ -236,6 +252,14 @@ impl Error {
             path: Some(path.to_path_buf()),
             what: what.into(),
             unless,
+        }
+    }
+
+    /// `path` is not the kind of disk the command works on.
+    pub(crate) fn not_applicable(path: &Path, what: impl Into<String>) -> Self {
+        Error::NotApplicable {
+            path: path.to_path_buf(),
+            what: what.into(),
         }
     }
 

@@ -300,7 +300,7 @@ pub fn raw_pending_note(raw: &Path) -> Option<String> {
     let _: serde_json::Value = read(&sp).ok()??;
     Some(format!(
         "`{}` is in the middle of an interrupted `vmdkit apply` (in-place writes into a raw target cannot be made atomic): \
-         its content may be neither the old nor the new point. Run the same `vmdkit apply {} INCREMENT --raw --force` again to finish it",
+         its content may be neither the old nor the new point. Run the same apply into `{}` (of the same increment, as a raw target, forced) again to finish it",
         raw.display(),
         raw.display()
     ))
@@ -394,12 +394,15 @@ pub(crate) fn refuse_read_only_files(layer: &Layer, force: bool) -> Result<()> {
             continue;
         };
         if m.is_file() && m.permissions().readonly() {
-            return Err(Error::InvalidInput(format!(
-                "`{}` is read-only (mode {:o}): refusing to write into it; nothing was written \
-                 (make it writable, or pass --force)",
-                f.display(),
-                m.permissions().mode() & 0o7777
-            )));
+            return Err(Error::refused(
+                &f,
+                format!(
+                    "`{}` is read-only (mode {:o}): refusing to write into it; nothing was written (make it writable)",
+                    f.display(),
+                    m.permissions().mode() & 0o7777
+                ),
+                Some(crate::error::Override::Force),
+            ));
         }
     }
     Ok(())

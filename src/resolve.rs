@@ -89,17 +89,17 @@ pub fn confine(
     if block && device_type {
         return Ok(());
     }
-    Err(Error::chain(
-        descriptor,
-        format!(
-            "{what}: `{}` leads to `{}`, outside the descriptor's folder `{}`{}; refusing to follow it \
-             (pass --allow-outside-paths if the disk's files are kept elsewhere)",
+    Err(Error::Chain {
+        path: descriptor.to_path_buf(),
+        what: format!(
+            "{what}: `{}` leads to `{}`, outside the descriptor's folder `{}`{}; refusing to follow it",
             p.display(),
             real.display(),
             real_dir.display(),
             if block { "" } else { " (only block devices of device and RDM descriptors may be)" }
         ),
-    ))
+        unless: Some(crate::error::Override::AllowOutsidePaths),
+    })
 }
 
 /// The RDM descriptor in `dir` whose VMFSRDM extent is the mapping file `map`, when

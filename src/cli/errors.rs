@@ -99,7 +99,8 @@ pub(super) fn with_stdin_hint(msg: &str) -> String {
 
 /// An error under `--json`: one object on stderr, `{"error": {"kind", "message",
 /// "file", "offset"}}` (kind: io, corrupt, descriptor, chain, unsupported, invalid_input,
-/// already_exists, busy, refused, or usage for what the command line itself refuses).
+/// already_exists, busy, refused, not_applicable, or usage for what the command line itself
+/// refuses).
 pub(super) fn error_json(e: &anyhow::Error) -> String {
     let lib = e.chain().find_map(|c| c.downcast_ref::<vmdkit::Error>());
     let kind = lib.map_or("usage".to_string(), |l| {
@@ -139,6 +140,9 @@ pub(super) fn describe(e: &anyhow::Error) -> String {
             vmdkit::Override::IgnoreCid => "use --ignore-cid to read anyway",
             vmdkit::Override::Branch => "pass --branch to branch on purpose",
             vmdkit::Override::Large => "pass --large if the disk really is that large",
+            vmdkit::Override::AllowOutsidePaths => {
+                "pass --allow-outside-paths if the disk's files are kept elsewhere"
+            }
             _ => "",
         });
     // The library says what to do in words; the command line names its own flags.

@@ -146,10 +146,10 @@ impl OutputMeta {
     /// file name).
     pub fn for_delta(chain: &Chain, hint: Option<&str>) -> Result<OutputMeta> {
         if chain.layers.len() < 2 {
-            return Err(Error::InvalidInput(format!(
-                "`{}` has no parent: an increment holds what a delta adds to its parent; export it in full instead",
-                chain.top().path.display()
-            )));
+            return Err(Error::not_applicable(
+                &chain.top().path,
+                "has no parent: an increment holds what a delta adds to its parent; export it in full instead",
+            ));
         }
         let hint = match hint {
             Some(h) => h.to_string(),

@@ -195,10 +195,10 @@ pub fn extend(disk: &Path, size: NewSize, opts: &ExtendOptions) -> Result<(u64, 
         },
     )?;
     if chain.layers.len() > 1 {
-        return Err(Error::InvalidInput(format!(
-            "`{}` is a delta; extend its base disk (after committing)",
-            disk.display()
-        )));
+        return Err(Error::not_applicable(
+            disk,
+            "is a delta; extend its base disk (after committing)",
+        ));
     }
     locks.exclusive_all(&chain.layers[0].files())?;
     let layer = &mut chain.layers[0];

@@ -184,10 +184,10 @@ fn kept_cid(d: &crate::format::descriptor::Descriptor) -> u32 {
 /// would make a disk of holes where the parent's data belongs.
 fn refuse_increment(d: &crate::format::descriptor::Descriptor, name: &Path) -> Result<()> {
     match d.parent_cid() {
-        Some(c) if c != crate::format::descriptor::NO_PARENT_CID => Err(Error::InvalidInput(format!(
-            "`{}` is an increment (parentCID {c:08x}): restore the full backup, then apply this increment to the restored disk",
-            name.display()
-        ))),
+        Some(c) if c != crate::format::descriptor::NO_PARENT_CID => Err(Error::not_applicable(
+            name,
+            format!("is an increment (parentCID {c:08x}): restore the full backup, then apply this increment to the restored disk"),
+        )),
         _ => Ok(()),
     }
 }

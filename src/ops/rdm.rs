@@ -146,11 +146,13 @@ pub fn query(disk: &Path) -> Result<RdmInfo> {
         Some(CreateType::VmfsRawDeviceMap) => "virtual",
         Some(CreateType::VmfsPassthroughRawDeviceMap) => "physical",
         _ => {
-            return Err(Error::InvalidInput(format!(
-                "`{}` is not a raw device mapping (createType {})",
-                disk.display(),
-                d.get("createType").unwrap_or("-")
-            )))
+            return Err(Error::not_applicable(
+                disk,
+                format!(
+                    "is not a raw device mapping (createType {})",
+                    d.get("createType").unwrap_or("-")
+                ),
+            ))
         }
     };
     let e = d

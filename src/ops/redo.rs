@@ -203,7 +203,7 @@ pub fn add_opts(disk: &Path, opts: &AddOptions) -> Result<PathBuf> {
                     disk,
                     format!(
                         "`{}` exists: an ESX 2 REDO log is named after its parent, so a disk cannot have two; \
-                         add to `{}` instead, or use --style hosted or vmfsSparse for a branch",
+                         add to `{}` instead, or add a hosted or vmfsSparse delta for a branch",
                         new.display(),
                         new.display()
                     ),

@@ -20,10 +20,11 @@ pub(super) fn open_rw(path: &Path) -> Result<File> {
         .open(path)
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
-                Error::InvalidInput(format!(
-                    "`{}` is read-only: refusing to write",
-                    path.display()
-                ))
+                Error::refused(
+                    path,
+                    format!("`{}` is read-only: refusing to write", path.display()),
+                    None,
+                )
             } else {
                 Error::io("open for writing", path, 0, e)
             }

@@ -113,10 +113,11 @@ pub fn write_descriptor(layer: &Layer) -> Result<()> {
         .map_err(|e| Error::io("stat", &layer.path, 0, e))?
         .permissions();
     if perms.readonly() {
-        return Err(Error::InvalidInput(format!(
-            "`{}` is read-only: refusing to write",
-            layer.path.display()
-        )));
+        return Err(Error::refused(
+            &layer.path,
+            format!("`{}` is read-only: refusing to write", layer.path.display()),
+            None,
+        ));
     }
     crate::output::replace_atomically(&layer.path, text.as_bytes(), Some(perms))
 }

@@ -41,6 +41,66 @@ fn refusals_say_which_option_overrides_them_and_name_no_flag() {
     assert!(err.contains("use --force to overwrite"), "{err}");
 }
 
+/// The string literals of Rust source (outside comments), each with the line it starts
+/// on: a small lexer (escapes, raw strings, char literals, `//` comments).
+fn string_literals(code: &str) -> Vec<(usize, String)> {
+    let b = code.as_bytes();
+    let (mut i, mut line, mut out) = (0, 1, Vec::new());
+    while i < b.len() {
+        match b[i] {
+            b'\n' => line += 1,
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'\'' => {
+                // A char literal ('"', '\\'), or a lifetime: skip what a char literal holds.
+                if b.get(i + 2) == Some(&b'\'') {
+                    i += 3;
+                    continue;
+                }
+                if b.get(i + 1) == Some(&b'\\') {
+                    if let Some(k) = b[i + 2..].iter().position(|&c| c == b'\'') {
+                        i += k + 3;
+                        continue;
+                    }
+                }
+            }
+            b'r' if matches!(b.get(i + 1), Some(b'"') | Some(b'#'))
+                && (i == 0 || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_')) =>
+            {
+                let hashes = b[i + 1..].iter().take_while(|&&c| c == b'#').count();
+                if b.get(i + 1 + hashes) == Some(&b'"') {
+                    let start = i + 2 + hashes;
+                    let close = format!("\"{}", "#".repeat(hashes));
+                    let end = code[start..].find(&close).map_or(b.len(), |k| start + k);
+                    out.push((line, code[start..end].to_string()));
+                    line += code[start..end].matches('\n').count();
+                    i = end + close.len();
+                    continue;
+                }
+            }
+            b'"' => {
+                let start = i + 1;
+                let mut j = start;
+                while j < b.len() && b[j] != b'"' {
+                    j += if b[j] == b'\\' { 2 } else { 1 };
+                }
+                let end = j.min(b.len());
+                out.push((line, code[start..end].to_string()));
+                line += code[start..end].matches('\n').count();
+                i = end + 1;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    out
+}
+
 /// No message of the library names a command-line flag: string literals outside
 /// `src/cli` (and outside tests and comments) hold no `--flag`.
 #[test]
@@ -66,17 +126,10 @@ fn library_messages_name_no_command_line_flag() {
             let text = std::fs::read_to_string(&p).unwrap();
             // Unit tests sit at the end of a file.
             let code = text.split("#[cfg(test)]\nmod tests").next().unwrap();
-            for (n, line) in code.lines().enumerate() {
-                let l = line.trim_start();
-                if l.starts_with("//") {
-                    continue;
-                }
-                // Inside a string literal: an odd number of quotes before the flag.
-                for (i, _) in l.match_indices("--") {
-                    let after = l[i + 2..].chars().next();
-                    let quoted = l[..i].matches('"').count() % 2 == 1;
-                    if quoted && after.is_some_and(|c| c.is_ascii_lowercase()) {
-                        found.push(format!("{}:{}: {}", p.display(), n + 1, l));
+            for (line, lit) in string_literals(code) {
+                for (i, _) in lit.match_indices("--") {
+                    if lit[i + 2..].starts_with(|c: char| c.is_ascii_lowercase()) {
+                        found.push(format!("{}:{line}: {lit}", p.display()));
                     }
                 }
             }

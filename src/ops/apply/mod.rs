@@ -167,10 +167,10 @@ fn read_increment(c: &mut Counted<'_>, name: &Path) -> Result<Increment> {
     c.exact(&mut first)?;
     let header = stream_in::parse_first(&first, name)?;
     if !header.compressed() || !header.markers() {
-        return Err(Error::InvalidInput(format!(
-            "`{}` is not an increment: increments are streamOptimized files written by an incremental export",
-            name.display()
-        )));
+        return Err(Error::not_applicable(
+            name,
+            "is not an increment: increments are streamOptimized files written by an incremental export",
+        ));
     }
     if header.descriptor_offset != 1 || header.descriptor_size == 0 {
         return Err(Error::corrupt(
@@ -190,10 +190,10 @@ fn read_increment(c: &mut Counted<'_>, name: &Path) -> Result<Increment> {
         .parent_cid()
         .filter(|&p| p != NO_PARENT_CID)
         .ok_or_else(|| {
-            Error::InvalidInput(format!(
-                "`{}` is a full backup, not an increment (it has no parentCID): restore it with `vmdkit import`",
-                name.display()
-            ))
+            Error::not_applicable(
+                name,
+                "is a full backup, not an increment (it has no parentCID): restore it with an import",
+            )
         })?;
     let cid = d
         .cid()

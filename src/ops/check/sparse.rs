@@ -688,7 +688,7 @@ impl<'a> SparseCheck<'a> {
         } else {
             r.findings[idx].what.push_str(&format!(
                 "; {holding_data} of them hold data and were kept (they may be guest data whose table entry was lost); \
-                 pass --discard-unreferenced to free them, losing that data"
+                 a repair that discards unreferenced grains frees them, losing that data"
             ));
         }
         Ok(())

@@ -264,10 +264,10 @@ pub fn commit(top: &Path, opts: &CommitOptions, progress: &dyn Progress) -> Resu
     let mut chain = Chain::open(top, &OpenOptions::for_recovery(opts.allow_outside_paths))?;
     let n = chain.layers.len();
     if n < 2 {
-        return Err(Error::InvalidInput(format!(
-            "`{}` has no parent: nothing to commit into",
-            top.display()
-        )));
+        return Err(Error::not_applicable(
+            top,
+            "has no parent: nothing to commit into",
+        ));
     }
     let target = if opts.all { n - 1 } else { 1 };
     // Lock before deciding anything: the merged deltas and the target exclusively, the
@@ -476,10 +476,14 @@ fn refuse_target(tl: &Layer) -> Result<()> {
             .map(|m| m.permissions().readonly())
             .unwrap_or(false)
         {
-            return Err(Error::InvalidInput(format!(
-                "parent file `{}` is read-only: refusing to commit into it",
-                f.display()
-            )));
+            return Err(Error::refused(
+                &f,
+                format!(
+                    "parent file `{}` is read-only: refusing to commit into it",
+                    f.display()
+                ),
+                None,
+            ));
         }
     }
     Ok(())
@@ -571,13 +575,14 @@ fn check_dependents(chain: &Chain, target: usize, force: bool) -> Result<Vec<Pat
             ));
         }
         if !top.bare_cowd && child.parent_cid() != top.cid() {
-            return Err(Error::chain(
+            return Err(Error::refused(
                 c,
                 format!(
                     "this delta names `{}` as its parent but its parentCID does not match that disk's CID: \
-                     it is already stale; refusing to commit under it (move it away, or pass --force only after moving it)",
+                     it is already stale; refusing to commit under it (move it away first)",
                     top.path.display()
                 ),
+                Some(crate::error::Override::Force),
             ));
         }
         if !same_folder(c, &tl.path) {
