@@ -24,17 +24,7 @@ fn example(name: &str) -> PathBuf {
 }
 
 fn run_example(dir: &Path, name: &str, args: &[&str]) -> Vec<u8> {
-    let out = Command::new(example(name))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{name} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
+    run(dir, example(name), args).stdout
 }
 
 /// The bundled demo chain, copied into a fresh folder.

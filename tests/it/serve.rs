@@ -84,17 +84,7 @@ impl Drop for Server {
 }
 
 fn run_ok(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&run(dir, prog, args).stdout).into_owned()
 }
 
 /// A 64 MiB chain (a qemu base, a child with data over a hole and zeros over data) and a
@@ -111,15 +101,23 @@ fn chain(d: &Path) {
     vmdkit_ok(d, &["export", "c.vmdk", "b.vmdk", "-d", "stream", "-q"]);
 }
 
-#[test]
-fn serve_reads_as_qemu_and_libnbd_read_the_disk() {
-    need_qemu!();
-    if !have_nbd_tools() {
-        return;
+/// A folder holding [`chain`], when qemu and the NBD tools are here (else the test
+/// skips; under `CI=true` a missing qemu fails).
+fn served_chain() -> Option<tempfile::TempDir> {
+    if !have_qemu() || !have_nbd_tools() {
+        return None;
     }
     let t = tmp();
+    chain(t.path());
+    Some(t)
+}
+
+#[test]
+fn serve_reads_as_qemu_and_libnbd_read_the_disk() {
+    let Some(t) = served_chain() else {
+        return;
+    };
     let d = t.path();
-    chain(d);
     let want = qemu_raw(d, "c.vmdk");
     for disk in ["c.vmdk", "b.vmdk"] {
         let mut s = Server::start(d, disk, &[]);
@@ -264,13 +262,10 @@ fn closed(c: &mut UnixStream) -> bool {
 /// connections than allowed.
 #[test]
 fn hostile_clients_get_errors_and_the_server_keeps_serving() {
-    need_qemu!();
-    if !have_nbd_tools() {
+    let Some(t) = served_chain() else {
         return;
-    }
-    let t = tmp();
+    };
     let d = t.path();
-    chain(d);
     let s = Server::start(d, "c.vmdk", &["--max-connections", "4", "--name", "vm"]);
     let connect = || UnixStream::connect(&s.socket).unwrap();
 
@@ -386,13 +381,10 @@ fn hostile_clients_get_errors_and_the_server_keeps_serving() {
 /// byte. An overlay that exists, or outside the disk's folder, is refused.
 #[test]
 fn serve_overlay_takes_writes_into_a_new_delta() {
-    need_qemu!();
-    if !have_nbd_tools() {
+    let Some(t) = served_chain() else {
         return;
-    }
-    let t = tmp();
+    };
     let d = t.path();
-    chain(d);
     let below: Vec<(String, String)> = ["p.vmdk", "c.vmdk"]
         .iter()
         .map(|f| (f.to_string(), sha256_file(&d.join(f))))

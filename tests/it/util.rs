@@ -44,16 +44,18 @@ pub fn tmp() -> tempfile::TempDir {
 }
 
 /// Run a command in `dir`, panic with its stderr on failure.
-pub fn run(dir: &Path, prog: &str, args: &[&str]) -> Output {
+pub fn run(dir: &Path, prog: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Output {
+    let prog = prog.as_ref();
     let out = Command::new(prog)
         .args(args)
         .current_dir(dir)
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", prog.to_string_lossy()));
     assert!(
         out.status.success(),
-        "{prog} {args:?} failed: {}",
+        "{} {args:?} failed: {}",
+        prog.to_string_lossy(),
         String::from_utf8_lossy(&out.stderr)
     );
     out
