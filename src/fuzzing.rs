@@ -260,6 +260,7 @@ fn sparse_tar_seed() -> Vec<u8> {
         cid: 7,
         provisioning: Default::default(),
         parent: None,
+        omitted: None,
     };
     let opts = ExportOptions {
         format: ExportFormat::Vmfs,
@@ -464,4 +465,71 @@ mod tests {
 pub mod bench {
     pub use crate::copy::is_zero;
     pub use crate::format::stream::grain_record;
+}
+
+/// A disk in memory, for the guest-aware scan's fuzz targets.
+struct MemDisk(Vec<u8>);
+
+impl crate::disk::VirtualDisk for MemDisk {
+    fn capacity(&self) -> u64 {
+        self.0.len() as u64 / 512 * 512
+    }
+    fn granularity(&self) -> u64 {
+        512
+    }
+    fn map(&self, range: std::ops::Range<u64>) -> crate::error::Result<Vec<crate::disk::Run>> {
+        let end = range.end.min(self.capacity());
+        Ok((range.start < end)
+            .then(|| crate::disk::Run {
+                start: range.start,
+                len: end - range.start,
+                alloc: Alloc::Data {
+                    extent: 0,
+                    offset: range.start,
+                },
+                depth: 0,
+            })
+            .into_iter()
+            .collect())
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::error::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.capacity())
+            .ok_or_else(|| crate::error::Error::InvalidInput("read past the end".into()))?;
+        buf.copy_from_slice(&self.0[offset as usize..end as usize]);
+        Ok(())
+    }
+}
+
+/// The guest-aware scan over a disk whose bytes are `data` (partition tables, then
+/// each partition's file system): it ends, and what it calls free lies inside the disk
+/// and inside a partition it recognised.
+pub fn guest(data: &[u8]) {
+    let disk = MemDisk(data.to_vec());
+    let cap = crate::disk::VirtualDisk::capacity(&disk);
+    if let Ok((free, report)) = crate::guest::scan(&disk) {
+        assert!(free.bytes() <= cap);
+        let inside = free.within(0..u64::MAX).all(|r| {
+            r.end <= cap
+                && report.partitions.iter().any(|p| {
+                    p.file_system.is_some()
+                        && p.copied_whole.is_none()
+                        && r.start >= p.start
+                        && r.end <= p.start + p.length
+                })
+        });
+        assert!(inside, "a free range outside a recognised partition");
+    }
+}
+
+/// The file-system readers alone (ext2/3/4, FAT, NTFS), over `data` as one volume:
+/// they end, and what they call free lies inside it.
+pub fn guest_fs(data: &[u8]) {
+    let disk = MemDisk(data.to_vec());
+    let cap = crate::disk::VirtualDisk::capacity(&disk);
+    let vol = crate::guest::Volume::new(&disk, 0, cap);
+    if let Ok(found) = crate::guest::probe(&vol) {
+        assert!(found.free.iter().all(|r| r.start < r.end && r.end <= cap));
+    }
 }

@@ -53,6 +53,7 @@ mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 mod guard;
+mod guest;
 mod hooks;
 mod io;
 mod layer;

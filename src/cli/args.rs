@@ -275,6 +275,11 @@ pub(super) struct ExportArgs {
     /// With --delta: the parentFileNameHint recorded (default: the parent's file name).
     #[arg(long, value_name = "NAME", requires = "delta")]
     pub(super) parent_hint: Option<String>,
+    /// Leave out what the guest's file systems call free (ext2/3/4, FAT, NTFS in MBR or
+    /// GPT partitions, read through the chain): deleted files' old bytes are not copied.
+    /// The output is then file-identical to the source, not byte-identical.
+    #[arg(long)]
+    pub(super) guest_aware: bool,
     /// Overwrite existing outputs; allow binary output to a terminal.
     #[arg(long)]
     pub(super) force: bool,
@@ -383,6 +388,11 @@ pub(super) struct MeasureArgs {
     /// Compress every grain for an exact stream size (as long as the export's CPU time).
     #[arg(long)]
     pub(super) exact: bool,
+    /// Leave out what the guest's file systems call free (ext2/3/4, FAT, NTFS in MBR or
+    /// GPT partitions, read through the chain): deleted files' old bytes are not copied.
+    /// The output is then file-identical to the source, not byte-identical.
+    #[arg(long)]
+    pub(super) guest_aware: bool,
     /// The output's file name (names are recorded in descriptors); default: the disk's.
     #[arg(long)]
     pub(super) name: Option<String>,
@@ -432,6 +442,11 @@ pub(super) struct ImportArgs {
     /// Permit a capacity over 62 TiB (more than any VMware product makes).
     #[arg(long)]
     pub(super) large: bool,
+    /// Leave out what the guest's file systems call free (ext2/3/4, FAT, NTFS in MBR or
+    /// GPT partitions, read through the chain): deleted files' old bytes are not copied.
+    /// The output is then file-identical to the source, not byte-identical.
+    #[arg(long)]
+    pub(super) guest_aware: bool,
     #[command(flatten)]
     pub(super) read: ReadArgs,
 }

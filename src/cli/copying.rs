@@ -175,7 +175,38 @@ pub(super) fn report_json(r: &vmdkit::ops::export::ExportReport, file: &Path) ->
         "grains": r.grains,
         "zeroed_grains": r.zeroed_grains,
         "crc32": r.crc32.map(|c| format!("{c:08x}")),
+        "guest": r.guest,
     })
+}
+
+/// What a guest-aware copy found, one line per partition, on stderr.
+pub(super) fn say_guest(ui: Ui, g: Option<&vmdkit::ops::export::GuestReport>) {
+    let Some(g) = g else { return };
+    if let Some(n) = &g.note {
+        ui.say(format_args!("guest-aware: {} table: {n}", g.table));
+    }
+    for p in &g.partitions {
+        let what = match (&p.file_system, &p.copied_whole) {
+            (Some(fs), None) => format!("{fs}, {} left out", ops::human(p.left_out)),
+            (fs, Some(why)) => format!(
+                "{}copied whole: {why}",
+                fs.as_ref().map(|f| format!("{f}, ")).unwrap_or_default()
+            ),
+            (None, None) => "copied whole".into(),
+        };
+        ui.say(format_args!(
+            "guest-aware: {} ({}, {} at {}): {what}",
+            p.number
+                .map_or("whole disk".into(), |n| format!("partition {n}")),
+            p.partition_type,
+            ops::human(p.length),
+            ops::human(p.start),
+        ));
+    }
+    ui.say(format_args!(
+        "guest-aware: {} left out in all",
+        ops::human(g.left_out)
+    ));
 }
 
 pub(super) fn run_export(args: ExportArgs, ui: Ui) -> Result<ExitCode> {
@@ -188,6 +219,7 @@ pub(super) fn run_export(args: ExportArgs, ui: Ui) -> Result<ExitCode> {
         manifest,
         delta,
         parent_hint,
+        guest_aware,
         force,
         read,
     } = args;
@@ -209,6 +241,7 @@ pub(super) fn run_export(args: ExportArgs, ui: Ui) -> Result<ExitCode> {
         o.force = force;
         o.delta = delta;
         o.parent_hint = parent_hint;
+        o.guest_aware = guest_aware;
         o
     };
     let label = if delta { "increment" } else { "export" };
@@ -242,6 +275,7 @@ pub(super) fn run_export(args: ExportArgs, ui: Ui) -> Result<ExitCode> {
         },
         ops::human(report.bytes_out)
     ));
+    say_guest(ui, report.guest.as_ref());
     ui.result(&report_json(&report, &dst), to_stdout)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -291,6 +325,7 @@ pub(super) fn run_measure(args: MeasureArgs, ui: Ui) -> Result<ExitCode> {
         delta,
         level,
         exact,
+        guest_aware,
         name,
         threads,
         read,
@@ -328,6 +363,7 @@ pub(super) fn run_measure(args: MeasureArgs, ui: Ui) -> Result<ExitCode> {
             o.name = name;
             o.threads = threads;
             o.thick = prealloc != vmdkit::ops::export::Prealloc::Thin;
+            o.guest_aware = guest_aware;
             o
         },
         &bar,
@@ -355,6 +391,7 @@ pub(super) fn run_import(args: ImportArgs, ui: Ui) -> Result<ExitCode> {
         force,
         threads,
         large,
+        guest_aware,
         read,
     } = args;
     use vmdkit::ops::import::{import_disk, import_stream, ImportOptions};
@@ -388,6 +425,7 @@ pub(super) fn run_import(args: ImportArgs, ui: Ui) -> Result<ExitCode> {
             let mut o = vmdkit::ops::export::ExportOptions::default();
             o.threads = threads;
             o.force = force;
+            o.guest_aware = guest_aware;
             o
         };
         export_to(&chain, &src, &dst, kind, opts, force, ui, "import")?
@@ -399,6 +437,7 @@ pub(super) fn run_import(args: ImportArgs, ui: Ui) -> Result<ExitCode> {
             o.force = force;
             o.threads = threads;
             o.large = large;
+            o.guest_aware = guest_aware;
             o
         };
         if from_stdin {
@@ -429,6 +468,7 @@ pub(super) fn run_import(args: ImportArgs, ui: Ui) -> Result<ExitCode> {
                 .join(", ")
         }
     ));
+    say_guest(ui, r.guest.as_ref());
     ui.result(&report_json(&r, &dst), to_stdout)?;
     Ok(ExitCode::SUCCESS)
 }

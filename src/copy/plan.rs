@@ -216,10 +216,10 @@ pub fn scan(
 /// engine: `verify` compares it, and an increment's manifest is the whole chain's.
 pub fn manifest_of(
     disk: &dyn VirtualDisk,
+    mut b: crate::format::manifest::ManifestBuilder,
     popts: PipelineOptions,
     progress: &dyn Progress,
 ) -> Result<crate::format::manifest::ManifestBuilder> {
-    let mut b = crate::format::manifest::ManifestBuilder::new(disk.capacity());
     let mut planner = Planner::new(disk, crate::format::manifest::BLOCK);
     super::run(
         &mut planner,

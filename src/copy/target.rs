@@ -61,6 +61,11 @@ pub struct ExportOptions {
     /// Compute the CRC-32 of the whole content (the report's `crc32`) even without a
     /// manifest.
     pub checksum: bool,
+    /// Leave out the grains every file system in the guest calls free (partition
+    /// tables, ext2/3/4, FAT, NTFS read through the chain; see the README): the output
+    /// then reads as the source with those grains zeroed, file-identical, not
+    /// byte-identical, and says so in its descriptor (`ddb.vmdkit.guestAware`).
+    pub guest_aware: bool,
 }
 
 impl Default for ExportOptions {
@@ -76,6 +81,7 @@ impl Default for ExportOptions {
             delta: false,
             parent_hint: None,
             checksum: false,
+            guest_aware: false,
         }
     }
 }
@@ -106,6 +112,8 @@ pub struct OutputMeta {
     /// An increment's parent link: the content ID its parent must have and the
     /// `parentFileNameHint`.
     pub parent: Option<(u32, String)>,
+    /// The grains a guest-aware output leaves out (its manifest names them).
+    pub omitted: Option<std::sync::Arc<crate::guest::FreeMap>>,
 }
 
 /// Thin or thick provisioning of a `vmfs` output.
@@ -138,7 +146,24 @@ impl OutputMeta {
             cid: chain.content_id(0),
             provisioning: Provisioning::Thin,
             parent: None,
+            omitted: None,
         }
+    }
+
+    /// A guest-aware output: it leaves out the grains of `free`, says so in its
+    /// descriptor, and its manifest names them.
+    pub fn mark_guest_aware(&mut self, free: std::sync::Arc<crate::guest::FreeMap>) {
+        let key = crate::guest::DDB_KEY;
+        self.ddb.retain(|(k, _)| !k.eq_ignore_ascii_case(key));
+        self.ddb.push((key.to_string(), "1".to_string()));
+        self.omitted = Some(free);
+    }
+
+    /// The manifest's omitted-grain masks by block, for a guest-aware output.
+    pub fn omitted_masks(&self) -> Option<Box<dyn Fn(u64) -> u64 + Send>> {
+        let free = self.omitted.clone()?;
+        let block = crate::format::manifest::BLOCK;
+        Some(Box::new(move |i| free.mask(i * block, block)))
     }
 
     /// The metadata of an increment of `chain`'s top layer: its content ID, and as parent
@@ -329,8 +354,8 @@ pub fn export_fed(
     };
     let mut locks = crate::guard::LockSet::new();
     locks.shared_all(&sources)?;
-    let mut manifest =
-        (opts.manifest.is_some() || opts.checksum).then(|| ManifestBuilder::new(cap));
+    let mut manifest = (opts.manifest.is_some() || opts.checksum)
+        .then(|| ManifestBuilder::with_omitted(cap, meta.omitted_masks()));
     let name = match &dest {
         Dest::Path(p) => p
             .file_name()

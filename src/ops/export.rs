@@ -6,6 +6,9 @@ use crate::chain::{Chain, DeltaView};
 use crate::copy::{PipelineOptions, Progress};
 use crate::disk::VirtualDisk;
 use crate::error::Result;
+use crate::format::manifest::ManifestBuilder;
+use crate::guest::{FreeMap, GuestView};
+pub use crate::guest::{GuestPartition, GuestReport};
 
 pub use crate::copy::target::Prealloc;
 pub(crate) use crate::copy::target::{export_fed, OutputMeta, GRAIN};
@@ -47,26 +50,74 @@ pub fn export(
         .and_then(|m| m.modified().ok())
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs());
+    // Guest-aware: the free map is read from the chain's newest state (for an
+    // increment, the delta's own point in time: the chain as opened).
+    let guest = Guest::scan(chain, opts.guest_aware)?;
     if opts.delta {
-        return export_delta(chain, dest, opts, mtime, progress);
+        return export_delta(chain, &guest, dest, opts, mtime, progress);
     }
     let mut meta = OutputMeta::from_chain(chain);
     if opts.prealloc != Prealloc::Thin {
         meta.provisioning = crate::copy::target::Provisioning::Thick;
     }
-    export_fed(chain, None, &meta, mtime, dest, opts, progress)
+    guest.mark(&mut meta);
+    let report = export_fed(&guest.view(chain), None, &meta, mtime, dest, opts, progress)?;
+    Ok(guest.report(report))
+}
+
+/// What a guest-aware copy leaves out (nothing when not asked for).
+pub(crate) struct Guest {
+    found: Option<(std::sync::Arc<FreeMap>, GuestReport)>,
+    none: FreeMap,
+}
+
+impl Guest {
+    /// Scan `disk` (a chain's merged view) when `on`.
+    pub(crate) fn scan(disk: &dyn VirtualDisk, on: bool) -> Result<Guest> {
+        let found = match on {
+            true => {
+                let (free, report) = crate::guest::scan(disk)?;
+                Some((std::sync::Arc::new(free), report))
+            }
+            false => None,
+        };
+        Ok(Guest {
+            found,
+            none: FreeMap::default(),
+        })
+    }
+
+    /// `disk` with the free grains left out (unchanged when none are).
+    pub(crate) fn view<'a>(&'a self, disk: &'a dyn VirtualDisk) -> GuestView<'a> {
+        GuestView::new(disk, self.found.as_ref().map_or(&self.none, |(f, _)| f))
+    }
+
+    /// Mark the output's metadata guest-aware.
+    pub(crate) fn mark(&self, meta: &mut OutputMeta) {
+        if let Some((free, _)) = &self.found {
+            meta.mark_guest_aware(free.clone());
+        }
+    }
+
+    /// Add what the scan found to a copy's report.
+    pub(crate) fn report(&self, mut r: ExportReport) -> ExportReport {
+        r.guest = self.found.as_ref().map(|(_, g)| g.clone());
+        r
+    }
 }
 
 /// An increment: the top layer's grains on the engine; its manifest (checked after
 /// `apply`) covers the whole chain's content, so it is made by a second, read-only pass.
 fn export_delta(
     chain: &Chain,
+    guest: &Guest,
     dest: Dest,
     opts: &ExportOptions,
     mtime: u64,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
-    let meta = OutputMeta::for_delta(chain, opts.parent_hint.as_deref())?;
+    let mut meta = OutputMeta::for_delta(chain, opts.parent_hint.as_deref())?;
+    guest.mark(&mut meta);
     let manifest_file = match &opts.manifest {
         Some(m) => {
             crate::guard::refuse_source_as_target(m, &chain.source_files())?;
@@ -80,14 +131,17 @@ fn export_delta(
         checksum: false,
         ..opts.clone()
     };
-    let view = DeltaView::new(chain, GRAIN);
+    let delta = DeltaView::new(chain, GRAIN);
+    let view = guest.view(&delta);
     let mut report = export_fed(&view, None, &meta, mtime, dest, &delta_opts, progress)?;
     if opts.manifest.is_some() || opts.checksum {
         let popts = PipelineOptions {
             threads: opts.threads,
             ..Default::default()
         };
-        let b = crate::copy::manifest_of(chain, popts, &crate::copy::NoProgress)?;
+        let b = ManifestBuilder::with_omitted(chain.capacity(), meta.omitted_masks());
+        let whole = guest.view(chain);
+        let b = crate::copy::manifest_of(&whole, b, popts, &crate::copy::NoProgress)?;
         report.crc32 = Some(b.total());
         if let Some(f) = manifest_file {
             use std::os::unix::fs::FileExt;
@@ -97,5 +151,5 @@ fn export_delta(
             f.commit(opts.force)?;
         }
     }
-    Ok(report)
+    Ok(guest.report(report))
 }

@@ -32,6 +32,9 @@ pub struct ImportOptions {
     pub threads: usize,
     /// Permit capacities over 62 TiB.
     pub large: bool,
+    /// Leave out what the guest's file systems call free (see
+    /// [`ExportOptions::guest_aware`]); from disks and files, not from a pipe.
+    pub guest_aware: bool,
 }
 
 impl Default for ImportOptions {
@@ -43,6 +46,7 @@ impl Default for ImportOptions {
             force: false,
             threads: 0,
             large: false,
+            guest_aware: false,
         }
     }
 }
@@ -77,14 +81,17 @@ pub fn import_disk(
 ) -> Result<ExportReport> {
     crate::format::check_capacity(chain.capacity(), opts.large, &chain.top().path)?;
     let (format, prealloc) = opts.kind.format();
-    let meta = meta_for(
+    let guest = crate::ops::export::Guest::scan(chain, opts.guest_aware)?;
+    let mut meta = meta_for(
         OutputMeta::from_chain(chain),
         opts.kind,
         opts.adapter.as_deref(),
         chain.capacity(),
     );
+    guest.mark(&mut meta);
+    let view = guest.view(chain);
     if opts.kind == DiskType::Raw && is_existing_target(dst)? {
-        return raw_in_place(chain, None, dst, opts, progress);
+        return Ok(guest.report(raw_in_place(&view, None, dst, opts, progress)?));
     }
     let eo = ExportOptions {
         format,
@@ -93,15 +100,16 @@ pub fn import_disk(
         prealloc,
         ..Default::default()
     };
-    export_fed(
-        chain,
+    let report = export_fed(
+        &view,
         None,
         &meta,
         now(),
         Dest::Path(dst.to_path_buf()),
         &eo,
         progress,
-    )
+    )?;
+    Ok(guest.report(report))
 }
 
 /// Create an empty disk of `capacity` bytes.
@@ -124,6 +132,7 @@ pub fn create(
         cid: random_cid(),
         provisioning: Provisioning::Thin,
         parent: None,
+        omitted: None,
     };
     meta.set_adapter(&adapter, capacity);
     let meta = meta_for(meta, opts.kind, None, capacity);
@@ -154,6 +163,14 @@ pub fn import_stream(
     opts: &ImportOptions,
     progress: &dyn Progress,
 ) -> Result<ExportReport> {
+    if opts.guest_aware {
+        // Before a byte of the pipe is read.
+        return Err(Error::not_applicable(
+            Path::new("<stdin>"),
+            "is a pipe: a guest-aware import reads the file systems' maps before their data, \
+             and a pipe gives its bytes once, in order; import from the file instead",
+        ));
+    }
     let pipe = PipeInput::open(input, raw_size)?;
     if let Some(d) = &pipe.descriptor {
         refuse_increment(d, Path::new("<stdin>"))?;
@@ -167,6 +184,7 @@ pub fn import_stream(
         cid: pipe.descriptor.as_ref().map_or_else(random_cid, kept_cid),
         provisioning: Provisioning::Thin,
         parent: None,
+        omitted: None,
     };
     finish_stream(pipe, meta, dst, opts, progress)
 }

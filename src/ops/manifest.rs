@@ -60,8 +60,17 @@ pub fn verify(
     popts: PipelineOptions,
     progress: &dyn Progress,
 ) -> Result<Verification> {
-    let b = pipeline::manifest_of(disk, popts, progress)?;
+    // A guest-aware export's manifest: its omitted grains are zeroed in what is read,
+    // as they were in what it hashed.
+    let omitted = omitted_of(m);
+    let view = crate::guest::GuestView::new(disk, &omitted);
+    let b = ManifestBuilder::new(disk.capacity());
+    let b = pipeline::manifest_of(&view, b, popts, progress)?;
     compare(disk.capacity(), &b.finish(), m)
+}
+
+fn omitted_of(m: &Manifest) -> crate::guest::FreeMap {
+    crate::guest::FreeMap::from_masks(m.omitted.iter().copied(), BLOCK)
 }
 
 /// Read a disk arriving on a pipe (a stream or sparse file, a tar of one, or with
@@ -87,14 +96,16 @@ fn verify_feed(
     progress: &dyn Progress,
 ) -> Result<Verification> {
     let mut b = ManifestBuilder::new(capacity);
+    let omitted = omitted_of(m);
     let mut next = 0u64;
     let pool = pipeline::pool(threads)?;
     // The pipe is read and inflated on a thread of its own while this one checksums.
     pipeline::feed_batches(feed, &pool, pool.current_num_threads() * 4, &mut |batch| {
-        for (u, buf) in batch {
+        for (u, mut buf) in batch {
             if u.start > next {
                 b.zeros(next, u.start - next);
             }
+            omitted.zero_in(&mut buf, u.start);
             b.data(u.start, &buf);
             progress.inc(u.len);
             next = u.start + u.len;

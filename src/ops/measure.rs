@@ -48,6 +48,8 @@ pub struct MeasureOptions {
     pub threads: usize,
     /// Flat files are allocated whole (zeroedthick, eagerzeroedthick).
     pub thick: bool,
+    /// Measure a guest-aware export (see `ExportOptions::guest_aware`).
+    pub guest_aware: bool,
 }
 
 impl Default for MeasureOptions {
@@ -61,6 +63,7 @@ impl Default for MeasureOptions {
             name: "disk.vmdk".into(),
             threads: 0,
             thick: false,
+            guest_aware: false,
         }
     }
 }
@@ -97,6 +100,9 @@ pub struct Measurement {
     pub zeroed_grains: u64,
     /// Output files export would write.
     pub files: Vec<String>,
+    /// What a guest-aware measurement found in the guest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<crate::guest::GuestReport>,
 }
 
 impl Measurement {
@@ -144,6 +150,14 @@ impl Measurement {
         writeln!(out, "data grains: {}", self.data_grains)?;
         if self.zeroed_grains > 0 {
             writeln!(out, "zeroed grains: {}", self.zeroed_grains)?;
+        }
+        if let Some(g) = &self.guest {
+            writeln!(
+                out,
+                "guest-aware: {} ({} bytes) free in the guest left out",
+                h(g.left_out),
+                g.left_out
+            )?;
         }
         writeln!(
             out,
@@ -195,21 +209,25 @@ pub fn measure(
             opts.level
         )));
     }
-    let meta = if opts.delta {
+    let mut meta = if opts.delta {
         OutputMeta::for_delta(chain, None)?
     } else {
         OutputMeta::from_chain(chain)
     };
+    let guest = crate::ops::export::Guest::scan(chain, opts.guest_aware)?;
+    guest.mark(&mut meta);
     let cap = chain.capacity();
     crate::format::descriptor::check_file_name(&opts.name)?;
     let plan = plan_output(format, &meta, cap, &opts.name);
-    let view;
-    let disk: &dyn VirtualDisk = if opts.delta {
-        view = DeltaView::new(chain, GRAIN);
-        &view
+    let delta;
+    let source: &dyn VirtualDisk = if opts.delta {
+        delta = DeltaView::new(chain, GRAIN);
+        &delta
     } else {
         chain
     };
+    let view = guest.view(source);
+    let disk: &dyn VirtualDisk = &view;
     let stream = format == ExportFormat::StreamOptimized;
     let popts = PipelineOptions {
         threads: opts.threads,
@@ -314,6 +332,7 @@ pub fn measure(
         data_grains,
         zeroed_grains: counts.zeroed,
         files: plan.pieces.iter().map(|p| p.name.clone()).collect(),
+        guest: guest.report(Default::default()).guest,
     };
     if plan.separate_descriptor {
         m.files.insert(0, opts.name.clone());

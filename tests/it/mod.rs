@@ -10,6 +10,7 @@ mod crash;
 mod deltas_handmade;
 mod examples;
 mod export;
+mod guest;
 mod hostile;
 mod import;
 mod library;

@@ -158,6 +158,9 @@ pub struct CopyReport {
     /// CRC-32 of the whole content, when asked for (`ExportOptions::checksum`) or
     /// computed for a manifest.
     pub crc32: Option<u32>,
+    /// What a guest-aware copy found in the guest and left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<crate::guest::GuestReport>,
 }
 
 /// The one vocabulary of disk types every command that writes a disk takes (`export`,

@@ -188,7 +188,7 @@ impl Sink for StreamSink {
             bytes_out,
             grains,
             zeroed_grains: zeroed,
-            crc32: None,
+            ..Default::default()
         })
     }
 }
