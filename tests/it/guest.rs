@@ -88,8 +88,10 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Fs {
-    Ext(u32),
-    Fat32,
+    /// An ext file system made by this mkfs command line.
+    Ext(&'static str),
+    /// FAT of this many bits.
+    Fat(u8),
     Ntfs,
     /// Left as noise, of a type vmdkit does not open.
     Other,
@@ -115,8 +117,8 @@ fn make_files(d: &Path) {
 }
 
 /// Build `g.raw`: noise, a table (`label` gpt or dos), and the file systems of
-/// `layout` (sizes in MiB). For dos, partitions after the second are logical. With
-/// `gap`, 1 MiB of noise is left between the first two partitions (gpt).
+/// `layout` (sizes in MiB). For dos, the first partition starts at sector 63 and those
+/// after the second are logical; for gpt, 1 MiB of noise is left between the first two.
 fn build(d: &Path, label: &str, layout: &[(Fs, u64)], seed: u64) -> Vec<Part> {
     make_files(d);
     let total: u64 = layout.iter().map(|(_, s)| s).sum::<u64>() + 8;
@@ -125,10 +127,10 @@ fn build(d: &Path, label: &str, layout: &[(Fs, u64)], seed: u64) -> Vec<Part> {
     for (i, (fs, size)) in layout.iter().enumerate() {
         let ty = match (label, fs) {
             ("gpt", Fs::Ext(_)) => "0FC63DAF-8483-4772-8E79-3D69D8477DE4",
-            ("gpt", Fs::Fat32 | Fs::Ntfs) => "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
+            ("gpt", Fs::Fat(_) | Fs::Ntfs) => "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",
             ("gpt", Fs::Other) => "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F",
             (_, Fs::Ext(_)) => "83",
-            (_, Fs::Fat32) => "c",
+            (_, Fs::Fat(_)) => "c",
             (_, Fs::Ntfs) => "7",
             (_, Fs::Other) => "8e",
         };
@@ -139,6 +141,9 @@ fn build(d: &Path, label: &str, layout: &[(Fs, u64)], seed: u64) -> Vec<Part> {
             // A gap of noise after the first partition (boot loaders live in gaps).
             let first_end = 2048 + layout[0].1 * 2048;
             format!("start={}, ", first_end + 2048)
+        } else if label == "dos" && i == 0 {
+            // The old DOS alignment: blocks never line up with grains.
+            "start=63, ".to_string()
         } else {
             String::new()
         };
@@ -217,31 +222,20 @@ fn put_region(d: &Path, file: &str, p: &Part, bytes: &[u8]) {
 fn make_fs(d: &Path, p: &Part) {
     std::fs::write(d.join("p.img"), region(d, "g.raw", p)).unwrap();
     match p.fs {
-        Fs::Ext(b) => {
-            let b = b.to_string();
-            tool(
-                d,
-                "mkfs.ext4",
-                &[
-                    "-q",
-                    "-F",
-                    "-E",
-                    "nodiscard",
-                    "-b",
-                    &b,
-                    "-d",
-                    "files",
-                    "p.img",
-                ],
-            );
+        Fs::Ext(mkfs) => {
+            let mut args: Vec<&str> = mkfs.split(' ').collect();
+            args.extend(["-q", "-F", "-E", "nodiscard", "-d", "files", "p.img"]);
+            tool(d, args[0], &args[1..]);
             tool(d, "debugfs", &["-w", "-R", "rm /big", "p.img"]);
         }
-        Fs::Fat32 => {
-            tool(
-                d,
-                "mkfs.vfat",
-                &["-F", "32", "-S", "512", "-s", "1", "p.img"],
-            );
+        Fs::Fat(bits) => {
+            let bits = bits.to_string();
+            let mut args = vec!["-F", &bits, "-S", "512"];
+            if bits == "32" {
+                args.extend(["-s", "1"]);
+            }
+            args.push("p.img");
+            tool(d, "mkfs.vfat", &args);
             tool(
                 d,
                 "mcopy",
@@ -379,7 +373,7 @@ fn check_restore(d: &Path, orig: &str, restored: &str, parts: &[Part]) {
                     );
                 }
             }
-            Fs::Fat32 => {
+            Fs::Fat(_) => {
                 tool(d, "fsck.vfat", &["-n", "r.img"]);
                 for f in ["a", "b"] {
                     tool(
@@ -429,11 +423,11 @@ fn gpt_disk_keeps_every_file_and_leaves_out_the_free_space() {
         d,
         "gpt",
         &[
-            (Fs::Ext(4096), 40),
-            (Fs::Fat32, 40),
+            (Fs::Ext("mkfs.ext4 -b 4096"), 40),
+            (Fs::Fat(32), 40),
             (Fs::Ntfs, 24),
             (Fs::Other, 4),
-            (Fs::Ext(1024), 24),
+            (Fs::Ext("mkfs.ext4 -b 1024"), 24),
         ],
         1,
     );
@@ -580,13 +574,18 @@ fn mbr_disk_with_logical_partitions_keeps_every_file() {
         d,
         "dos",
         &[
-            (Fs::Ext(4096), 40),
-            (Fs::Fat32, 40),
+            (Fs::Ext("mkfs.ext4 -b 4096"), 40),
+            (Fs::Fat(32), 40),
             (Fs::Ntfs, 24),
-            (Fs::Ext(1024), 24),
+            (Fs::Ext("mkfs.ext4 -b 1024"), 24),
             (Fs::Other, 4),
         ],
         2,
+    );
+    assert_eq!(
+        parts[0].start,
+        63 * 512,
+        "the first partition is not at sector 63"
     );
     qemu_img(d, &["convert", "-O", "vmdk", "g.raw", "g.vmdk"]);
     let report = json(&vmdkit_ok(
@@ -676,7 +675,12 @@ fn chains_are_read_at_their_newest_state_and_increments_apply() {
     need_tools!();
     let t = tmp();
     let d = t.path();
-    let parts = build(d, "gpt", &[(Fs::Ext(4096), 48), (Fs::Fat32, 40)], 3);
+    let parts = build(
+        d,
+        "gpt",
+        &[(Fs::Ext("mkfs.ext4 -b 4096"), 48), (Fs::Fat(32), 40)],
+        3,
+    );
     let p = &parts[0];
     // The guest's next state: in the ext4 partition, `b` deleted, `new` written.
     std::fs::write(d.join("files/new"), noise(21, 5 << 20)).unwrap();
@@ -837,10 +841,10 @@ fn doubtful_partitions_and_tables_are_copied_whole() {
         d,
         "gpt",
         &[
-            (Fs::Ext(4096), 16),
-            (Fs::Fat32, 36),
+            (Fs::Ext("mkfs.ext4 -b 4096"), 16),
+            (Fs::Fat(32), 36),
             (Fs::Ntfs, 16),
-            (Fs::Ext(1024), 16),
+            (Fs::Ext("mkfs.ext4 -b 1024"), 16),
         ],
         4,
     );
@@ -946,7 +950,12 @@ fn overlapping_mbr_partitions_make_the_whole_disk_copied() {
     need_tools!();
     let t = tmp();
     let d = t.path();
-    let parts = build(d, "dos", &[(Fs::Fat32, 36), (Fs::Ext(4096), 16)], 6);
+    let parts = build(
+        d,
+        "dos",
+        &[(Fs::Fat(32), 36), (Fs::Ext("mkfs.ext4 -b 4096"), 16)],
+        6,
+    );
     // Grow partition 1 over partition 2.
     let mut raw = std::fs::read(d.join("g.raw")).unwrap();
     let grown = ((parts[1].start + parts[1].len - parts[0].start) / 512) as u32;
@@ -1022,7 +1031,12 @@ fn guest_readers_survive_mutated_images() {
         }
         seeds.push(std::fs::read(d.join("v.img")).unwrap());
     }
-    build(d, "gpt", &[(Fs::Ext(1024), 10), (Fs::Other, 1)], 8);
+    build(
+        d,
+        "gpt",
+        &[(Fs::Ext("mkfs.ext4 -b 1024"), 10), (Fs::Other, 1)],
+        8,
+    );
     seeds.push(std::fs::read(d.join("g.raw")).unwrap());
     let mut x = 0x1234_5678_9abc_def1u64;
     let mut next = || {
@@ -1050,4 +1064,80 @@ fn guest_readers_survive_mutated_images() {
             vmdkit::fuzzing::guest_fs(&m);
         }
     }
+}
+
+/// The ext layouts the reader must get right, each checked against `dumpe2fs`'s own
+/// free lists, `e2fsck` and the files: BLOCK_UNINIT groups with superblock backups
+/// (ext4, 8 MiB groups, flex_bg), meta_bg over three meta groups (1 KiB blocks),
+/// 32-bit descriptors without flex_bg, ext2 (no journal, no checksums: BLOCK_UNINIT is
+/// not honoured), ext3; and FAT16 and FAT12.
+#[test]
+fn ext_layouts_and_small_fats_keep_every_file() {
+    need_tools!();
+    let t = tmp();
+    let d = t.path();
+    let parts = build(
+        d,
+        "gpt",
+        &[
+            (Fs::Ext("mkfs.ext4 -b 4096 -g 2048"), 64),
+            (
+                Fs::Ext("mkfs.ext4 -b 1024 -g 1024 -O meta_bg,^resize_inode"),
+                40,
+            ),
+            (
+                Fs::Ext("mkfs.ext4 -b 4096 -g 2048 -O ^64bit,^flex_bg,^metadata_csum"),
+                32,
+            ),
+            (Fs::Ext("mkfs.ext2 -b 4096 -g 2048"), 24),
+            (Fs::Ext("mkfs.ext3 -b 1024"), 24),
+            (Fs::Fat(16), 32),
+            (Fs::Fat(12), 12),
+        ],
+        9,
+    );
+    // The layouts are what they claim: uninitialised groups, meta groups.
+    std::fs::write(d.join("o.img"), region(d, "g.raw", &parts[0])).unwrap();
+    let dump = String::from_utf8(tool(d, "dumpe2fs", &["o.img"]).stdout).unwrap();
+    assert!(
+        dump.contains("BLOCK_UNINIT"),
+        "no uninitialised group to read"
+    );
+    std::fs::write(d.join("o.img"), region(d, "g.raw", &parts[1])).unwrap();
+    let dump = String::from_utf8(tool(d, "dumpe2fs", &["o.img"]).stdout).unwrap();
+    assert!(dump.contains("meta_bg") && dump.matches("\nGroup ").count() > 32);
+    qemu_img(d, &["convert", "-O", "vmdk", "g.raw", "g.vmdk"]);
+    let report = json(&vmdkit_ok(
+        d,
+        &[
+            "--json",
+            "export",
+            "g.vmdk",
+            "ga.vmdk",
+            "-d",
+            "sparse",
+            "--guest-aware",
+        ],
+    ));
+    let fs: Vec<&str> = report["guest"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["file_system"].as_str().unwrap_or("-"))
+        .collect();
+    assert_eq!(
+        fs,
+        [
+            "ext4 (4096-byte blocks)",
+            "ext4 (1024-byte blocks)",
+            "ext4 (4096-byte blocks)",
+            "ext2 (4096-byte blocks)",
+            "ext3 (1024-byte blocks)",
+            "FAT16",
+            "FAT12"
+        ],
+        "{report}"
+    );
+    qemu_img(d, &["convert", "-O", "raw", "ga.vmdk", "ga.raw"]);
+    check_restore(d, "g.raw", "ga.raw", &parts);
 }
