@@ -135,6 +135,34 @@ fi
 row "increment of a 5% child" qemu-img "v.vmdk" "q.vmdk" \
   "$V export child.vmdk v.vmdk --delta -q" \
   "qemu-img convert -O vmdk -o subformat=monolithicSparse -B sparse-src.vmdk -F vmdk child.vmdk q.vmdk"
+# Guest-aware shrink: a reused disk (the mixed disk's bytes as old data) holding one
+# ext4 file system with 40% of the disk written as files (slices of the other mix) and
+# half of them deleted. Guest-aware against plain, both by vmdkit, same output type.
+PATH=$PATH:/usr/sbin:/sbin
+if command -v sgdisk mkfs.ext4 debugfs > /dev/null 2>&1 && [ "$(command -v sgdisk mkfs.ext4 debugfs | wc -l)" = 3 ]; then
+  if [ ! -f guest.vmdk ]; then
+    cp src-flat.vmdk guest.raw
+    sgdisk -o -n1:2048:0 -t1:8300 guest.raw > /dev/null
+    rm -rf gfiles; mkdir gfiles
+    n=$(( SIZE * 4 / 10 / 8 ))
+    for i in $(seq 1 "$n"); do
+      dd if=other-flat.vmdk of=gfiles/f$i bs=1M skip=$(( (i * 8) % (SIZE - 8) )) count=8 status=none
+    done
+    dd if=guest.raw of=gpart.img bs=1M skip=1 count=$(( SIZE - 2 )) status=none
+    mkfs.ext4 -q -F -E nodiscard -d gfiles gpart.img
+    for i in $(seq 1 2 "$n"); do echo "rm /f$i"; done > rm.cmd
+    debugfs -w -f rm.cmd gpart.img > /dev/null 2>&1
+    dd if=gpart.img of=guest.raw bs=1M seek=1 conv=notrunc status=none
+    qemu-img convert -O vmdk guest.raw guest.vmdk
+    rm -rf gfiles gpart.img guest.raw rm.cmd
+  fi
+  row "export stream --guest-aware" plain "v.vmdk" "q.vmdk" \
+    "$V export guest.vmdk v.vmdk --format stream -q --guest-aware" \
+    "$V export guest.vmdk q.vmdk --format stream -q"
+  row "export monolithicSparse --guest-aware" plain "v.vmdk" "q.vmdk" \
+    "$V export guest.vmdk v.vmdk --format sparse -q --guest-aware" \
+    "$V export guest.vmdk q.vmdk --format sparse -q"
+fi
 if [ "${WITH_COMMIT:-1}" = 1 ] && [ -x "$OLDPWD/benches/commit-bench.sh" ]; then
   bash "$OLDPWD/benches/commit-bench.sh" "$V" "$RUNS"
 fi

@@ -159,6 +159,18 @@ pub fn info(chain: &Chain) -> DiskInfo {
             notes.push(format!("`{}`: {n}", l.path.display()));
         }
     }
+    if let Some(l) = chain
+        .layers
+        .iter()
+        .find(|l| l.descriptor.ddb(crate::guest::DDB_KEY).is_some())
+    {
+        notes.push(format!(
+            "`{}` was written guest-aware: space free in the guest's file systems was left \
+             out (it reads as zeros), so its content is file-identical to its source, not \
+             byte-identical",
+            l.path.display()
+        ));
+    }
     // A snapshot's descriptor may carry its own adapter and geometry (qemu writes them
     // into children); VMware keeps the disk's settings in the base, and an export takes
     // the base's. Say so when they differ.
