@@ -16,6 +16,7 @@
 use rayon::prelude::*;
 
 pub mod feed;
+pub(crate) mod guest;
 pub mod plan;
 pub mod target;
 

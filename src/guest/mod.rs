@@ -29,6 +29,9 @@ use crate::error::{Error, Result};
 /// The granularity of what is left out: one grain of the sparse formats (64 KiB).
 pub(crate) const GRAIN: u64 = 64 << 10;
 
+/// The disk's first MiB is always copied.
+const KEEP_HEAD: u64 = 1 << 20;
+
 /// The DDB key an output made from a guest-aware view carries.
 pub(crate) const DDB_KEY: &str = "ddb.vmdkit.guestAware";
 
@@ -354,8 +357,9 @@ pub(crate) fn scan(disk: &dyn VirtualDisk) -> Result<(FreeMap, GuestReport)> {
             let vol = Volume::new(disk, p.start, p.len);
             match probe(&vol) {
                 Ok(found) => {
-                    // Never past the partition, whatever a parser says.
-                    let (lo, hi) = (p.start, p.start.saturating_add(p.len));
+                    // Never past the partition, whatever a parser says, and never in
+                    // the disk's first MiB (tables, boot code, boot loaders).
+                    let (lo, hi) = (p.start.max(KEEP_HEAD), p.start.saturating_add(p.len));
                     let free: Vec<Range<u64>> = found
                         .free
                         .into_iter()

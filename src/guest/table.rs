@@ -83,18 +83,25 @@ pub(crate) fn read(disk: &dyn VirtualDisk) -> Result<Table> {
         type_name: "whole disk".into(),
         probe: true,
     };
+    let mbr_like = signed
+        && entries.iter().all(|e| e[0] == 0 || e[0] == 0x80)
+        && entries.iter().any(|e| e[4] != 0);
     // A file system's boot sector also ends in 55 AA: a FAT or NTFS volume on the whole
-    // disk (a "superfloppy") is one volume, not a table.
+    // disk (a "superfloppy") is one volume, not a table. A sector that reads as both (a
+    // boot loader that kept an old BPB) is trusted as neither.
     if boot_sector_of_a_volume(&s0) {
+        if mbr_like {
+            return Ok(Table::untrusted(
+                "none",
+                "sector 0 reads both as an MBR and as a file system's boot sector".into(),
+            ));
+        }
         return Ok(Table {
             kind: "none",
             note: None,
             parts: vec![whole_disk],
         });
     }
-    let mbr_like = signed
-        && entries.iter().all(|e| e[0] == 0 || e[0] == 0x80)
-        && entries.iter().any(|e| e[4] != 0);
     if mbr_like {
         return mbr(disk, &entries);
     }
@@ -458,4 +465,141 @@ fn guid_text(g: &[u8; 16]) -> String {
             .map(|b| format!("{b:02X}"))
             .collect::<String>()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{Alloc, Run};
+
+    struct Mem(Vec<u8>);
+
+    impl VirtualDisk for Mem {
+        fn capacity(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn granularity(&self) -> u64 {
+            512
+        }
+        fn map(&self, r: std::ops::Range<u64>) -> Result<Vec<Run>> {
+            Ok(vec![Run {
+                start: r.start,
+                len: r.end - r.start,
+                alloc: Alloc::Zero,
+                depth: 0,
+            }])
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+    }
+
+    fn entry(d: &mut [u8], at: usize, status: u8, ty: u8, start: u32, len: u32) {
+        d[at] = status;
+        d[at + 4] = ty;
+        d[at + 8..at + 12].copy_from_slice(&start.to_le_bytes());
+        d[at + 12..at + 16].copy_from_slice(&len.to_le_bytes());
+    }
+
+    fn sign(d: &mut [u8], sector: usize) {
+        d[sector * 512 + 510] = 0x55;
+        d[sector * 512 + 511] = 0xAA;
+    }
+
+    #[test]
+    fn an_ebr_chain_that_links_backwards_is_not_trusted() {
+        let mut d = vec![0u8; 8 << 20];
+        entry(&mut d, 446, 0, 0x05, 2048, 8192);
+        sign(&mut d, 0);
+        // EBR at 2048: a logical partition, next EBR at +4096; that one links back to +0.
+        entry(&mut d, 2048 * 512 + 446, 0, 0x83, 63, 1000);
+        entry(&mut d, 2048 * 512 + 462, 0, 0x05, 4096, 2000);
+        sign(&mut d, 2048);
+        entry(&mut d, 6144 * 512 + 446, 0, 0x83, 63, 1000);
+        entry(&mut d, 6144 * 512 + 462, 0, 0x05, 0, 2000);
+        d[6144 * 512 + 462 + 8] = 1; // relative 1: behind this EBR
+        sign(&mut d, 6144);
+        let t = read(&Mem(d.clone())).unwrap();
+        assert!(t.note.unwrap().contains("links backwards"));
+        assert!(t.parts.is_empty());
+        // Ended properly, the same chain gives two logical partitions, numbered 5 and 6.
+        d[6144 * 512 + 462..6144 * 512 + 478].fill(0);
+        let t = read(&Mem(d)).unwrap();
+        assert!(t.note.is_none());
+        let n: Vec<_> = t.parts.iter().map(|p| (p.number, p.start / 512)).collect();
+        assert_eq!(n, [(Some(5), 2048 + 63), (Some(6), 6144 + 63)]);
+    }
+
+    #[test]
+    fn a_sector_that_is_both_an_mbr_and_a_boot_sector_is_trusted_as_neither() {
+        let mut d = vec![0u8; 4 << 20];
+        // A FAT BPB (jump, 512-byte sectors, 1 sector per cluster, 1 reserved, 2 FATs).
+        d[0] = 0xEB;
+        d[11..13].copy_from_slice(&512u16.to_le_bytes());
+        d[13] = 1;
+        d[14] = 1;
+        d[16] = 2;
+        d[21] = 0xF8;
+        sign(&mut d, 0);
+        assert!(read(&Mem(d.clone())).unwrap().note.is_none());
+        entry(&mut d, 446, 0x80, 0x83, 2048, 4096);
+        let t = read(&Mem(d)).unwrap();
+        assert!(t.note.unwrap().contains("both"));
+        assert!(t.parts.is_empty());
+    }
+
+    /// A GPT with `count` entries of `size` bytes, one partition, both headers.
+    fn gpt_disk(count: u32, size: u32, backup_guid_differs: bool) -> Vec<u8> {
+        let sectors = 8192u64;
+        let mut d = vec![0u8; (sectors * 512) as usize];
+        entry(&mut d, 446, 0, 0xEE, 1, (sectors - 1) as u32);
+        sign(&mut d, 0);
+        let array_sectors = (count as u64 * size as u64).div_ceil(512);
+        let mut array = vec![0u8; (count * size) as usize];
+        array[..16].copy_from_slice(&[0xAF; 16]);
+        array[32..40].copy_from_slice(&2048u64.to_le_bytes());
+        array[40..48].copy_from_slice(&4095u64.to_le_bytes());
+        let crc = crc32fast::hash(&array);
+        let mut put_header = |lba: u64, other: u64, entries: u64, guid: u8| {
+            let mut h = [0u8; 92];
+            h[..8].copy_from_slice(b"EFI PART");
+            h[8..12].copy_from_slice(&0x10000u32.to_le_bytes());
+            h[12..16].copy_from_slice(&92u32.to_le_bytes());
+            h[24..32].copy_from_slice(&lba.to_le_bytes());
+            h[32..40].copy_from_slice(&other.to_le_bytes());
+            h[40..48].copy_from_slice(&(2 + array_sectors).to_le_bytes());
+            h[48..56].copy_from_slice(&(sectors - 2 - array_sectors).to_le_bytes());
+            h[56..72].fill(guid);
+            h[72..80].copy_from_slice(&entries.to_le_bytes());
+            h[80..84].copy_from_slice(&count.to_le_bytes());
+            h[84..88].copy_from_slice(&size.to_le_bytes());
+            h[88..92].copy_from_slice(&crc.to_le_bytes());
+            let c = crc32fast::hash(&h);
+            h[16..20].copy_from_slice(&c.to_le_bytes());
+            let at = (lba * 512) as usize;
+            d[at..at + 92].copy_from_slice(&h);
+            let e = (entries * 512) as usize;
+            d[e..e + array.len()].copy_from_slice(&array);
+        };
+        put_header(1, sectors - 1, 2, 7);
+        let guid = if backup_guid_differs { 8 } else { 7 };
+        put_header(sectors - 1, 1, sectors - 1 - array_sectors, guid);
+        d
+    }
+
+    #[test]
+    fn gpt_entries_of_any_size_and_headers_that_disagree() {
+        for size in [128, 256] {
+            let t = read(&Mem(gpt_disk(128, size, false))).unwrap();
+            assert!(t.note.is_none(), "{:?}", t.note);
+            assert_eq!(t.parts.len(), 1);
+            assert_eq!((t.parts[0].start, t.parts[0].len), (2048 * 512, 2048 * 512));
+        }
+        let t = read(&Mem(gpt_disk(128, 128, true))).unwrap();
+        assert!(t.note.unwrap().contains("disagree"));
+        // More entries than any tool makes: refused before anything is sized by them.
+        let t = read(&Mem(gpt_disk(4096, 128, false))).unwrap();
+        assert!(t.note.unwrap().contains("4096 entries"));
+    }
 }

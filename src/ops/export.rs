@@ -3,11 +3,11 @@
 //! `--delta`, an increment: the grains the top layer holds, to apply on a restored parent.
 
 use crate::chain::{Chain, DeltaView};
+use crate::copy::guest::Guest;
 use crate::copy::{PipelineOptions, Progress};
 use crate::disk::VirtualDisk;
 use crate::error::Result;
 use crate::format::manifest::ManifestBuilder;
-use crate::guest::{FreeMap, GuestView};
 pub use crate::guest::{GuestPartition, GuestReport};
 
 pub use crate::copy::target::Prealloc;
@@ -63,47 +63,6 @@ pub fn export(
     guest.mark(&mut meta);
     let report = export_fed(&guest.view(chain), None, &meta, mtime, dest, opts, progress)?;
     Ok(guest.report(report))
-}
-
-/// What a guest-aware copy leaves out (nothing when not asked for).
-pub(crate) struct Guest {
-    found: Option<(std::sync::Arc<FreeMap>, GuestReport)>,
-    none: FreeMap,
-}
-
-impl Guest {
-    /// Scan `disk` (a chain's merged view) when `on`.
-    pub(crate) fn scan(disk: &dyn VirtualDisk, on: bool) -> Result<Guest> {
-        let found = match on {
-            true => {
-                let (free, report) = crate::guest::scan(disk)?;
-                Some((std::sync::Arc::new(free), report))
-            }
-            false => None,
-        };
-        Ok(Guest {
-            found,
-            none: FreeMap::default(),
-        })
-    }
-
-    /// `disk` with the free grains left out (unchanged when none are).
-    pub(crate) fn view<'a>(&'a self, disk: &'a dyn VirtualDisk) -> GuestView<'a> {
-        GuestView::new(disk, self.found.as_ref().map_or(&self.none, |(f, _)| f))
-    }
-
-    /// Mark the output's metadata guest-aware.
-    pub(crate) fn mark(&self, meta: &mut OutputMeta) {
-        if let Some((free, _)) = &self.found {
-            meta.mark_guest_aware(free.clone());
-        }
-    }
-
-    /// Add what the scan found to a copy's report.
-    pub(crate) fn report(&self, mut r: ExportReport) -> ExportReport {
-        r.guest = self.found.as_ref().map(|(_, g)| g.clone());
-        r
-    }
 }
 
 /// An increment: the top layer's grains on the engine; its manifest (checked after

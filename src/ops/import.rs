@@ -81,7 +81,7 @@ pub fn import_disk(
 ) -> Result<ExportReport> {
     crate::format::check_capacity(chain.capacity(), opts.large, &chain.top().path)?;
     let (format, prealloc) = opts.kind.format();
-    let guest = crate::ops::export::Guest::scan(chain, opts.guest_aware)?;
+    let guest = crate::copy::guest::Guest::scan(chain, opts.guest_aware)?;
     let mut meta = meta_for(
         OutputMeta::from_chain(chain),
         opts.kind,

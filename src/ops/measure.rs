@@ -214,7 +214,7 @@ pub fn measure(
     } else {
         OutputMeta::from_chain(chain)
     };
-    let guest = crate::ops::export::Guest::scan(chain, opts.guest_aware)?;
+    let guest = crate::copy::guest::Guest::scan(chain, opts.guest_aware)?;
     guest.mark(&mut meta);
     let cap = chain.capacity();
     crate::format::descriptor::check_file_name(&opts.name)?;

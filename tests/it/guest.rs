@@ -297,7 +297,7 @@ fn check_restore(d: &Path, orig: &str, restored: &str, parts: &[Part]) {
         .unwrap();
         let free = match p.fs {
             Fs::Ext(_) => ext_free(d, "o.img"),
-            _ => vec![0..p.len],
+            _ => std::iter::once(0..p.len).collect(),
         };
         for (i, (x, y)) in a[p.start as usize..(p.start + p.len) as usize]
             .chunks(512)
@@ -475,6 +475,8 @@ fn gpt_disk_keeps_every_file_and_leaves_out_the_free_space() {
     check_restore(d, "g.raw", "ga.raw", &parts);
     assert!(qemu_img(d, &["check", "ga.vmdk"]).contains("No errors"));
     vmdkit_ok(d, &["check", "ga.vmdk"]);
+    let info = String::from_utf8(vmdkit_ok(d, &["info", "ga.vmdk"]).stdout).unwrap();
+    assert!(info.contains("written guest-aware"), "{info}");
     let text = std::fs::read(d.join("ga.vmdk")).unwrap();
     assert!(text
         .windows(27)
