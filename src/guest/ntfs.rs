@@ -11,7 +11,7 @@ use std::io::{Read, Seek, SeekFrom};
 
 use ntfs::indexes::NtfsFileNameIndex;
 use ntfs::structured_values::NtfsVolumeFlags;
-use ntfs::{KnownNtfsFileRecordNumber, Ntfs};
+use ntfs::{KnownNtfsFileRecordNumber, Ntfs, NtfsFile};
 
 use super::{le16, le64, whole, Decline, Found, FreeRuns, Parsed, Volume};
 use crate::error::Error;
@@ -99,44 +99,66 @@ fn bitmap(r: &mut Reader) -> Parsed<Found> {
         "$Bitmap",
         fs.file(r, KnownNtfsFileRecordNumber::Bitmap as u64),
     )?;
-    let item = match file.data(r, "") {
-        Some(item) => ctx("$Bitmap", item)?,
-        None => return whole("$Bitmap has no data"),
-    };
-    let attr = ctx("$Bitmap", item.to_attribute())?;
-    let value = ctx("$Bitmap", attr.value(r))?;
-    if value.len() < clusters.div_ceil(8) {
-        return whole(format!(
-            "$Bitmap holds {} bytes for {clusters} clusters",
-            value.len()
-        ));
-    }
     let mut runs = FreeRuns::new(r.vol.start);
-    let mut value = value.attach(r);
-    let mut buf = vec![0u8; 1 << 16];
-    let mut k = 0u64; // first cluster of `buf`
-    while k < clusters {
-        let want = ((clusters - k).div_ceil(8) as usize).min(buf.len());
-        value
-            .read_exact(&mut buf[..want])
-            .map_err(|e| Decline::Whole(format!("$Bitmap: {e}")))?;
-        for (i, &byte) in buf[..want].iter().enumerate() {
-            if byte == 0xFF {
-                continue;
-            }
-            for bit in 0..8 {
-                let c = k + i as u64 * 8 + bit;
-                if c < clusters && byte & (1 << bit) == 0 {
-                    runs.push(c * cluster, (c + 1) * cluster);
-                }
-            }
+    let read = with_data(&file, r, "$Bitmap", |len, value| {
+        if len < clusters.div_ceil(8) {
+            return whole(format!("$Bitmap holds {len} bytes for {clusters} clusters"));
         }
-        k += want as u64 * 8;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut k = 0u64; // first cluster of `buf`
+        while k < clusters {
+            let want = ((clusters - k).div_ceil(8) as usize).min(buf.len());
+            read_exact("$Bitmap", value, &mut buf[..want])?;
+            free_bits(&buf[..want], k, clusters, cluster, &mut runs);
+            k += want as u64 * 8;
+        }
+        Ok(())
+    })?;
+    if read.is_none() {
+        return whole("$Bitmap has no data");
     }
     Ok(Found {
         fs: format!("NTFS ({cluster}-byte clusters)"),
         free: runs.finish(),
     })
+}
+
+/// The clear bits of `bits` (cluster `first` onwards, below `clusters`) as free runs.
+fn free_bits(bits: &[u8], first: u64, clusters: u64, cluster: u64, runs: &mut FreeRuns) {
+    for (i, &byte) in bits.iter().enumerate() {
+        if byte == 0xFF {
+            continue;
+        }
+        for bit in 0..8 {
+            let c = first + i as u64 * 8 + bit;
+            if c < clusters && byte & (1 << bit) == 0 {
+                runs.push(c * cluster, (c + 1) * cluster);
+            }
+        }
+    }
+}
+
+/// Run `f` over the unnamed `$DATA` of `file` (its length and a reader over it); None
+/// when the file has none.
+fn with_data<T>(
+    file: &NtfsFile,
+    r: &mut Reader,
+    what: &str,
+    f: impl FnOnce(u64, &mut dyn Read) -> Parsed<T>,
+) -> Parsed<Option<T>> {
+    let Some(item) = file.data(r, "") else {
+        return Ok(None);
+    };
+    let item = ctx(what, item)?;
+    let attr = ctx(what, item.to_attribute())?;
+    let value = ctx(what, attr.value(r))?;
+    let len = value.len();
+    f(len, &mut value.attach(r)).map(Some)
+}
+
+fn read_exact(what: &str, from: &mut dyn Read, buf: &mut [u8]) -> Parsed<()> {
+    from.read_exact(buf)
+        .map_err(|e| Decline::Whole(format!("{what}: {e}")))
 }
 
 /// `$LogFile` must be empty (all 0xFF, as mkntfs and ntfs-3g leave it) or its newest
@@ -146,20 +168,16 @@ fn logfile_clean(fs: &Ntfs, r: &mut Reader) -> Parsed<()> {
         "$LogFile",
         fs.file(r, KnownNtfsFileRecordNumber::LogFile as u64),
     )?;
-    let item = match file.data(r, "") {
-        Some(item) => ctx("$LogFile", item)?,
-        None => return whole("$LogFile has no data"),
-    };
-    let attr = ctx("$LogFile", item.to_attribute())?;
-    let value = ctx("$LogFile", attr.value(r))?;
-    if value.len() < 8192 {
-        return whole("$LogFile is shorter than its two restart pages");
-    }
     let mut head = vec![0u8; 8192];
-    value
-        .attach(r)
-        .read_exact(&mut head)
-        .map_err(|e| Decline::Whole(format!("$LogFile: {e}")))?;
+    let read = with_data(&file, r, "$LogFile", |len, value| {
+        if len < 8192 {
+            return whole("$LogFile is shorter than its two restart pages");
+        }
+        read_exact("$LogFile", value, &mut head)
+    })?;
+    if read.is_none() {
+        return whole("$LogFile has no data");
+    }
     if head.iter().all(|&b| b == 0xFF) {
         return Ok(());
     }
@@ -201,21 +219,12 @@ fn not_hibernated(fs: &Ntfs, r: &mut Reader) -> Parsed<()> {
     };
     let entry = ctx("hiberfil.sys", entry)?;
     let file = ctx("hiberfil.sys", entry.to_file(fs, r))?;
-    let Some(item) = file.data(r, "") else {
-        return Ok(());
-    };
-    let item = ctx("hiberfil.sys", item)?;
-    let attr = ctx("hiberfil.sys", item.to_attribute())?;
-    let value = ctx("hiberfil.sys", attr.value(r))?;
-    if value.len() < 4 {
-        return Ok(());
-    }
     let mut magic = [0u8; 4];
-    value
-        .attach(r)
-        .read_exact(&mut magic)
-        .map_err(|e| Decline::Whole(format!("hiberfil.sys: {e}")))?;
-    if magic == [0; 4] || magic.eq_ignore_ascii_case(b"wake") {
+    let read = with_data(&file, r, "hiberfil.sys", |len, value| match len >= 4 {
+        true => read_exact("hiberfil.sys", value, &mut magic),
+        false => Ok(()),
+    })?;
+    if read.is_none() || magic == [0; 4] || magic.eq_ignore_ascii_case(b"wake") {
         return Ok(());
     }
     whole("the volume is hibernated (hiberfil.sys holds an image)")

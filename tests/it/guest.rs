@@ -516,6 +516,7 @@ fn gpt_disk_keeps_every_file_and_leaves_out_the_free_space() {
     ));
     assert_eq!(m["required"].as_u64().unwrap(), ga, "{m}");
     assert_eq!(m["exact"], true);
+    assert_eq!(m["guest"]["left_out"], g["left_out"], "{m}");
 
     // A stream through a pipe, checked on the way by verify, restored by qemu-img.
     let sh = format!(
@@ -919,30 +920,39 @@ fn doubtful_partitions_and_tables_are_copied_whole() {
     // A backup GPT header that does not match the primary: the whole disk.
     let mut raw = std::fs::read(d.join("g.raw")).unwrap();
     let n = raw.len();
-    raw[n - 512 + 60] ^= 0xFF; // the backup's disk GUID (its CRC no longer matches)
+    // The backup's disk GUID changed and its CRC made right: a valid header that says
+    // another disk.
+    let h = n - 512;
+    raw[h + 60] ^= 0xFF;
+    raw[h + 16..h + 20].fill(0);
+    let crc = crc32fast::hash(&raw[h..h + 92]);
+    raw[h + 16..h + 20].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(d.join("g.raw"), &raw).unwrap();
     std::fs::remove_file(d.join("g.vmdk")).unwrap();
+    copies_the_whole_disk(d, "disagree");
+}
+
+/// A guest-aware export of `g.raw` (as `g.vmdk`) copies the whole disk: the table's
+/// note says `why`, and the output reads as the source.
+fn copies_the_whole_disk(d: &Path, why: &str) {
     qemu_img(d, &["convert", "-O", "vmdk", "g.raw", "g.vmdk"]);
-    let report = json(&vmdkit_ok(
-        d,
-        &[
-            "--json",
-            "export",
-            "g.vmdk",
-            "ga2.vmdk",
-            "-d",
-            "sparse",
-            "--guest-aware",
-        ],
-    ));
+    let args = [
+        "--json",
+        "export",
+        "g.vmdk",
+        "whole.vmdk",
+        "-d",
+        "sparse",
+        "--guest-aware",
+    ];
+    let report = json(&vmdkit_ok(d, &args));
+    let note = report["guest"]["note"].as_str().unwrap_or_default();
     assert!(
-        report["guest"]["note"]
-            .as_str()
-            .unwrap()
-            .contains("whole disk"),
+        note.contains(why) && note.contains("whole disk"),
         "{report}"
     );
-    assert!(qemu_img(d, &["compare", "g.vmdk", "ga2.vmdk"]).contains("identical"));
+    assert_eq!(report["guest"]["left_out"], 0);
+    assert!(qemu_img(d, &["compare", "g.vmdk", "whole.vmdk"]).contains("identical"));
 }
 
 /// MBR partitions that overlap (a FAT volume whose free clusters are another
@@ -963,37 +973,7 @@ fn overlapping_mbr_partitions_make_the_whole_disk_copied() {
     let grown = ((parts[1].start + parts[1].len - parts[0].start) / 512) as u32;
     raw[446 + 12..446 + 16].copy_from_slice(&grown.to_le_bytes());
     std::fs::write(d.join("g.raw"), &raw).unwrap();
-    qemu_img(d, &["convert", "-O", "vmdk", "g.raw", "g.vmdk"]);
-    let report = json(&vmdkit_ok(
-        d,
-        &[
-            "--json",
-            "measure",
-            "g.vmdk",
-            "-d",
-            "sparse",
-            "--guest-aware",
-        ],
-    ));
-    assert!(
-        report["guest"]["note"]
-            .as_str()
-            .unwrap()
-            .contains("overlap"),
-        "{report}"
-    );
-    vmdkit_ok(
-        d,
-        &[
-            "export",
-            "g.vmdk",
-            "ga.vmdk",
-            "-d",
-            "sparse",
-            "--guest-aware",
-        ],
-    );
-    assert!(qemu_img(d, &["compare", "g.vmdk", "ga.vmdk"]).contains("identical"));
+    copies_the_whole_disk(d, "overlap");
 }
 
 /// The table and file-system readers over mutations of real images (what the fuzz
