@@ -393,10 +393,22 @@ pub(crate) fn scan(disk: &dyn VirtualDisk) -> Result<(FreeMap, GuestReport)> {
 }
 
 /// File-system names a declining parser puts before its reason (`"ext4: ..."`).
-const KNOWN: &[&str] = &["ext2", "ext3", "ext4", "FAT12", "FAT16", "FAT32", "NTFS"];
+const KNOWN: &[&str] = &[
+    "ext2", "ext3", "ext4", "FAT", "FAT12", "FAT16", "FAT32", "NTFS",
+];
 
 /// Which file system `vol` holds, and its free grains; declines when none is known.
 pub(crate) fn probe(vol: &Volume) -> Parsed<Found> {
+    // A partition reformatted from one file system to another may keep the old one's
+    // signature where the new one does not write: with both an ext superblock and a
+    // FAT or NTFS boot sector, which is live cannot be told, and the wrong one's maps
+    // would call the other's data free.
+    if vol.len >= 2048 {
+        let head = vol.read(0, 2048)?;
+        if le16(&head, 1024 + 56) == 0xEF53 && table::boot_sector_of_a_volume(&head) {
+            return whole("both an ext superblock and a FAT or NTFS boot sector are present");
+        }
+    }
     if let Some(found) = ext::probe(vol)? {
         return Ok(found);
     }

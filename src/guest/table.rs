@@ -113,7 +113,7 @@ pub(crate) fn read(disk: &dyn VirtualDisk) -> Result<Table> {
     })
 }
 
-fn boot_sector_of_a_volume(s0: &[u8]) -> bool {
+pub(super) fn boot_sector_of_a_volume(s0: &[u8]) -> bool {
     if &s0[3..11] == b"NTFS    " {
         return true;
     }

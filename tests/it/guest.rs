@@ -848,7 +848,8 @@ fn chains_are_read_at_their_newest_state_and_increments_apply() {
 }
 
 /// When in doubt, copy: a journal to replay, a dirty FAT, a hibernated NTFS, an ext
-/// feature vmdkit does not know: each partition copied whole, said in the report, and
+/// feature vmdkit does not know, an ext file system under another's boot sector: each
+/// partition copied whole, said in the report, and
 /// the output reads byte-identical to the source. A backup GPT header that disagrees,
 /// and MBR partitions that overlap, make the whole disk copied.
 #[test]
@@ -864,6 +865,7 @@ fn doubtful_partitions_and_tables_are_copied_whole() {
             (Fs::Fat(32), 36),
             (Fs::Ntfs, 16),
             (Fs::Ext("mkfs.ext4 -b 1024"), 16),
+            (Fs::Ext("mkfs.ext4 -b 4096"), 16),
         ],
         4,
     );
@@ -907,6 +909,10 @@ fn doubtful_partitions_and_tables_are_copied_whole() {
     let mut e = region(d, "g.raw", &parts[3]);
     e[1024 + 96 + 2] |= 0x40;
     put_region(d, "g.raw", &parts[3], &e);
+    // ext4 under an NTFS boot sector left from another format: which is live is unknown.
+    let mut e = region(d, "g.raw", &parts[4]);
+    e[..512].copy_from_slice(&region(d, "g.raw", &parts[2])[..512]);
+    put_region(d, "g.raw", &parts[4], &e);
 
     qemu_img(d, &["convert", "-O", "vmdk", "g.raw", "g.vmdk"]);
     let report = json(&vmdkit_ok(
@@ -930,6 +936,7 @@ fn doubtful_partitions_and_tables_are_copied_whole() {
     assert!(why[1].contains("dirty"), "{report}");
     assert!(why[2].contains("hibernated"), "{report}");
     assert!(why[3].contains("features not understood"), "{report}");
+    assert!(why[4].contains("both an ext superblock"), "{report}");
     assert_eq!(report["guest"]["left_out"], 0);
     assert!(qemu_img(d, &["compare", "g.vmdk", "ga.vmdk"]).contains("identical"));
 
