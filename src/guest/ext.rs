@@ -14,6 +14,7 @@ use std::ops::Range;
 use super::{le16, le32, whole, Found, FreeRuns, Parsed, Volume};
 
 const MAGIC: u64 = 0xEF53;
+const MAX_GROUPS: u64 = 1 << 20;
 
 // Features this reader understands (the rest decline).
 const COMPAT_OK: u64 = 0x0001 // dir_prealloc
@@ -143,6 +144,11 @@ fn superblock(sb: &[u8], vol_len: u64) -> Parsed<Super> {
     if !ok {
         return decline("superblock geometry out of range or larger than the partition".into());
     }
+    // Descriptors are kept in memory (a few dozen bytes each): more groups than any
+    // real file system has (1 Mi groups: 128 TiB of 4 KiB blocks) is not trusted.
+    if (blocks - first_data).div_ceil(per_group) > MAX_GROUPS {
+        return decline(format!("more than {MAX_GROUPS} block groups"));
+    }
     Ok(Super {
         name,
         bs,
@@ -250,7 +256,7 @@ struct Desc {
 
 fn descriptors(vol: &Volume, s: &Super) -> Parsed<Vec<Desc>> {
     let wide = s.desc_size >= 64;
-    let mut out = Vec::with_capacity(s.groups.min(1 << 20) as usize);
+    let mut out = Vec::with_capacity(s.groups as usize);
     for i in 0..s.gdt_blocks() {
         let b = s.desc_block(i);
         if b >= s.blocks {
