@@ -456,6 +456,108 @@ mod tests {
         assert!(a >= base && b <= base + (200 << 10));
     }
 
+    /// A disk whose runs alternate data, zeros and unallocated every `step` bytes, and
+    /// whose byte at `i` is `i % 251 + 1` where data is.
+    struct Striped {
+        cap: u64,
+        step: u64,
+    }
+
+    impl Striped {
+        fn alloc_at(&self, pos: u64) -> Alloc {
+            match (pos / self.step) % 3 {
+                0 => Alloc::Data {
+                    extent: 0,
+                    offset: pos,
+                },
+                1 => Alloc::Zero,
+                _ => Alloc::Unallocated,
+            }
+        }
+    }
+
+    impl VirtualDisk for Striped {
+        fn capacity(&self) -> u64 {
+            self.cap
+        }
+        fn granularity(&self) -> u64 {
+            512
+        }
+        fn map(&self, range: Range<u64>) -> Result<Vec<Run>> {
+            let mut out = Vec::new();
+            let mut p = range.start;
+            while p < range.end.min(self.cap) {
+                let e = ((p / self.step + 1) * self.step)
+                    .min(range.end)
+                    .min(self.cap);
+                crate::disk::push_run(
+                    &mut out,
+                    Run {
+                        start: p,
+                        len: e - p,
+                        alloc: self.alloc_at(p),
+                        depth: 0,
+                    },
+                );
+                p = e;
+            }
+            Ok(out)
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            for (i, b) in buf.iter_mut().enumerate() {
+                let pos = offset + i as u64;
+                *b = match self.alloc_at(pos) {
+                    Alloc::Data { .. } => (pos % 251 + 1) as u8,
+                    _ => 0,
+                };
+            }
+            Ok(())
+        }
+    }
+
+    proptest::proptest! {
+        /// The view against a model: every byte maps as the disk does except in free
+        /// grains, which map unallocated and read as zeros; runs cover the asked range
+        /// in order; data offsets follow their bytes.
+        #[test]
+        fn the_view_leaves_out_exactly_the_free_grains(
+            grains in proptest::collection::vec(0u64..64, 0..12),
+            step in 1u64..40,
+            start in 0u64..(64 * GRAIN),
+            len in 1u64..(16 * GRAIN),
+        ) {
+            let disk = Striped { cap: 64 * GRAIN, step: step * 4096 };
+            let free = FreeMap::from_ranges(grains.iter().map(|g| g * GRAIN..(g + 1) * GRAIN).collect());
+            let view = GuestView::new(&disk, &free);
+            let end = (start + len).min(disk.cap);
+            let is_free = |p: u64| grains.contains(&(p / GRAIN));
+            let runs = view.map(start..end).unwrap();
+            let mut pos = start;
+            for r in &runs {
+                proptest::prop_assert_eq!(r.start, pos);
+                for p in (r.start..r.end()).step_by(512) {
+                    let want = if is_free(p) { Alloc::Unallocated } else { disk.alloc_at(p) };
+                    let got = match r.alloc {
+                        Alloc::Data { extent, offset } => Alloc::Data { extent, offset: offset + (p - r.start) },
+                        a => a,
+                    };
+                    proptest::prop_assert_eq!(got, want, "at {}", p);
+                }
+                pos = r.end();
+            }
+            proptest::prop_assert_eq!(pos, end.max(start));
+            let mut buf = vec![0xAAu8; (end - start) as usize];
+            view.read_at(&mut buf, start).unwrap();
+            for (i, &b) in buf.iter().enumerate() {
+                let p = start + i as u64;
+                let want = if is_free(p) { 0 } else {
+                    match disk.alloc_at(p) { Alloc::Data { .. } => (p % 251 + 1) as u8, _ => 0 }
+                };
+                proptest::prop_assert_eq!(b, want, "byte {}", p);
+            }
+        }
+    }
+
     #[test]
     fn masks_round_trip() {
         let m = FreeMap::from_ranges(vec![GRAIN..3 * GRAIN, (1 << 20) + 15 * GRAIN..(2 << 20)]);
