@@ -43,9 +43,14 @@ impl Guest {
         }
     }
 
+    /// What the scan found (none when not asked for).
+    pub(crate) fn found(&self) -> Option<GuestReport> {
+        self.found.as_ref().map(|(_, g)| g.clone())
+    }
+
     /// Add what the scan found to a copy's report.
     pub(crate) fn report(&self, mut r: ExportReport) -> ExportReport {
-        r.guest = self.found.as_ref().map(|(_, g)| g.clone());
+        r.guest = self.found();
         r
     }
 }

@@ -79,16 +79,17 @@ struct Super {
     backup_bgs: [u64; 2],
 }
 
-/// `Ok(None)` when `vol` holds no ext file system.
-pub(super) fn probe(vol: &Volume) -> Parsed<Option<Found>> {
-    if vol.len < 2048 {
+/// `Ok(None)` when `vol` (whose first 2 KiB, or all if shorter, are `head`) holds no
+/// ext file system.
+pub(super) fn probe(vol: &Volume, head: &[u8]) -> Parsed<Option<Found>> {
+    if head.len() < 2048 {
         return Ok(None);
     }
-    let sb = vol.read(1024, 1024)?;
-    if le16(&sb, 56) != MAGIC {
+    let sb = &head[1024..2048];
+    if le16(sb, 56) != MAGIC {
         return Ok(None);
     }
-    let s = superblock(&sb, vol.len)?;
+    let s = superblock(sb, vol.len)?;
     Ok(Some(free_blocks(vol, &s)?))
 }
 

@@ -13,25 +13,22 @@ use super::{le16, le32, whole, Found, FreeRuns, Parsed, Volume};
 const CHUNK: u64 = 1 << 18;
 
 /// `Ok(None)` when `vol` does not start with a FAT boot sector.
-pub(super) fn probe(vol: &Volume) -> Parsed<Option<Found>> {
-    if vol.len < 512 {
-        return Ok(None);
-    }
-    let b = vol.read(0, 512)?;
-    let bps = le16(&b, 11);
+pub(super) fn probe(vol: &Volume, head: &[u8]) -> Parsed<Option<Found>> {
+    let b = &head[..512];
+    let bps = le16(b, 11);
     let spc = b[13] as u64;
-    let reserved = le16(&b, 14);
+    let reserved = le16(b, 14);
     let fats = b[16] as u64;
-    let root_entries = le16(&b, 17);
-    let total = if le16(&b, 19) != 0 {
-        le16(&b, 19)
+    let root_entries = le16(b, 17);
+    let total = if le16(b, 19) != 0 {
+        le16(b, 19)
     } else {
-        le32(&b, 32)
+        le32(b, 32)
     };
-    let fat_sectors = if le16(&b, 22) != 0 {
-        le16(&b, 22)
+    let fat_sectors = if le16(b, 22) != 0 {
+        le16(b, 22)
     } else {
-        le32(&b, 36)
+        le32(b, 36)
     };
     let looks_fat = (b[0] == 0xEB || b[0] == 0xE9)
         && matches!(bps, 512 | 1024 | 2048 | 4096)
@@ -58,7 +55,7 @@ pub(super) fn probe(vol: &Volume) -> Parsed<Option<Found>> {
     } else {
         ("FAT32", 32)
     };
-    if (bits == 32) != (le16(&b, 22) == 0) || (bits == 32 && root_entries != 0) {
+    if (bits == 32) != (le16(b, 22) == 0) || (bits == 32 && root_entries != 0) {
         return whole(format!(
             "{name}: the boot sector mixes FAT12/16 and FAT32 fields"
         ));

@@ -403,19 +403,24 @@ pub(crate) fn probe(vol: &Volume) -> Parsed<Found> {
     // signature where the new one does not write: with both an ext superblock and a
     // FAT or NTFS boot sector, which is live cannot be told, and the wrong one's maps
     // would call the other's data free.
-    if vol.len >= 2048 {
-        let head = vol.read(0, 2048)?;
-        if le16(&head, 1024 + 56) == 0xEF53 && table::boot_sector_of_a_volume(&head) {
-            return whole("both an ext superblock and a FAT or NTFS boot sector are present");
-        }
+    // The first 2 KiB (boot sector, ext superblock) are read once, for every reader.
+    let head = vol.read(0, vol.len.min(2048) as usize)?;
+    if head.len() < 512 {
+        return whole("no file system vmdkit reads (ext2/3/4, FAT, NTFS) found");
     }
-    if let Some(found) = ext::probe(vol)? {
+    if head.len() == 2048
+        && le16(&head, 1024 + 56) == 0xEF53
+        && table::boot_sector_of_a_volume(&head)
+    {
+        return whole("both an ext superblock and a FAT or NTFS boot sector are present");
+    }
+    if let Some(found) = ext::probe(vol, &head)? {
         return Ok(found);
     }
-    if let Some(found) = ntfs::probe(vol)? {
+    if let Some(found) = ntfs::probe(vol, &head)? {
         return Ok(found);
     }
-    if let Some(found) = fat::probe(vol)? {
+    if let Some(found) = fat::probe(vol, &head)? {
         return Ok(found);
     }
     whole("no file system vmdkit reads (ext2/3/4, FAT, NTFS) found")

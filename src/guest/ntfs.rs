@@ -58,8 +58,8 @@ impl Seek for Reader<'_, '_> {
 }
 
 /// `Ok(None)` when `vol` does not start with an NTFS boot sector.
-pub(super) fn probe(vol: &Volume) -> Parsed<Option<Found>> {
-    if vol.len < 512 || &vol.read(0, 512)?[3..11] != b"NTFS    " {
+pub(super) fn probe(vol: &Volume, head: &[u8]) -> Parsed<Option<Found>> {
+    if &head[3..11] != b"NTFS    " {
         return Ok(None);
     }
     let mut r = Reader {

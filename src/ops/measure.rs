@@ -332,7 +332,7 @@ pub fn measure(
         data_grains,
         zeroed_grains: counts.zeroed,
         files: plan.pieces.iter().map(|p| p.name.clone()).collect(),
-        guest: guest.report(Default::default()).guest,
+        guest: guest.found(),
     };
     if plan.separate_descriptor {
         m.files.insert(0, opts.name.clone());
