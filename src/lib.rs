@@ -57,6 +57,7 @@ mod guest;
 mod hooks;
 mod io;
 mod layer;
+mod mem;
 pub mod ops;
 mod output;
 mod recovery;

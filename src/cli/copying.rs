@@ -11,6 +11,7 @@ pub(super) fn stdin_reader() -> Result<std::io::BufReader<std::fs::File>> {
         .as_fd()
         .try_clone_to_owned()
         .context("reading standard input")?;
+    grow_pipe(&fd);
     Ok(std::io::BufReader::with_capacity(
         1 << 20,
         std::fs::File::from(fd),
@@ -595,4 +596,19 @@ pub(super) fn raw_stdout() -> Result<std::fs::File> {
         .try_clone_to_owned()
         .context("duplicating stdout")?;
     Ok(std::fs::File::from(fd))
+}
+
+/// If `fd` is a pipe, ask for a 1 MiB pipe buffer (Linux's default unprivileged limit,
+/// `/proc/sys/fs/pipe-max-size`). A 64 KiB pipe wakes reader and writer for every 64 KiB.
+fn grow_pipe(fd: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    #[cfg(target_os = "linux")]
+    // SAFETY: fstat and fcntl on a descriptor we own; failure is harmless (the pipe keeps
+    // its size).
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd.as_raw_fd(), &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFIFO {
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20);
+        }
+    }
 }

@@ -243,7 +243,28 @@ impl Feed for PipeInput<'_> {
                 let mut c = Counted::new(&mut chained, name);
                 let mut s = [0u8; 512];
                 c.exact(&mut s)?;
-                if matches!(self.kind, Kind::Stream(_)) {
+                if matches!(self.kind, Kind::Stream(_))
+                    && stream_in::units_fit(h, pipeline::DEFAULT_UNIT)
+                {
+                    // The grains inflate straight into the engine's units.
+                    stream_in::read_stream_units(
+                        Some(pool),
+                        &mut c,
+                        h,
+                        pipeline::DEFAULT_UNIT as usize,
+                        &mut |start, buf| {
+                            let len = buf.len() as u64;
+                            (units.put)(
+                                Unit {
+                                    start,
+                                    len,
+                                    read: true,
+                                },
+                                buf,
+                            )
+                        },
+                    )?;
+                } else if matches!(self.kind, Kind::Stream(_)) {
                     stream_in::read_stream_on(Some(pool), &mut c, h, 0, &mut emit, None)?;
                 } else {
                     stream_in::read_sparse(&mut c, h, 0, &mut emit)?;

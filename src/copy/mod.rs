@@ -17,10 +17,12 @@ use rayon::prelude::*;
 
 pub mod feed;
 pub(crate) mod guest;
-pub mod plan;
+mod ordered;
+mod plan;
 pub mod target;
 
 pub use crate::format::output::{CopyReport, OutputFile, Piece, Sink, Unit, GRAIN};
+pub use ordered::{ordered, Spawner};
 pub use plan::{manifest_of, scan, Planner, UnitSource, DEFAULT_UNIT};
 
 use crate::disk::VirtualDisk;
@@ -76,10 +78,9 @@ pub fn capped_threads(threads: usize) -> usize {
     threads.min(max_threads())
 }
 
-/// Units per worker thread in one window: 4 MiB of units (4 of the default 1 MiB) keeps
-/// the pipeline's memory at about 2 x 4 MiB per thread; the window's tail is short
-/// because stream records are made grain by grain in parallel (measured: 8 or 16 MiB per
-/// thread gained nothing more). Smaller units (64 KiB for increments) get more of them.
+/// Units per worker thread in one window: 4 MiB of units (4 of the default 1 MiB); a
+/// pipe's units come over in batches of a window. Smaller units (64 KiB for increments)
+/// get more of them.
 fn window_per_thread(unit: u64) -> usize {
     (4 * DEFAULT_UNIT / unit.max(1)).clamp(4, 64) as usize
 }
@@ -96,9 +97,10 @@ pub fn pool(threads: usize) -> Result<rayon::ThreadPool> {
 }
 
 /// Run the pipeline over every unit `planner` yields: `produce` runs in parallel,
-/// `sink` sees every unit and its product in address order.
+/// `sink` sees every unit and its product in address order (see [`ordered`]; the planner
+/// runs on a thread of its own).
 pub fn run<O, P, S>(
-    planner: &mut dyn UnitSource,
+    planner: &mut (dyn UnitSource + Send),
     opts: PipelineOptions,
     produce: P,
     mut sink: S,
@@ -109,89 +111,30 @@ where
     S: FnMut(Unit, O) -> Result<()> + Send,
 {
     let pool = pool(opts.threads)?;
-    let window = pool.current_num_threads() * window_per_thread(opts.unit);
-    let mut pending: Vec<(Unit, Result<O>)> = Vec::new();
-    loop {
-        let mut next = Vec::with_capacity(window);
-        // A window holds `window` read units (holes ride along for free).
-        let mut reads = 0;
-        while reads < window {
-            match planner.next_unit()? {
-                Some(u) => {
-                    reads += usize::from(u.read);
-                    next.push(u);
-                }
-                None => break,
+    ordered::ordered(
+        &pool,
+        ahead(&pool, opts.unit),
+        &mut |sp| {
+            while let Some(u) = planner.next_unit()? {
+                sp.push(u, u.read)?;
             }
-        }
-        if next.is_empty() && pending.is_empty() {
-            return Ok(());
-        }
-        let to_sink = std::mem::take(&mut pending);
-        let (produced, sunk) = pool.install(|| {
-            rayon::join(
-                || next.par_iter().map(&produce).collect::<Vec<Result<O>>>(),
-                || -> Result<()> {
-                    for (u, o) in to_sink {
-                        sink(u, o?)?;
-                    }
-                    Ok(())
-                },
-            )
-        });
-        sunk?;
-        pending = next.into_iter().zip(produced).collect();
-    }
+            Ok(())
+        },
+        &|u: Unit| produce(&u).map(|o| (u, o)),
+        &mut |(u, o)| sink(u, o),
+    )
 }
 
-/// Unit buffers recycled from the sink back to the readers: a fresh 1 MiB buffer per
-/// unit cost page faults and page clearing (about 4% of a stream export's CPU). At most
-/// two windows' worth are kept, so the memory bound is the pipeline's.
-pub(crate) mod buffers {
-    use std::sync::Mutex;
-
-    static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-    const KEEP: usize = 64;
-
-    /// A buffer of exactly `len` bytes (contents unspecified: the caller fills it all).
-    pub(crate) fn take(len: usize) -> Vec<u8> {
-        let reused = POOL.lock().ok().and_then(|mut p| p.pop());
-        match reused {
-            Some(mut b) => {
-                b.resize(len, 0);
-                b
-            }
-            None => vec![0u8; len],
-        }
-    }
-
-    /// Hand a buffer back for reuse.
-    pub(crate) fn give(b: Vec<u8>) {
-        if b.capacity() > super::DEFAULT_UNIT as usize * 2 {
-            return;
-        }
-        if let Ok(mut p) = POOL.lock() {
-            if p.len() < KEEP {
-                p.push(b);
-            }
-        }
-    }
+/// Read units a run holds at once, made or being made (the memory bound of the
+/// pipeline): four windows' worth, 16 MiB per thread. Measured on the stream export of
+/// the benchmark disks (2 threads): two windows kept 1.80-1.85 cores busy, four
+/// 1.87-1.92, eight no more than four; the RSS went from 32 to about 60 MiB.
+fn ahead(pool: &rayon::ThreadPool, unit: u64) -> usize {
+    4 * pool.current_num_threads() * window_per_thread(unit)
 }
 
-/// Whether a buffer is all zeros (64-byte blocks OR-ed as words; vectorizes well).
-pub fn is_zero(buf: &[u8]) -> bool {
-    let mut chunks = buf.chunks_exact(64);
-    for c in &mut chunks {
-        let mut acc = 0u64;
-        for w in c.chunks_exact(8) {
-            acc |= u64::from_ne_bytes(w.try_into().expect("8 bytes"));
-        }
-        if acc != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&b| b == 0)
-}
+pub(crate) use crate::mem::buffers;
+pub use crate::mem::is_zero;
 
 /// The parallel stage of a copy: reads a unit, finds its zero grains, compresses and
 /// checksums what the sink needs.
@@ -284,22 +227,19 @@ pub fn drive(
             run(&mut planner, popts, |u| producer.produce(u), deliver)
         }
         Content::Feed(feed) => {
+            // The same pipeline as a disk's: the pipe's reader is the source.
             let pool = pool(popts.threads)?;
-            let window = pool.current_num_threads() * window_per_thread(popts.unit);
-            let mut next = 0u64;
             let cap = producer.disk.capacity();
-            feed_batches(feed, &pool, window, &mut |mut batch| {
-                put_batch(&pool, &mut batch, &mut next, producer, &mut deliver)
-            })?;
-            if next < cap {
-                let gap = Unit {
-                    start: next,
-                    len: cap - next,
-                    read: false,
-                };
-                deliver(gap, Piece::Hole)?;
-            }
-            Ok(())
+            ordered::ordered(
+                &pool,
+                ahead(&pool, popts.unit),
+                &mut |sp| feed_units(feed, &pool, cap, sp),
+                &|(u, buf): (Unit, Option<Vec<u8>>)| match buf {
+                    Some(buf) => producer.piece(&u, buf).map(|p| (u, p)),
+                    None => Ok((u, Piece::Hole)),
+                },
+                &mut |(u, p)| deliver(u, p),
+            )
         }
     }
 }
@@ -316,77 +256,35 @@ pub trait Feed: Send {
     ) -> Result<()>;
 }
 
-/// Run `feed` on a thread of its own (reading the pipe, parsing, inflating on `pool`)
-/// and hand its units to `consume` on this thread in batches of up to `window`, in order:
-/// reading and inflating the next batches overlap with consuming this one (two batches
-/// in flight at most, so memory stays bounded). An error on either side stops both; the
-/// consumer's comes first (the feed then only saw the consumer go away).
-pub fn feed_batches(
+/// Push a feed's units (with their buffers) and the holes between them (and after the
+/// last, up to `cap`) into a pipeline, in order: the source of a pipe's copy.
+pub fn feed_units<O>(
     feed: &mut dyn Feed,
     pool: &rayon::ThreadPool,
-    window: usize,
-    consume: &mut dyn FnMut(Vec<(Unit, Vec<u8>)>) -> Result<()>,
-) -> Result<()> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<(Unit, Vec<u8>)>>(1);
-    std::thread::scope(|s| {
-        let reader = s.spawn(move || {
-            let mut batch = Vec::with_capacity(window);
-            let gone = || Error::InvalidInput("the consumer stopped".into());
-            feed.run(pool, &mut |u, buf| {
-                batch.push((u, buf));
-                if batch.len() >= window {
-                    tx.send(std::mem::replace(&mut batch, Vec::with_capacity(window)))
-                        .map_err(|_| gone())?;
-                }
-                Ok(())
-            })?;
-            if !batch.is_empty() {
-                tx.send(batch).map_err(|_| gone())?;
-            }
-            Ok(())
-        });
-        let mut consumed = Ok(());
-        for batch in rx.iter() {
-            consumed = consume(batch);
-            if consumed.is_err() {
-                break;
-            }
+    cap: u64,
+    sp: &mut Spawner<'_, '_, (Unit, Option<Vec<u8>>), O>,
+) -> Result<()>
+where
+    O: Send,
+{
+    let mut pos = 0u64;
+    let hole = |sp: &mut Spawner<'_, '_, _, O>, start: u64, end: u64| {
+        let u = Unit {
+            start,
+            len: end - start,
+            read: false,
+        };
+        sp.push((u, None), false)
+    };
+    feed.run(pool, &mut |u, buf| {
+        if u.start > pos {
+            hole(sp, pos, u.start)?;
         }
-        drop(rx);
-        let read: Result<()> = reader
-            .join()
-            .unwrap_or_else(|p| std::panic::resume_unwind(p));
-        consumed.and(read)
-    })
-}
-
-/// Make the pieces of a batch of pushed units in parallel, then put them (and the holes
-/// between them) into the sink in order.
-fn put_batch(
-    pool: &rayon::ThreadPool,
-    batch: &mut Vec<(Unit, Vec<u8>)>,
-    next: &mut u64,
-    producer: &Producer<'_>,
-    deliver: &mut dyn FnMut(Unit, Piece) -> Result<()>,
-) -> Result<()> {
-    let made: Vec<(Unit, Result<Piece>)> = pool.install(|| {
-        batch
-            .par_drain(..)
-            .map(|(u, buf)| (u, producer.piece(&u, buf)))
-            .collect()
-    });
-    for (u, p) in made {
-        let p = p?;
-        if u.start > *next {
-            let gap = Unit {
-                start: *next,
-                len: u.start - *next,
-                read: false,
-            };
-            deliver(gap, Piece::Hole)?;
-        }
-        *next = u.start + u.len;
-        deliver(u, p)?;
+        pos = u.start + u.len;
+        sp.push((u, Some(buf)), true)
+    })?;
+    if pos < cap {
+        hole(sp, pos, cap)?;
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use crate::error::Result;
 use super::{Piece, PipelineOptions, Producer, Progress, Unit, GRAIN};
 
 /// Default unit size: 1 MiB (16 grains of 64 KiB).
-pub const DEFAULT_UNIT: u64 = 1 << 20;
+pub const DEFAULT_UNIT: u64 = crate::mem::UNIT;
 
 /// How much address space one `map()` call plans at once.
 const PLAN_SLICE: u64 = 1 << 30;

@@ -97,24 +97,36 @@ fn verify_feed(
 ) -> Result<Verification> {
     let mut b = ManifestBuilder::new(capacity);
     let omitted = omitted_of(m);
-    let mut next = 0u64;
     let pool = pipeline::pool(threads)?;
-    // The pipe is read and inflated on a thread of its own while this one checksums.
-    pipeline::feed_batches(feed, &pool, pool.current_num_threads() * 4, &mut |batch| {
-        for (u, mut buf) in batch {
-            if u.start > next {
-                b.zeros(next, u.start - next);
+    // The pipe is read and inflated on a thread of its own, the blocks hashed on the
+    // pool, the manifest built here in order.
+    pipeline::ordered(
+        &pool,
+        pool.current_num_threads() * 8,
+        &mut |sp| pipeline::feed_units(feed, &pool, capacity, sp),
+        &|(u, buf): (pipeline::Unit, Option<Vec<u8>>)| {
+            Ok((
+                u,
+                buf.map(|mut buf| {
+                    omitted.zero_in(&mut buf, u.start);
+                    let mut h = crc32fast::Hasher::new();
+                    h.update(&buf);
+                    pipeline::buffers::give(buf);
+                    h
+                }),
+            ))
+        },
+        &mut |(u, h)| {
+            match h {
+                Some(h) => b.block(u.start, h),
+                None => b.zeros(u.start, u.len),
             }
-            omitted.zero_in(&mut buf, u.start);
-            b.data(u.start, &buf);
-            progress.inc(u.len);
-            next = u.start + u.len;
-        }
-        Ok(())
-    })?;
-    if next < capacity {
-        b.zeros(next, capacity - next);
-    }
+            if u.read {
+                progress.inc(u.len);
+            }
+            Ok(())
+        },
+    )?;
     compare(capacity, &b.finish(), m)
 }
 

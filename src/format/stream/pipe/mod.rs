@@ -11,12 +11,14 @@ use std::io::Read;
 use std::path::Path;
 
 use byteorder::{ByteOrder, LittleEndian as LE};
-use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::format::descriptor::{Descriptor, ExtentType, MAX_DESCRIPTOR_BYTES};
 use crate::format::sparse::{SparseHeader, GD_AT_END, MARKER_FOOTER, MARKER_GD, MARKER_GT, SECTOR};
-use crate::format::stream::read::inflate_grain_into;
+
+mod inflate;
+use inflate::Inflater;
+pub use inflate::{Out, PutUnit};
 
 /// Receives content pieces in ascending offset order.
 pub type Emit<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<()>;
@@ -65,6 +67,30 @@ impl<'a> Counted<'a> {
     pub fn exact(&mut self, buf: &mut [u8]) -> Result<()> {
         if !self.fill(buf)? {
             return Err(Error::corrupt(self.name, self.pos, "input ends early"));
+        }
+        Ok(())
+    }
+
+    /// Append exactly `n` bytes to `v` or fail (the new bytes are not zeroed first).
+    pub fn append(&mut self, v: &mut Vec<u8>, n: u64) -> Result<()> {
+        v.reserve(n as usize);
+        let mut left = n;
+        while left > 0 {
+            match (&mut self.r).take(left).read_to_end(v) {
+                Ok(0) => {
+                    return Err(Error::corrupt(
+                        self.name,
+                        self.pos,
+                        format!("input ends in the middle of a record, {left} bytes short"),
+                    ))
+                }
+                Ok(k) => {
+                    left -= k as u64;
+                    self.pos += k as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("read", self.name, self.pos, e)),
+            }
         }
         Ok(())
     }
@@ -169,6 +195,37 @@ pub fn read_stream_on(
     h: &SparseHeader,
     base: u64,
     emit: Emit<'_>,
+    zeroed: Option<EmitZeroed<'_>>,
+) -> Result<Option<Descriptor>> {
+    read_stream_to(pool, r, h, base, Out::Pieces(emit), zeroed)
+}
+
+/// Like [`read_stream_on`] (at offset 0, no zeroed grains), handing out whole units of
+/// `unit` bytes with the grains inflated in place (see [`Out::Units`]): the engine's
+/// input without a copy. `unit` must be a multiple of the stream's grain size
+/// ([`units_fit`]).
+pub fn read_stream_units(
+    pool: Option<&rayon::ThreadPool>,
+    r: &mut Counted<'_>,
+    h: &SparseHeader,
+    unit: usize,
+    put: PutUnit<'_>,
+) -> Result<Option<Descriptor>> {
+    read_stream_to(pool, r, h, 0, Out::Units(unit, put), None)
+}
+
+/// Whether units of `unit` bytes hold whole grains of `h`'s stream.
+pub fn units_fit(h: &SparseHeader, unit: u64) -> bool {
+    let grain = h.grain_size * SECTOR;
+    unit >= grain && unit % grain == 0
+}
+
+fn read_stream_to(
+    pool: Option<&rayon::ThreadPool>,
+    r: &mut Counted<'_>,
+    h: &SparseHeader,
+    base: u64,
+    out: Out<'_>,
     mut zeroed: Option<EmitZeroed<'_>>,
 ) -> Result<Option<Descriptor>> {
     if !h.markers() {
@@ -180,15 +237,7 @@ pub fn read_stream_on(
     let cap = h.capacity_sectors * SECTOR;
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut last: Option<u64> = None;
-    let mut inflater = Inflater {
-        pool,
-        grain,
-        cap,
-        base,
-        name: r.name.to_path_buf(),
-        pending: std::collections::VecDeque::new(),
-        spare: Vec::new(),
-    };
+    let mut inflater = Inflater::new(pool, grain, cap, base, r.name, out)?;
     let mut sector = [0u8; 512];
     let needs_footer = h.gd_offset == GD_AT_END;
     let mut saw_footer = false;
@@ -219,8 +268,8 @@ pub fn read_stream_on(
                     }
                 }
                 MARKER_GD if want_zeroed => {
-                    inflater.push(std::mem::take(&mut batch), emit)?;
-                    inflater.drain(emit)?;
+                    inflater.push(std::mem::take(&mut batch))?;
+                    inflater.drain()?;
                     let z = zeroed.as_mut().expect("want_zeroed");
                     let name = r.name;
                     // A grain both zeroed (table entry 1) and stored (a record) is
@@ -260,7 +309,7 @@ pub fn read_stream_on(
             }
             continue;
         }
-        let (lba, rec) = next_record(r, h, &sector, at, &mut last)?;
+        let (lba, rec) = next_record(r, h, &sector, at, &mut last, inflater.record_buf())?;
         if want_zeroed {
             if zeroed_runs.iter().any(|&(lo, hi)| lo <= lba && lba < hi) {
                 return Err(Error::corrupt(
@@ -271,13 +320,13 @@ pub fn read_stream_on(
             }
             stored_lbas.push(lba);
         }
-        batch.push((lba, rec));
-        if batch.len() >= 64 {
-            inflater.push(std::mem::take(&mut batch), emit)?;
+        if batch.len() >= 64 && batch.last().is_some_and(|&(l, _)| inflater.may_cut(l, lba)) {
+            inflater.push(std::mem::take(&mut batch))?;
         }
+        batch.push((lba, rec));
     }
-    inflater.push(std::mem::take(&mut batch), emit)?;
-    inflater.drain(emit)?;
+    inflater.push(std::mem::take(&mut batch))?;
+    inflater.drain()?;
     if needs_footer && !saw_footer {
         return Err(Error::corrupt(
             r.name,
@@ -300,13 +349,14 @@ pub fn read_stream_on(
 
 /// The grain record whose first sector `sector` was read at `at` (its LBA checked: a
 /// grain start inside the disk, after the `last` one), read whole, its 12-byte head kept
-/// (`Inflater` skips it rather than copy the grain down).
+/// (`Inflater` skips it rather than copy the grain down), in `rec` (a buffer to reuse).
 fn next_record(
     r: &mut Counted<'_>,
     h: &SparseHeader,
     sector: &[u8; 512],
     at: u64,
     last: &mut Option<u64>,
+    mut rec: Vec<u8>,
 ) -> Result<(u64, Vec<u8>)> {
     let grain = h.grain_size * SECTOR;
     let cap = h.capacity_sectors * SECTOR;
@@ -335,103 +385,11 @@ fn next_record(
     }
     *last = Some(lba);
     let total = (12 + size).div_ceil(SECTOR) * SECTOR;
-    let mut rec = vec![0u8; total as usize];
-    rec[..512].copy_from_slice(sector);
-    if total > 512 {
-        r.exact(&mut rec[512..])?;
-    }
+    rec.clear();
+    rec.extend_from_slice(sector);
+    r.append(&mut rec, total - 512)?;
     rec.truncate(12 + size as usize);
     Ok((lba, rec))
-}
-
-/// A batch of grain records (LBA, record with its 12-byte head), the buffer it inflates
-/// into, and how that went.
-type Inflated = (Vec<(u64, Vec<u8>)>, Vec<u8>, Result<()>);
-
-/// Inflates batches of grain records: on a pool, in the background (two batches in
-/// flight while the caller reads the next), or here without one; hands the grains to
-/// `emit` in stream order.
-struct Inflater<'p> {
-    pool: Option<&'p rayon::ThreadPool>,
-    grain: usize,
-    cap: u64,
-    base: u64,
-    name: std::path::PathBuf,
-    pending: std::collections::VecDeque<std::sync::mpsc::Receiver<Inflated>>,
-    /// Buffers of emitted batches, for the next ones (fresh buffers cost page faults).
-    spare: Vec<Vec<u8>>,
-}
-
-fn inflate_batch(
-    batch: &[(u64, Vec<u8>)],
-    out: &mut Vec<u8>,
-    grain: usize,
-    cap: u64,
-    name: &Path,
-) -> Result<()> {
-    out.resize(batch.len() * grain, 0);
-    out.par_chunks_mut(grain)
-        .zip(batch.par_iter())
-        .try_for_each(|(out, (lba, cmp))| {
-            let start = lba * SECTOR;
-            let want = (cap - start).min(grain as u64) as usize;
-            inflate_grain_into(&cmp[12..], want, out)
-                .map(|_| ())
-                .map_err(|w| Error::corrupt(name, 0, format!("grain at LBA {lba}: {w}")))
-        })
-}
-
-impl Inflater<'_> {
-    fn push(&mut self, batch: Vec<(u64, Vec<u8>)>, emit: Emit<'_>) -> Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut out = self.spare.pop().unwrap_or_default();
-        let Some(pool) = self.pool else {
-            let r = inflate_batch(&batch, &mut out, self.grain, self.cap, &self.name);
-            return self.emit((batch, out, r), emit);
-        };
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let (grain, cap, name) = (self.grain, self.cap, self.name.clone());
-        pool.spawn(move || {
-            let r = inflate_batch(&batch, &mut out, grain, cap, &name);
-            let _ = tx.send((batch, out, r));
-        });
-        self.pending.push_back(rx);
-        while self.pending.len() > 2 {
-            self.next(emit)?;
-        }
-        Ok(())
-    }
-
-    fn next(&mut self, emit: Emit<'_>) -> Result<()> {
-        let Some(rx) = self.pending.pop_front() else {
-            return Ok(());
-        };
-        let done = rx
-            .recv()
-            .map_err(|_| Error::corrupt(&self.name, 0, "a grain could not be inflated"))?;
-        self.emit(done, emit)
-    }
-
-    fn emit(&mut self, (batch, out, r): Inflated, emit: Emit<'_>) -> Result<()> {
-        r?;
-        for ((lba, _), g) in batch.iter().zip(out.chunks(self.grain)) {
-            let start = lba * SECTOR;
-            let want = (self.cap - start).min(self.grain as u64) as usize;
-            emit(self.base + start, &g[..want])?;
-        }
-        self.spare.push(out);
-        Ok(())
-    }
-
-    /// Hand out every batch still in flight.
-    fn drain(&mut self, emit: Emit<'_>) -> Result<()> {
-        while !self.pending.is_empty() {
-            self.next(emit)?;
-        }
-        Ok(())
-    }
 }
 
 /// Read the grain table after a GT marker at `at` (`val` sectors) and return the indices

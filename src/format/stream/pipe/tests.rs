@@ -113,3 +113,68 @@ fn a_stream_cut_at_a_record_boundary_is_refused() {
         );
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+    /// Grains inflated straight into units give the disk the writer was given (the last
+    /// grain cut by the capacity, whether it was stored cut or whole), the same as the
+    /// grain-by-grain pieces do: units aligned, in order, none all zeros, the last one
+    /// ending at the capacity.
+    #[test]
+    fn units_and_pieces_read_the_same_disk(
+        sectors in 1u64..=(5 << 11),
+        kinds in proptest::collection::vec(0u8..4, 80),
+        whole_last in proptest::prelude::any::<bool>(),
+        threads in 0usize..3,
+    ) {
+        let name = Path::new("<test>");
+        let (g, unit) = (65536u64, 1u64 << 20);
+        let cap = sectors * SECTOR;
+        let mut model = vec![0u8; cap as usize];
+        let mut w = StreamWriter::new(Vec::new(), cap, b"# Disk DescriptorFile\n", name).unwrap();
+        for (i, &k) in kinds.iter().enumerate().take(cap.div_ceil(g) as usize) {
+            let start = i as u64 * g;
+            let want = (cap - start).min(g) as usize;
+            let data: Vec<u8> = match k {
+                0 => continue,
+                1 => vec![0u8; g as usize],
+                2 => (0..g).map(|j| (j % 253) as u8 ^ i as u8).collect(),
+                _ => (0..g).map(|j| (j.wrapping_mul(2654435761) >> 11) as u8).collect(),
+            };
+            let stored = if whole_last { &data[..] } else { &data[..want] };
+            model[start as usize..start as usize + want].copy_from_slice(&data[..want]);
+            w.write_grain(i as u64, stored, 1).unwrap();
+        }
+        let (bytes, _, _) = w.finish().unwrap();
+        let pool = (threads > 0)
+            .then(|| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap());
+        let read = |out: Out<'_>| {
+            let mut input = &bytes[..];
+            let mut c = Counted::new(&mut input, name);
+            let mut first = [0u8; 512];
+            c.exact(&mut first).unwrap();
+            let h = parse_first(&first, name).unwrap();
+            read_stream_to(pool.as_ref(), &mut c, &h, 0, out, None).map(|_| ())
+        };
+        let mut by_units = vec![0u8; cap as usize];
+        let mut last_end = 0;
+        read(Out::Units(unit as usize, &mut |start, buf| {
+            assert_eq!(start % unit, 0);
+            assert!(start >= last_end, "units out of order");
+            assert_eq!(buf.len() as u64, (cap - start).min(unit));
+            assert!(!crate::mem::is_zero(&buf), "a unit of zeros was handed out");
+            by_units[start as usize..start as usize + buf.len()].copy_from_slice(&buf);
+            last_end = start + buf.len() as u64;
+            Ok(())
+        }))
+        .unwrap();
+        let mut by_pieces = vec![0u8; cap as usize];
+        read(Out::Pieces(&mut |at, b| {
+            by_pieces[at as usize..at as usize + b.len()].copy_from_slice(b);
+            Ok(())
+        }))
+        .unwrap();
+        proptest::prop_assert!(by_units == model, "units differ from the model");
+        proptest::prop_assert!(by_pieces == model, "pieces differ from the model");
+    }
+}
