@@ -212,5 +212,26 @@ for disk in src other text; do
     printf '%-34s %8s %8.2f %8.2f %10.2f\n' "$disk disk" "$t" "$w" "$c" "$(echo "$c / $w" | bc -l)"
   done
 done
+# The pipe against the file: the same stream imported from stdin and from the file,
+# alternating; vmdkit's own CPU (cat's is not counted) and the wall time with sync.
+echo
+printf '%-34s %8s %8s %10s\n' "stream -> monolithicSparse" wall_s cpu_s "cpu/file"
+pw=(); pc=(); fw=(); fc=()
+for _ in $(seq "$RUNS"); do
+  rm -f v.vmdk; sync
+  t0=$(now)
+  cat stream-src.vmdk | /usr/bin/time -f '%U %S' -o cores.txt "$V" import - v.vmdk --type monolithicSparse -q
+  sync; pw+=("$(echo "$(now) - $t0" | bc)")
+  read -r u s < <(tail -1 cores.txt); pc+=("$(echo "$u + $s" | bc)")
+  rm -f v.vmdk; sync
+  t0=$(now)
+  /usr/bin/time -f '%U %S' -o cores.txt "$V" import stream-src.vmdk v.vmdk --type monolithicSparse -q
+  sync; fw+=("$(echo "$(now) - $t0" | bc)")
+  read -r u s < <(tail -1 cores.txt); fc+=("$(echo "$u + $s" | bc)")
+done
+mfc=$(printf '%s\n' "${fc[@]}" | median); mpc=$(printf '%s\n' "${pc[@]}" | median)
+printf '%-34s %8.2f %8.2f %9.2fx\n' "from a pipe (cat | import -)" "$(printf '%s\n' "${pw[@]}" | median)" "$mpc" "$(echo "$mpc / $mfc" | bc -l)"
+printf '%-34s %8.2f %8.2f %9.2fx\n' "from the file" "$(printf '%s\n' "${fw[@]}" | median)" "$mfc" 1
+
 echo
 echo "(bytes: du of the outputs' apparent sizes; size%: vmdkit relative to the peer; rss: peak resident MiB of one run)"
