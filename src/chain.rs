@@ -586,6 +586,19 @@ impl VirtualDisk for Chain {
     fn source_files(&self) -> Vec<PathBuf> {
         self.layers.iter().flat_map(|l| l.files()).collect()
     }
+
+    fn will_need(&self, range: Range<u64>) {
+        let Ok(runs) = self.map(range) else {
+            return;
+        };
+        for r in runs {
+            if let Alloc::Data { extent, offset } | Alloc::Compressed { extent, offset } = r.alloc {
+                if let Some(slot) = self.layers[r.depth as usize].extents.get(extent) {
+                    slot.extent.will_need(offset, r.len);
+                }
+            }
+        }
+    }
 }
 
 /// The top layer of a chain as an increment sees it: every 64 KiB grain the top layer
@@ -672,5 +685,9 @@ impl VirtualDisk for DeltaView<'_> {
 
     fn source_files(&self) -> Vec<PathBuf> {
         self.chain.source_files()
+    }
+
+    fn will_need(&self, range: Range<u64>) {
+        self.chain.will_need(range)
     }
 }

@@ -84,6 +84,10 @@ pub trait VirtualDisk: Send + Sync {
     fn source_files(&self) -> Vec<std::path::PathBuf> {
         Vec::new()
     }
+    /// A hint that `range` will be read soon: a disk backed by files may start reading
+    /// the data behind it from storage now, so the read does not wait for the disk.
+    /// Never needed for correctness; the default does nothing.
+    fn will_need(&self, _range: Range<u64>) {}
 }
 
 /// Append `run` to `out`, merging it into the last run when they continue each other.

@@ -189,6 +189,24 @@ impl Source {
         &self.path
     }
 
+    /// Start reading `len` bytes at `offset` from storage into the page cache, without
+    /// waiting (`posix_fadvise(WILLNEED)`): a hint, so a later read does not stall on the
+    /// disk. Nothing for sources in memory.
+    pub fn will_need(&self, offset: u64, len: u64) {
+        let Some(f) = self.file() else {
+            return;
+        };
+        use std::os::fd::AsRawFd;
+        let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: an advisory syscall on an open descriptor; it reads nothing into our
+        // memory and a failure changes nothing.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED);
+        }
+    }
+
     /// The underlying file, when there is one.
     pub fn file(&self) -> Option<&File> {
         match &self.backing {

@@ -378,6 +378,70 @@ pub(crate) mod tests {
         assert!(units.windows(2).all(|w| w[0].read || w[1].read));
     }
 
+    /// The planner asks the disk to start reading exactly the units it will hand out to
+    /// read (never a hole), each before it is handed out, and all those starting within
+    /// the read-ahead distance of the one handed out.
+    #[test]
+    fn the_planner_hints_the_read_units_ahead_and_nothing_else() {
+        struct Hinted(MemDisk, std::sync::Mutex<Vec<Range<u64>>>);
+        impl VirtualDisk for Hinted {
+            fn capacity(&self) -> u64 {
+                self.0.capacity()
+            }
+            fn granularity(&self) -> u64 {
+                GRAIN
+            }
+            fn map(&self, range: Range<u64>) -> Result<Vec<Run>> {
+                self.0.map(range)
+            }
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+                self.0.read_at(buf, offset)
+            }
+            fn will_need(&self, range: Range<u64>) {
+                self.1.lock().unwrap().push(range);
+            }
+        }
+        let mut v = vec![0u8; 64 << 20];
+        for g in (0..1024usize).filter(|g| g % 37 == 0 || (300..420).contains(g)) {
+            v[g * GRAIN as usize] = 1;
+        }
+        let d = Hinted(MemDisk(v), Default::default());
+        let mut p = Planner::new(&d, DEFAULT_UNIT);
+        let mut reads = Vec::new();
+        while let Some(u) = p.next_unit().unwrap() {
+            let hinted = d.1.lock().unwrap().clone();
+            let covered = |a: u64, b: u64| hinted.iter().any(|h| h.start <= a && b <= h.end);
+            if u.read {
+                reads.push(u.start..u.start + u.len);
+                assert!(covered(u.start, u.start + u.len), "{u:?} not hinted before");
+            }
+            if !u.read {
+                continue;
+            }
+            // Every read unit within the read-ahead of a read unit is hinted already.
+            let mut q = Planner::new(&d.0, DEFAULT_UNIT);
+            while let Some(w) = q.next_unit().unwrap() {
+                if w.read && w.start >= u.start && w.start < u.start + u.len + plan::READ_AHEAD {
+                    assert!(
+                        covered(w.start, w.start + w.len),
+                        "{w:?} not hinted ahead of {u:?}"
+                    );
+                }
+            }
+        }
+        let hinted = d.1.lock().unwrap().clone();
+        assert!(!hinted.is_empty());
+        for h in &hinted {
+            assert!(
+                reads.iter().any(|r| r.start <= h.start && h.end <= r.end),
+                "{h:?} hinted outside the read units"
+            );
+        }
+        // Each byte once.
+        let total: u64 = hinted.iter().map(|h| h.end - h.start).sum();
+        assert_eq!(total, reads.iter().map(|r| r.end - r.start).sum::<u64>());
+    }
+
     #[test]
     fn the_raw_sequential_sink_writes_the_content_in_order() {
         let d = sample();

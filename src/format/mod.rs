@@ -307,6 +307,18 @@ impl Extent {
         }
     }
 
+    /// Hint that the `len` bytes at `file_offset` of this extent's file (a `Data` or
+    /// `Compressed` run) will be read soon.
+    pub fn will_need(&self, file_offset: u64, len: u64) {
+        match self {
+            Extent::Flat(f) => f.src.will_need(file_offset, len),
+            Extent::Sparse(s) => s.source().will_need(file_offset, len),
+            Extent::Cowd(c) => c.source().will_need(file_offset, len),
+            Extent::SeSparse(s) => s.source().will_need(file_offset, len),
+            Extent::Zero { .. } => {}
+        }
+    }
+
     /// Read bytes of a `Data` run at `file_offset`.
     pub fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
         match self {

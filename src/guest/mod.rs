@@ -219,6 +219,10 @@ impl VirtualDisk for GuestView<'_> {
     fn source_files(&self) -> Vec<std::path::PathBuf> {
         self.inner.source_files()
     }
+
+    fn will_need(&self, range: std::ops::Range<u64>) {
+        self.inner.will_need(range)
+    }
 }
 
 /// Why a parser stopped: the disk could not be read (an error the command reports), or
