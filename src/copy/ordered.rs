@@ -157,6 +157,15 @@ fn sink_in_order<O>(
     places: &Places,
     sink: &mut dyn FnMut(O) -> Result<()>,
 ) -> Result<()> {
+    // However this ends (a panic in `sink` included), a source waiting for a place is
+    // let go, so the scopes around can finish.
+    struct Release<'p>(&'p Places);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _release = Release(places);
     // Products from sequence number `first` on, as they arrive (out of order).
     let mut waiting: std::collections::VecDeque<Option<(bool, Made<O>)>> = Default::default();
     let mut first = 0usize;
@@ -299,5 +308,33 @@ mod tests {
         assert!(matches!(r, Err(Error::InvalidInput(m)) if m == "full"));
         assert_eq!(sunk, 11);
         assert!(pushed < 100, "the source went on: {pushed}");
+    }
+
+    /// A panic in the sink reaches the caller (the source, waiting for a place, is let
+    /// go instead of holding the scope forever).
+    #[test]
+    fn a_panicking_sink_does_not_hang() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ordered(
+                &pool,
+                2,
+                &mut |sp| {
+                    for i in 0..1000usize {
+                        sp.push(i, true)?;
+                    }
+                    Ok(())
+                },
+                &|i: usize| Ok(i),
+                &mut |i| {
+                    assert!(i < 5, "sink bug");
+                    Ok(())
+                },
+            )
+        }));
+        assert!(r.is_err());
     }
 }

@@ -263,10 +263,7 @@ pub fn manifest_of(
             Ok(Some(h))
         },
         |u, h| {
-            match h {
-                Some(h) => b.block(u.start, h),
-                None => b.zeros(u.start, u.len),
-            }
+            b.unit(u.start, u.len, h);
             if u.read {
                 progress.inc(u.len);
             }

@@ -91,6 +91,14 @@ impl ManifestBuilder {
         self.block(start, h);
     }
 
+    /// The next unit of a copy: a block hashed already, or `len` bytes of zeros.
+    pub fn unit(&mut self, start: u64, len: u64, h: Option<crc32fast::Hasher>) {
+        match h {
+            Some(h) => self.block(start, h),
+            None => self.zeros(start, len),
+        }
+    }
+
     /// The next block, hashed already (by a pipeline worker).
     pub fn block(&mut self, start: u64, h: crc32fast::Hasher) {
         debug_assert_eq!(start, self.next * BLOCK);

@@ -117,10 +117,7 @@ fn verify_feed(
             ))
         },
         &mut |(u, h)| {
-            match h {
-                Some(h) => b.block(u.start, h),
-                None => b.zeros(u.start, u.len),
-            }
+            b.unit(u.start, u.len, h);
             if u.read {
                 progress.inc(u.len);
             }
