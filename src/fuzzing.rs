@@ -114,6 +114,72 @@ pub fn pipe(data: &[u8]) {
     } else {
         read_sparse(&mut c, &h, 0, &mut emit)
     };
+    if h.compressed() {
+        stream_units_match_pieces(data, &h);
+    }
+}
+
+/// What `import -` reads a stream into (grains inflated straight into 1 MiB units) must
+/// be what the grain-by-grain reader gives: the same non-zero units, or both refuse.
+fn stream_units_match_pieces(data: &[u8], h: &crate::format::sparse::SparseHeader) {
+    use crate::format::stream::pipe::{read_stream_on, read_stream_units, units_fit, Counted};
+    use std::collections::BTreeMap;
+    const UNIT: u64 = 1 << 20;
+    if !units_fit(h, UNIT) {
+        return;
+    }
+    let name = std::path::Path::new("<stdin>");
+    let cap = h.capacity_sectors.saturating_mul(512);
+    let over = || crate::Error::InvalidInput("fuzz cap".into());
+    // Pieces, laid into units (all-zero units dropped, as the units reader does).
+    let mut pieces: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut input: &[u8] = &data[512..];
+    let mut c = Counted::new(&mut input, name);
+    c.pos = 512;
+    let by_pieces = read_stream_on(
+        None,
+        &mut c,
+        h,
+        0,
+        &mut |off, b| {
+            let u = off / UNIT * UNIT;
+            if !pieces.contains_key(&u) && pieces.len() as u64 * UNIT >= FUZZ_MAP_BYTES {
+                return Err(over());
+            }
+            let buf = pieces
+                .entry(u)
+                .or_insert_with(|| vec![0u8; (cap - u).min(UNIT) as usize]);
+            let o = (off - u) as usize;
+            buf[o..o + b.len()].copy_from_slice(b);
+            Ok(())
+        },
+        None,
+    );
+    pieces.retain(|_, b| !crate::mem::is_zero(b));
+    let mut units: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut input: &[u8] = &data[512..];
+    let mut c = Counted::new(&mut input, name);
+    c.pos = 512;
+    let by_units = read_stream_units(None, &mut c, h, UNIT as usize, &mut |start, buf| {
+        if units.len() as u64 * UNIT >= FUZZ_MAP_BYTES {
+            return Err(over());
+        }
+        assert!(units.insert(start, buf).is_none(), "unit {start} twice");
+        Ok(())
+    });
+    let capped =
+        |r: &crate::Result<_>| matches!(r, Err(crate::Error::InvalidInput(m)) if m == "fuzz cap");
+    if capped(&by_pieces) || capped(&by_units) {
+        return;
+    }
+    assert_eq!(
+        by_pieces.is_ok(),
+        by_units.is_ok(),
+        "one reader refused, the other not"
+    );
+    if by_units.is_ok() {
+        assert!(pieces == units, "units differ from pieces");
+    }
 }
 
 /// Recovery state: the bytes as a commit state file, an apply state file and a journal
