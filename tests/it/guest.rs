@@ -421,6 +421,29 @@ fn json(out: &std::process::Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// `g.raw` as `g.vmdk` (by qemu-img), exported `--guest-aware` as `out` of type `ty`:
+/// the JSON report.
+fn guest_export(d: &Path, out: &str, ty: &str) -> serde_json::Value {
+    qemu_img(d, &["convert", "-O", "vmdk", "g.raw", "g.vmdk"]);
+    let args = ["--json", "export", "g.vmdk", out, "-d", ty, "--guest-aware"];
+    json(&vmdkit_ok(d, &args))
+}
+
+/// `measure --guest-aware` of `g.vmdk` as type `ty` named `name`: the JSON report.
+fn guest_measure(d: &Path, ty: &str, name: &str) -> serde_json::Value {
+    let args = [
+        "--json",
+        "measure",
+        "g.vmdk",
+        "-d",
+        ty,
+        "--guest-aware",
+        "--name",
+        name,
+    ];
+    json(&vmdkit_ok(d, &args))
+}
+
 fn file_len(d: &Path, f: &str) -> u64 {
     std::fs::metadata(d.join(f)).unwrap().len()
 }
@@ -517,19 +540,7 @@ fn gpt_disk_keeps_every_file_and_leaves_out_the_free_space() {
     .success());
 
     // measure --guest-aware is exact for sparse outputs.
-    let m = json(&vmdkit_ok(
-        d,
-        &[
-            "--json",
-            "measure",
-            "g.vmdk",
-            "-d",
-            "sparse",
-            "--guest-aware",
-            "--name",
-            "ga.vmdk",
-        ],
-    ));
+    let m = guest_measure(d, "sparse", "ga.vmdk");
     assert_eq!(m["required"].as_u64().unwrap(), ga, "{m}");
     assert_eq!(m["exact"], true);
     assert_eq!(m["guest"]["left_out"], g["left_out"], "{m}");
@@ -606,19 +617,7 @@ fn mbr_disk_with_logical_partitions_keeps_every_file() {
         63 * 512,
         "the first partition is not at sector 63"
     );
-    qemu_img(d, &["convert", "-O", "vmdk", "g.raw", "g.vmdk"]);
-    let report = json(&vmdkit_ok(
-        d,
-        &[
-            "--json",
-            "export",
-            "g.vmdk",
-            "split.vmdk",
-            "-d",
-            "split",
-            "--guest-aware",
-        ],
-    ));
+    let report = guest_export(d, "split.vmdk", "split");
     let g = &report["guest"];
     assert_eq!(g["table"], "mbr", "{report}");
     let numbers: Vec<u64> = g["partitions"]
@@ -641,19 +640,7 @@ fn mbr_disk_with_logical_partitions_keeps_every_file() {
         .filter(|f| f.ends_with("-s001.vmdk"))
         .map(|f| std::fs::metadata(d.join(f)).unwrap().len())
         .sum();
-    let m = json(&vmdkit_ok(
-        d,
-        &[
-            "--json",
-            "measure",
-            "g.vmdk",
-            "-d",
-            "split",
-            "--guest-aware",
-            "--name",
-            "split.vmdk",
-        ],
-    ));
+    let m = guest_measure(d, "split", "split.vmdk");
     let all: u64 = files
         .iter()
         .map(|f| std::fs::metadata(d.join(f)).unwrap().len())
@@ -914,19 +901,7 @@ fn doubtful_partitions_and_tables_are_copied_whole() {
     e[..512].copy_from_slice(&region(d, "g.raw", &parts[2])[..512]);
     put_region(d, "g.raw", &parts[4], &e);
 
-    qemu_img(d, &["convert", "-O", "vmdk", "g.raw", "g.vmdk"]);
-    let report = json(&vmdkit_ok(
-        d,
-        &[
-            "--json",
-            "export",
-            "g.vmdk",
-            "ga.vmdk",
-            "-d",
-            "sparse",
-            "--guest-aware",
-        ],
-    ));
+    let report = guest_export(d, "ga.vmdk", "sparse");
     let ps = report["guest"]["partitions"].as_array().unwrap();
     let why: Vec<&str> = ps
         .iter()
@@ -958,17 +933,7 @@ fn doubtful_partitions_and_tables_are_copied_whole() {
 /// A guest-aware export of `g.raw` (as `g.vmdk`) copies the whole disk: the table's
 /// note says `why`, and the output reads as the source.
 fn copies_the_whole_disk(d: &Path, why: &str) {
-    qemu_img(d, &["convert", "-O", "vmdk", "g.raw", "g.vmdk"]);
-    let args = [
-        "--json",
-        "export",
-        "g.vmdk",
-        "whole.vmdk",
-        "-d",
-        "sparse",
-        "--guest-aware",
-    ];
-    let report = json(&vmdkit_ok(d, &args));
+    let report = guest_export(d, "whole.vmdk", "sparse");
     let note = report["guest"]["note"].as_str().unwrap_or_default();
     assert!(
         note.contains(why) && note.contains("whole disk"),
@@ -1111,19 +1076,7 @@ fn ext_layouts_and_small_fats_keep_every_file() {
     std::fs::write(d.join("o.img"), region(d, "g.raw", &parts[1])).unwrap();
     let dump = String::from_utf8(tool(d, "dumpe2fs", &["o.img"]).stdout).unwrap();
     assert!(dump.contains("meta_bg") && dump.matches("\nGroup ").count() > 32);
-    qemu_img(d, &["convert", "-O", "vmdk", "g.raw", "g.vmdk"]);
-    let report = json(&vmdkit_ok(
-        d,
-        &[
-            "--json",
-            "export",
-            "g.vmdk",
-            "ga.vmdk",
-            "-d",
-            "sparse",
-            "--guest-aware",
-        ],
-    ));
+    let report = guest_export(d, "ga.vmdk", "sparse");
     let fs: Vec<&str> = report["guest"]["partitions"]
         .as_array()
         .unwrap()
