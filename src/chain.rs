@@ -319,18 +319,47 @@ impl Chain {
     }
 
     fn map_from(&self, depth: usize, range: Range<u64>, out: &mut Vec<Run>) -> Result<()> {
-        let layer = &self.layers[depth];
-        let last = depth + 1 == self.layers.len();
         let base_depth = (self.layers.len() - 1) as u32;
+        self.map_until(depth, self.layers.len(), base_depth, range, out)
+    }
+
+    /// What the layers above `depth` decide in `range` (clipped to the capacity); the
+    /// rest is `Unallocated` at depth `depth`. Never reads the layers from `depth` down:
+    /// a commit plans with it while it writes into the layer at `depth`.
+    pub(crate) fn map_above(&self, depth: usize, range: Range<u64>) -> Result<Vec<Run>> {
+        let end = range.end.min(self.capacity());
+        let mut out = Vec::new();
+        if range.start < end {
+            self.map_until(0, depth, depth as u32, range.start..end, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    /// Runs of the layers from `depth` to before `stop`; what none of them holds is
+    /// `Unallocated` at `unallocated_depth`.
+    fn map_until(
+        &self,
+        depth: usize,
+        stop: usize,
+        unallocated_depth: u32,
+        range: Range<u64>,
+        out: &mut Vec<Run>,
+    ) -> Result<()> {
+        if depth >= stop.min(self.layers.len()) {
+            push_unallocated(out, range.start, range.end - range.start, unallocated_depth);
+            return Ok(());
+        }
+        let layer = &self.layers[depth];
+        let last = depth + 1 == stop.min(self.layers.len());
         let mut runs = Vec::new();
         layer.map_into(range.clone(), &mut runs)?;
         let mut pos = range.start;
         for r in runs {
             if r.alloc == Alloc::Unallocated {
                 if last {
-                    push_unallocated(out, r.start, r.len, base_depth);
+                    push_unallocated(out, r.start, r.len, unallocated_depth);
                 } else {
-                    self.map_from(depth + 1, r.start..r.end(), out)?;
+                    self.map_until(depth + 1, stop, unallocated_depth, r.start..r.end(), out)?;
                 }
             } else {
                 crate::disk::push_run(
@@ -346,9 +375,9 @@ impl Chain {
         if pos < range.end {
             // Past this layer's capacity: nothing here.
             if last {
-                push_unallocated(out, pos, range.end - pos, base_depth);
+                push_unallocated(out, pos, range.end - pos, unallocated_depth);
             } else {
-                self.map_from(depth + 1, pos..range.end, out)?;
+                self.map_until(depth + 1, stop, unallocated_depth, pos..range.end, out)?;
             }
         }
         Ok(())

@@ -387,6 +387,42 @@ pub fn image(data: &[u8]) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// What a commit plans with ([`crate::chain::Chain::map_above`]) must be the chain's
+/// map with everything from `depth` down left `Unallocated`, at every depth of the chain
+/// opened at `top` (each layer as a target), over its first `cap` bytes. Panics on a
+/// difference.
+pub fn map_above_agrees(top: &std::path::Path, cap: u64) {
+    use crate::disk::{Alloc, VirtualDisk};
+    let opts = crate::layer::OpenOptions {
+        ignore_cid: true,
+        ..Default::default()
+    };
+    let Ok(chain) = crate::chain::Chain::open(top, &opts) else {
+        return;
+    };
+    let cap = cap.min(chain.capacity());
+    let Ok(all) = chain.map(0..cap) else {
+        return;
+    };
+    for depth in 0..chain.layers.len() {
+        let mut want = Vec::new();
+        for r in &all {
+            let r = if (r.depth as usize) < depth {
+                *r
+            } else {
+                crate::disk::Run {
+                    alloc: Alloc::Unallocated,
+                    depth: depth as u32,
+                    ..*r
+                }
+            };
+            crate::disk::push_run(&mut want, r);
+        }
+        let got = chain.map_above(depth, 0..cap).expect("the full map worked");
+        assert_eq!(got, want, "map_above({depth})");
+    }
+}
+
 fn exercise(ext: Extent) {
     let mut runs = Vec::new();
     let end = ext.len().min(FUZZ_MAP_BYTES);

@@ -1,6 +1,7 @@
 //! Planning a copy: which units to read (from `map()`, metadata only), which are known
 //! zeros, and the output files a disk is cut into.
 
+use crate::chain::Chain;
 use crate::disk::VirtualDisk;
 use crate::error::Result;
 
@@ -28,6 +29,9 @@ pub struct Planner<'a> {
     /// Plan only what the layers above this depth decide, exactly (see
     /// [`Planner::decided_above`]).
     above: Option<u32>,
+    /// The chain `above` plans in: mapped only above that depth (see
+    /// [`Chain::map_above`]).
+    chain: Option<&'a Chain>,
     queue: std::collections::VecDeque<Unit>,
     /// Everything before this offset has been hinted to the disk.
     hinted: u64,
@@ -42,6 +46,7 @@ impl<'a> Planner<'a> {
             pos: 0,
             cap: disk.capacity(),
             above: None,
+            chain: None,
             queue: Default::default(),
             hinted: 0,
         }
@@ -51,16 +56,14 @@ impl<'a> Planner<'a> {
     /// bytes (a commit into the layer at `depth`): exactly their runs, cut at `unit`
     /// boundaries, stored ones to read and zeroed ones to write as zeros; what those
     /// layers leave to the layers below gets no unit at all.
-    pub fn decided_above(
-        disk: &'a dyn VirtualDisk,
-        depth: u32,
-        cap: u64,
-        unit: u64,
-    ) -> Planner<'a> {
+    /// The layers from `depth` down are never read while planning: the copy writes into
+    /// the one at `depth` as the planner goes on, on another thread.
+    pub fn decided_above(chain: &'a Chain, depth: u32, cap: u64, unit: u64) -> Planner<'a> {
         Planner {
-            cap: cap.min(disk.capacity()),
+            cap: cap.min(chain.capacity()),
             above: Some(depth),
-            ..Planner::new(disk, unit)
+            chain: Some(chain),
+            ..Planner::new(chain, unit)
         }
     }
 
@@ -68,7 +71,10 @@ impl<'a> Planner<'a> {
         let start = self.pos;
         let end = (start + PLAN_SLICE).min(self.cap);
         self.pos = end;
-        let runs = self.disk.map(start..end)?;
+        let runs = match (self.above, self.chain) {
+            (Some(depth), Some(chain)) => chain.map_above(depth as usize, start..end)?,
+            _ => self.disk.map(start..end)?,
+        };
         if let Some(depth) = self.above {
             let u = self.unit;
             for r in runs.iter().filter(|r| r.depth < depth) {

@@ -318,3 +318,24 @@ fn increments_beside_the_vm_are_not_taken_for_snapshots() {
     vmdkit_ok(d, &["write", "vm.vmdk", "--offset", "0", "w.bin"]);
     vmdkit_ok(d, &["redo", "add", "vm.vmdk"]);
 }
+
+/// What commit plans with (the map of the layers above its target, never reading the
+/// target it writes into meanwhile) is the chain's map with everything from the target
+/// down left unallocated, at every depth of a four-layer qemu chain with overlapping
+/// writes and a zeroed grain.
+#[test]
+fn the_map_above_a_layer_is_the_chains_map_cut_there() {
+    if !have_qemu() {
+        return;
+    }
+    let t = tmp();
+    let d = t.path();
+    hosted_chain(d);
+    qemu_child(d, "vm-000003.vmdk", "vm-000004.vmdk", true);
+    qemu_io(
+        d,
+        "vm-000004.vmdk",
+        &["write -z 2M 64k", "write -P 0x55 3M 200k"],
+    );
+    vmdkit::fuzzing::map_above_agrees(&d.join("vm-000004.vmdk"), u64::MAX);
+}

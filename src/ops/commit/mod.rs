@@ -640,7 +640,7 @@ fn repoint(sp: &Path, st: &State, c: &FileRecord, tl: &Layer) -> Result<()> {
 fn plan(chain: &Chain, target: usize) -> Result<(Vec<crate::disk::Run>, CommitReport)> {
     let cap = chain.capacity().min(chain.layers[target].capacity);
     let runs: Vec<_> = chain
-        .map(0..cap)?
+        .map_above(target, 0..cap)?
         .into_iter()
         .filter(|r| (r.depth as usize) < target)
         .collect();
